@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+# Both create .venv here, install localai and its pinned dependencies (idempotent: a stamp file
+# skips the install when pyproject.toml has not changed), and pull the models they need.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+MODEL  ?= qwen2.5-coder-1.5b
+
+.PHONY: run test lint bench install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	@echo "==> installing localai into $(VENV) (first time ~6 min: llama.cpp and hnswlib build from source)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+run: install
+	@echo "==> pulling $(MODEL) if needed, then starting the chat (Ctrl-D to leave)"
+	$(BIN)/localai models pull $(MODEL)
+	$(BIN)/localai chat --model $(MODEL)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install lint
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/decode.py
+
+clean-venv:
+	rm -rf $(VENV)

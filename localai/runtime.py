@@ -1,0 +1,39 @@
+"""Wiring shared by the CLI and (later) the daemon: settings + model name → a loaded engine."""
+
+from __future__ import annotations
+
+from .catalog import Catalog, ProgressFactory, resolve_model
+from .config import Settings
+from .engine import Engine, load_engine
+from .governor import Governor
+
+
+def open_catalog(settings: Settings) -> Catalog:
+    return Catalog(settings.models_dir)
+
+
+def open_engine(
+    settings: Settings,
+    model: str | None = None,
+    progress: ProgressFactory | None = None,
+    log=print,
+    governor: Governor | None = None,
+) -> Engine:
+    """Resolve (pulling if needed) and load `model` (default: settings.model)."""
+    name = model or settings.model
+    kw = {"progress": progress} if progress else {}
+    path = resolve_model(open_catalog(settings), name, log=log, **kw)
+    engine = load_engine(
+        settings.engine,
+        path,
+        name,
+        settings.context_length,
+        settings.threads,
+        settings.type_k,
+        settings.type_v,
+    )
+    if governor is not None:
+        info = engine.info()
+        governor.reserve("weights", info.get("weights_bytes", 0))
+        governor.reserve("kv_cache", info.get("kv_bytes_allocated", 0))
+    return engine
