@@ -64,3 +64,15 @@ def localai(*args: str, input: str | None = None, timeout: float = 300, env=None
         timeout=timeout,
         env=env,
     )
+
+
+EMBED_MODEL = "minilm-l6-int8"
+
+
+@pytest.fixture(scope="session")
+def embedder(models_dir):
+    from localai.index.embedder import Embedder
+
+    cat = Catalog(models_dir)
+    cat.ensure(EMBED_MODEL, log=lambda m: print(m, file=sys.stderr))
+    return Embedder(cat.file(EMBED_MODEL, "model.onnx"), cat.file(EMBED_MODEL, "tokenizer.json"))

@@ -1,0 +1,1 @@
+"""The personal document index: loaders → chunker → embedder → sqlite + FTS5 + compact vectors."""
