@@ -20,8 +20,11 @@ class Embedder:
     def __init__(self, model_path: Path, tokenizer_path: Path, threads: int = 2,
                  max_tokens: int = 256, batch_size: int = 32):  # fmt: skip
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        self.tokenizer.enable_truncation(max_length=max_tokens)
         self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self._truncating = Tokenizer.from_file(str(tokenizer_path))
+        self._truncating.no_padding()
+        self._truncating.enable_truncation(max_length=max_tokens)
         self.max_tokens = max_tokens
         self.batch_size = batch_size
         opts = ort.SessionOptions()
@@ -41,7 +44,7 @@ class Embedder:
         out = np.zeros((len(texts), DIM), dtype=np.float32)
         if not texts:
             return out
-        encs = self.tokenizer.encode_batch(texts)
+        encs = self._truncating.encode_batch(texts)
         order = np.argsort([len(e.ids) for e in encs], kind="stable")
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
