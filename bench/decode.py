@@ -28,6 +28,8 @@ llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, n_threads=threads, n_threads_b
                       verbose=False)
 t0 = time.perf_counter(); first = None; k = 0
 for chunk in llm.create_completion(prompt, max_tokens=n, temperature=0.0, stream=True):
+    if chunk["choices"][0]["finish_reason"] is not None:
+        break  # the closing chunk carries no token
     k += 1
     if first is None: first = time.perf_counter()
 end = time.perf_counter()
