@@ -116,3 +116,24 @@ def test_bad_sampling_values_are_errors():
         SamplingParams(top_p=0)
     with pytest.raises(EngineError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+
+
+def test_quantized_kv_types_are_separate_settings(model_path, engine):
+    from localai.engine.llamacpp import LlamaCppEngine
+
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims; f16 K and V
+    assert engine.kv_bytes_per_token() == 30 * 2 * (3 * 64) * 2
+
+    eng = LlamaCppEngine(
+        model_path, "q", context_length=512, threads=2, type_k="q8_0", type_v="q4_0"
+    )
+    try:
+        info = eng.info()
+        assert (info["type_k"], info["type_v"]) == ("q8_0", "q4_0")
+        ratio = eng.kv_bytes_per_token() / engine.kv_bytes_per_token()
+        assert ratio == pytest.approx((34 / 32 + 18 / 32) / 4)  # q8_0 K + q4_0 V vs f16 + f16
+        assert info["kv_bytes_allocated"] == int(eng.kv_bytes_per_token() * 512)
+        _, done = run(eng, SamplingParams(**GREEDY))
+        assert done.text.strip()
+    finally:
+        eng.close()
