@@ -1,0 +1,251 @@
+"""The incremental indexing pipeline: walk → compare → load → chunk → embed → write.
+
+For each file under the roots:
+- same size and mtime as recorded: untouched (no read at all);
+- otherwise its sha256 is computed; same content: only the recorded mtime moves;
+- otherwise it is loaded and chunked, and each chunk's vector code is taken from any chunk in
+  the index with the same content hash (this file's old chunks, a renamed or moved file, a copy)
+  before anything is embedded; only new content reaches the embedder.
+Files are embedded in batches across files (the embedder is fast only in batches) and then
+written one transaction per file: its old chunks, FTS rows and `files` row are replaced together.
+Deleted files are removed last, so a file moved within the roots finds its old chunks' codes.
+
+A kill at any point loses at most the files whose transaction had not committed; the next run
+sees them as changed and redoes them. Nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sqlite_utils
+
+from . import store
+from .chunker import Chunk, Counter, chunk
+from .loaders import Unreadable, loader_for
+from .vectors import Codec
+from .walk import Found, Skipped, walk
+
+EMBED_BATCH = 64  # chunks gathered across files before one embedder call
+Progress = Callable[[int, int, int], None]  # (files done, files to do, chunks embedded)
+
+
+@dataclass
+class RunStats:
+    files: int = 0  # files with chunks in the whole index after the run
+    chunks: int = 0
+    changed: int = 0  # files (re)written this run
+    unchanged: int = 0
+    removed: int = 0
+    embedded: int = 0  # chunks sent to the embedder this run
+    reused: int = 0  # chunks whose code was found by content hash
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    text_bytes: int = 0  # extracted text of every indexed file
+    index_bytes: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Pending:
+    found: Found
+    file_id: int | None
+    sha: str
+    loader: str
+    chunks: list[Chunk]
+    text_bytes: int
+    codes: list[bytes | None]
+
+
+class Indexer:
+    def __init__(self, db: sqlite_utils.Database, db_path: Path, codec: Codec,
+                 embed: Callable[[list[str]], np.ndarray], count: Counter):  # fmt: skip
+        self.db, self.db_path, self.codec = db, db_path, codec
+        self.embed, self.count = embed, count
+
+    def run(self, roots: list[Path], progress: Progress | None = None) -> RunStats:
+        t0 = time.perf_counter()
+        st = RunStats()
+        rows = self._recorded(roots)
+        seen: set[str] = set()
+        todo: list[tuple[Found, tuple | None]] = []
+        for root in roots:
+            if not root.exists():
+                st.skipped.append({"path": str(root), "reason": "source is missing (kept)"})
+                seen.update(p for p in rows if _under(p, root))  # keep its files: maybe unmounted
+                continue
+            for item in walk(root):
+                key = str(item.path)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if isinstance(item, Skipped):
+                    st.skipped.append({"path": key, "reason": item.reason})
+                    continue
+                row = rows.get(key)
+                if row and row[1] == item.size and row[2] == item.mtime_ns:
+                    st.unchanged += 1
+                    if row[4]:
+                        st.skipped.append({"path": key, "reason": row[4]})
+                else:
+                    todo.append((item, row))
+        self._process(todo, st, progress)
+        for path, row in rows.items():
+            if path not in seen:
+                with store.transaction(self.db):
+                    store.delete_file(self.db, row[0])
+                    store.bump_generation(self.db)
+                st.removed += 1
+        self._totals(st)
+        st.seconds = round(time.perf_counter() - t0, 3)
+        return st
+
+    def _recorded(self, roots: list[Path]) -> dict[str, tuple]:
+        out = {}
+        for root in roots:
+            prefix = str(root).rstrip("/") + "/"
+            for r in self.db.execute(
+                "SELECT path, id, size, mtime_ns, sha256, skip_reason FROM files "
+                "WHERE path = ? OR substr(path, 1, ?) = ?",
+                [str(root), len(prefix), prefix],
+            ):
+                out[r[0]] = (r[1], r[2], r[3], r[4], r[5])
+        return out
+
+    def _process(self, todo, st: RunStats, progress: Progress | None) -> None:
+        batch: list[_Pending] = []
+        for done, (found, row) in enumerate(todo, start=1):
+            item = self._prepare(found, row, st)
+            if item is not None:
+                batch.append(item)
+            if sum(p.codes.count(None) for p in batch) >= EMBED_BATCH:
+                self._flush(batch, st)
+                batch = []
+            if progress:
+                progress(done, len(todo), st.embedded)
+        self._flush(batch, st)
+
+    def _prepare(self, found: Found, row: tuple | None, st: RunStats) -> _Pending | None:
+        """Read, hash, load and chunk one changed file; None if nothing needs embedding."""
+        file_id = row[0] if row else None
+        try:
+            data = found.path.read_bytes()
+        except OSError as e:
+            reason = "permission denied" if isinstance(e, PermissionError) else str(e.strerror)
+            st.skipped.append({"path": str(found.path), "reason": reason})
+            return None
+        sha = hashlib.sha256(data).hexdigest()
+        if row and row[3] == sha:  # touched, not changed
+            with store.transaction(self.db):
+                self.db.execute(
+                    "UPDATE files SET size = ?, mtime_ns = ? WHERE id = ?",
+                    [len(data), found.mtime_ns, file_id],
+                )
+            st.unchanged += 1
+            if row[4]:
+                st.skipped.append({"path": str(found.path), "reason": row[4]})
+            return None
+        found = Found(found.path, len(data), found.mtime_ns)  # size as read, not as walked
+        picked = loader_for(found.path, data[:4096])
+        try:
+            if picked is None:
+                raise Unreadable("binary or unknown file type")
+            name, load = picked
+            blocks = load(data, found.path)
+            chunks = chunk(blocks, data, self.count)
+        except Unreadable as e:
+            self._write_skip(found, file_id, sha, str(e))
+            st.skipped.append({"path": str(found.path), "reason": str(e)})
+            return None
+        except Exception as e:  # a loader bug must not stop the run; say which file and why
+            reason = f"loader error: {type(e).__name__}: {e}"
+            self._write_skip(found, file_id, sha, reason)
+            st.skipped.append({"path": str(found.path), "reason": reason})
+            return None
+        text_bytes = sum(len(b.text.encode()) for b in blocks)
+        codes = self._known_codes([c.hash for c in chunks])
+        return _Pending(found, file_id, sha, name, chunks, text_bytes, codes)
+
+    def _known_codes(self, hashes: list[bytes]) -> list[bytes | None]:
+        known: dict[bytes, bytes] = {}
+        uniq = list(set(hashes))
+        for i in range(0, len(uniq), 500):
+            part = uniq[i : i + 500]
+            marks = ",".join("?" * len(part))
+            for h, code in self.db.execute(
+                f"SELECT hash, code FROM chunks WHERE hash IN ({marks})", part
+            ):
+                if len(code) == self.codec.nbytes:
+                    known[h] = code
+        return [known.get(h) for h in hashes]
+
+    def _flush(self, batch: list[_Pending], st: RunStats) -> None:
+        todo = [(p, i) for p in batch for i, c in enumerate(p.codes) if c is None]
+        if todo:
+            vecs = self.embed([p.chunks[i].text for p, i in todo])
+            codes = self.codec.encode(vecs)
+            for (p, i), code in zip(todo, codes, strict=True):
+                p.codes[i] = code.tobytes()
+        st.embedded += len(todo)
+        for p in batch:
+            st.reused += len(p.chunks) - sum(1 for q, _ in todo if q is p)
+            self._write(p)
+            st.changed += 1
+
+    def _write(self, p: _Pending) -> None:
+        """One transaction: the file's row, its chunks, their FTS rows and codes."""
+        with store.transaction(self.db):
+            file_id = self._upsert_file(p.found, p.file_id, p.sha, p.loader, p.text_bytes, None)
+            store.delete_file_chunks(self.db, file_id)
+            rows = [
+                (i, c.start_byte, c.end_byte, c.start_line, c.end_line, c.hash, p.codes[i])
+                for i, c in enumerate(p.chunks)
+            ]
+            store.insert_chunks(self.db, file_id, rows, [c.text for c in p.chunks])
+            store.bump_generation(self.db)
+
+    def _write_skip(self, found: Found, file_id: int | None, sha: str, reason: str) -> None:
+        with store.transaction(self.db):
+            file_id = self._upsert_file(found, file_id, sha, None, 0, reason)
+            if store.delete_file_chunks(self.db, file_id):
+                store.bump_generation(self.db)
+
+    def _upsert_file(self, found: Found, file_id, sha, loader, text_bytes, reason) -> int:
+        values = [found.size, found.mtime_ns, sha, loader, text_bytes, reason, time.time()]
+        if file_id is not None:
+            cur = self.db.execute(
+                "UPDATE files SET size=?, mtime_ns=?, sha256=?, loader=?, text_bytes=?, "
+                "skip_reason=?, indexed_at=? WHERE id = ?",
+                [*values, file_id],
+            )
+            if cur.rowcount:
+                return file_id
+        cur = self.db.execute(
+            "INSERT INTO files (path, size, mtime_ns, sha256, loader, text_bytes, skip_reason,"
+            " indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET "
+            "size=excluded.size, mtime_ns=excluded.mtime_ns, sha256=excluded.sha256, "
+            "loader=excluded.loader, text_bytes=excluded.text_bytes, "
+            "skip_reason=excluded.skip_reason, indexed_at=excluded.indexed_at RETURNING id",
+            [str(found.path), *values],
+        )
+        return cur.fetchone()[0]
+
+    def _totals(self, st: RunStats) -> None:
+        f, tb = self.db.execute(
+            "SELECT count(*), coalesce(sum(text_bytes), 0) FROM files WHERE skip_reason IS NULL"
+        ).fetchone()
+        st.files, st.text_bytes = f, tb
+        st.chunks = self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        st.index_bytes = store.disk_bytes(self.db_path)
+
+
+def _under(path: str, root: Path) -> bool:
+    r = str(root).rstrip("/")
+    return path == r or path.startswith(r + "/")

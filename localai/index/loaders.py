@@ -1,0 +1,247 @@
+"""Loaders: a file's bytes → text blocks that point back into those bytes.
+
+A loader is a function `(data: bytes, path: Path) -> list[Block]`, registered for file suffixes
+(or exact file names) with `register()`; plugins extend the same registry. Each block is one
+structural unit (heading, paragraph, code block, list item) with the byte range it came from.
+When `exact` is true the block's text is exactly the UTF-8 decoding of `data[start:end]`, so the
+chunker may split it at any character and still compute byte offsets; markup loaders (HTML)
+produce inexact blocks whose text is derived from the range.
+
+A loader raises `Unreadable(reason)` for a file it cannot use (broken JSON, not UTF-8 ...); the
+walker records the reason and moves on. Loaders are pure and deterministic: reading a chunk back
+re-runs the loader and the chunker on the current file and compares content hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class Unreadable(ValueError):
+    """The file cannot be indexed; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class Block:
+    text: str
+    start: int  # byte offset in the file
+    end: int
+    kind: str = "text"  # "heading", "text" or "code"
+    exact: bool = True
+
+
+Loader = Callable[[bytes, Path], list[Block]]
+_BY_SUFFIX: dict[str, tuple[str, Loader]] = {}
+_BY_NAME: dict[str, tuple[str, Loader]] = {}
+
+
+def register(name: str, loader: Loader, suffixes=(), filenames=()) -> None:
+    """Make `loader` (called `name` in the index) handle these suffixes / exact file names."""
+    for s in suffixes:
+        _BY_SUFFIX[s.lower()] = (name, loader)
+    for f in filenames:
+        _BY_NAME[f] = (name, loader)
+
+
+def loader_for(path: Path, head: bytes) -> tuple[str, Loader] | None:
+    """The loader for `path`; unknown suffixes are read as plain text if `head` looks textual."""
+    found = _BY_NAME.get(path.name) or _BY_SUFFIX.get(path.suffix.lower())
+    if found:
+        return found
+    if not path.suffix or path.suffix.lower() in (".log", ".cfg", ".ini", ".conf"):
+        return ("text", load_text) if looks_textual(head) else None
+    return None
+
+
+def looks_textual(head: bytes) -> bool:
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a multi-byte character cut at the end of head is fine
+        return e.start >= len(head) - 3
+    return True
+
+
+def decode(data: bytes) -> str:
+    if b"\0" in data[:8192]:
+        raise Unreadable("binary file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Unreadable(f"not UTF-8 text (byte {e.start})") from None
+
+
+class _Bytes:
+    """Character offset → byte offset in a decoded text, computed incrementally per line."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.ascii = text.isascii()
+        self._line_chars = [0]
+        self._line_bytes = [0]
+        if not self.ascii:
+            for m in re.finditer("\n", text):
+                c = m.end()
+                b = self._line_bytes[-1] + len(text[self._line_chars[-1] : c].encode())
+                self._line_chars.append(c)
+                self._line_bytes.append(b)
+
+    def __call__(self, i: int) -> int:
+        if self.ascii:
+            return i
+        import bisect
+
+        k = bisect.bisect_right(self._line_chars, i) - 1
+        c0 = self._line_chars[k]
+        return self._line_bytes[k] + len(self.text[c0:i].encode())
+
+
+_PARA = re.compile(r"\n[ \t]*\n")
+
+
+def paragraphs(text: str, kind: str = "text") -> list[Block]:
+    """Blank-line separated paragraphs as exact blocks."""
+    to_byte = _Bytes(text)
+    out, pos = [], 0
+    for m in [*_PARA.finditer(text), None]:
+        end = m.start() if m else len(text)
+        piece = text[pos:end]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            s, e = pos + lead, pos + len(piece.rstrip())
+            out.append(Block(text[s:e], to_byte(s), to_byte(e), kind))
+        if m:
+            pos = m.end()
+    return out
+
+
+def load_text(data: bytes, path: Path) -> list[Block]:
+    return paragraphs(decode(data))
+
+
+_MD_FENCE = re.compile(r"^(```|~~~)")
+_MD_HEADING = re.compile(r"^#{1,6}\s")
+
+
+def load_markdown(data: bytes, path: Path) -> list[Block]:
+    """Headings and fenced code blocks are their own blocks; the rest splits into paragraphs."""
+    text = decode(data)
+    to_byte = _Bytes(text)
+    out: list[Block] = []
+    lines = text.splitlines(keepends=True)
+    pos, buf_start, fence, fence_start = 0, 0, None, 0
+
+    def flush(upto: int) -> None:
+        if upto > buf_start:
+            for b in paragraphs(text[buf_start:upto]):
+                off = to_byte(buf_start)
+                out.append(Block(b.text, b.start + off, b.end + off, b.kind))
+
+    for line in lines:
+        nxt = pos + len(line)
+        if fence is not None:
+            if line.startswith(fence):
+                s, e = fence_start, pos + len(line.rstrip())
+                out.append(Block(text[s:e], to_byte(s), to_byte(e), "code"))
+                fence, buf_start = None, nxt
+        elif _MD_FENCE.match(line):
+            flush(pos)
+            fence, fence_start = line[:3], pos
+        elif _MD_HEADING.match(line):
+            flush(pos)
+            e = pos + len(line.rstrip())
+            out.append(Block(text[pos:e], to_byte(pos), to_byte(e), "heading"))
+            buf_start = nxt
+        pos = nxt
+    if fence is not None:  # unclosed fence: the rest of the file is code
+        buf_start = fence_start
+    flush(len(text))
+    out.sort(key=lambda b: b.start)
+    return out
+
+
+_RST_UNDERLINE = re.compile(r"^([=\-~^\"'`#*+<>:.])\1{2,}\s*$")
+
+
+def load_rst(data: bytes, path: Path) -> list[Block]:
+    """Paragraphs; a paragraph ending in an underline (=====, -----) is a heading."""
+    blocks = paragraphs(decode(data))
+    out = []
+    for b in blocks:
+        lines = b.text.splitlines()
+        if 2 <= len(lines) <= 3 and _RST_UNDERLINE.match(lines[-1]):
+            out.append(Block(b.text, b.start, b.end, "heading"))
+        elif b.text.startswith(".. code") or b.text.rstrip().endswith("::"):
+            out.append(Block(b.text, b.start, b.end, "text"))
+        else:
+            out.append(b)
+    return out
+
+
+def load_code(data: bytes, path: Path) -> list[Block]:
+    """Source code: blank-line separated blocks (functions, classes, comment groups)."""
+    return paragraphs(decode(data), kind="code")
+
+
+def load_data(data: bytes, path: Path) -> list[Block]:
+    """JSON / TOML / YAML: must parse (a broken file is skipped with the parser's message)."""
+    text = decode(data)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            json.loads(text)
+        elif suffix == ".toml":
+            tomllib.loads(text)
+        else:
+            import yaml
+
+            list(yaml.safe_load_all(text))
+    except Exception as e:  # each parser has its own error type; all mean "broken file"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise Unreadable(f"broken {suffix[1:].upper()}: {first}") from None
+    blocks = paragraphs(text, kind="code")
+    if len(blocks) == 1 and text.count("\n") > 40:  # one big object: split by lines instead
+        blocks = _line_groups(text, 30)
+    return blocks
+
+
+def _line_groups(text: str, n: int) -> list[Block]:
+    to_byte = _Bytes(text)
+    lines = text.splitlines(keepends=True)
+    out, pos = [], 0
+    for i in range(0, len(lines), n):
+        seg = "".join(lines[i : i + n])
+        s, e = pos, pos + len(seg.rstrip())
+        if text[s:e].strip():
+            out.append(Block(text[s:e], to_byte(s), to_byte(e), "code"))
+        pos += len(seg)
+    return out
+
+
+_CODE = """.py .pyi .js .mjs .ts .tsx .jsx .c .h .cc .cpp .hpp .rs .go .java .kt .rb .php .swift
+.scala .sh .bash .zsh .lua .pl .r .sql .css .scss .el .vim .cs .m .hs .ml .ex .exs .erl .clj .dart
+.jl"""
+CODE_SUFFIXES = tuple(_CODE.split())
+TEXT_SUFFIXES = (".txt", ".text", ".log", ".csv", ".tsv", ".ini", ".cfg", ".conf")
+TEXT_NAMES = ("README", "LICENSE", "COPYING", "NOTICE", "CHANGELOG", "AUTHORS", "Makefile")
+
+register("text", load_text, TEXT_SUFFIXES, TEXT_NAMES)
+register("markdown", load_markdown, (".md", ".markdown", ".mdown", ".mkd"))
+register("rst", load_rst, (".rst", ".rest"))
+register("code", load_code, CODE_SUFFIXES)
+register("data", load_data, (".json", ".toml", ".yaml", ".yml"))
+
+
+def _register_html() -> None:
+    from .htmltext import load_html
+
+    register("html", load_html, (".html", ".htm", ".xhtml"))
+
+
+_register_html()

@@ -1,0 +1,368 @@
+"""The personal document index: the public interface the CLI, the daemon and RAG use.
+
+    index = Index.open(settings)                 # $LOCALAI_HOME/index.db, created if needed
+    index.add_source("~/docs")                   # remember a folder or file (absolute path)
+    stats = index.update()                       # incremental index of every source → RunStats
+    hits = index.search("how do I ...", k=10)    # list[Hit], best first (unit="chunk" | "file")
+    passage = index.read(hits[0])                # Passage(text, verified, reason, ...)
+    index.watch(stop_event, on_update=print)     # blocks: re-indexes saved files until stop is set
+    index.check()                                # [] when consistent, else what is wrong
+    index.close()
+
+Stable contract:
+- `Hit` fields: chunk_id, file_id, path, start_line, end_line (1-based, inclusive), start_byte,
+  end_byte (end exclusive), score (higher is better; fused RRF score in hybrid mode), hash (hex
+  content hash), bm25_rank and vector_rank (1-based rank in each list, None if absent).
+- `read(hit)` never returns stale text silently: `verified` is True only when the file still
+  holds a chunk with that content hash (then `reason` is "" or a note such as "moved within the
+  file"); otherwise `reason` says why, and `text` is the bytes now at the recorded range (or ""
+  when the file is gone).
+- `search(..., mode=)` is "hybrid" (default), "bm25" or "vector".
+- Thread use: search/read from any thread; `update()` and `watch()` write through their own
+  sqlite connection, so searches keep working (WAL) while indexing runs.
+
+The index keeps no copy of document text (see store.py); text is re-read from the files.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..catalog import Catalog
+from ..config import Settings
+from ..governor import Governor
+from . import store
+from .chunker import chunk
+from .fusion import fts_query, rrf, to_files
+from .indexer import Indexer, Progress, RunStats
+from .loaders import Unreadable, loader_for
+from .vectors import DEFAULT_CODEC, VectorSet, codec
+
+CANDIDATES = 100  # each list's depth before fusion
+UNITS = ("chunk", "file")
+MODES = ("hybrid", "bm25", "vector")
+
+
+class IndexError_(ValueError):
+    """A request the index cannot serve (unknown source, bad unit); the message says why."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: int
+    file_id: int
+    path: str
+    start_line: int
+    end_line: int
+    start_byte: int
+    end_byte: int
+    score: float
+    hash: str
+    bm25_rank: int | None = None
+    vector_rank: int | None = None
+
+
+@dataclass(frozen=True)
+class Passage:
+    text: str
+    verified: bool
+    reason: str  # "" when verified
+    path: str
+    start_line: int
+    end_line: int
+
+
+def db_path(settings: Settings) -> Path:
+    return settings.home / "index.db"
+
+
+class Index:
+    def __init__(self, settings: Settings, governor: Governor | None = None):
+        self.settings = settings
+        self.path = db_path(settings)
+        self.db = store.connect(self.path)
+        self.governor = governor
+        name = store.get_meta(self.db, "codec")
+        if name is None:
+            with store.transaction(self.db):
+                store.set_meta(self.db, "codec", DEFAULT_CODEC)
+            name = DEFAULT_CODEC
+        self.codec = codec(name)
+        self._embedder = None
+        self._vectors: VectorSet | None = None
+        self._vectors_gen: str | None = None
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, settings: Settings, governor: Governor | None = None) -> Index:
+        return cls(settings, governor)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+            if self.governor:
+                self.governor.release("index_vectors")
+
+    # sources ------------------------------------------------------------------------------
+
+    def add_source(self, path: str | Path) -> Path:
+        p = Path(path).expanduser().absolute()
+        if not p.exists():
+            raise IndexError_(f"{p} does not exist; nothing was added")
+        with self._lock, store.transaction(self.db):
+            self.db.execute("INSERT OR IGNORE INTO sources VALUES (?, ?)", [str(p), _now()])
+        return p
+
+    def sources(self) -> list[dict]:
+        out = []
+        with self._lock:
+            for (path,) in self.db.execute("SELECT path FROM sources ORDER BY path"):
+                prefix = path.rstrip("/") + "/"
+                n, c = self.db.execute(
+                    "SELECT count(DISTINCT f.id), count(c.id) "
+                    "FROM files f LEFT JOIN chunks c ON c.file_id = f.id "
+                    "WHERE f.skip_reason IS NULL AND (f.path = ? OR substr(f.path, 1, ?) = ?)",
+                    [path, len(prefix), prefix],
+                ).fetchone()
+                out.append({"path": path, "files": n, "chunks": c, "exists": Path(path).exists()})
+        return out
+
+    def remove_source(self, path: str | Path) -> int:
+        """Forget a source and every file under it; returns the number of files removed."""
+        p = str(Path(path).expanduser().absolute())
+        with self._lock:
+            if not self.db.execute("SELECT 1 FROM sources WHERE path = ?", [p]).fetchone():
+                known = [s["path"] for s in self.sources()]
+                raise IndexError_(f"{p} is not a source; sources: {', '.join(known) or 'none'}")
+            with store.transaction(self.db):
+                self.db.execute("DELETE FROM sources WHERE path = ?", [p])
+            others = [s["path"] for s in self.sources()]
+            return self.forget(p, keep_under=others)
+
+    def forget(self, path: str | Path, keep_under: list[str] = ()) -> int:
+        """Drop every indexed file at or under `path` (except those under `keep_under`)."""
+        p = str(Path(path).absolute()).rstrip("/")
+        rows = self.db.execute(
+            "SELECT id, path FROM files WHERE path = ? OR substr(path, 1, ?) = ?",
+            [p, len(p) + 1, p + "/"],
+        ).fetchall()
+        n = 0
+        for fid, fpath in rows:
+            if any(fpath == k or fpath.startswith(k.rstrip("/") + "/") for k in keep_under):
+                continue
+            with self._lock, store.transaction(self.db):
+                store.delete_file(self.db, fid)
+                store.bump_generation(self.db)
+            n += 1
+        return n
+
+    # indexing -----------------------------------------------------------------------------
+
+    @property
+    def embedder(self):
+        with self._lock:
+            if self._embedder is None:
+                from .embedder import Embedder
+
+                cat = Catalog(self.settings.models_dir)
+                name = self.settings.embed_model
+                cat.ensure(name, log=lambda m: None)
+                self._embedder = Embedder(
+                    cat.file(name, "model.onnx"),
+                    cat.file(name, "tokenizer.json"),
+                    threads=self.settings.threads,
+                )
+            return self._embedder
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        encs = self.embedder.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [len(e.ids) for e in encs]
+
+    def update(self, paths: list[str | Path] | None = None, progress: Progress | None = None,
+               keep_missing: bool = True) -> RunStats:  # fmt: skip
+        """Index `paths` (default: every source) incrementally; returns the run's stats.
+
+        `keep_missing=False` removes a path that no longer exists (the watcher's deletions);
+        by default a missing source is kept, in case its disk is only unmounted."""
+        roots = [Path(p).expanduser().absolute() for p in paths] if paths else None
+        if roots is None:
+            roots = [Path(s["path"]) for s in self.sources()]
+        gone = [] if keep_missing else [r for r in roots if not r.exists()]
+        roots = [r for r in roots if r not in gone]
+        writer = store.connect(self.path)  # own connection: searches go on while this writes
+        try:
+            ix = Indexer(writer, self.path, self.codec, self.embedder.embed, self.count_tokens)
+            stats = ix.run(roots, progress)
+        finally:
+            writer.conn.close()
+        # forgotten after indexing, so that a moved file's new path finds its old chunks' codes
+        removed = sum(self.forget(r) for r in gone)
+        if removed:
+            stats.removed += removed
+            stats.files, stats.chunks = self.stats()["files"], self.stats()["chunks"]
+        return stats
+
+    def check(self) -> list[str]:
+        with self._lock:
+            return store.problems(self.db, self.codec.nbytes)
+
+    def stats(self) -> dict:
+        with self._lock:
+            f, tb = self.db.execute(
+                "SELECT count(*), coalesce(sum(text_bytes), 0) FROM files WHERE skip_reason IS NULL"
+            ).fetchone()
+            c = self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        return {"files": f, "chunks": c, "text_bytes": tb,
+                "index_bytes": store.disk_bytes(self.path), "codec": self.codec.name}  # fmt: skip
+
+    def watch(self, stop: threading.Event, on_update=None, debounce: float = 0.2) -> None:
+        """Block, re-indexing changed files under every source, until `stop` is set."""
+        from .watcher import watch
+
+        watch(self, stop, on_update=on_update, debounce=debounce)
+
+    # searching ----------------------------------------------------------------------------
+
+    def _vector_set(self) -> VectorSet:
+        gen = store.get_meta(self.db, "generation", "0")
+        if self._vectors is None or gen != self._vectors_gen:
+            rows = self.db.execute("SELECT id, code FROM chunks ORDER BY id").fetchall()
+            self._vectors = VectorSet.from_rows(self.codec, rows)
+            self._vectors_gen = gen
+            if self.governor:
+                self.governor.reserve("index_vectors", self._vectors.nbytes)
+        return self._vectors
+
+    def bm25_chunks(self, query: str, n: int = CANDIDATES) -> list[int]:
+        q = fts_query(query)
+        if q is None:
+            return []
+        rows = self.db.execute(
+            "SELECT rowid FROM fts WHERE fts MATCH ? ORDER BY rank LIMIT ?", [q, n]
+        )
+        return [r[0] for r in rows]
+
+    def vector_chunks(self, query: str | np.ndarray, n: int = CANDIDATES) -> list[int]:
+        qv = self.embedder.embed([query])[0] if isinstance(query, str) else query
+        ids, _ = self._vector_set().search(qv, n)
+        return ids.tolist()
+
+    def search(self, query: str, k: int = 10, unit: str = "chunk",
+               mode: str = "hybrid") -> list[Hit]:  # fmt: skip
+        if unit not in UNITS:
+            raise IndexError_(f"unit must be one of {UNITS}, not {unit!r}")
+        if mode not in MODES:
+            raise IndexError_(f"mode must be one of {MODES}, not {mode!r}")
+        if k < 1:
+            raise IndexError_(f"k must be at least 1, not {k}")
+        depth = max(CANDIDATES, 3 * k)
+        with self._lock:
+            lists = []
+            if mode in ("hybrid", "bm25"):
+                lists.append(self.bm25_chunks(query, depth))
+            if mode in ("hybrid", "vector"):
+                lists.append(self.vector_chunks(query, depth))
+            return self._hits(lists, mode, k, unit)
+
+    def _hits(self, lists: list[list[int]], mode: str, k: int, unit: str) -> list[Hit]:
+        ids = {c for lst in lists for c in lst}
+        rows = self._chunk_rows(ids)
+        lists = [[c for c in lst if c in rows] for lst in lists]
+        if unit == "file":
+            file_of = {c: r[1] for c, r in rows.items()}
+            best: dict[int, int] = {}
+            for lst in lists:
+                for c in lst:
+                    best.setdefault(file_of[c], c)
+            lists = [to_files(lst, file_of) for lst in lists]
+            fused = rrf(lists)[:k]
+            chosen = [(best[f], s, [_rank(lst, f) for lst in lists]) for f, s in fused]
+        else:
+            fused = rrf(lists)[:k]
+            chosen = [(c, s, [_rank(lst, c) for lst in lists]) for c, s in fused]
+        hits = []
+        for c, score, ranks in chosen:
+            r = rows[c]
+            b_rank = ranks[0] if mode != "vector" else None
+            v_rank = ranks[-1] if mode != "bm25" else None
+            hits.append(Hit(c, r[1], r[2], r[5], r[6], r[3], r[4], score, r[7].hex(), b_rank,
+                            v_rank))  # fmt: skip
+        return hits
+
+    def _chunk_rows(self, ids: set[int]) -> dict[int, tuple]:
+        out = {}
+        ids_l = list(ids)
+        for i in range(0, len(ids_l), 500):
+            part = ids_l[i : i + 500]
+            marks = ",".join("?" * len(part))
+            for row in self.db.execute(
+                "SELECT c.id, c.file_id, f.path, c.start_byte, c.end_byte, c.start_line, "
+                f"c.end_line, c.hash FROM chunks c JOIN files f ON f.id = c.file_id "
+                f"WHERE c.id IN ({marks})",
+                part,
+            ):
+                out[row[0]] = row
+        return out
+
+    # reading back -------------------------------------------------------------------------
+
+    def read(self, hit: Hit) -> Passage:
+        """The hit's text, re-read from its file and checked against the indexed hash."""
+        return self.read_many([hit])[0]
+
+    def read_many(self, hits: list[Hit]) -> list[Passage]:
+        chunks_of: dict[str, tuple[bytes, list] | str] = {}
+        out = []
+        for h in hits:
+            if h.path not in chunks_of:
+                chunks_of[h.path] = self._rechunk(Path(h.path))
+            got = chunks_of[h.path]
+            out.append(_passage(h, got))
+        return out
+
+    def _rechunk(self, path: Path) -> tuple[bytes, list] | str:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return "the file is gone"
+        except OSError as e:
+            return f"the file cannot be read: {e.strerror}"
+        picked = loader_for(path, data[:4096])
+        if picked is None:
+            return (data, [])
+        try:
+            return (data, chunk(picked[1](data, path), data, self.count_tokens))
+        except Unreadable:
+            return (data, [])
+
+
+def _passage(h: Hit, got: tuple[bytes, list] | str) -> Passage:
+    if isinstance(got, str):
+        return Passage("", False, got, h.path, h.start_line, h.end_line)
+    data, chunks = got
+    want = bytes.fromhex(h.hash)
+    same = [c for c in chunks if c.hash == want]
+    if same:
+        c = min(same, key=lambda c: abs(c.start_byte - h.start_byte))
+        moved = "" if c.start_byte == h.start_byte else "moved within the file since indexing"
+        return Passage(c.text, True, moved, h.path, c.start_line, c.end_line)
+    text = data[h.start_byte : h.end_byte].decode("utf-8", errors="replace")
+    why = "the file changed since it was indexed (run `localai index` to refresh)"
+    return Passage(text, False, why, h.path, h.start_line, h.end_line)
+
+
+def _rank(lst: list[int], item: int) -> int | None:
+    try:
+        return lst.index(item) + 1
+    except ValueError:
+        return None
+
+
+def _now() -> float:
+    import time
+
+    return time.time()

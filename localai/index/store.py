@@ -1,0 +1,203 @@
+"""The index store: one sqlite file (WAL) holding sources, files, chunks, FTS5 and vector codes.
+
+Schema changes are numbered migrations (`MIGRATIONS[i]` is version i + 1), each applied in its
+own transaction and recorded in the `migrations` table, so a blank database and an old one end up
+with the same schema.
+
+The store never holds document text. Chunks point into their files (byte range, line range) and
+carry a content hash; the FTS5 table is *contentless* (`content=''`, `contentless_delete=1`), so
+it keeps only the inverted index. Measured on NFCorpus this ranks exactly like an FTS5 table that
+stores the text (same tokenizer, same bm25()), at a fraction of the bytes; see BENCHMARKS.md.
+
+Invariants (checked by `problems()`, asserted by the crash test):
+- every chunk has exactly one FTS row with the same rowid, and one vector code of the codec size;
+- every FTS row belongs to a chunk; every chunk belongs to a file row;
+- a file's chunks are written in the same transaction as its `files` row, so a file whose row
+  has a given sha256 has exactly the chunks of that content.
+
+SQLite comes from pysqlite3 (3.51) because the standard library's 3.40 cannot delete from a
+contentless FTS5 table without the original text, which the store does not keep.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pysqlite3.dbapi2 as sqlite3
+import sqlite_utils
+
+TOKENIZER = "porter unicode61 remove_diacritics 2"
+
+
+def _m1_base(db: sqlite_utils.Database) -> None:
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    db.execute("CREATE TABLE sources (path TEXT PRIMARY KEY, added_at REAL NOT NULL)")
+    db.execute(
+        """CREATE TABLE files (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL UNIQUE,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            sha256 TEXT,
+            loader TEXT,
+            text_bytes INTEGER NOT NULL DEFAULT 0,
+            skip_reason TEXT,
+            indexed_at REAL NOT NULL)"""
+    )
+    # AUTOINCREMENT: a chunk id is never reused, so a stale id held by a reader cannot point at
+    # another chunk after a re-index.
+    db.execute(
+        """CREATE TABLE chunks (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            file_id INTEGER NOT NULL REFERENCES files(id),
+            ord INTEGER NOT NULL,
+            start_byte INTEGER NOT NULL,
+            end_byte INTEGER NOT NULL,
+            start_line INTEGER NOT NULL,
+            end_line INTEGER NOT NULL,
+            hash BLOB NOT NULL,
+            code BLOB NOT NULL,
+            UNIQUE (file_id, ord))"""
+    )
+    db.execute("CREATE INDEX chunks_hash ON chunks(hash)")
+    db.execute(
+        f"CREATE VIRTUAL TABLE fts USING fts5(text, content='', contentless_delete=1, "
+        f"tokenize='{TOKENIZER}')"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_base]
+
+
+def connect(path: Path) -> sqlite_utils.Database:
+    """Open (creating if needed) and migrate the index database at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never torn
+    conn.execute("PRAGMA busy_timeout=30000")
+    db = sqlite_utils.Database(conn)
+    migrate(db)
+    return db
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    if "migrations" not in db.table_names():
+        return 0
+    row = db.execute("SELECT max(version) FROM migrations").fetchone()
+    return row[0] or 0
+
+
+def migrate(db: sqlite_utils.Database) -> list[int]:
+    """Apply the migrations this database lacks; returns the versions applied."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS migrations "
+        "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    applied = []
+    for version, step in enumerate(MIGRATIONS, start=1):
+        if version <= schema_version(db):
+            continue
+        with transaction(db):
+            if version <= schema_version(db):  # another process migrated meanwhile
+                continue
+            step(db)
+            db.execute(
+                "INSERT INTO migrations VALUES (?, ?, ?)", [version, step.__name__, time.time()]
+            )
+        applied.append(version)
+    return applied
+
+
+@contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any error (one per indexed file)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def get_meta(db: sqlite_utils.Database, key: str, default: str | None = None) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+    return row[0] if row else default
+
+
+def set_meta(db: sqlite_utils.Database, key: str, value: str) -> None:
+    db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
+
+
+def bump_generation(db: sqlite_utils.Database) -> None:
+    """Tell readers (vector cache) that chunks changed; called inside the writing transaction."""
+    db.execute(
+        "INSERT INTO meta VALUES ('generation', '1') "
+        "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+    )
+
+
+def delete_file_chunks(db: sqlite_utils.Database, file_id: int) -> int:
+    ids = [r[0] for r in db.execute("SELECT id FROM chunks WHERE file_id = ?", [file_id])]
+    if ids:
+        db.conn.executemany("DELETE FROM fts WHERE rowid = ?", [(i,) for i in ids])
+        db.execute("DELETE FROM chunks WHERE file_id = ?", [file_id])
+    return len(ids)
+
+
+def delete_file(db: sqlite_utils.Database, file_id: int) -> int:
+    n = delete_file_chunks(db, file_id)
+    db.execute("DELETE FROM files WHERE id = ?", [file_id])
+    return n
+
+
+def insert_chunks(db: sqlite_utils.Database, file_id: int, rows: list[tuple], texts: list[str]):
+    """rows: (ord, start_byte, end_byte, start_line, end_line, hash, code) in chunk order."""
+    assert len(rows) == len(texts)
+    for row, text in zip(rows, texts, strict=True):
+        cur = db.execute(
+            "INSERT INTO chunks (file_id, ord, start_byte, end_byte, start_line, end_line, hash,"
+            " code) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [file_id, *row],
+        )
+        db.execute("INSERT INTO fts (rowid, text) VALUES (?, ?)", [cur.lastrowid, text])
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes the index keeps on disk: the database plus its WAL and shared-memory files."""
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
+
+
+def problems(db: sqlite_utils.Database, code_bytes: int | None) -> list[str]:
+    """Everything that breaks the invariants above ([] when the index is consistent)."""
+    found = []
+    ok = db.execute("PRAGMA integrity_check").fetchone()[0]
+    if ok != "ok":
+        found.append(f"sqlite integrity_check: {ok}")
+    try:
+        db.execute("INSERT INTO fts(fts, rank) VALUES ('integrity-check', 0)")
+    except sqlite3.DatabaseError as e:
+        found.append(f"FTS index damaged: {e}")
+    q = {
+        "chunks without an FTS row": "SELECT count(*) FROM chunks "
+        "WHERE id NOT IN (SELECT id FROM fts_docsize)",
+        "FTS rows without a chunk": "SELECT count(*) FROM fts_docsize "
+        "WHERE id NOT IN (SELECT id FROM chunks)",
+        "chunks without a file": "SELECT count(*) FROM chunks "
+        "WHERE file_id NOT IN (SELECT id FROM files)",
+        "skipped files with chunks": "SELECT count(*) FROM chunks WHERE file_id IN "
+        "(SELECT id FROM files WHERE skip_reason IS NOT NULL)",
+    }
+    if code_bytes is not None:
+        q["chunks with a wrong-size vector"] = (
+            f"SELECT count(*) FROM chunks WHERE length(code) != {int(code_bytes)}"
+        )
+    for what, sql in q.items():
+        n = db.execute(sql).fetchone()[0]
+        if n:
+            found.append(f"{n} {what}")
+    return found

@@ -1,0 +1,128 @@
+"""Vectors: compact codes for chunk embeddings, and exact-over-codes search in memory.
+
+A codec turns (N, 384) float32 unit vectors into fixed-size byte codes stored in the chunk row
+(so a chunk and its vector are written in one transaction), and scores a float query against a
+matrix of codes (asymmetric: the query is never quantised). Codecs are data-independent, so an
+index needs no training pass and a code never has to be recomputed when the corpus grows.
+
+The codec of an index is recorded in its meta table when the index is created; opening an index
+with another default keeps the recorded one. BENCHMARKS.md has the storage / recall / latency
+table that chose the default.
+
+`VectorSet` holds every code of the index in RAM (n × code bytes) and scans it in blocks, which
+at 100k chunks stays within the latency goal; the governor is told its size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DIM = 384
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    nbytes: int
+
+    def encode(self, vecs: np.ndarray) -> np.ndarray:
+        """(N, 384) float32 → (N, nbytes) uint8 codes."""
+        raise NotImplementedError
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """(N, nbytes) uint8 → (N, 384) float32 approximations (for scoring)."""
+        raise NotImplementedError
+
+
+class Float32(Codec):
+    """Exact: the reference every other codec is measured against."""
+
+    def encode(self, vecs):
+        return np.ascontiguousarray(vecs, dtype=np.float32).view(np.uint8)
+
+    def decode(self, codes):
+        return np.ascontiguousarray(codes).view(np.float32)
+
+
+class Int8(Codec):
+    """One signed byte per dimension, fixed scale: unit-vector components stay within ±0.5."""
+
+    SCALE = 127 / 0.5
+
+    def encode(self, vecs):
+        q = np.clip(np.rint(vecs * self.SCALE), -127, 127).astype(np.int8)
+        return q.view(np.uint8)
+
+    def decode(self, codes):
+        return np.ascontiguousarray(codes).view(np.int8).astype(np.float32) / self.SCALE
+
+
+class Int4(Codec):
+    """Two dimensions per byte, per-vector scale in a float16 header (2 bytes)."""
+
+    def encode(self, vecs):
+        scale = np.maximum(np.abs(vecs).max(axis=1, keepdims=True), 1e-6) / 7.0  # (N, 1)
+        q = (np.clip(np.rint(vecs / scale), -7, 7).astype(np.int8) + 8).astype(np.uint8)
+        packed = (q[:, 0::2] << 4) | q[:, 1::2]  # (N, 192)
+        head = scale.astype(np.float16).view(np.uint8)  # (N, 2)
+        return np.concatenate([head, packed], axis=1)
+
+    def decode(self, codes):
+        codes = np.ascontiguousarray(codes)
+        scale = codes[:, :2].copy().view(np.float16).astype(np.float32)  # (N, 1)
+        packed = codes[:, 2:]
+        q = np.empty((len(codes), DIM), dtype=np.float32)
+        q[:, 0::2] = (packed >> 4).astype(np.float32) - 8
+        q[:, 1::2] = (packed & 15).astype(np.float32) - 8
+        return q * scale
+
+
+CODECS: dict[str, Codec] = {
+    "f32": Float32("f32", DIM * 4),
+    "int8": Int8("int8", DIM),
+    "int4": Int4("int4", DIM // 2 + 2),
+}
+DEFAULT_CODEC = "int8"
+
+
+def codec(name: str) -> Codec:
+    if name not in CODECS:
+        raise ValueError(f"unknown vector codec {name!r}; known: {', '.join(CODECS)}")
+    return CODECS[name]
+
+
+class VectorSet:
+    """All codes of an index in RAM with their chunk ids; top-k by approximate cosine."""
+
+    BLOCK = 16384
+
+    def __init__(self, c: Codec, ids: np.ndarray, codes: np.ndarray):
+        assert codes.shape == (len(ids), c.nbytes), (codes.shape, len(ids), c.nbytes)
+        self.codec, self.ids, self.codes = c, ids, codes
+
+    @classmethod
+    def from_rows(cls, c: Codec, rows: list[tuple[int, bytes]]) -> VectorSet:
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        buf = b"".join(r[1] for r in rows)
+        codes = np.frombuffer(buf, dtype=np.uint8).reshape(len(rows), c.nbytes)
+        return cls(c, ids, codes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.ids.nbytes
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk ids, scores) of the k best codes for one (384,) query, best first."""
+        n = len(self.ids)
+        if n == 0 or k <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        scores = np.empty(n, dtype=np.float32)
+        q = query.astype(np.float32)
+        for s in range(0, n, self.BLOCK):
+            scores[s : s + self.BLOCK] = self.codec.decode(self.codes[s : s + self.BLOCK]) @ q
+        k = min(k, n)
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return self.ids[top], scores[top]

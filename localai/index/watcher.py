@@ -1,0 +1,76 @@
+"""Watching: file-system events under the sources → incremental re-index of just those paths.
+
+watchdog reports events from its own thread; they are gathered into a set of paths and, once no
+new event has arrived for `debounce` seconds (an editor's save is several events), handed to
+`Index.update(paths, keep_missing=False)`: changed files are re-indexed (only changed chunks are
+embedded), deleted ones forgotten, and a move indexes the destination before the source is
+forgotten, so its embeddings are reused. Hidden paths (editor swap files, .git) are ignored.
+The CLI's `localai index --watch` and the daemon both run this loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+
+class _Gather(FileSystemEventHandler):
+    def __init__(self, roots: list[Path]):
+        self.roots = roots
+        self.paths: dict[Path, None] = {}
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def _add(self, raw: str | bytes) -> None:
+        p = Path(raw.decode() if isinstance(raw, bytes) else raw)
+        root = next((r for r in self.roots if p == r or r in p.parents), None)
+        if root is None:
+            return
+        if any(part.startswith(".") for part in p.relative_to(root).parts):
+            return
+        with self.lock:
+            self.paths[p] = None
+            self.last = time.monotonic()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        if event.is_directory and event.event_type == "modified":  # a child changed: seen too
+            return
+        dest = getattr(event, "dest_path", "")
+        if dest:
+            self._add(dest)
+        self._add(event.src_path)
+
+    def take(self, debounce: float) -> list[Path]:
+        with self.lock:
+            if not self.paths or time.monotonic() - self.last < debounce:
+                return []
+            out, self.paths = list(self.paths), {}
+            return out
+
+
+def watch(index, stop: threading.Event, on_update=None, debounce: float = 0.2) -> None:
+    """Run until `stop` is set; `on_update(stats)` is called after each re-index."""
+    roots = [Path(s["path"]) for s in index.sources() if Path(s["path"]).exists()]
+    gather = _Gather(roots)
+    observer = Observer()
+    for r in roots:
+        observer.schedule(gather, str(r if r.is_dir() else r.parent), recursive=r.is_dir())
+    observer.start()
+    try:
+        while not stop.wait(0.05):
+            paths = gather.take(debounce)
+            if paths:
+                # destinations of moves were added first, so they are indexed before sources
+                # are forgotten: a moved file keeps its embeddings
+                stats = index.update(paths, keep_missing=False)
+                if on_update:
+                    on_update(stats)
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
