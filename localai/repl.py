@@ -5,13 +5,19 @@ Ctrl-C during an answer stops that answer and keeps the conversation; Ctrl-D or 
 
 from __future__ import annotations
 
+import contextlib
 import threading
+
+with contextlib.suppress(ImportError):  # line editing and history at the prompt, where it exists
+    import readline  # noqa: F401
 
 from rich.console import Console
 
 from .engine import ContextOverflowError, Delta, Done, Engine, Message, SamplingParams, chat
 
-HELP = """/help       this list
+FENCE = '"' * 3  # a message between two fences may span lines
+HELP = f"""{FENCE}         start or end a multi-line message
+/help       this list
 /system S   set the system prompt (clears history)
 /reset      forget the conversation
 /exit       leave (or Ctrl-D)"""
@@ -22,7 +28,7 @@ def chat_loop(engine: Engine, params: SamplingParams, system: str | None, consol
     console.print(f"[bold]{engine.name}[/bold] — /help for commands, Ctrl-D to leave")
     while True:
         try:
-            line = input(">>> ")
+            line = _read_message()
         except EOFError:
             print()
             return
@@ -53,6 +59,18 @@ def chat_loop(engine: Engine, params: SamplingParams, system: str | None, consol
             history.pop()
         else:
             history.append(Message("assistant", answer))
+
+
+def _read_message() -> str:
+    """One message: a line, or everything between two lines of triple quotes."""
+    line = input(">>> ")
+    if not line.strip().startswith(FENCE):
+        return line
+    lines = [line.strip()[len(FENCE) :]]
+    while not lines[-1].rstrip().endswith(FENCE):
+        lines.append(input("... "))
+    lines[-1] = lines[-1].rstrip()[: -len(FENCE)]
+    return "\n".join(lines).strip("\n")
 
 
 def _answer(engine, history, params, console) -> str | None:
