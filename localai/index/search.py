@@ -1,6 +1,7 @@
 """The personal document index: the public interface the CLI, the daemon and RAG use.
 
     index = Index.open(settings)                 # $LOCALAI_HOME/index.db, created if needed
+                                                 # (optional: governor=, embedder= to share)
     index.add_source("~/docs")                   # remember a folder or file (absolute path)
     stats = index.update()                       # incremental index of every source → RunStats
     hits = index.search("how do I ...", k=10)    # list[Hit], best first (unit="chunk" | "file")
@@ -81,7 +82,7 @@ def db_path(settings: Settings) -> Path:
 
 
 class Index:
-    def __init__(self, settings: Settings, governor: Governor | None = None):
+    def __init__(self, settings: Settings, governor: Governor | None = None, embedder=None):
         self.settings = settings
         self.path = db_path(settings)
         self.db = store.connect(self.path)
@@ -92,14 +93,15 @@ class Index:
                 store.set_meta(self.db, "codec", DEFAULT_CODEC)
             name = DEFAULT_CODEC
         self.codec = codec(name)
-        self._embedder = None
+        self._embedder = embedder  # loaded on first use unless shared by the caller
         self._vectors: VectorSet | None = None
         self._vectors_gen: str | None = None
         self._lock = threading.RLock()
 
     @classmethod
-    def open(cls, settings: Settings, governor: Governor | None = None) -> Index:
-        return cls(settings, governor)
+    def open(cls, settings: Settings, governor: Governor | None = None, embedder=None) -> Index:
+        """Open (creating) the index under settings.home; `embedder` may be shared (daemon)."""
+        return cls(settings, governor, embedder)
 
     def close(self) -> None:
         with self._lock:

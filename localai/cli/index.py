@@ -1,0 +1,211 @@
+"""`localai index`, `localai sources` and `localai search`: the personal document index.
+
+Each command opens the index in-process (no daemon needed), calls one Index method and prints:
+rich text for people, one JSON object (or JSONL for `search --queries`) for scripts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..index.search import MODES, UNITS, Index, IndexError_
+from .app import err, log, main, settings_of, user_errors
+
+
+def index_errors(fn):
+    """The index's own request errors become `Error: …` messages like every user error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except IndexError_ as e:
+            raise click.ClickException(str(e)) from e
+
+    return user_errors(wrapper)
+
+
+def _open(ctx) -> Index:
+    return Index.open(settings_of(ctx))
+
+
+def _run_with_progress(index: Index, paths, show: bool):
+    if not show:
+        return index.update(paths)
+    cols = [TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("files")]
+    cols += [TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
+    t0 = time.perf_counter()
+    with Progress(*cols, console=err, transient=True) as bars:
+        task = bars.add_task("index", total=None, rate="")
+
+        def progress(done: int, total: int, chunks: int) -> None:
+            rate = chunks / max(time.perf_counter() - t0, 1e-6)
+            bars.update(task, completed=done, total=total, rate=f"{rate:,.0f} chunks/s")
+
+        return index.update(paths, progress=progress)
+
+
+def _summary(st) -> None:
+    ratio = st.index_bytes / st.text_bytes if st.text_bytes else 0.0
+    log(f"{st.files:,} files, {st.chunks:,} chunks in the index; this run: {st.changed:,} "
+        f"(re)indexed, {st.removed:,} removed, {st.embedded:,} chunks embedded, "
+        f"{st.reused:,} reused, {st.seconds:.1f} s")  # fmt: skip
+    log(f"text {st.text_bytes / 1e6:,.2f} MB, index {st.index_bytes / 1e6:,.2f} MB "
+        f"({ratio:.0%} of the text)")  # fmt: skip
+    if st.skipped:
+        log(f"{len(st.skipped):,} skipped:")
+        for s in st.skipped[:10]:
+            err.print(f"  {s['path']}: {s['reason']}", highlight=False)
+        if len(st.skipped) > 10:
+            err.print(f"  … and {len(st.skipped) - 10:,} more (--json lists all)")
+
+
+@main.command("index")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the run's stats as one object.")
+@click.option("--watch", is_flag=True, help="Keep watching the sources until Ctrl-C.")
+@click.option("--check", is_flag=True, help="Verify the index's integrity and exit.")
+@click.pass_context
+@index_errors
+def index_cmd(ctx, paths, as_json, watch, check):
+    """Add PATHS as sources and index them; with no PATHS, re-index every source."""
+    ix = _open(ctx)
+    if check:
+        found = ix.check()
+        info = {"ok": not found, "problems": found, **ix.stats()}
+        if as_json:
+            click.echo(json.dumps(info))
+        else:
+            log("index is consistent" if not found else "index has problems:")
+            for p in found:
+                err.print(f"  {p}", highlight=False)
+        ctx.exit(0 if not found else 1)
+    for p in paths:
+        ix.add_source(p)
+    if not paths and not ix.sources():
+        raise click.ClickException("no sources yet: run `localai index PATH` to add a folder")
+    st = _run_with_progress(ix, list(paths) or None, show=err.is_terminal and not as_json)
+    if as_json:
+        click.echo(json.dumps(st.as_dict()))
+    else:
+        _summary(st)
+    if watch:
+        _watch(ix)
+
+
+def _watch(ix: Index) -> None:
+    stop = threading.Event()
+    log("watching " + ", ".join(s["path"] for s in ix.sources()) + " (Ctrl-C to stop)")
+
+    def report(st) -> None:
+        log(f"{st.changed} file(s) re-indexed, {st.removed} removed, "
+            f"{st.embedded} chunks embedded ({st.seconds:.2f} s)")  # fmt: skip
+
+    try:
+        ix.watch(stop, on_update=report)
+    except KeyboardInterrupt:
+        stop.set()
+        log("stopped watching")
+
+
+@main.group("sources", invoke_without_command=True)
+@click.pass_context
+def sources(ctx):
+    """List the indexed sources (default) or remove one."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(sources_list)
+
+
+@sources.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@index_errors
+def sources_list(ctx, as_json=False):
+    """Every source with its file and chunk counts."""
+    rows = _open(ctx).sources()
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        log("no sources yet: `localai index PATH` adds one")
+    for r in rows:
+        gone = "" if r["exists"] else "  (missing)"
+        click.echo(f"{r['path']}  {r['files']:,} files  {r['chunks']:,} chunks{gone}")
+
+
+@sources.command("rm")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.pass_context
+@index_errors
+def sources_rm(ctx, path):
+    """Forget a source and drop its files from the index (the files stay untouched)."""
+    n = _open(ctx).remove_source(path)
+    log(f"removed {path}: {n:,} files dropped from the index")
+
+
+@main.command("search")
+@click.argument("query", required=False)
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Results to return.")
+@click.option("--unit", type=click.Choice(UNITS), default="chunk", show_default=True)
+@click.option("--mode", type=click.Choice(MODES), default="hybrid", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print results as a JSON list.")
+@click.option(
+    "--queries",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Run every query in FILE (lines, or JSONL with _id and text); JSONL out.",
+)
+@click.pass_context
+@index_errors
+def search_cmd(ctx, query, k, unit, mode, as_json, queries):
+    """Find the passages (or files, --unit file) that best match QUERY."""
+    if (query is None) == (queries is None):
+        raise click.ClickException("give either a QUERY or --queries FILE")
+    ix = _open(ctx)
+    if queries is not None:
+        _batch(ix, queries, k, unit, mode)
+        return
+    hits = ix.search(query, k=k, unit=unit, mode=mode)
+    passages = ix.read_many(hits)
+    if as_json:
+        rows = [
+            {**h.__dict__, "text": p.text, "verified": p.verified, "reason": p.reason}
+            for h, p in zip(hits, passages, strict=True)
+        ]
+        click.echo(json.dumps(rows))
+        return
+    if not hits:
+        log("no matches" + ("" if ix.stats()["chunks"] else " (the index is empty)"))
+    out = Console(highlight=False)
+    for i, (h, p) in enumerate(zip(hits, passages, strict=True), start=1):
+        out.print(f"[bold]{i}. {h.path}[/bold]:{p.start_line}-{p.end_line}  "
+                  f"[dim]score {h.score:.4f}[/dim]")  # fmt: skip
+        if not p.verified:
+            out.print(f"   [yellow]{p.reason}[/yellow]")
+        lines = [ln.strip() for ln in p.text.splitlines() if ln.strip()]
+        snippet = " ".join(lines)[:300]
+        out.print(f"   {snippet}", markup=False)
+
+
+def _batch(ix: Index, path: Path, k: int, unit: str, mode: str) -> None:
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        qid, text = str(n), line.strip()
+        if text.startswith("{"):
+            try:
+                obj = json.loads(text)
+                qid, text = str(obj["_id"]), obj["text"]
+            except (ValueError, KeyError) as e:
+                raise click.ClickException(f"{path}:{n}: not a query object ({e})") from e
+        hits = ix.search(text, k=k, unit=unit, mode=mode)
+        results = [{"path": h.path, "score": h.score, "chunk_id": h.chunk_id,
+                    "start_line": h.start_line, "end_line": h.end_line} for h in hits]  # fmt: skip
+        click.echo(json.dumps({"_id": qid, "results": results}))

@@ -1,0 +1,207 @@
+"""The document index end to end: real files, the real MiniLM model, a real sqlite file."""
+
+import json
+import os
+import threading
+import time
+
+import pytest
+from conftest import localai
+
+from localai.config import load_settings
+from localai.index.search import Index, IndexError_
+
+TOPICS = {
+    "bread": "Knead the dough with flour, water, salt and yeast, then let it rise until doubled.",
+    "starter": "A sourdough starter is flour and water fermented by wild yeast; feed it daily.",
+    "tomato": "Tomato plants need full sun, deep watering and a stake to climb as they grow.",
+    "taxes": "File your income tax return before the April deadline to avoid late penalties.",
+    "bikes": "Keep the bicycle chain clean and oiled, and check tyre pressure every week.",
+    "stars": "Astronomers measure the distance to nearby stars with parallax over a year.",
+    "violin": "Rosin the violin bow before practice so the strings speak clearly.",
+    "cheese": "Cheddar cheese is aged for months in cool caves to develop its sharp flavour.",
+}
+
+
+def section(title: str, sentence: str, n: int = 9) -> str:
+    body = " ".join(f"{sentence} (note {i})" for i in range(n))
+    return f"## {title}\n\n{body}\n"
+
+
+def write_docs(root):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "kitchen.md").write_text(
+        "# Kitchen notes\n\n"
+        + section("Baking bread", TOPICS["bread"])
+        + "\n"
+        + section("Sourdough starter", TOPICS["starter"])
+    )
+    (root / "garden.html").write_text(
+        "<html><body><nav>Home | About</nav><h1>Growing tomatoes</h1>"
+        f"<p>{TOPICS['tomato']}</p><p>Pick them when red.</p></body></html>"
+    )
+    (root / "money.txt").write_text(TOPICS["taxes"] + "\n\nKeep receipts for seven years.\n")
+    (root / "long.md").write_text(
+        "\n".join(section(t, s) for t, s in TOPICS.items() if t in ("bikes", "stars", "violin"))
+    )
+    (root / "fib.py").write_text("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n"
+                                 "        a, b = b, a + b\n    return a\n")  # fmt: skip
+    (root / "broken.json").write_text('{"name": ')
+    (root / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+
+
+@pytest.fixture
+def docs(tmp_path):
+    write_docs(tmp_path / "docs")
+    return tmp_path / "docs"
+
+
+@pytest.fixture
+def index(home, embedder):
+    ix = Index.open(load_settings(), embedder=embedder)
+    yield ix
+    ix.close()
+
+
+def test_index_search_and_read_back(index, docs):
+    index.add_source(docs)
+    st = index.update()
+    assert st.files == 5 and st.chunks >= 6 and st.embedded == st.chunks
+    reasons = {os.path.basename(s["path"]): s["reason"] for s in st.skipped}
+    assert reasons["broken.json"].startswith("broken JSON")
+    assert reasons["photo.png"] == "binary or unknown file type"
+    assert 0 < st.text_bytes < st.index_bytes  # tiny corpus: sqlite's fixed pages dominate
+    hits = index.search("how do I feed a sourdough starter", k=3)
+    top = index.read(hits[0])
+    assert hits[0].path.endswith("kitchen.md") and "sourdough starter" in top.text
+    assert top.verified and top.reason == ""
+    lines = (docs / "kitchen.md").read_text().splitlines()
+    assert "Sourdough" in "\n".join(lines[hits[0].start_line - 1 : hits[0].end_line])
+    assert index.search("tomato sun watering", k=1)[0].path.endswith("garden.html")
+    assert index.search("fibonacci", k=1, mode="bm25")[0].path.endswith("fib.py")
+    assert index.search("astronomy and distant suns", k=1, mode="vector")[0].path.endswith(
+        "long.md"
+    )
+    files = index.search("yeast", k=10, unit="file")
+    assert len({h.path for h in files}) == len(files)
+    with pytest.raises(IndexError_):
+        index.search("x", unit="page")
+    assert index.check() == []
+
+
+def test_incremental_reindex_embeds_only_what_changed(index, docs):
+    index.add_source(docs)
+    first = index.update()
+    noop = index.update()
+    assert (noop.changed, noop.embedded, noop.removed) == (0, 0, 0)
+    assert noop.unchanged == first.changed + 2  # the two skipped files are remembered too
+    long_md = docs / "long.md"
+    before = index.stats()["chunks"]
+    text = long_md.read_text().replace("parallax over a year", "parallax over six months")
+    long_md.write_text(text)
+    st = index.update()
+    assert st.changed == 1 and 0 < st.embedded < 4 and st.reused >= 1
+    assert index.stats()["chunks"] == before
+    os.utime(docs / "money.txt", ns=(1, 1))  # touched, not changed: hashed, not re-embedded
+    assert index.update().embedded == 0
+    (docs / "sub").mkdir()
+    (docs / "kitchen.md").rename(docs / "sub" / "recipes.md")  # a move re-uses embeddings
+    st = index.update()
+    assert st.embedded == 0 and st.removed == 1 and st.changed == 1
+    assert index.search("sourdough starter", k=1)[0].path.endswith("sub/recipes.md")
+    (docs / "money.txt").unlink()
+    st = index.update()
+    assert st.removed == 1 and not any(
+        h.path.endswith("money.txt") for h in index.search("income tax deadline", k=10)
+    )
+    assert index.check() == []
+
+
+def test_read_says_when_the_file_changed(index, docs):
+    index.add_source(docs)
+    index.update()
+    hit = index.search("income tax return deadline", k=1)[0]
+    assert hit.path.endswith("money.txt")
+    (docs / "money.txt").write_text("Completely different words now.\n")
+    p = index.read(hit)
+    assert not p.verified and "changed since it was indexed" in p.reason
+    (docs / "money.txt").unlink()
+    assert index.read(hit).reason == "the file is gone"
+
+
+def test_remove_source_and_missing_source(index, docs, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "violin.md").write_text(section("Violin", TOPICS["violin"]))
+    index.add_source(docs)
+    index.add_source(other)
+    index.update()
+    assert {s["path"] for s in index.sources()} == {str(docs), str(other)}
+    assert index.remove_source(other) == 1
+    assert all(not h.path.startswith(str(other)) for h in index.search("violin bow", k=10))
+    with pytest.raises(IndexError_, match="not a source"):
+        index.remove_source(other)
+    with pytest.raises(IndexError_, match="does not exist"):
+        index.add_source(tmp_path / "nope")
+    docs.rename(tmp_path / "unmounted")  # a missing source keeps its files (maybe unmounted)
+    st = index.update()
+    assert st.removed == 0 and st.files == 5
+    assert any("source is missing" in s["reason"] for s in st.skipped)
+
+
+def test_watch_makes_a_saved_file_searchable(index, docs):
+    index.add_source(docs)
+    index.update()
+    stop = threading.Event()
+    updates = []
+    t = threading.Thread(target=index.watch, args=(stop,), kwargs={"on_update": updates.append})
+    t.start()
+    try:
+        time.sleep(0.5)  # let the observer start
+        (docs / "cheese.md").write_text(section("Cheese", TOPICS["cheese"]))
+        deadline = time.monotonic() + 60  # generous: a loaded CI machine, not a speed assert
+        found = False
+        while time.monotonic() < deadline and not found:
+            time.sleep(0.2)
+            found = any(h.path.endswith("cheese.md") for h in index.search("aged cheddar", k=3))
+        assert found, updates
+        (docs / "cheese.md").unlink()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and found:
+            time.sleep(0.2)
+            found = any(h.path.endswith("cheese.md") for h in index.search("aged cheddar", k=3))
+        assert not found
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    assert index.check() == []
+
+
+def test_cli_index_search_sources_check(home, docs, tmp_path):
+    env = dict(os.environ)
+    r = localai("index", str(docs), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    for key in ("files", "chunks", "skipped", "text_bytes", "index_bytes", "seconds"):
+        assert key in st, key
+    assert st["files"] == 5 and {"path", "reason"} <= set(st["skipped"][0])
+    r = localai("search", "sourdough starter", "-k", "2", "--json", env=env)
+    hits = json.loads(r.stdout)
+    assert len(hits) == 2 and hits[0]["path"].endswith("kitchen.md") and hits[0]["verified"]
+    r = localai("search", "tomato", "-k", "2", env=env)
+    assert r.returncode == 0 and "garden.html" in r.stdout
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"_id": "q7", "text": "bicycle chain"}\ntax deadline\n')
+    r = localai("search", "--queries", str(queries), "-k", "3", "--unit", "file", env=env)
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["_id"] for x in rows] == ["q7", "2"]
+    assert rows[0]["results"][0]["path"].endswith("long.md")
+    r = localai("sources", "list", "--json", env=env)
+    assert json.loads(r.stdout)[0]["path"] == str(docs)
+    r = localai("index", "--check", "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
+    r = localai("sources", "rm", str(docs), env=env)
+    assert r.returncode == 0 and "7 files" in r.stderr  # 5 indexed + 2 skipped
+    for args in (["index", str(tmp_path / "missing")], ["search"], ["sources", "rm", "/x"]):
+        r = localai(*args, env=env)
+        assert r.returncode == 1 and "Error:" in r.stderr and "Traceback" not in r.stderr, args

@@ -1,0 +1,174 @@
+"""Index stages on real files: loaders, walking and skipping, the chunker, the store's schema."""
+
+import json
+import os
+
+import pytest
+
+from localai.index import store
+from localai.index.chunker import MAX_TOKENS, chunk, content_hash
+from localai.index.htmltext import load_html
+from localai.index.loaders import Unreadable, load_markdown, load_text, loader_for
+from localai.index.vectors import CODECS, VectorSet, codec
+from localai.index.walk import Found, Skipped, walk
+
+
+def counter(embedder):
+    def count(texts):
+        return [
+            len(e.ids) for e in embedder.tokenizer.encode_batch(texts, add_special_tokens=False)
+        ]
+
+    return count
+
+
+def test_markdown_blocks_point_at_their_bytes(tmp_path):
+    text = "# Título\n\nFirst paragraph — with ünïcode.\n\n```py\nx = 1\n\ny = 2\n```\n\n"
+    text += "## Next\ntail\n"
+    data = text.encode()
+    blocks = load_markdown(data, tmp_path / "a.md")
+    kinds = [b.kind for b in blocks]
+    assert kinds == ["heading", "text", "code", "heading", "text"]
+    for b in blocks:  # exact blocks: the text is exactly the bytes of the range
+        assert data[b.start : b.end].decode() == b.text
+    assert "y = 2" in blocks[2].text  # a blank line inside a fence does not split the code
+
+
+def test_html_keeps_visible_text_only(tmp_path):
+    html = (
+        "<html><head><title>T</title><style>p{}</style></head><body>"
+        '<div class="sphinxsidebar">Navigation junk</div><script>var x=1;</script>'
+        "<h1>Sorting HOWTO</h1><p>Python lists have a <b>sort()</b> method.</p>"
+        "<pre>a = sorted(b)\nprint(a)</pre><nav>menu</nav></body></html>"
+    )
+    blocks = load_html(html.encode(), tmp_path / "a.html")
+    texts = [b.text for b in blocks]
+    assert "Sorting HOWTO" in texts and "Python lists have a sort() method." in texts
+    assert "a = sorted(b)\nprint(a)" in texts
+    joined = " ".join(texts)
+    for junk in ("Navigation junk", "var x", "menu", "p{}"):
+        assert junk not in joined
+    assert all(0 <= b.start < b.end <= len(html) for b in blocks)
+
+
+def test_unreadable_files_have_reasons(tmp_path):
+    with pytest.raises(Unreadable, match="binary"):
+        load_text(b"\x00\x01\x02abc", tmp_path / "x.txt")
+    with pytest.raises(Unreadable, match="not UTF-8"):
+        load_text("café".encode("latin-1"), tmp_path / "x.txt")
+    name, load = loader_for(tmp_path / "c.json", b"{")
+    with pytest.raises(Unreadable, match="broken JSON"):
+        load(b'{"a": ', tmp_path / "c.json")
+    assert loader_for(tmp_path / "img.png", b"\x89PNG") is None
+    assert loader_for(tmp_path / "notes", b"plain words")[0] == "text"
+
+
+def test_walk_skips_hidden_ignored_loops_and_big_files(tmp_path):
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref")
+    (root / ".hidden.md").write_text("no")
+    (root / "build").mkdir()
+    (root / "build" / "out.txt").write_text("ignored")
+    (root / ".gitignore").write_text("build/\n*.log\n")
+    (root / "x.log").write_text("ignored")
+    (root / "a.md").write_text("# A")
+    (root / "sub" / "b.txt").write_text("b")
+    (root / "big.txt").write_bytes(b"x" * 2048)
+    os.symlink(root, root / "sub" / "loop")
+    os.symlink(root / "missing", root / "dangling.txt")
+    items = list(walk(root, max_bytes=1024))
+    found = sorted(str(i.path.relative_to(root)) for i in items if isinstance(i, Found))
+    skipped = {str(i.path.relative_to(root)): i.reason for i in items if isinstance(i, Skipped)}
+    assert found == ["a.md", "sub/b.txt"]
+    assert skipped == {
+        "big.txt": "larger than the 0 MB limit",
+        "dangling.txt": "broken symlink",
+        "sub/loop": "symlink loop",
+    }
+
+
+def test_chunks_fit_the_model_and_map_to_lines(tmp_path, embedder):
+    paras = [
+        f"Paragraph {i} about topic {i}. " + "More words here. " * (5 + i % 30) for i in range(40)
+    ]
+    text = "# Guide\n\n" + "\n\n".join(paras) + "\n\n## Appendix\n\n" + "word " * 900 + "\n"
+    data = text.encode()
+    count = counter(embedder)
+    chunks = chunk(load_markdown(data, tmp_path / "g.md"), data, count)
+    assert len(chunks) > 5
+    for c in chunks:
+        assert embedder.count_tokens(c.text) <= MAX_TOKENS + 2  # fits MiniLM's 256 with specials
+        assert c.hash == content_hash(c.text)
+        first_line = text.splitlines()[c.start_line - 1]
+        assert c.text.splitlines()[0].startswith(first_line.strip()[:20])
+        assert data[c.start_byte : c.end_byte].decode().startswith(c.text[:40])
+    assert any(c.text.startswith("## Appendix") for c in chunks)  # headings open chunks
+    # deterministic: the same bytes give the same chunks (read-back relies on it)
+    again = chunk(load_markdown(data, tmp_path / "g.md"), data, count)
+    assert [c.hash for c in again] == [c.hash for c in chunks]
+    sizes = [c.tokens for c in chunks]
+    assert sum(sizes) / len(sizes) > 120  # packed, not one tiny chunk per paragraph
+
+
+def test_migrations_from_blank_and_idempotent(tmp_path):
+    path = tmp_path / "index.db"
+    db = store.connect(path)
+    assert store.schema_version(db) == len(store.MIGRATIONS)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    names = [r[0] for r in db.execute("SELECT name FROM migrations ORDER BY version")]
+    assert names == [m.__name__ for m in store.MIGRATIONS]
+    db.conn.close()
+    db = store.connect(path)  # an existing database: nothing to apply
+    assert store.migrate(db) == []
+    assert store.problems(db, 384) == []
+
+
+def test_store_keeps_no_text_and_detects_orphans(tmp_path):
+    db = store.connect(tmp_path / "index.db")
+    secret = "zebracornucopia quietly marmalades the xylophone " * 20
+    with store.transaction(db):
+        db.execute(
+            "INSERT INTO files (id, path, size, mtime_ns, indexed_at) VALUES (1, 'p', 1, 1, 0)"
+        )
+        store.insert_chunks(db, 1, [(0, 0, 1, 1, 1, b"h" * 16, b"c" * 384)], [secret])
+    assert db.execute("SELECT rowid FROM fts WHERE fts MATCH 'zebracornucopia'").fetchall()
+    db.conn.close()
+    # the inverted index holds terms, never the text itself
+    assert b"quietly marmalades" not in (tmp_path / "index.db").read_bytes()
+    db = store.connect(tmp_path / "index.db")
+    with store.transaction(db):
+        store.delete_file_chunks(db, 1)
+    assert not db.execute("SELECT rowid FROM fts WHERE fts MATCH 'zebracornucopia'").fetchall()
+    db.execute("INSERT INTO fts (rowid, text) VALUES (99, 'orphan')")
+    assert store.problems(db, 384) == ["1 FTS rows without a chunk"]
+
+
+WORDS = ["cats", "dogs", "tax", "law", "sea", "sky"]
+
+
+def test_codecs_keep_ranking(embedder):
+    texts = [f"document number {i} about {w}" for i, w in enumerate(WORDS)]
+    vecs = embedder.embed(texts)
+    q = embedder.embed(["taxes and the law"])[0]
+    exact = list(VectorSet(CODECS["f32"], range_ids(6), CODECS["f32"].encode(vecs)).search(q, 3)[0])
+    for name in CODECS:
+        c = codec(name)
+        codes = c.encode(vecs)
+        assert codes.shape == (6, c.nbytes)
+        got = list(VectorSet(c, range_ids(6), codes).search(q, 3)[0])
+        assert got[:2] == exact[:2], name
+
+
+def range_ids(n):
+    import numpy as np
+
+    return np.arange(n, dtype=np.int64)
+
+
+def test_json_loader_accepts_valid_data(tmp_path):
+    data = json.dumps({"k": list(range(50))}, indent=1).encode()
+    name, load = loader_for(tmp_path / "d.json", data)
+    blocks = load(data, tmp_path / "d.json")
+    assert name == "data" and len(blocks) > 1
