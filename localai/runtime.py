@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from .catalog import Catalog, ProgressFactory, resolve_model
+from . import plugins
+from .catalog import Catalog, ProgressFactory, load_catalog, resolve_model
 from .config import Settings
 from .engine import Engine, load_engine
 from .governor import Governor
 
 
 def open_catalog(settings: Settings) -> Catalog:
-    return Catalog(settings.models_dir)
+    """The catalog's models plus those that plugins register (catalog names win)."""
+    specs = load_catalog()
+    plugins.get().call_each(
+        "localai_register_models", register=lambda spec: specs.setdefault(spec.name, spec)
+    )
+    return Catalog(settings.models_dir, specs)
 
 
 def open_engine(
