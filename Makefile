@@ -6,19 +6,19 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODEL  ?= qwen2.5-coder-1.5b
-# bundled plugins, each its own small distribution, installed beside localai
-PLUGINS := $(wildcard plugins/*)
+# the TUI and the bundled plugins: each its own small distribution, installed beside localai
+EXTRAS := tui $(wildcard plugins/*)
 
 .PHONY: run test lint bench install clean-venv
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
+$(STAMP): pyproject.toml tui/pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
 	@echo "==> installing localai into $(VENV) (first time ~6 min: llama.cpp and hnswlib build from source)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]' $(foreach p,$(PLUGINS),-e $(p))
+	$(BIN)/python -m pip install -q -e '.[test]' $(foreach p,$(EXTRAS),-e $(p))
 	@touch $@
 
 run: install

@@ -1,0 +1,67 @@
+"""Find the daemon for this LOCALAI_HOME, or start one in the background and wait for it.
+
+The TUI never loads a model: it talks to `localai serve`. A daemon it starts keeps running after
+the TUI quits (like Ollama's server), so the next start is instant; its log is
+$LOCALAI_HOME/logs/daemon.log.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from localai.config import Settings
+
+
+@dataclass
+class Endpoint:
+    url: str
+    token: str
+    model: str = ""  # what the daemon serves
+
+
+def _token(home: Path) -> str | None:
+    try:
+        return (home / "token").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _health(url: str) -> dict | None:
+    try:
+        r = httpx.get(f"{url}/health", timeout=1.0)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def find_or_start(settings: Settings, model: str | None = None, wait_s: float = 600) -> Endpoint:
+    url = f"http://{settings.host}:{settings.port}"
+    health = _health(url)
+    if health is None:
+        log = settings.home / "logs" / "daemon.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "localai", "--home", str(settings.home), "serve",
+               "--host", settings.host, "--port", str(settings.port)]  # fmt: skip
+        if model:
+            cmd += ["--model", model]
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + wait_s
+        while (health := _health(url)) is None:
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"the daemon did not start: {' / '.join(tail)} (see {log})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not answer within {wait_s:.0f}s (see {log})")
+            time.sleep(0.25)
+    token = _token(settings.home)
+    if token is None:
+        raise RuntimeError(f"a daemon answers at {url} but {settings.home}/token is missing")
+    return Endpoint(url, token, str(health.get("model", "")))

@@ -1,0 +1,211 @@
+"""The TUI's widgets: the prompt, chat messages, and the Sources / Index / Memory panes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import events
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import ModalScreen
+from textual.widgets import Input, Markdown, OptionList, Static, TextArea
+from textual.widgets.option_list import Option
+
+HELP = """\
+# localai — keys and commands
+
+| key | does |
+| --- | --- |
+| Enter | send the message |
+| Ctrl+J | new line in the message |
+| Esc | stop the answer being written |
+| Ctrl+N | new conversation |
+| Ctrl+O | reopen a saved conversation |
+| Ctrl+E | open the selected source in `$EDITOR` at its line |
+| Tab | move between the chat, the answers and the panes |
+| F1 or `/help` | this screen |
+| Ctrl+Q | quit (the daemon keeps running) |
+
+| command | does |
+| --- | --- |
+| `/system TEXT` | set the system prompt (starts a new conversation) |
+| `/model NAME` | switch model (`/model` alone lists them) |
+| `/docs on` / `/docs off` | answer from your indexed documents, with sources |
+| `/add PATH` | add a folder to the index |
+| `/new`, `/open` | new conversation, reopen one |
+| `/quit` | leave |
+
+Press Esc to close this screen.
+"""
+
+
+class PromptArea(TextArea):
+    """Multi-line input: Enter sends, Ctrl+J inserts a line break."""
+
+    class Submitted(Message):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.Submitted(self.text))
+            return
+        if event.key == "ctrl+j":
+            event.stop()
+            event.prevent_default()
+            self.insert("\n")
+            return
+        await super()._on_key(event)
+
+
+class ChatMessage(Vertical, can_focus=True):
+    """One turn. Answers keep their citations so the Sources pane can show them when focused."""
+
+    def __init__(self, role: str, text: str = "", citations: list[dict] | None = None) -> None:
+        super().__init__(classes=f"message {role}")
+        self.role = role
+        self.text = text
+        self.citations = citations or []
+
+    def compose(self) -> ComposeResult:
+        label = {"user": "you", "assistant": "localai", "system": "system"}.get(self.role, "")
+        yield Static(label, classes="role")
+        yield Markdown(self.text)
+
+    @property
+    def body(self) -> Markdown:
+        return self.query_one(Markdown)
+
+    def footer(self, text: str) -> None:
+        self.mount(Static(text, classes="meta"))
+
+
+class SourcesPane(Vertical):
+    """Citations of the selected answer: `path:start-end`, verified or not, and the passage."""
+
+    def __init__(self) -> None:
+        super().__init__(id="sources")
+        self.citations: list[dict] = []
+
+    def compose(self) -> ComposeResult:
+        yield OptionList(id="citations")
+        yield Markdown("*Answers from your documents (`/docs on`) list their sources here.*",
+                       id="passage")  # fmt: skip
+
+    def show(self, citations: list[dict]) -> None:
+        self.citations = citations
+        opts = self.query_one("#citations", OptionList)
+        opts.clear_options()
+        for i, c in enumerate(citations, 1):
+            mark = "✓" if c.get("verified") else "✗ unverified"
+            opts.add_option(Option(f"[{i}] {location(c)} {mark}", id=str(i - 1)))
+        if citations:
+            opts.highlighted = 0
+            self.show_passage(0)
+
+    def show_passage(self, i: int) -> None:
+        c = self.citations[i]
+        note = (
+            ""
+            if c.get("verified")
+            else "\n\n**Not verified:** the file changed or the quote was not found."
+        )
+        quote = c.get("quote") or c.get("text") or ""
+        self.query_one("#passage", Markdown).update(f"`{location(c)}`\n\n> {quote}{note}")
+
+    def selected(self) -> dict | None:
+        i = self.query_one("#citations", OptionList).highlighted
+        return self.citations[i] if i is not None and i < len(self.citations) else None
+
+
+def location(c: dict) -> str:
+    return f"{c.get('path', '?')}:{c.get('start_line', '?')}-{c.get('end_line', '?')}"
+
+
+class IndexPane(Vertical):
+    def compose(self) -> ComposeResult:
+        yield Static("", id="index-summary")
+        yield Input(placeholder="folder to add, then Enter", id="add-folder")
+
+
+class MemoryPane(VerticalScroll):
+    def compose(self) -> ComposeResult:
+        yield Static("", id="memory-text")
+
+
+def gib(n: int | float | None) -> str:
+    return f"{(n or 0) / 2**30:.2f} GiB" if (n or 0) >= 2**28 else f"{(n or 0) / 2**20:.0f} MiB"
+
+
+def memory_text(status: dict | None, ps: dict | None, last_stats: dict) -> str:
+    """What the Memory pane shows: the RAM budget and who holds it, and the last speed."""
+    lines = []
+    mem = (status or {}).get("memory")
+    if mem:
+        lines.append(f"RAM budget  {gib(mem['budget_bytes'])} of {gib(mem['total_ram_bytes'])}")
+        lines.append(f"held        {gib(mem['held_bytes'])}")
+        for holder, n in sorted(mem.get("holders", {}).items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {holder:<18} {gib(n)}")
+    elif ps:
+        for m in ps.get("models", []):
+            lines.append(f"{m.get('name')}  {gib(m.get('size'))} (weights)")
+    else:
+        lines.append("the daemon does not report memory")
+    if last_stats:
+        lines.append("")
+        lines.append(f"last answer  {last_stats.get('tokens_per_s', 0):.1f} tok/s, "
+                     f"ttft {last_stats.get('ttft_s', 0):.2f}s, "
+                     f"{last_stats.get('prompt_tokens', 0)} prompt tokens")  # fmt: skip
+    experts = (status or {}).get("experts")
+    if experts:
+        lines.append(f"expert cache hit rate  {experts.get('hit_rate', 0):.0%}")
+    return "\n".join(lines)
+
+
+def index_text(index: dict | None) -> str:
+    if index is None:
+        return "This daemon does not serve the index yet."
+    lines = []
+    for s in index.get("sources", []):
+        lines.append(f"{s['path']}\n  {s.get('files', 0):,} files, {s.get('chunks', 0):,} chunks")
+    prog = index.get("progress")
+    if prog and prog.get("running"):
+        lines.append(f"\nindexing: {prog.get('done', 0)}/{prog.get('total', '?')} files")
+    return "\n".join(lines) or "No folders indexed yet: add one below."
+
+
+class HelpScreen(ModalScreen):
+    BINDINGS = [("escape", "dismiss", "Close"), ("f1", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Markdown(HELP)
+
+
+class PickScreen(ModalScreen[str | None]):
+    """Pick one of `options` (value, label); Esc cancels."""
+
+    BINDINGS = [("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, title: str, options: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.title_text, self.options = title, options
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="pick"):
+            yield Static(self.title_text, classes="role")
+            yield OptionList(*[Option(label, id=value) for value, label in self.options])
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+def editor_command(editor: str, path: Path, line: int) -> list[str]:
+    """`$EDITOR +LINE PATH` (understood by vi, vim, nano, emacs, micro, kak)."""
+    import shlex
+
+    return [*shlex.split(editor), f"+{line}", str(path)]
