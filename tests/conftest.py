@@ -76,3 +76,13 @@ def embedder(models_dir):
     cat = Catalog(models_dir)
     cat.ensure(EMBED_MODEL, log=lambda m: print(m, file=sys.stderr))
     return Embedder(cat.file(EMBED_MODEL, "model.onnx"), cat.file(EMBED_MODEL, "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def daemon(models_dir, tmp_path_factory):
+    """One real `localai serve` (SmolLM2, ctx 1024) on a free loopback port for the session."""
+    from daemon_helpers import start_daemon
+
+    Catalog(models_dir).ensure(EMBED_MODEL, log=lambda m: print(m, file=sys.stderr))
+    with start_daemon(tmp_path_factory.mktemp("daemon") / "home", models_dir, TEST_MODEL) as d:
+        yield d

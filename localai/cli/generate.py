@@ -8,7 +8,15 @@ import sys
 import click
 
 from ..engine import Delta, Done, Message, SamplingParams, chat
-from .app import engine_from_flags, engine_options, err, main, sampling_options, user_errors
+from .app import (
+    engine_from_flags,
+    engine_options,
+    err,
+    main,
+    sampling_options,
+    settings_of,
+    user_errors,
+)
 
 
 @main.command()
@@ -17,10 +25,11 @@ from .app import engine_from_flags, engine_options, err, main, sampling_options,
 @sampling_options
 @click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text and stats.")
+@click.option("--no-daemon", is_flag=True, help="Load the model here even if a daemon runs.")
 @click.pass_context
 @user_errors
 def run(ctx, prompt, model, engine, context_length, threads, type_k, type_v, system,
-        temperature, top_p, top_k, seed, max_tokens, stop, raw, as_json):  # fmt: skip
+        temperature, top_p, top_k, seed, max_tokens, stop, raw, as_json, no_daemon):  # fmt: skip
     """One-shot completion of PROMPT (or stdin), streamed to stdout."""
     if prompt in (None, "-"):
         if sys.stdin.isatty():
@@ -28,20 +37,24 @@ def run(ctx, prompt, model, engine, context_length, threads, type_k, type_v, sys
         prompt = sys.stdin.read()
     params = SamplingParams(temperature, top_p, top_k, seed=seed, max_tokens=max_tokens,
                             stop=list(stop))  # fmt: skip
-    eng = engine_from_flags(ctx, model, engine, context_length, threads, type_k, type_v)
+    msgs = ([Message("system", system)] if system else []) + [Message("user", prompt)]
+    shaped = any(x is not None for x in (engine, context_length, threads, type_k, type_v))
+    daemon = None if no_daemon or shaped else _daemon_for(ctx, model)
+    if daemon is not None:  # one copy of the model in RAM: the daemon's
+        eng = None
+        events = daemon.generate(None if raw else msgs, prompt if raw else None, params)
+    else:
+        eng = engine_from_flags(ctx, model, engine, context_length, threads, type_k, type_v)
+        events = eng.generate(prompt, params) if raw else chat(eng, msgs, params)
+    name = daemon.model if daemon is not None else eng.name
     try:
-        if raw:
-            events = eng.generate(prompt, params)
-        else:
-            msgs = ([Message("system", system)] if system else []) + [Message("user", prompt)]
-            events = chat(eng, msgs, params)
         for ev in events:
             if isinstance(ev, Delta) and not as_json:
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
             elif isinstance(ev, Done):
                 if as_json:
-                    click.echo(json.dumps({"model": eng.name, "text": ev.text,
+                    click.echo(json.dumps({"model": name, "text": ev.text,
                                            "stats": ev.stats.as_dict()}))  # fmt: skip
                 else:
                     sys.stdout.write("\n")
@@ -52,7 +65,17 @@ def run(ctx, prompt, model, engine, context_length, threads, type_k, type_v, sys
                         f"finish: {st.finish_reason}[/dim]"
                     )
     finally:
-        eng.close()
+        events.close()
+        if eng is not None:
+            eng.close()
+
+
+def _daemon_for(ctx, model):
+    """The running daemon if it serves `model` (or no model was named), else None."""
+    from ..client import Daemon
+
+    d = Daemon.find(settings_of(ctx))
+    return d if d is not None and model in (None, d.model) else None
 
 
 @main.command("chat")

@@ -1,0 +1,113 @@
+"""A small client of a running daemon, for CLI commands that need the model.
+
+When `localai serve` runs, `localai run` sends its request there instead of loading a second
+copy of the model. The daemon is used only when it is ours (our home's token is accepted) and
+serves the model asked for; otherwise callers fall back to running in-process. Standard library
+only (http.client), so the CLI does not pay for an HTTP stack it rarely needs.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+
+from .config import Settings
+from .engine import Delta, Done, EngineError, GenerationStats, Message, SamplingParams
+from .server.auth import read_token
+
+PROBE_TIMEOUT_S = 0.5
+
+
+class Daemon:
+    def __init__(self, host: str, port: int, token: str, model: str):
+        self.host, self.port, self.token, self.model = host, port, token, model
+
+    @classmethod
+    def find(cls, settings: Settings) -> Daemon | None:
+        """The daemon on the configured host/port if one answers and takes our token."""
+        token = read_token(settings.home)
+        if token is None:
+            return None
+        d = cls(settings.host, settings.port, token, "")
+        try:
+            status, health = d._get("/health")
+            if status != 200:
+                return None
+            d.model = health.get("model", "")
+            status, _ = d._get("/v1/models")  # proves the token is the one this daemon uses
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+        return d if status == 200 else None
+
+    def _conn(self, timeout: float | None) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def _headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+
+    def _get(self, path: str) -> tuple[int, dict]:
+        conn = self._conn(PROBE_TIMEOUT_S)
+        try:
+            conn.request("GET", path, headers=self._headers())
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read() or b"{}")
+        finally:
+            conn.close()
+
+    def generate(
+        self, messages: list[Message] | None, prompt: str | None, params: SamplingParams
+    ) -> Iterator[Delta | Done]:
+        """Stream a chat turn (`messages`) or a raw completion (`prompt`) as engine events;
+        errors the server reports (e.g. context overflow) are raised as EngineError."""
+        body: dict = {"model": self.model, "stream": True, "stats": True,
+                      "temperature": params.temperature, "top_p": params.top_p,
+                      "top_k": params.top_k, "min_p": params.min_p, "seed": params.seed,
+                      "max_tokens": params.max_tokens, "stop": params.stop,
+                      "repeat_penalty": params.repeat_penalty}  # fmt: skip
+        if messages is not None:
+            path = "/v1/chat/completions"
+            body["messages"] = [{"role": m.role, "content": m.content} for m in messages]
+        else:
+            path, body["prompt"] = "/v1/completions", prompt
+        conn = self._conn(PROBE_TIMEOUT_S * 10)
+        try:
+            conn.request("POST", path, json.dumps(body), headers=self._headers())
+            conn.sock.settimeout(None)  # a long answer is not a dead daemon
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise EngineError(_error_message(resp.read()))
+            yield from _events(resp)
+        finally:
+            conn.close()  # an early close cancels the generation on the server
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        err = json.loads(raw)["error"]
+        return err["message"] if isinstance(err, dict) else str(err)
+    except (ValueError, KeyError, TypeError):
+        return raw.decode("utf-8", "replace")[:500]
+
+
+def _events(resp) -> Iterator[Delta | Done]:
+    text = []
+    for raw in resp:
+        line = raw.decode("utf-8").strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        obj = json.loads(line[6:])
+        if "error" in obj:
+            raise EngineError(_error_message(line[6:].encode()))
+        if not obj.get("choices"):
+            continue
+        choice = obj["choices"][0]
+        piece = choice.get("delta", {}).get("content") or choice.get("text") or ""
+        if piece:
+            text.append(piece)
+            yield Delta(piece)
+        if choice.get("finish_reason") is not None:
+            stats = GenerationStats(**obj.get("stats", {}))
+            yield Done("".join(text), stats)
+            return
+    raise EngineError("the daemon closed the stream before the answer ended")

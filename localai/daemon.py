@@ -1,0 +1,119 @@
+"""`localai serve`: one process that holds the engine (and, when built, the document index and
+its watcher) and serves the OpenAI- and Ollama-compatible HTTP API.
+
+Order of start: refuse an unsafe bind → bind the port (fail fast if taken, before a slow model
+load) → token → engine → app → uvicorn on the bound socket. On shutdown running generations are
+cancelled and waited for before the engine is closed, so the engine is never freed mid-token.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from datetime import UTC, datetime
+from pathlib import Path
+
+import uvicorn
+
+from .catalog import Catalog
+from .config import ConfigError, Settings
+from .governor import Governor
+from .runtime import open_catalog, open_engine
+from .server.app import build_app
+from .server.auth import ensure_token, is_loopback
+from .server.state import ServerState
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {host}:{port}: {e.strerror}; is another `localai serve` running? "
+            "Pick another port with --port."
+        ) from e
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _model_meta(settings: Settings, info: dict) -> dict:
+    """Size, digest and details of the loaded model, as Ollama's /api/tags reports them."""
+    path = Path(info["path"])
+    quant = re.search(r"(I?Q\d_K_[SML]|I?Q\d_K|Q\d_\d|BF16|F16|F32)", path.name, re.I)
+    digest = ""
+    try:
+        spec = open_catalog(settings).spec(info["model"])
+        digest = next((f.sha256 for f in spec.files if f.name == path.name), "")
+    except Exception:  # noqa: BLE001  (a .gguf path outside the catalog has no recorded digest)
+        pass
+    stamp = datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat().replace("+00:00", "Z")
+    details = {"parent_model": "", "format": "gguf", "family": info.get("arch", ""),
+               "families": [info.get("arch", "")], "parameter_size": "",
+               "quantization_level": quant.group(1).upper() if quant else ""}  # fmt: skip
+    return {"size": path.stat().st_size, "digest": digest, "modified_at": stamp,
+            "details": details}  # fmt: skip
+
+
+def _embedder_loader(settings: Settings):
+    def load():
+        from .index.embedder import Embedder
+
+        cat = Catalog(settings.models_dir)
+        name = settings.embed_model
+        cat.ensure(name, log=lambda _m: None)
+        return Embedder(cat.file(name, "model.onnx"), cat.file(name, "tokenizer.json"),
+                        threads=settings.threads)  # fmt: skip
+
+    return load
+
+
+def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    model: str | None = None,
+    auth: bool = True,
+    log=print,
+    progress=None,
+    access_log: bool = False,
+) -> None:
+    """Run the daemon until interrupted (Ctrl-C / SIGTERM)."""
+    if not auth and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to serve on {host} without a token: anyone who can reach this address "
+            "could use the model. Drop --no-auth, or bind to 127.0.0.1."
+        )
+    sock = bind(host, port)
+    try:
+        token = ensure_token(settings.home) if auth else None
+        engine = open_engine(
+            settings,
+            model,
+            progress=progress,
+            log=log,
+            governor=Governor(settings.ram_budget_bytes),
+        )
+    except BaseException:
+        sock.close()
+        raise
+    state = ServerState(engine, settings.embed_model, _embedder_loader(settings))
+    state.model_meta[engine.name] = _model_meta(settings, engine.info())
+    app = build_app(state, token)
+    config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="off",
+                            timeout_graceful_shutdown=5)  # fmt: skip
+    where = f"http://{host}:{port}"
+    log(
+        f"serving {engine.name} on {where} (OpenAI: {where}/v1, Ollama: {where}); "
+        + ("token in " + str(settings.home / "token") if token else "auth OFF (loopback only)")
+    )
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        state.slot.close()
+        engine.close()
+        sock.close()

@@ -1,0 +1,97 @@
+"""The generation slot: one model, one generation at a time, requests served first come first
+served.
+
+An asyncio.Lock is the queue (its waiters wake in FIFO order and a newcomer cannot jump a
+waiter). The holder runs the engine's synchronous generator on one worker thread and receives its
+events through an asyncio.Queue. The slot is released when the worker thread ends, not when the
+client goes away: a client that disconnects sets the cancel event, the engine stops at its next
+token, and only then does the next request start, so two generations never overlap on the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from ..engine import Done
+from ..engine.base import Event
+
+_END = object()
+
+
+class Slot:
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.waiting = 0  # requests queued behind the current one (for /health)
+        self.served = 0
+        self.cancelled = 0  # generations stopped early because their client left
+        self._active: set[threading.Event] = set()
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    async def stream(self, start: Callable[[threading.Event], Iterator[Event]]) -> AsyncIterator:
+        """Wait for the slot, then yield the events of `start(cancel)` run on the worker thread.
+
+        Exceptions raised by the generator (e.g. ContextOverflowError) are re-raised here. When
+        the consumer stops early (disconnect, cancellation), the generation is cancelled and the
+        slot is freed as soon as the worker returns."""
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        self._active.add(cancel)
+
+        def put(item) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                events = start(cancel)
+                try:
+                    for ev in events:
+                        put(ev)
+                        if isinstance(ev, Done) and ev.stats.finish_reason == "cancelled":
+                            self.cancelled += 1
+                finally:
+                    events.close()  # frees the engine even if we stopped early
+            except BaseException as e:  # noqa: BLE001  (handed to the consumer to re-raise)
+                put(e)
+            finally:
+                put(_END)
+
+        try:
+            future = loop.run_in_executor(self._pool, work)
+        except BaseException:
+            self._active.discard(cancel)
+            self._lock.release()
+            raise
+        future.add_done_callback(lambda _f: self._release(cancel))
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Done):
+                    return
+        finally:
+            cancel.set()  # no-op after Done; stops the engine if the consumer left early
+
+    def _release(self, cancel: threading.Event) -> None:
+        self._active.discard(cancel)
+        self.served += 1
+        self._lock.release()
+
+    def close(self) -> None:
+        """Cancel what runs and wait for it, so the engine can be closed safely."""
+        for cancel in list(self._active):
+            cancel.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)

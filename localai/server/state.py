@@ -1,0 +1,41 @@
+"""What the routes share: the loaded engine, its generation slot, the embedder, the RAG answerer.
+
+The embedder is loaded on first use (many clients never ask for embeddings) on a worker thread,
+once, behind a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from ..engine import Engine
+from .slot import Slot
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    embed_model: str
+    load_embedder: Callable[[], object]  # () -> Embedder; may pull the model files once
+    rag: object | None = None  # the RAG answerer, when the document index is available
+    rag_missing: str = "answers from documents are not built yet"
+    model_meta: dict = field(default_factory=dict)  # name -> size, digest, details (Ollama)
+    slot: Slot = field(default_factory=Slot)
+    started_at: float = field(default_factory=time.time)
+    _embedder: object | None = None
+    _embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def model(self) -> str:
+        return self.engine.name
+
+    async def embedder(self):
+        async with self._embed_lock:
+            if self._embedder is None:
+                self._embedder = await anyio.to_thread.run_sync(self.load_embedder)
+        return self._embedder

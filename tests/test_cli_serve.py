@@ -1,0 +1,52 @@
+"""`localai serve` flags and `localai run` going through a running daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from conftest import TEST_MODEL, localai
+
+
+def test_print_token_creates_a_private_token_once(home):
+    first = localai("serve", "--print-token")
+    assert first.returncode == 0, first.stderr
+    token = first.stdout.strip()
+    assert len(token) >= 32
+    assert stat.S_IMODE((home / "token").stat().st_mode) == 0o600
+    assert localai("serve", "--print-token").stdout.strip() == token
+
+
+def test_no_token_on_a_public_address_is_refused(home):
+    r = localai("serve", "--host", "0.0.0.0", "--no-auth", "--model", TEST_MODEL)
+    assert r.returncode == 1 and "refusing to serve on 0.0.0.0 without a token" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_run_uses_the_daemon_when_one_is_up(daemon):
+    env = dict(os.environ, LOCALAI_HOME=str(daemon.home), LOCALAI_HOST=daemon.host,
+               LOCALAI_PORT=str(daemon.port))  # fmt: skip
+    env.pop("LOCALAI_MODEL", None)
+    daemon.wait_idle()
+    before = daemon.health()["served"]
+    args = ("run", "Say hello.", "-t", "0", "--max-tokens", "4", "--json")
+    r = localai(*args, env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert daemon.wait_idle()["served"] == before + 1  # answered by the daemon
+    assert out["model"] == TEST_MODEL and out["text"]
+    assert out["stats"]["completion_tokens"] == 4 and out["stats"]["finish_reason"] == "length"
+    local = localai(*args, "--no-daemon", "--model", TEST_MODEL, "--ctx", "1024", env=env)
+    assert local.returncode == 0, local.stderr
+    mine = json.loads(local.stdout)
+    assert daemon.health()["served"] == before + 1  # --no-daemon loaded the model here
+    assert mine.keys() == out.keys() and mine["stats"].keys() == out["stats"].keys()
+    assert mine["text"] == out["text"]  # greedy: same model, same prompt, same answer
+    over = localai("run", "word " * 1200, env=env)
+    assert over.returncode == 1 and "model context is 1,024" in over.stderr
+
+
+def test_ask_says_what_is_missing(home):
+    r = localai("ask", "What is in my notes?")
+    assert r.returncode == 1 and "Error:" in r.stderr and "Traceback" not in r.stderr

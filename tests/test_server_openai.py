@@ -1,0 +1,154 @@
+"""The OpenAI-compatible API of a real `localai serve`, through the official `openai` client.
+
+Every body is also validated against the OpenAI OpenAPI schemas (shared/evals/openai-openapi),
+including each streamed chunk. Generations are short (a few tokens) to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+
+import numpy as np
+import openai
+import pytest
+from conftest import EMBED_MODEL, TEST_MODEL
+from openai_schema import check
+
+CHAT = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def client(daemon):
+    return openai.OpenAI(base_url=daemon.url + "/v1", api_key=daemon.token, max_retries=0)
+
+
+def sse(daemon, path: str, body: dict) -> list[dict | str]:
+    """The raw SSE events of a streamed request (JSON objects, then the final "[DONE]")."""
+    headers = daemon.headers() | {"Content-Type": "application/json"}
+    req = urllib.request.Request(daemon.url + path, json.dumps(body).encode(), headers)
+    out = []
+    with urllib.request.urlopen(req, timeout=300) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        for line in r:
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                data = line[6:]
+                out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_models_list(client, daemon):
+    ids = [m.id for m in client.models.list()]
+    assert TEST_MODEL in ids and EMBED_MODEL in ids
+    status, body = daemon.request("GET", "/v1/models")
+    check("ListModelsResponse", body)
+    assert client.models.retrieve(TEST_MODEL).id == TEST_MODEL
+
+
+def test_chat_completion(client, daemon):
+    r = client.chat.completions.create(model=TEST_MODEL, messages=CHAT, max_tokens=6,
+                                       temperature=0, seed=1)  # fmt: skip
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 6
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    three = {"model": TEST_MODEL, "messages": CHAT, "max_tokens": 3}
+    status, body = daemon.request("POST", "/v1/chat/completions", three)
+    assert status == 200
+    check("CreateChatCompletionResponse", body)
+    assert (
+        body["usage"]["completion_tokens"] == 3 and body["choices"][0]["finish_reason"] == "length"
+    )
+
+
+def test_greedy_chat_is_reproducible_and_stop_strings_cut(client):
+    kw = dict(model=TEST_MODEL, messages=CHAT, max_tokens=8, temperature=0)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b and len(a) > 2
+    stop = a[2:4]
+    c = client.chat.completions.create(**kw, stop=[stop]).choices[0]
+    assert stop not in c.message.content and c.finish_reason == "stop"
+
+
+def test_chat_stream_shape(client, daemon):
+    events = sse(daemon, "/v1/chat/completions",
+                 {"model": TEST_MODEL, "messages": CHAT, "max_tokens": 5, "stream": True,
+                  "stream_options": {"include_usage": True}})  # fmt: skip
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    for c in chunks:
+        check("CreateChatCompletionStreamResponse", c)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+    finals = [c for c in chunks[:-1] if c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0] is chunks[-2]
+    assert finals[0]["choices"][0]["finish_reason"] == "length"
+    # the official client reads the same stream
+    stream = client.chat.completions.create(model=TEST_MODEL, messages=CHAT, max_tokens=5,
+                                            stream=True)  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text
+
+
+def test_completions(client, daemon):
+    r = client.completions.create(model=TEST_MODEL, prompt="The capital of France is",
+                                  max_tokens=4, temperature=0)  # fmt: skip
+    assert r.choices[0].text and r.usage.completion_tokens <= 4
+    status, body = daemon.request("POST", "/v1/completions",
+                                  {"model": TEST_MODEL, "prompt": "One, two,", "echo": True,
+                                   "max_tokens": 2})  # fmt: skip
+    check("CreateCompletionResponse", body)
+    assert body["choices"][0]["text"].startswith("One, two,")
+    events = sse(
+        daemon,
+        "/v1/completions",
+        {"model": TEST_MODEL, "prompt": "One, two,", "max_tokens": 3, "stream": True},
+    )
+    assert events[-1] == "[DONE]"
+    assert len({c["id"] for c in events[:-1]}) == 1
+    # completions share one schema for chunks and bodies; only the last chunk has finish_reason
+    check("CreateCompletionResponse", events[-2])
+    assert events[-2]["usage"]["completion_tokens"] == 3
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=TEST_MODEL, prompt="One, two,", max_tokens=3, stream=True))  # fmt: skip
+    assert text
+
+
+def test_suffix_needs_a_model_with_fill_in_the_middle_tokens(daemon):
+    status, body = daemon.request(
+        "POST", "/v1/completions", {"model": TEST_MODEL, "prompt": "def f(", "suffix": "\n"}
+    )
+    assert status == 400 and body["error"]["code"] == "fim_unsupported"
+    assert "fill-in-the-middle" in body["error"]["message"]
+    check("ErrorResponse", body)
+
+
+def test_embeddings_float_and_base64(client, daemon, embedder):
+    texts = ["a cat sat on the mat", "quarterly revenue grew"]
+    r = client.embeddings.create(model=EMBED_MODEL, input=texts)  # the client asks for base64
+    got = np.array([d.embedding for d in r.data], dtype=np.float32)
+    assert got.shape == (2, 384) and r.usage.prompt_tokens > 0
+    np.testing.assert_allclose(got, embedder.embed(texts), atol=1e-5)
+    status, body = daemon.request("POST", "/v1/embeddings",
+                                  {"model": EMBED_MODEL, "input": texts[0],
+                                   "encoding_format": "float"})  # fmt: skip
+    check("CreateEmbeddingResponse", body)
+    np.testing.assert_allclose(body["data"][0]["embedding"], got[0], atol=1e-6)
+    status, body = daemon.request("POST", "/v1/embeddings",
+                                  {"model": EMBED_MODEL, "input": texts[1],
+                                   "encoding_format": "base64"})  # fmt: skip
+    vec = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vec, got[1], atol=1e-6)
+
+
+def test_docs_alias_says_what_is_missing(daemon):
+    status, body = daemon.request(
+        "POST", "/v1/chat/completions", {"model": TEST_MODEL + "+docs", "messages": CHAT}
+    )
+    assert status == 400 and body["error"]["code"] == "docs_unavailable"
