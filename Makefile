@@ -9,7 +9,7 @@ MODEL  ?= qwen2.5-coder-1.5b
 # the TUI and the bundled plugins: each its own small distribution, installed beside localai
 EXTRAS := tui $(wildcard plugins/*)
 
-.PHONY: run test lint bench install clean-venv
+.PHONY: run test test-deps lint bench install clean-venv
 
 install: $(STAMP)
 
@@ -30,7 +30,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: install lint
+# the TUI's end-to-end test drives a real terminal
+test-deps:
+	@command -v tmux >/dev/null || { echo "==> installing tmux (apt)"; \
+	  apt-get update -qq && apt-get install -y -qq tmux >/dev/null; }
+
+test: install lint test-deps
 	$(BIN)/python -m pytest -q
 
 bench: install
