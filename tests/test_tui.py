@@ -1,0 +1,195 @@
+"""The Textual TUI under Pilot against a real `localai serve` (SmolLM2) — chat, stop, commands,
+saved conversations, panes — and the daemon's errors shown as notifications, never tracebacks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from localai_tui.app import LocalaiApp
+from localai_tui.client import DaemonClient
+from localai_tui.store import Store
+from localai_tui.widgets import ChatMessage, HelpScreen, PickScreen, SourcesPane, editor_command
+
+pytestmark = pytest.mark.slow
+
+
+def make_app(daemon, tmp_path, url=None) -> LocalaiApp:
+    client = DaemonClient(url or daemon.url, daemon.token)
+    return LocalaiApp(client, Store(tmp_path / "conversations.db"), daemon.model)
+
+
+async def settle(pilot, app, tries: int = 600) -> None:
+    """Wait (bounded) until the app is not answering."""
+    for _ in range(tries):
+        await pilot.pause(0.1)
+        if not app.answering:
+            return
+    raise AssertionError("answer did not finish")
+
+
+async def send(pilot, app, text: str) -> None:
+    await pilot.click("#prompt")
+    app.query_one("#prompt").insert(text)
+    await pilot.press("enter")
+    await pilot.pause(0.1)
+
+
+def messages(app) -> list[tuple[str, str]]:
+    return [(m.role, m.text) for m in app.query(ChatMessage)]
+
+
+def test_chat_streams_an_answer_and_saves_it(daemon, tmp_path):
+    async def go():
+        app = make_app(daemon, tmp_path)
+        async with app.run_test() as pilot:  # 80×24: the smallest layout we promise
+            await send(pilot, app, "Say hello in one short sentence.")
+            assert app.answering
+            await settle(pilot, app)
+            (r1, q), (r2, a) = messages(app)
+            assert (r1, q, r2) == ("user", "Say hello in one short sentence.", "assistant")
+            assert a.strip() and app.last_stats["completion_tokens"] > 0
+            assert app.query_one("#prompt").text == ""  # cleared for the next message
+            for wid in ("#prompt", "#messages", "#side"):
+                assert app.query_one(wid).region.width > 0, wid
+            await pilot.pause(2.5)  # the memory pane refreshes every 2 s from the daemon
+            assert "smollm2" in str(app.query_one("#memory-text").render())
+        saved = app.store.load(app.store.recent()[0][0])
+        assert [t.role for t in saved.turns] == ["user", "assistant"]
+        assert saved.turns[1].content == a and saved.turns[1].stats["completion_tokens"] > 0
+
+    asyncio.run(go())
+
+
+def test_escape_stops_the_answer_and_frees_the_daemon(daemon, tmp_path):
+    async def go():
+        app = make_app(daemon, tmp_path)
+        async with app.run_test() as pilot:
+            await send(pilot, app, "Write a very long story about the sea, with many chapters.")
+            for _ in range(300):  # wait for the first words, then stop
+                await pilot.pause(0.1)
+                if app.query(ChatMessage).last().body.source.strip():
+                    break
+            await pilot.press("escape")
+            await settle(pilot, app)
+            shown = app.query(ChatMessage).last()
+            assert shown.text, "what was shown before Esc is kept"
+            assert "stopped" in str(shown.query(".meta").last().render())
+        h = daemon.wait_idle()  # the daemon stopped generating for the closed stream
+        assert not h["busy"]
+
+    asyncio.run(go())
+
+
+def test_commands_help_and_reopen(daemon, tmp_path):
+    async def go():
+        app = make_app(daemon, tmp_path)
+        async with app.run_test() as pilot:
+            await send(pilot, app, "/help")
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.press("escape")
+            await send(pilot, app, "/docs on")
+            assert app.docs and app.sub_title.endswith("+ docs")
+            await send(pilot, app, "/docs off")
+            await send(pilot, app, "/nonsense")  # a notification, not a crash
+            assert not isinstance(app.screen, HelpScreen)
+            await send(pilot, app, "/system You are terse.")
+            assert app.system == "You are terse." and app.conv is None
+            await send(pilot, app, "Name one colour.")
+            await settle(pilot, app)
+            first = messages(app)
+            assert len(first) == 2
+
+        app2 = make_app(daemon, tmp_path)
+        async with app2.run_test() as pilot:
+            await pilot.press("ctrl+o")
+            await pilot.pause(0.2)
+            assert isinstance(app2.screen, PickScreen)
+            await pilot.press("enter")
+            await pilot.pause(0.5)
+            assert messages(app2) == first and app2.system == "You are terse."
+
+    asyncio.run(go())
+
+
+def test_unreachable_daemon_is_a_notification(daemon, tmp_path):
+    async def go():
+        app = make_app(daemon, tmp_path, url="http://127.0.0.1:9")  # nothing listens on port 9
+        async with app.run_test(notifications=True) as pilot:
+            await send(pilot, app, "hello")
+            await settle(pilot, app)
+            assert any("not answering" in n.message or "lost" in n.message
+                       for n in app._notifications)  # fmt: skip
+            assert app.is_running
+
+    asyncio.run(go())
+
+
+def test_sources_pane_shows_passages_and_verification(tmp_path, daemon):
+    doc = tmp_path / "notes.md"
+    doc.write_text("# Notes\n\nThe boiler pressure must stay below 2 bar.\n")
+    cites = [
+        {"path": str(doc), "start_line": 3, "end_line": 3, "verified": True,
+         "quote": "The boiler pressure must stay below 2 bar."},
+        {"path": str(doc), "start_line": 9, "end_line": 9, "verified": False, "quote": "gone"},
+    ]  # fmt: skip
+
+    async def go():
+        app = make_app(daemon, tmp_path)
+        async with app.run_test(size=(120, 40)) as pilot:
+            pane = app.query_one(SourcesPane)
+            pane.show(cites)
+            await pilot.pause(0.2)
+            assert pane.selected()["start_line"] == 3
+            assert "below 2 bar" in pane.query_one("#passage").source
+            pane.show_passage(1)
+            assert "Not verified" in pane.query_one("#passage").source
+
+    asyncio.run(go())
+    assert editor_command("vim -u NONE", doc, 3) == ["vim", "-u", "NONE", "+3", str(doc)]
+
+
+def test_end_to_end_in_a_real_terminal(daemon, tmp_path):
+    """tmux runs `localai-tui` against the daemon: type a question, read the answer off screen."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    assert shutil.which("tmux"), "tmux is installed by `make test`"
+    tui = str(Path(sys.executable).with_name("localai-tui"))
+    env = {
+        "LOCALAI_HOME": str(daemon.home),
+        "LOCALAI_PORT": str(daemon.port),
+        "TERM": "xterm-256color",
+    }
+    session = f"localai-e2e-{os.getpid()}"
+    cmd = " ".join(f"{k}={v}" for k, v in env.items()) + f" {tui}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "100", "-y", "30", cmd],
+                   check=True)  # fmt: skip
+
+    def screen() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                              capture_output=True, text=True).stdout  # fmt: skip
+
+    def wait_for(words: str, seconds: float = 120) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            text = screen()
+            if words in text:
+                return text
+            time.sleep(0.3)
+        raise AssertionError(f"{words!r} never appeared:\n{screen()}")
+
+    try:
+        wait_for("Sources")
+        subprocess.run(["tmux", "send-keys", "-t", session, "Say hello in five words.", "Enter"],
+                       check=True)  # fmt: skip
+        text = wait_for("tok/s")
+        assert "Say hello in five words." in text and "localai" in text
+        assert "Traceback" not in text
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-q"], check=True)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
