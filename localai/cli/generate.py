@@ -81,11 +81,20 @@ def _daemon_for(ctx, model):
 @main.command("chat")
 @engine_options
 @sampling_options
+@click.option("--plain", is_flag=True, help="The plain line chat instead of the TUI.")
 @click.pass_context
 @user_errors
 def chat_cmd(ctx, model, engine, context_length, threads, type_k, type_v, system,
-             temperature, top_p, top_k, seed, max_tokens, stop):  # fmt: skip
-    """Interactive streaming chat with history (/help for commands)."""
+             temperature, top_p, top_k, seed, max_tokens, stop, plain):  # fmt: skip
+    """Chat: the TUI at a terminal (a client of the daemon, started if needed); the plain
+    streaming line chat with --plain or when input is piped (/help for commands)."""
+    if not plain and sys.stdin.isatty() and sys.stdout.isatty() and _has_tui():
+        from localai_tui.app import run as run_tui
+
+        flags = {"--engine": engine, "--ctx": context_length, "--threads": threads,
+                 "--type-k": type_k, "--type-v": type_v}  # fmt: skip
+        serve_args = [str(x) for k, v in flags.items() if v is not None for x in (k, v)]
+        return run_tui(settings_of(ctx), model, system or "", serve_args)
     from ..repl import chat_loop
 
     params = SamplingParams(temperature, top_p, top_k, seed=seed, max_tokens=max_tokens,
@@ -95,3 +104,9 @@ def chat_cmd(ctx, model, engine, context_length, threads, type_k, type_v, system
         chat_loop(eng, params, system, err)
     finally:
         eng.close()
+
+
+def _has_tui() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("localai_tui") is not None

@@ -316,12 +316,13 @@ def main(argv: list[str] | None = None) -> None:
     run(load_settings(a.home), a.model, a.system)
 
 
-def run(settings, model: str | None = None, system: str = "") -> None:
+def run(settings, model: str | None = None, system: str = "", serve_args=()) -> None:
+    """Connect to (or start, with `serve_args`) the daemon, then run the app until quit."""
     from .connect import find_or_start
 
     print("connecting to the localai daemon (starting one if needed)")
     try:
-        ep = find_or_start(settings, model)
+        ep = find_or_start(settings, model, list(serve_args))
     except RuntimeError as e:
         raise SystemExit(f"localai: {e}") from None
     client = DaemonClient(ep.url, ep.token)

@@ -40,7 +40,10 @@ def _health(url: str) -> dict | None:
         return None
 
 
-def find_or_start(settings: Settings, model: str | None = None, wait_s: float = 600) -> Endpoint:
+def find_or_start(
+    settings: Settings, model: str | None = None, serve_args: list[str] | None = None,
+    wait_s: float = 600,
+) -> Endpoint:  # fmt: skip
     url = f"http://{settings.host}:{settings.port}"
     health = _health(url)
     if health is None:
@@ -50,6 +53,7 @@ def find_or_start(settings: Settings, model: str | None = None, wait_s: float = 
                "--host", settings.host, "--port", str(settings.port)]  # fmt: skip
         if model:
             cmd += ["--model", model]
+        cmd += serve_args or []
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                     start_new_session=True)  # fmt: skip

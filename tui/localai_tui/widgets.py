@@ -99,6 +99,7 @@ class SourcesPane(Vertical):
     def show(self, citations: list[dict]) -> None:
         self.citations = citations
         opts = self.query_one("#citations", OptionList)
+        opts.display = bool(citations)  # an empty list box would only take room
         opts.clear_options()
         for i, c in enumerate(citations, 1):
             mark = "✓" if c.get("verified") else "✗ unverified"
