@@ -115,6 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/localai-bench/nfcorpus"))
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--refeed", action="store_true", help="rewrite FTS rows from the files first")
     args = ap.parse_args()
     ids = write_corpus(args.work / "docs", args.limit)
     models = Path(os.environ.get("LOCALAI_MODELS", Path.home() / ".cache/localai-test/models"))
@@ -127,6 +128,8 @@ def main() -> None:
     ix = Index.open(settings, embedder=emb)
     ix.add_source(args.work / "docs")
     st = ix.update()
+    if args.refeed:
+        ix.refeed_fts()
     if emb.seen:  # kept for bench/index_vectors.py
         texts = list(emb.seen)
         np.save(args.work / "chunk_vectors.npy", np.stack([emb.seen[t] for t in texts]))

@@ -22,6 +22,13 @@ STOPWORDS = frozenset(_STOP.split())
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
+def fts_text(text: str) -> str:
+    """What the FTS index receives for a chunk: its words without stopwords. The table is
+    contentless, so this costs nothing at read time; measured on NFCorpus it keeps BM25's
+    nDCG@10 (0.3227 vs 0.3251, within noise) with 22% fewer FTS bytes (bench/index_fts.py)."""
+    return " ".join(w for w in _WORD.findall(text) if w.lower() not in STOPWORDS)
+
+
 def fts_query(text: str) -> str | None:
     """A plain-language query → an FTS5 MATCH expression (any word), or None if it has none."""
     words = [w.lower() for w in _WORD.findall(text)]

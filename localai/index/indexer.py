@@ -27,6 +27,7 @@ import sqlite_utils
 
 from . import store
 from .chunker import Chunk, Counter, chunk
+from .fusion import fts_text
 from .loaders import Unreadable, loader_for
 from .vectors import Codec
 from .walk import Found, Skipped, walk
@@ -208,7 +209,7 @@ class Indexer:
                 (i, c.start_byte, c.end_byte, c.start_line, c.end_line, c.hash, p.codes[i])
                 for i, c in enumerate(p.chunks)
             ]
-            store.insert_chunks(self.db, file_id, rows, [c.text for c in p.chunks])
+            store.insert_chunks(self.db, file_id, rows, [fts_text(c.text) for c in p.chunks])
             store.bump_generation(self.db)
 
     def _write_skip(self, found: Found, file_id: int | None, sha: str, reason: str) -> None:

@@ -184,9 +184,19 @@ def load_rst(data: bytes, path: Path) -> list[Block]:
     return out
 
 
+MAX_LINE_CHARS = 5000
+
+
 def load_code(data: bytes, path: Path) -> list[Block]:
-    """Source code: blank-line separated blocks (functions, classes, comment groups)."""
-    return paragraphs(decode(data), kind="code")
+    """Source code: blank-line separated blocks (functions, classes, comment groups).
+
+    Minified or generated code (a search index, a bundle) is one enormous line that no one
+    reads and that would flood results with noise: skipped with a reason."""
+    text = decode(data)
+    longest = max((len(line) for line in text.splitlines()), default=0)
+    if longest > MAX_LINE_CHARS:
+        raise Unreadable(f"minified or generated code (a line of {longest:,} characters)")
+    return paragraphs(text, kind="code")
 
 
 def load_data(data: bytes, path: Path) -> list[Block]:

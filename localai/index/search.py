@@ -38,7 +38,7 @@ from ..config import Settings
 from ..governor import Governor
 from . import store
 from .chunker import chunk
-from .fusion import fts_query, rrf, to_files
+from .fusion import fts_query, fts_text, rrf, to_files
 from .indexer import Indexer, Progress, RunStats
 from .loaders import Unreadable, loader_for
 from .vectors import DEFAULT_CODEC, VectorSet, codec
@@ -207,6 +207,27 @@ class Index:
             stats.removed += removed
             stats.files, stats.chunks = self.stats()["files"], self.stats()["chunks"]
         return stats
+
+    def refeed_fts(self) -> int:
+        """Rewrite every chunk's FTS row from its file (after a change to what FTS is fed);
+        chunks whose file changed are left for the next update. Returns chunks rewritten."""
+        n = 0
+        files = self.db.execute("SELECT id, path FROM files WHERE skip_reason IS NULL").fetchall()
+        for fid, path in files:
+            got = self._rechunk(Path(path))
+            if isinstance(got, str):
+                continue
+            by_hash = {c.hash: c.text for c in got[1]}
+            rows = self.db.execute("SELECT id, hash FROM chunks WHERE file_id = ?", [fid])
+            pairs = [(cid, by_hash[h]) for cid, h in rows.fetchall() if h in by_hash]
+            with self._lock, store.transaction(self.db):
+                for cid, text in pairs:
+                    self.db.execute("DELETE FROM fts WHERE rowid = ?", [cid])
+                    self.db.execute(
+                        "INSERT INTO fts (rowid, text) VALUES (?, ?)", [cid, fts_text(text)]
+                    )
+            n += len(pairs)
+        return n
 
     def check(self) -> list[str]:
         with self._lock:

@@ -79,10 +79,32 @@ class Int4(Codec):
         return q * scale
 
 
+class Bin1(Codec):
+    """One bit per dimension after a fixed random rotation (seed 0): 48 bytes. The rotation
+    spreads MiniLM's few large components over all dimensions, so signs keep more of the angle;
+    decoding gives the rotated-back sign vector, scored against the float query."""
+
+    @staticmethod
+    def _rotation() -> np.ndarray:
+        rng = np.random.default_rng(0)
+        q, r = np.linalg.qr(rng.standard_normal((DIM, DIM)))
+        return (q * np.sign(np.diag(r))).astype(np.float32)  # (384, 384) orthogonal
+
+    def encode(self, vecs):
+        return np.packbits(vecs @ _ROT > 0, axis=1)  # (N, 48)
+
+    def decode(self, codes):
+        bits = np.unpackbits(np.ascontiguousarray(codes), axis=1)[:, :DIM].astype(np.float32)
+        return ((bits * 2 - 1) / np.sqrt(DIM)) @ _ROT.T
+
+
+_ROT = Bin1._rotation()
+
 CODECS: dict[str, Codec] = {
     "f32": Float32("f32", DIM * 4),
     "int8": Int8("int8", DIM),
     "int4": Int4("int4", DIM // 2 + 2),
+    "bin1": Bin1("bin1", DIM // 8),
 }
 DEFAULT_CODEC = "int8"
 
@@ -94,13 +116,20 @@ def codec(name: str) -> Codec:
 
 
 class VectorSet:
-    """All codes of an index in RAM with their chunk ids; top-k by approximate cosine."""
+    """All vectors of an index in RAM with their chunk ids; top-k by (approximate) cosine.
+
+    Codes are decoded once, at load, into a float32 matrix: one BLAS matrix-vector product per
+    query then scans 100k chunks in a few milliseconds, whatever the codec. RAM is 1.5 KB per
+    chunk (150 MB at 100k), reported to the governor; the disk keeps only the compact codes."""
 
     BLOCK = 16384
 
     def __init__(self, c: Codec, ids: np.ndarray, codes: np.ndarray):
         assert codes.shape == (len(ids), c.nbytes), (codes.shape, len(ids), c.nbytes)
-        self.codec, self.ids, self.codes = c, ids, codes
+        self.codec, self.ids = c, ids
+        self.mat = np.empty((len(ids), DIM), dtype=np.float32)  # (N, 384)
+        for s in range(0, len(ids), self.BLOCK):
+            self.mat[s : s + self.BLOCK] = c.decode(codes[s : s + self.BLOCK])
 
     @classmethod
     def from_rows(cls, c: Codec, rows: list[tuple[int, bytes]]) -> VectorSet:
@@ -111,17 +140,14 @@ class VectorSet:
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.ids.nbytes
+        return self.mat.nbytes + self.ids.nbytes
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(chunk ids, scores) of the k best codes for one (384,) query, best first."""
+        """(chunk ids, scores) of the k best vectors for one (384,) query, best first."""
         n = len(self.ids)
         if n == 0 or k <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        scores = np.empty(n, dtype=np.float32)
-        q = query.astype(np.float32)
-        for s in range(0, n, self.BLOCK):
-            scores[s : s + self.BLOCK] = self.codec.decode(self.codes[s : s + self.BLOCK]) @ q
+        scores = self.mat @ query.astype(np.float32)  # (N,)
         k = min(k, n)
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
