@@ -9,7 +9,7 @@ MODEL  ?= qwen2.5-coder-1.5b
 # the TUI and the bundled plugins: each its own small distribution, installed beside localai
 EXTRAS := tui $(wildcard plugins/*)
 
-.PHONY: run test test-deps lint bench install clean-venv
+.PHONY: run test test-deps lint bench bench-index install clean-venv
 
 install: $(STAMP)
 
@@ -38,8 +38,19 @@ test-deps:
 test: install lint test-deps
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install bench-index
 	$(BIN)/python bench/decode.py
+
+# The document index (numbers in BENCHMARKS.md). python3-doc comes from apt (as root); NFCorpus is
+# read from ../shared/evals at run time, never copied into the repository.
+bench-index: install
+	@test -d /usr/share/doc/python3-doc/html || { echo "==> installing python3-doc (apt)"; \
+	  apt-get update -qq && apt-get install -y -qq python3-doc >/dev/null; }
+	$(BIN)/python bench/index_fts.py
+	$(BIN)/python bench/index_nfcorpus.py
+	$(BIN)/python bench/index_vectors.py
+	$(BIN)/python bench/index_scale.py
+	$(BIN)/python bench/index_pydoc.py
 
 clean-venv:
 	rm -rf $(VENV)

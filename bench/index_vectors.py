@@ -102,6 +102,13 @@ def main() -> None:
     x = np.load(args.work / "chunk_vectors.npy").astype(np.float32)
     qs = np.load(args.work / "query_vectors.npy").astype(np.float32)
     tb = args.text_bytes_per_chunk
+    if tb is None and (args.work / "home" / "index.db").exists():  # the index_nfcorpus run's
+        import pysqlite3.dbapi2 as sqlite3
+
+        db = sqlite3.connect(str(args.work / "home" / "index.db"))
+        text = db.execute("SELECT sum(text_bytes) FROM files").fetchone()[0]
+        tb = text / db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        db.close()
     exact = exact_top(x, qs, 10)
     ids = np.arange(len(x), dtype=np.int64)
     rows = {}
