@@ -48,8 +48,24 @@ def register(name: str, loader: Loader, suffixes=(), filenames=()) -> None:
         _BY_NAME[f] = (name, loader)
 
 
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    """Plugin loaders (hook `localai_register_loaders`) join the registry on first use; a
+    broken plugin is recorded by the plugin manager and skipped."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from .. import plugins
+
+    plugins.get().call_each("localai_register_loaders", register=register)
+
+
 def loader_for(path: Path, head: bytes) -> tuple[str, Loader] | None:
     """The loader for `path`; unknown suffixes are read as plain text if `head` looks textual."""
+    _load_plugins()
     found = _BY_NAME.get(path.name) or _BY_SUFFIX.get(path.suffix.lower())
     if found:
         return found
