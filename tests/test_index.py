@@ -64,6 +64,7 @@ def index(home, embedder):
 
 
 def test_index_search_and_read_back(index, docs):
+    assert index.search("anything at all", k=5) == []  # an empty index answers, it does not fail
     index.add_source(docs)
     st = index.update()
     assert st.files == 5 and st.chunks >= 6 and st.embedded == st.chunks
@@ -82,6 +83,7 @@ def test_index_search_and_read_back(index, docs):
     assert index.search("astronomy and distant suns", k=1, mode="vector")[0].path.endswith(
         "long.md"
     )
+    assert index.search("?!", k=3, mode="bm25") == []  # no words: no BM25 query, no error
     files = index.search("yeast", k=10, unit="file")
     assert len({h.path for h in files}) == len(files)
     with pytest.raises(IndexError_):
@@ -95,6 +97,7 @@ def test_incremental_reindex_embeds_only_what_changed(index, docs):
     noop = index.update()
     assert (noop.changed, noop.embedded, noop.removed) == (0, 0, 0)
     assert noop.unchanged == first.changed + 2  # the two skipped files are remembered too
+    assert noop.seconds < 0.05 * first.seconds  # same run, same machine: a ratio, not a clock
     long_md = docs / "long.md"
     before = index.stats()["chunks"]
     text = long_md.read_text().replace("parallax over a year", "parallax over six months")
