@@ -56,11 +56,16 @@ class Daemon:
             conn.close()
 
     def generate(
-        self, messages: list[Message] | None, prompt: str | None, params: SamplingParams
+        self,
+        messages: list[Message] | None,
+        prompt: str | None,
+        params: SamplingParams,
+        docs: dict | None = None,
     ) -> Iterator[Delta | Done]:
         """Stream a chat turn (`messages`) or a raw completion (`prompt`) as engine events;
-        errors the server reports (e.g. context overflow) are raised as EngineError."""
-        body: dict = {"model": self.model, "stream": True, "stats": True,
+        errors the server reports (e.g. context overflow) are raised as EngineError. With
+        `docs` ({"k", "source"}) the answer comes from the documents and ends in a CitedDone."""
+        body: dict = {"model": self.model, "stream": True, "stats": True, "docs": docs,
                       "temperature": params.temperature, "top_p": params.top_p,
                       "top_k": params.top_k, "min_p": params.min_p, "seed": params.seed,
                       "max_tokens": params.max_tokens, "stop": params.stop,
@@ -108,6 +113,14 @@ def _events(resp) -> Iterator[Delta | Done]:
             yield Delta(piece)
         if choice.get("finish_reason") is not None:
             stats = GenerationStats(**obj.get("stats", {}))
-            yield Done("".join(text), stats)
+            if "citations" not in obj:
+                yield Done("".join(text), stats)
+                return
+            from .rag.answer import CitedDone
+            from .rag.cite import Citation
+
+            cits = [Citation(**c) for c in obj["citations"]]
+            # the Sources list arrives as the last delta, after the model's own text
+            yield CitedDone("".join(text), stats, cits, obj.get("sources", {}), "".join(text[:-1]))
             return
     raise EngineError("the daemon closed the stream before the answer ended")

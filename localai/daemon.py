@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -91,18 +92,15 @@ def serve(
     sock = bind(host, port)
     try:
         token = ensure_token(settings.home) if auth else None
-        engine = open_engine(
-            settings,
-            model,
-            progress=progress,
-            log=log,
-            governor=Governor(settings.ram_budget_bytes),
-        )
+        governor = Governor(settings.ram_budget_bytes)
+        engine = open_engine(settings, model, progress=progress, log=log, governor=governor)
     except BaseException:
         sock.close()
         raise
     state = ServerState(engine, settings.embed_model, _embedder_loader(settings))
+    state.governor = governor
     state.model_meta[engine.name] = _model_meta(settings, engine.info())
+    watcher = _open_docs(state, settings, governor, log)
     app = build_app(state, token)
     config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="off",
                             timeout_graceful_shutdown=5)  # fmt: skip
@@ -114,6 +112,66 @@ def serve(
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
+        if watcher is not None:
+            watcher.stop()
         state.slot.close()
+        if state.index is not None:
+            state.index.close()
         engine.close()
         sock.close()
+
+
+def _open_docs(state: ServerState, settings: Settings, governor: Governor, log):
+    """Open the index, the RAG answerer and the watcher; without them the API still serves."""
+    try:
+        from .index.search import Index
+        from .rag.answer import Answerer
+
+        index = Index.open(settings, governor=governor)
+    except Exception as e:  # noqa: BLE001  (a broken index must not take the API down)
+        state.rag_missing = f"the document index could not be opened: {e}"
+        log(f"[yellow]{state.rag_missing}[/yellow]")
+        return None
+    state.index = index
+    state.load_embedder = lambda: index.embedder  # one MiniLM for the index and /v1/embeddings
+    state.rag = Answerer(index, state.engine)
+    watcher = Watcher(index, log)
+    state.on_source_added = lambda _path: watcher.restart()
+    watcher.start()
+    return watcher
+
+
+class Watcher:
+    """Catches the index up with every source, then follows file changes, on one thread.
+    A new source restarts it (the file watcher only follows the roots it started with)."""
+
+    def __init__(self, index, log):
+        self.index, self.log = index, log
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._stop,), daemon=True,
+                                        name="index-watcher")  # fmt: skip
+        self._thread.start()
+
+    def _run(self, stop: threading.Event) -> None:
+        try:
+            if self.index.sources():
+                st = self.index.update()
+                self.log(f"index up to date: {st.files:,} files, {st.chunks:,} passages")
+            self.index.watch(stop, on_update=lambda st: None)
+        except Exception as e:  # noqa: BLE001  (logged; the API keeps serving)
+            self.log(f"[yellow]index watcher stopped: {e}[/yellow]")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def restart(self) -> None:
+        with self._lock:
+            self.stop()
+            self.start()

@@ -80,9 +80,12 @@ def embedder(models_dir):
 
 @pytest.fixture(scope="session")
 def daemon(models_dir, tmp_path_factory):
-    """One real `localai serve` (SmolLM2, ctx 1024) on a free loopback port for the session."""
-    from daemon_helpers import start_daemon
+    """One real `localai serve` (SmolLM2, ctx 1024, a small indexed folder) on a free loopback
+    port for the session."""
+    from daemon_helpers import start_daemon, write_docs
 
     Catalog(models_dir).ensure(EMBED_MODEL, log=lambda m: print(m, file=sys.stderr))
-    with start_daemon(tmp_path_factory.mktemp("daemon") / "home", models_dir, TEST_MODEL) as d:
+    root = tmp_path_factory.mktemp("daemon")
+    docs = write_docs(root / "docs")
+    with start_daemon(root / "home", models_dir, TEST_MODEL, docs=docs) as d:
         yield d

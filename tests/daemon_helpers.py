@@ -36,6 +36,7 @@ class Daemon:
     token: str
     model: str
     log: Path
+    docs: Path | None = None
 
     @property
     def url(self) -> str:
@@ -90,9 +91,26 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: Path, tries: int = 1200) 
     raise RuntimeError(f"localai serve did not become ready:\n{log.read_text()}")
 
 
+DOCS = {
+    "lighthouse.md": "# The Brightwater lighthouse\n\nThe Brightwater lighthouse stands on the "
+    "north cape of Kelby Island.\nIt was built in 1871 by the engineer Maren Holt.\nIts lamp "
+    "can be seen from 22 nautical miles away.\n",
+    "garden.txt": "Tomatoes need at least six hours of direct sun each day.\nWater them deeply "
+    "twice a week rather than a little every day.\n",
+}
+
+
+def write_docs(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in DOCS.items():
+        (root / name).write_text(text)
+    return root
+
+
 @contextmanager
-def start_daemon(home: Path, models_dir: Path, model: str, *args: str):
-    """Run `localai serve` until the block ends; the process is always killed at the end."""
+def start_daemon(home: Path, models_dir: Path, model: str, *args: str, docs: Path | None = None):
+    """Run `localai serve` until the block ends; the process is always killed at the end.
+    With `docs`, that folder is indexed first (the daemon's watcher then follows it)."""
     port = free_port()
     env = dict(os.environ, LOCALAI_HOME=str(home), LOCALAI_MODELS=str(models_dir))
     for var in ("LOCALAI_MODEL", "LOCALAI_ENGINE", "LOCALAI_CONTEXT_LENGTH", "LOCALAI_HOST",
@@ -100,6 +118,10 @@ def start_daemon(home: Path, models_dir: Path, model: str, *args: str):
         env.pop(var, None)
     log = home / "serve.log"
     home.mkdir(parents=True, exist_ok=True)
+    if docs is not None:
+        r = subprocess.run([sys.executable, "-m", "localai", "index", str(docs)], env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr
     cmd = [sys.executable, "-m", "localai", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--model", model, "--ctx", str(TEST_CTX), "--threads", "2", *args]  # fmt: skip
     with open(log, "w") as out:
@@ -107,7 +129,7 @@ def start_daemon(home: Path, models_dir: Path, model: str, *args: str):
     try:
         _wait_ready(proc, f"http://127.0.0.1:{port}", log)
         token = (home / "token").read_text().strip() if "--no-auth" not in args else ""
-        yield Daemon(proc, "127.0.0.1", port, home, token, model, log)
+        yield Daemon(proc, "127.0.0.1", port, home, token, model, log, docs)
     finally:
         proc.terminate()
         try:

@@ -47,6 +47,23 @@ def test_run_uses_the_daemon_when_one_is_up(daemon):
     assert over.returncode == 1 and "model context is 1,024" in over.stderr
 
 
-def test_ask_says_what_is_missing(home):
-    r = localai("ask", "What is in my notes?")
-    assert r.returncode == 1 and "Error:" in r.stderr and "Traceback" not in r.stderr
+def test_ask_without_documents_says_so(home):
+    r = localai("ask", "What is in my notes?", "--model", TEST_MODEL, "--no-daemon")
+    assert r.returncode == 1 and "no documents are indexed" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_ask_through_the_daemon(daemon):
+    env = dict(os.environ, LOCALAI_HOME=str(daemon.home), LOCALAI_HOST=daemon.host,
+               LOCALAI_PORT=str(daemon.port))  # fmt: skip
+    q = "Who built the Brightwater lighthouse, and when?"
+    r = localai("ask", q, "--json", "-k", "2", "-t", "0", "--max-tokens", "48", env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["answer"] and "Sources:" not in out["answer"]
+    assert out["stats"]["sources"]["used"] >= 1 and out["stats"]["completion_tokens"] > 0
+    for c in out["citations"]:
+        assert c.keys() >= {"path", "start_line", "end_line", "quote", "verified"}
+    text = localai("ask", q, "-t", "0", "--max-tokens", "48", "--source", str(daemon.docs),
+                   env=env)  # fmt: skip
+    assert text.returncode == 0 and "Sources:" in text.stdout

@@ -74,3 +74,13 @@ def test_errors_use_ollama_shape(client, daemon):
         "POST", "/api/generate", {"model": TEST_MODEL, "prompt": "x", "suffix": "y"}
     )
     assert status == 400 and "fill-in-the-middle" in body["error"]
+
+
+def test_chat_from_documents(client, daemon):
+    msgs = [{"role": "user", "content": "How much sun do tomatoes need?"}]
+    r = client.chat(model=TEST_MODEL + "+docs", messages=msgs, stream=False,
+                    options={"num_predict": 32, "temperature": 0})  # fmt: skip
+    assert "Sources:" in r.message.content
+    raw = daemon.request("POST", "/api/chat", {"model": TEST_MODEL + "+docs", "messages": msgs,
+                         "stream": False, "options": {"num_predict": 8}})[1]  # fmt: skip
+    assert isinstance(raw["citations"], list) and raw["sources"]["used"] >= 1

@@ -147,8 +147,36 @@ def test_embeddings_float_and_base64(client, daemon, embedder):
     np.testing.assert_allclose(vec, got[1], atol=1e-6)
 
 
-def test_docs_alias_says_what_is_missing(daemon):
-    status, body = daemon.request(
-        "POST", "/v1/chat/completions", {"model": TEST_MODEL + "+docs", "messages": CHAT}
+LIGHTHOUSE = [{"role": "user", "content": "Who built the Brightwater lighthouse, and when?"}]
+
+
+def test_answer_from_documents_with_checked_citations(client, daemon):
+    ids = [m.id for m in client.models.list()]
+    assert TEST_MODEL + "+docs" in ids
+    raw = client.chat.completions.with_raw_response.create(
+        model=TEST_MODEL + "+docs", messages=LIGHTHOUSE, max_tokens=48, temperature=0
     )
-    assert status == 400 and body["error"]["code"] == "docs_unavailable"
+    r, body = raw.parse(), raw.http_response.json()
+    check("CreateChatCompletionResponse", body)
+    assert "\n\nSources:\n" in r.choices[0].message.content
+    assert body["sources"]["used"] >= 1 and body["sources"]["dropped_stale"] == 0
+    for c in body["citations"]:
+        assert c.keys() >= {"path", "start_line", "end_line", "quote", "verified"}
+        if c["verified"]:
+            assert c["quote"] in (daemon.docs / c["path"].rsplit("/", 1)[1]).read_text()
+            assert c["path"].startswith(str(daemon.docs))
+    if not body["citations"]:  # a 135M model may cite nothing; then the list says so
+        assert "cites none of the passages" in r.choices[0].message.content
+
+
+def test_answer_from_documents_streams_citations_last(daemon):
+    events = sse(daemon, "/v1/chat/completions",
+                 {"model": TEST_MODEL, "docs": {"k": 2, "source": str(daemon.docs)},
+                  "messages": LIGHTHOUSE, "max_tokens": 24, "stream": True})  # fmt: skip
+    assert events[-1] == "[DONE]"
+    for c in events[:-1]:
+        check("CreateChatCompletionStreamResponse", c)
+    last = events[-2]
+    assert last["choices"][0]["finish_reason"] and "citations" in last and "sources" in last
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in events[:-1])
+    assert "Sources:" in text

@@ -169,7 +169,7 @@ def test_fuzz_run_finds_no_server_error(models_dir, tmp_path):
     with start_daemon(tmp_path / "home", models_dir, TEST_MODEL, "--ctx", "256") as d:
         cmd = [st, "run", d.url + "/openapi.json", "-H", f"Authorization: Bearer {d.token}",
                "--checks", "not_a_server_error", "--max-examples", "5", "--workers", "1",
-               "--max-time", "60", "--seed", "7", "--generation-database", "none",
+               "--max-time", "40", "--seed", "7", "--generation-database", "none",
                "--request-timeout", "120", "--no-color",
                "--phases", "coverage,fuzzing"]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path,

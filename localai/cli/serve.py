@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import click
 
+from ..engine import Message
+from ..runtime import open_engine
 from ..server.auth import ensure_token
 from .app import engine_options, log, main, progress_bars, settings_of, user_errors
 
@@ -39,13 +45,70 @@ def serve(ctx, host, port, model, engine, context_length, threads, type_k, type_
 @main.command()
 @click.argument("question")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("-k", type=int, default=8, show_default=True, help="Passages to retrieve.")
-@click.option("--source", help="Only search documents under this path.")
+@click.option("-k", type=click.IntRange(1, 50), default=8, show_default=True,
+              help="Passages to retrieve.")  # fmt: skip
+@click.option("--source", type=click.Path(exists=True), help="Only use documents under PATH.")
+@click.option("-m", "--model", help="Chat model (default: the daemon's, or settings).")
+@click.option("-t", "--temperature", type=float, default=0.2, show_default=True)
+@click.option("--seed", type=int)
+@click.option("--max-tokens", type=int, default=512, show_default=True)
+@click.option("--no-daemon", is_flag=True, help="Load the model here even if a daemon runs.")
 @click.pass_context
 @user_errors
-def ask(ctx, question, as_json, k, source):
-    """Answer QUESTION from your indexed documents, with checked citations."""
-    raise click.ClickException(
-        "`localai ask` is not built yet: it needs the document index, which is still being "
-        "built. `localai run` answers without your documents."
-    )
+def ask(ctx, question, as_json, k, source, model, temperature, seed, max_tokens, no_daemon):
+    """Answer QUESTION from your indexed documents, with citations checked against the files."""
+    from ..engine import Delta, Done, SamplingParams
+
+    params = SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens)
+    source = str(Path(source).absolute()) if source else None
+    from ..index.search import IndexError_
+    from ..rag.answer import NoQuestion
+
+    events, close = _ask_events(ctx, question, params, k, source, model, no_daemon)
+    try:
+        for ev in _user_facing(events, (NoQuestion, IndexError_)):
+            if isinstance(ev, Delta) and not as_json:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+            elif isinstance(ev, Done) and as_json:
+                stats = ev.stats.as_dict() | {"sources": ev.sources}
+                cits = [c.as_dict() for c in ev.citations]
+                click.echo(json.dumps({"answer": ev.answer, "citations": cits, "stats": stats}))
+            elif isinstance(ev, Done):
+                sys.stdout.write("\n")
+    finally:
+        events.close()
+        close()
+
+
+def _user_facing(events, errors):
+    """`events`, with the RAG pipeline's refusals turned into one-line CLI errors."""
+    try:
+        yield from events
+    except errors as e:
+        raise click.ClickException(str(e)) from e
+
+
+def _ask_events(ctx, question, params, k, source, model, no_daemon):
+    """(events, close): through the daemon when it runs, else in-process."""
+    from ..client import Daemon
+
+    s = settings_of(ctx, model=model)
+    d = None if no_daemon else Daemon.find(s)
+    if d is not None and model in (None, d.model):
+        docs = {"k": k} | ({"source": source} if source else {})
+        msgs = [Message("user", question)]
+        return d.generate(msgs, None, params, docs=docs), lambda: None
+    from ..index.search import Index
+    from ..rag.answer import Answerer
+    from ..rag.answer import ask as ask_local
+
+    index = Index.open(s)
+    with progress_bars() as bars:
+        engine = open_engine(s, progress=bars, log=log)
+
+    def close():
+        engine.close()
+        index.close()
+
+    return ask_local(Answerer(index, engine), question, params, k, source), close

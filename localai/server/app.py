@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from . import ollama, openai
+from . import native, ollama, openai
 from .auth import BearerAuth
 from .errors import APIError, render
 from .openapi import openapi_document
@@ -112,6 +112,9 @@ ROUTES = [
     Route("/api/ps", ollama.ps, methods=["GET"]),
     Route("/api/show", ollama.show, methods=["POST"]),
     Route("/api/version", ollama.version, methods=["GET"]),
+    Route("/localai/status", native.status, methods=["GET"]),
+    Route("/localai/index", native.index_status, methods=["GET"]),
+    Route("/localai/index", native.add_source, methods=["POST"]),
 ] + [
     Route(f"/api/{verb}", ollama.unsupported_model_route, methods=["POST", "DELETE"])
     for verb in ("pull", "push", "create", "copy", "delete")

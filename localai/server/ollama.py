@@ -19,7 +19,7 @@ from ..engine import Delta, Done, Message
 from . import params as P
 from .errors import APIError, bad_request, model_not_found
 from .openai import embed_texts
-from .rag_bridge import answer_with_docs
+from .rag_bridge import citations_of, docs_events
 from .schemas import (
     OLLAMA_CHAT,
     OLLAMA_EMBED,
@@ -75,7 +75,7 @@ async def _respond(request, state: ServerState, events, stream: bool, piece) -> 
         if isinstance(ev, Delta):
             return [base | {"created_at": _now()} | piece(ev.text) | {"done": False}]
         if isinstance(ev, Done):
-            return [base | {"created_at": _now()} | piece("") | _done_fields(ev)]
+            return [base | {"created_at": _now()} | piece("") | _done_fields(ev) | citations_of(ev)]
         return []
 
     if stream:
@@ -84,7 +84,8 @@ async def _respond(request, state: ServerState, events, stream: bool, piece) -> 
     done = await collect(request, events)
     if done is None:
         return Response(status_code=499)
-    return JSONResponse(base | {"created_at": _now()} | piece(done.text) | _done_fields(done))
+    final = piece(done.text) | _done_fields(done) | citations_of(done)
+    return JSONResponse(base | {"created_at": _now()} | final)
 
 
 def _loaded(state: ServerState, piece: dict) -> Response:
@@ -103,9 +104,10 @@ async def chat(request: Request) -> Response:
     params = _sampling(body)
     stream = body.get("stream") is not False
     if target.docs:
-        return await answer_with_docs(request, state, msgs, params, body, dialect="ollama")
-    tokens = P.prompt_tokens(state.engine, P.chat_prompt(state.engine, msgs), params)
-    events = state.slot.stream(lambda cancel: state.engine.generate(tokens, params, cancel))
+        events = await docs_events(state, msgs, params, body)
+    else:
+        tokens = P.prompt_tokens(state.engine, P.chat_prompt(state.engine, msgs), params)
+        events = state.slot.stream(lambda cancel: state.engine.generate(tokens, params, cancel))
 
     def piece(text: str) -> dict:
         return {"message": {"role": "assistant", "content": text}}

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..engine import Delta, Done
 from . import params as P
 from .errors import APIError, bad_request, model_not_found
-from .rag_bridge import answer_with_docs
+from .rag_bridge import citations_of, docs_events
 from .schemas import CHAT_COMPLETION, COMPLETION, EMBEDDING, validate
 from .state import ServerState
 from .stream import SSE_MEDIA, collect, framed
@@ -85,17 +85,22 @@ async def chat_completions(request: Request) -> Response:
     msgs = P.to_messages(body["messages"])
     params = _sampling(body, None)
     if target.docs:
-        return await answer_with_docs(request, state, msgs, params, body, dialect="openai")
-    tokens = P.prompt_tokens(state.engine, P.chat_prompt(state.engine, msgs), params)
-    events = state.slot.stream(lambda cancel: state.engine.generate(tokens, params, cancel))
+        events = await docs_events(state, msgs, params, body)
+    else:
+        tokens = P.prompt_tokens(state.engine, P.chat_prompt(state.engine, msgs), params)
+        events = state.slot.stream(lambda cancel: state.engine.generate(tokens, params, cancel))
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    model = body["model"] if target.docs else state.model
+
+    def extra(done: Done) -> dict:
+        return (_stats_of(done) if body.get("stats") else {}) | citations_of(done)
+
     if body.get("stream"):
-        extra = _stats_of if body.get("stats") else None
-        return chat_stream(events, rid, created, state.model, _include_usage(body), extra)
+        return chat_stream(events, rid, created, model, _include_usage(body), extra)
     done = await collect(request, events)
     if done is None:
         return Response(status_code=499)  # client closed the request; nobody reads this
-    return JSONResponse(chat_body(done, rid, created, state.model))
+    return JSONResponse(chat_body(done, rid, created, model, extra(done)))
 
 
 def chat_body(done: Done, rid: str, created: int, model: str, extra: dict | None = None) -> dict:

@@ -1,28 +1,58 @@
-"""Answers from the indexed documents over HTTP (the `<model>+docs` alias or `"docs": true`).
+"""Answers from the indexed documents over HTTP (the `<model>+docs` alias or `"docs": …`).
 
-Until the RAG pipeline is wired in (state.rag is None), such requests get a clear 400 that says
-so, rather than a plain answer that silently ignores the documents.
+The RAG pipeline prepares the prompt on a worker thread (embedding and sqlite), generation takes
+the same FIFO slot as any request, and when the model is done the citations are checked and the
+readable Sources list is streamed as one more delta. The final event is a CitedDone, whose
+citations the OpenAI and Ollama routes add to their last chunk or body.
 """
 
 from __future__ import annotations
 
-from starlette.requests import Request
-from starlette.responses import Response
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 
-from ..engine import Message, SamplingParams
-from .errors import APIError
+import anyio
+
+from ..engine import Delta, Done, Message, SamplingParams
+from ..rag.answer import DEFAULT_K, CitedDone, NoQuestion
+from . import params as P
+from .errors import APIError, bad_request
 from .state import ServerState
 
 
-async def answer_with_docs(
-    request: Request,
-    state: ServerState,
-    messages: list[Message],
-    params: SamplingParams,
-    body: dict,
-    dialect: str,
-) -> Response:
+def citations_of(ev) -> dict:
+    """The extra fields a RAG answer carries (empty for a plain answer)."""
+    if not isinstance(ev, CitedDone):
+        return {}
+    return {"citations": [c.as_dict() for c in ev.citations], "sources": ev.sources}
+
+
+async def docs_events(
+    state: ServerState, messages: list[Message], params: SamplingParams, body: dict
+) -> AsyncIterator:
+    """Engine events of an answer from the documents, ending with a CitedDone."""
     if state.rag is None:
         raise APIError(400, state.rag_missing, param="model", code="docs_unavailable")
-    raise APIError(400, "answers from documents are not wired into the server yet",
-                   param="model", code="docs_unavailable")  # fmt: skip
+    docs = body.get("docs") if isinstance(body.get("docs"), dict) else {}
+    k, source = docs.get("k", DEFAULT_K), docs.get("source")
+    try:
+        prep = await anyio.to_thread.run_sync(
+            state.rag.prepare, messages, k, source, params.max_tokens
+        )
+    except NoQuestion as e:
+        raise bad_request(str(e), param="messages") from e
+    engine = state.engine
+    tokens = P.prompt_tokens(engine, P.chat_prompt(engine, prep.messages), params)
+    inner = state.slot.stream(lambda cancel: engine.generate(tokens, params, cancel))
+    return _cited(state, prep, inner)
+
+
+async def _cited(state: ServerState, prep, inner: AsyncIterator) -> AsyncIterator:
+    async with aclosing(inner) as it:
+        async for ev in it:
+            if not isinstance(ev, Done):
+                yield ev
+                continue
+            done = await anyio.to_thread.run_sync(state.rag.finish, prep, ev.text, ev.stats)
+            yield Delta(done.text[len(ev.text) :])
+            yield done

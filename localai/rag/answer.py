@@ -1,0 +1,118 @@
+"""The RAG pipeline end to end, shared by `localai ask` and the daemon:
+
+    rag = Answerer(index, engine)
+    prep = rag.prepare(messages, k=8, source=None, answer_tokens=256)  # retrieve + pack
+    ... generate from prep.messages with any runner (in-process, or the daemon's slot) ...
+    done = rag.finish(prep, answer_text, stats)                       # cite + verify
+
+`finish` returns a CitedDone: the answer followed by a readable "Sources" list, the checked
+citations, and what retrieval kept and dropped (and why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engine import Delta, Done, Engine, GenerationStats, Message, SamplingParams, chat
+from ..index.search import Index
+from .cite import Citation, cite
+from .prompt import Packed, pack
+from .retrieve import Retrieved, retrieve
+
+DEFAULT_K = 8
+
+
+class NoQuestion(ValueError):
+    """The request cannot be answered from documents (no question, or nothing indexed)."""
+
+
+@dataclass
+class Prepared:
+    question: str
+    retrieved: Retrieved
+    packed: Packed
+
+    @property
+    def messages(self) -> list[Message]:
+        return self.packed.messages
+
+    def summary(self) -> dict:
+        """What retrieval kept and dropped, and why (for `stats` and the Sources list)."""
+        return {"retrieved": len(self.retrieved.sources) + self.retrieved.stale,
+                "used": len(self.packed.used), "dropped_for_context": self.packed.dropped,
+                "dropped_stale": self.retrieved.stale,
+                "passage_budget_tokens": self.packed.budget}  # fmt: skip
+
+
+@dataclass
+class CitedDone(Done):
+    citations: list[Citation] = field(default_factory=list)
+    sources: dict = field(default_factory=dict)  # Prepared.summary()
+    answer: str = ""  # the model's text without the Sources list
+
+
+class Answerer:
+    def __init__(self, index: Index, engine: Engine):
+        self.index, self.engine = index, engine
+
+    def prepare(
+        self,
+        history: list[Message],
+        k: int = DEFAULT_K,
+        source: str | Path | None = None,
+        answer_tokens: int | None = None,
+    ) -> Prepared:
+        question = next((m.content for m in reversed(history) if m.role == "user"), "").strip()
+        if not question:
+            raise NoQuestion("there is no question: the last user message is empty")
+        if not self.index.stats()["chunks"]:
+            raise NoQuestion("no documents are indexed yet: run `localai index PATH` first")
+        found = retrieve(self.index, question, k, source)
+        return Prepared(question, found, pack(self.engine, history, found.sources, answer_tokens))
+
+    def finish(self, prep: Prepared, answer: str, stats: GenerationStats) -> CitedDone:
+        citations = cite(answer, prep.packed.used, self.index.read)
+        listing = sources_text(citations, prep)
+        return CitedDone(answer + listing, stats, citations, prep.summary(), answer)
+
+
+def sources_text(citations: list[Citation], prep: Prepared) -> str:
+    """The readable list appended to the answer: each citation with its check, then what was
+    dropped. Unverified citations say so; they are never shown as plain fact."""
+    lines = ["", "", "Sources:"]
+    for c in citations:
+        mark = "verified" if c.verified else f"NOT VERIFIED: {c.reason}"
+        where = f"{c.path}:{c.start_line}-{c.end_line}" if c.path else "(unknown source)"
+        quote = f' "{c.quote}"' if c.quote else ""
+        lines.append(f"[{c.n}] {where}{quote} ({'inferred, ' if c.inferred else ''}{mark})")
+    if not citations:
+        given = ", ".join(f"[{s.rank}] {s.where}" for s in prep.packed.used) or "none"
+        lines.append(f"the answer cites none of the passages it was given ({given})")
+    s = prep.summary()
+    if s["dropped_for_context"]:
+        lines.append(f"{s['dropped_for_context']} more passage(s) did not fit the context "
+                     f"({s['passage_budget_tokens']:,} tokens for passages)")  # fmt: skip
+    if s["dropped_stale"]:
+        lines.append(f"{s['dropped_stale']} passage(s) skipped: their files changed since "
+                     "indexing (run `localai index`)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def ask(
+    rag: Answerer,
+    question: str,
+    params: SamplingParams,
+    k: int = DEFAULT_K,
+    source: str | Path | None = None,
+) -> Iterator[Delta | CitedDone]:
+    """In-process answer: the model's deltas, the Sources list as one more delta, a CitedDone."""
+    prep = rag.prepare([Message("user", question)], k, source, params.max_tokens)
+    for ev in chat(rag.engine, prep.messages, params):
+        if isinstance(ev, Done):
+            done = rag.finish(prep, ev.text, ev.stats)
+            yield Delta(done.text[len(ev.text) :])
+            yield done
+        else:
+            yield ev

@@ -1,0 +1,110 @@
+"""Stage 4: check every citation in an answer against the file it points to.
+
+For each [n] the answer uses: the passage is re-read from its file at the recorded lines (and
+its content hash checked by the index), and the sentence of the passage that best supports the
+sentences citing [n] is found. A citation is `verified` only when the file still holds the
+passage and that sentence shares enough of the claim's words; otherwise it is flagged with the
+reason. `quote` is always text taken from the re-read file, never from the model.
+
+If the model cited nothing (small models often do not), each answer sentence that closely
+matches a passage sentence is attributed to it, marked `inferred`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from ..index.search import Hit, Passage
+from .retrieve import Source
+
+CITE = re.compile(r"\[(\d{1,3})\]")
+SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+WORD = re.compile(r"[^\W_]{3,}")
+SUPPORT = 0.5  # share of the claim's words that the quoted sentence must contain
+INFER = 0.6  # stricter, for attributions the model did not make itself
+QUOTE_CHARS = 200
+_STOP = """the and for are was were with that this from have has had not but you your its their
+they them can will would should could into than then also"""
+STOPWORDS = frozenset(_STOP.split())
+
+
+@dataclass
+class Citation:
+    n: int
+    path: str
+    start_line: int
+    end_line: int
+    quote: str
+    verified: bool
+    reason: str = ""  # why it is not verified, or a note
+    inferred: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def words(text: str) -> set[str]:
+    return {w for w in (m.lower() for m in WORD.findall(text)) if w not in STOPWORDS}
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in SENTENCE.split(text) if s.strip()]
+
+
+def best_support(passage: str, claim: str) -> tuple[str, float]:
+    """The passage sentence holding most of the claim's words, and that share (0..1)."""
+    want = words(claim)
+    best, share = "", 0.0
+    for sent in sentences(passage):
+        got = len(want & words(sent)) / len(want) if want else 0.0
+        if got > share:
+            best, share = sent, got
+    return best, share
+
+
+def _quote(text: str) -> str:
+    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 1].rstrip() + "…"
+
+
+def claims_by_number(answer: str) -> dict[int, str]:
+    """Each cited number → the answer sentences that cite it (in order of first citation)."""
+    out: dict[int, list[str]] = {}
+    for sent in sentences(answer):
+        for n in dict.fromkeys(int(m) for m in CITE.findall(sent)):
+            out.setdefault(n, []).append(CITE.sub("", sent))
+    return {n: " ".join(s) for n, s in out.items()}
+
+
+def check(n: int, src: Source | None, claim: str, reread: Callable[[Hit], Passage],
+          threshold: float = SUPPORT, inferred: bool = False) -> Citation:  # fmt: skip
+    if src is None:
+        return Citation(n, "", 0, 0, "", False, f"the answer cites [{n}], which was not given")
+    now = reread(src.hit)
+    cit = Citation(n, now.path, now.start_line, now.end_line, "", False, now.reason, inferred)
+    if not now.verified:
+        return cit
+    quote, share = best_support(now.text, claim)
+    cit.quote = _quote(quote or now.text.strip())
+    if quote and quote in now.text and share >= threshold:
+        cit.verified = True
+    else:
+        cit.reason = "the cited passage does not contain what the answer says"
+    return cit
+
+
+def cite(answer: str, used: list[Source], reread: Callable[[Hit], Passage]) -> list[Citation]:
+    """Citations of `answer`, each checked against the file as it is now."""
+    by_rank = {s.rank: s for s in used}
+    claims = claims_by_number(answer)
+    if claims:
+        return [check(n, by_rank.get(n), claim, reread) for n, claim in claims.items()]
+    found: dict[int, list[str]] = {}
+    for sent in sentences(answer):
+        scored = [(best_support(s.passage.text, sent)[1], s.rank) for s in used]
+        share, rank = max(scored, default=(0.0, 0))
+        if share >= INFER and len(words(sent)) >= 3:
+            found.setdefault(rank, []).append(sent)
+    return [check(n, by_rank[n], " ".join(c), reread, INFER, inferred=True)
+            for n, c in found.items()]  # fmt: skip

@@ -1,0 +1,58 @@
+"""localai's own routes (not part of either compatible API), used by the TUI and `status`:
+GET /localai/status, GET /localai/index, POST /localai/index {"path": ...}."""
+
+from __future__ import annotations
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .. import __version__
+from . import params as P
+from .errors import APIError, bad_request
+from .schemas import validate
+from .state import ServerState
+
+ADD_SOURCE = {"type": "object", "required": ["path"],
+              "properties": {"path": {"type": "string", "minLength": 1}}}  # fmt: skip
+
+
+async def status(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    index = state.index
+    stats = await anyio.to_thread.run_sync(index.stats) if index is not None else None
+    slot = state.slot
+    return JSONResponse({
+        "version": __version__, "model": state.engine.info(),
+        "memory": state.governor.snapshot() if state.governor else None,
+        "slot": {"busy": slot.busy, "waiting": slot.waiting, "served": slot.served,
+                 "cancelled": slot.cancelled},
+        "index": stats, "docs": state.rag is not None or state.rag_missing,
+    })  # fmt: skip
+
+
+def _index(state: ServerState):
+    if state.index is None:
+        raise APIError(400, state.rag_missing, code="docs_unavailable")
+    return state.index
+
+
+async def index_status(request: Request) -> Response:
+    index = _index(request.app.state.server)
+    sources = await anyio.to_thread.run_sync(index.sources)
+    stats = await anyio.to_thread.run_sync(index.stats)
+    return JSONResponse({"sources": sources, "stats": stats})
+
+
+async def add_source(request: Request) -> Response:
+    """Remember a folder and index it in the background (the watcher then follows it)."""
+    state: ServerState = request.app.state.server
+    index = _index(state)
+    body = validate(ADD_SOURCE, await P.read_json(request))
+    try:
+        path = await anyio.to_thread.run_sync(index.add_source, body["path"])
+    except ValueError as e:  # the index's own "does not exist" message
+        raise bad_request(str(e), param="path") from e
+    if state.on_source_added is not None:
+        state.on_source_added(path)
+    return JSONResponse({"added": str(path), "indexing": True})

@@ -1,0 +1,106 @@
+"""The RAG stages on a real index (real files, real MiniLM) and the real SmolLM2 tokenizer:
+packing under a budget with the best passages at the edges, and citation checking against files
+as they are now (changed files flag their citations)."""
+
+from __future__ import annotations
+
+import pytest
+
+from localai.config import load_settings
+from localai.engine import GenerationStats, Message
+from localai.index.search import Index
+from localai.rag.answer import Answerer, NoQuestion, sources_text
+from localai.rag.cite import cite, claims_by_number
+from localai.rag.prompt import edges_first, pack
+from localai.rag.retrieve import retrieve
+
+FACTS = {
+    "lighthouse.md": "# Brightwater\n\nThe Brightwater lighthouse was built in 1871 by Maren "
+    "Holt.\nIts lamp can be seen from 22 nautical miles away.\n",
+    "garden.txt": "Tomatoes need six hours of direct sun each day.\n"
+    "Water them deeply twice a week.\n",
+    "bikes.md": "# Bikes\n\nOil the bicycle chain every month; check the tyres weekly.\n",
+}
+
+
+@pytest.fixture
+def docs(tmp_path):
+    root = tmp_path / "docs"
+    root.mkdir()
+    for name, text in FACTS.items():
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.fixture
+def index(home, embedder, docs):
+    ix = Index.open(load_settings(home), embedder=embedder)
+    ix.add_source(docs)
+    ix.update()
+    yield ix
+    ix.close()
+
+
+def test_edges_first_keeps_the_best_at_both_ends():
+    assert edges_first([1, 2, 3, 4, 5, 6]) == [1, 3, 5, 6, 4, 2]
+    assert edges_first([1]) == [1]
+
+
+def test_retrieve_ranks_and_filters_by_source(index, docs):
+    found = retrieve(index, "When was the Brightwater lighthouse built?", k=3)
+    assert found.sources[0].passage.path.endswith("lighthouse.md") and found.stale == 0
+    assert [s.rank for s in found.sources] == list(range(1, len(found.sources) + 1))
+    only = retrieve(index, "lighthouse", k=3, source=docs / "garden.txt")
+    assert {s.passage.path for s in only.sources} == {str(docs / "garden.txt")}
+
+
+def test_pack_drops_what_does_not_fit_and_says_so(index, engine):
+    found = retrieve(index, "lighthouse tomatoes bicycle", k=3)
+    history = [Message("user", "lighthouse tomatoes bicycle?")]
+    roomy = pack(engine, history, found.sources, answer_tokens=64)
+    assert len(roomy.used) == 3 and roomy.dropped == 0
+    system = roomy.messages[0].content
+    assert all(f"[{s.rank}] {s.where}" in system for s in found.sources)
+    tight = pack(engine, history, found.sources, answer_tokens=engine.context_length - 220)
+    assert tight.dropped >= 1 and len(tight.used) + tight.dropped == 3
+
+
+def test_citations_are_checked_against_the_file(index, engine, docs):
+    rag = Answerer(index, engine)
+    prep = rag.prepare([Message("user", "When was the lighthouse built?")], k=3)
+    n = next(s.rank for s in prep.packed.used if s.passage.path.endswith("lighthouse.md"))
+    other = next(s.rank for s in prep.packed.used if s.rank != n)
+    answer = (f"The lighthouse was built in 1871 by Maren Holt [{n}]. "
+              f"It is made of cheese [{other}]. See also [9].")  # fmt: skip
+    assert set(claims_by_number(answer)) == {n, other, 9}
+    done = rag.finish(prep, answer, GenerationStats())
+    by_n = {c.n: c for c in done.citations}
+    good = by_n[n]
+    assert good.verified and good.quote in (docs / "lighthouse.md").read_text()
+    assert "built in 1871 by Maren Holt" in good.quote
+    assert not by_n[other].verified and "does not contain" in by_n[other].reason
+    assert not by_n[9].verified and "not given" in by_n[9].reason
+    assert "Sources:" in done.text and "NOT VERIFIED" in done.text and done.answer == answer
+    # the file changes after indexing: the same citation is no longer shown as verified
+    (docs / "lighthouse.md").write_text("# Brightwater\n\nDemolished in 2001.\n")
+    again = cite(answer, prep.packed.used, index.read)
+    stale = next(c for c in again if c.n == n)
+    assert not stale.verified and "changed" in stale.reason
+
+
+def test_uncited_answer_is_attributed_only_when_it_matches(index, engine):
+    rag = Answerer(index, engine)
+    prep = rag.prepare([Message("user", "How much sun do tomatoes need?")], k=3)
+    done = rag.finish(prep, "Tomatoes need six hours of direct sun each day.", GenerationStats())
+    assert [c.inferred and c.verified for c in done.citations] == [True]
+    none = rag.finish(prep, "Purple elephants dance at noon.", GenerationStats())
+    assert none.citations == [] and "cites none" in sources_text([], prep)
+
+
+def test_no_question_or_no_documents(home, embedder, engine):
+    empty = Index.open(load_settings(home), embedder=embedder)
+    with pytest.raises(NoQuestion, match="no documents"):
+        Answerer(empty, engine).prepare([Message("user", "anything?")])
+    with pytest.raises(NoQuestion, match="no question"):
+        Answerer(empty, engine).prepare([Message("user", "  ")])
+    empty.close()
