@@ -67,3 +67,11 @@ def test_ask_through_the_daemon(daemon):
     text = localai("ask", q, "-t", "0", "--max-tokens", "48", "--source", str(daemon.docs),
                    env=env)  # fmt: skip
     assert text.returncode == 0 and "Sources:" in text.stdout
+
+
+def test_status_shows_the_running_daemon(daemon):
+    env = dict(os.environ, LOCALAI_HOME=str(daemon.home), LOCALAI_HOST=daemon.host,
+               LOCALAI_PORT=str(daemon.port))  # fmt: skip
+    r = localai("status", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["daemon"] == {"url": daemon.url, "model": TEST_MODEL}

@@ -105,7 +105,7 @@ def status(ctx, as_json):
         "settings": s.as_dict(),
         "models": [r["name"] for r in cat.rows() if r["installed"]],
         "memory": Governor(s.ram_budget_bytes).snapshot(),
-        "daemon": None,  # no daemon yet: every command runs in-process
+        "daemon": _daemon_info(s),  # None: commands load the model in-process
     }
     if as_json:
         click.echo(json.dumps(info))
@@ -119,7 +119,16 @@ def status(ctx, as_json):
         f"config      {s.config_file} ({'present' if info['config_file_exists'] else 'none'})"
     )
     out.print(f"models      {', '.join(info['models']) or 'none installed'}")
+    d = info["daemon"]
+    out.print(f"daemon      {d['url']} serving {d['model']}" if d else "daemon      not running")
     out.print(f"default     {s.model} (engine {s.engine}, ctx {s.context_length}, "
               f"{s.threads} threads, KV {s.type_k}/{s.type_v})")  # fmt: skip
     out.print(f"RAM budget  {mem['budget_bytes'] / 2**30:.1f} GiB of "
               f"{mem['total_ram_bytes'] / 2**30:.1f} GiB")  # fmt: skip
+
+
+def _daemon_info(settings) -> dict | None:
+    from ..client import Daemon
+
+    d = Daemon.find(settings)
+    return {"url": f"http://{d.host}:{d.port}", "model": d.model} if d else None
