@@ -227,6 +227,7 @@ class Index:
                         "INSERT INTO fts (rowid, text) VALUES (?, ?)", [cid, fts_text(text)]
                     )
             n += len(pairs)
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return n
 
     def check(self) -> list[str]:

@@ -76,6 +76,9 @@ def connect(path: Path) -> sqlite_utils.Database:
     """Open (creating if needed) and migrate the index database at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    # incremental auto-vacuum (takes effect on a new file only): pages freed by re-indexing go
+    # back to the file system at the end of each run instead of staying in index_bytes
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never torn
     conn.execute("PRAGMA busy_timeout=30000")
