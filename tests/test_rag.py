@@ -104,3 +104,13 @@ def test_no_question_or_no_documents(home, embedder, engine):
     with pytest.raises(NoQuestion, match="no question"):
         Answerer(empty, engine).prepare([Message("user", "  ")])
     empty.close()
+
+
+def test_rerank_returns_a_permutation_with_judged_passages_first(engine):
+    from localai.rag.rerank import judge, rerank
+
+    passages = ["Bananas are yellow fruit.", "The Eiffel Tower is in Paris, France."]
+    order = rerank(engine, "In which city is the Eiffel Tower?", passages)
+    assert sorted(order) == [0, 1]
+    verdicts = [judge(engine, "In which city is the Eiffel Tower?", p) for p in passages]
+    assert order == sorted(range(2), key=lambda i: (not verdicts[i], i))

@@ -175,7 +175,11 @@ async def embed_texts(state: ServerState, model: object, texts: list[str]):
     name = str(model).removesuffix(":latest")
     if name != state.embed_model:
         raise model_not_found(model, [state.embed_model])
-    embedder = await state.embedder()
+    try:
+        embedder = await state.embedder()
+    except (OSError, RuntimeError) as e:  # not installed and cannot be pulled, or damaged
+        msg = f"the embedding model {state.embed_model} could not be loaded: {e}"
+        raise APIError(503, msg, type="server_error", code="embedder_unavailable") from e
     vectors = await anyio.to_thread.run_sync(embedder.embed, texts)
     n_tokens = sum(embedder.count_tokens(t) for t in texts)
     return vectors, n_tokens

@@ -1,0 +1,130 @@
+"""RAG quality: does reranking help retrieval, and are the answers' citations right?
+
+rerank: NFCorpus (../shared/evals), hybrid retrieval of the top 10 files for the first N test
+   queries, nDCG@10 as retrieved vs after the LLM yes/no reranker (localai/rag/rerank.py), same
+   queries, same run. Uses the index bench/index_nfcorpus.py builds (built here if absent).
+rag: python3-doc (the question → page set of bench/index_pydoc.py): the full pipeline in-process
+   (retrieve → pack → generate → cite). Per question: whether the expected page is among the
+   passages given to the model (hit@k), whether a verified citation points into it (cited
+   hit), and over all citations the share that verified.
+Prints one JSON object.
+
+    python bench/rag.py [--part rerank|rag|both] [--queries 20] [--model smollm2-135m] [-k 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from index_nfcorpus import EVALS, load_qrels, ndcg10, write_corpus  # noqa: E402
+from index_pydoc import DOC, QUESTIONS, ensure_docs  # noqa: E402
+
+from localai.config import load_settings  # noqa: E402
+from localai.engine import Done, Message, SamplingParams  # noqa: E402
+from localai.index.search import Index  # noqa: E402
+from localai.rag.answer import Answerer, ask  # noqa: E402
+from localai.rag.rerank import rerank  # noqa: E402
+from localai.runtime import open_engine  # noqa: E402
+
+MODELS = os.environ.get("LOCALAI_MODELS", str(Path.home() / ".cache/localai-test/models"))
+
+
+def rerank_part(engine, work: Path, n_queries: int) -> dict:
+    ids = write_corpus(work / "docs", None)
+    ix = Index.open(load_settings(work / "home", models_dir=MODELS))
+    if not ix.stats()["chunks"]:
+        ix.add_source(work / "docs")
+        ix.update()
+    qrels = load_qrels()
+    queries = [json.loads(x) for x in (EVALS / "queries.jsonl").read_text().splitlines()]
+    plain, reranked, t0 = [], [], time.perf_counter()
+    for q in queries[:n_queries]:
+        hits = ix.search(q["text"], k=10, unit="file")
+        ranked = [ids[Path(h.path).name] for h in hits]
+        texts = [p.text for p in ix.read_many(hits)]
+        order = rerank(engine, q["text"], texts)
+        plain.append(ndcg10(ranked, qrels[q["_id"]]))
+        reranked.append(ndcg10([ranked[i] for i in order], qrels[q["_id"]]))
+    ix.close()
+    return {"queries": len(plain), "ndcg@10_hybrid": round(statistics.mean(plain), 4),
+            "ndcg@10_reranked": round(statistics.mean(reranked), 4),
+            "rerank_s_per_query": round((time.perf_counter() - t0) / len(plain), 2)}  # fmt: skip
+
+
+def pydoc_index(work: Path) -> Index:
+    ensure_docs()
+    docs = work / "html"
+    if not docs.is_dir():
+        shutil.copytree(DOC, docs, symlinks=False)
+        (docs / ".localaiignore").write_text("_sources/\n")
+    ix = Index.open(load_settings(work / "home", models_dir=MODELS))
+    if not ix.stats()["chunks"]:
+        ix.add_source(docs)
+        ix.update()
+    return ix
+
+
+def rag_part(engine, work: Path, k: int, max_tokens: int) -> dict:
+    ix = pydoc_index(work)
+    rag = Answerer(ix, engine)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    rows = []
+    for question, want in QUESTIONS:
+        done = next(ev for ev in ask(rag, question, params, k=k) if isinstance(ev, Done))
+        used = [c.path for c in done.citations]
+        prep = rag.prepare([Message("user", question)], k, None, max_tokens)  # what was given
+        given = [s.passage.path for s in prep.packed.used]
+        rows.append({"question": question, "given_hit": any(want in p for p in given),
+                     "cited_hit": any(c.verified and want in c.path for c in done.citations),
+                     "citations": len(used),
+                     "verified": sum(c.verified for c in done.citations),
+                     "inferred": sum(c.inferred for c in done.citations)})  # fmt: skip
+    ix.close()
+    n, cits = len(rows), sum(r["citations"] for r in rows)
+    verified, inferred = (sum(r[key] for r in rows) for key in ("verified", "inferred"))
+    return {"questions": n, "k": k,
+            "hit@k_given": round(sum(r["given_hit"] for r in rows) / n, 3),
+            "hit_cited": round(sum(r["cited_hit"] for r in rows) / n, 3),
+            "citations": cits,
+            "verification_rate": round(verified / cits, 3) if cits else None,
+            "inferred_share": round(inferred / cits, 3) if cits else None,
+            "answers_with_no_citation": sum(r["citations"] == 0 for r in rows),
+            "rows": rows}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["rerank", "rag", "both"], default="both")
+    ap.add_argument("--queries", type=int, default=20)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("-k", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/localai-bench"))
+    a = ap.parse_args()
+    settings = load_settings(a.work / "rag-home", models_dir=MODELS, model=a.model,
+                             context_length=4096)  # fmt: skip
+    engine = open_engine(settings, log=lambda m: None)
+    out = {"bench": "rag", "model": a.model, "machine": f"{platform.machine()} "
+           f"{os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    if a.part in ("rerank", "both"):
+        out["rerank_nfcorpus"] = rerank_part(engine, a.work / "nfcorpus", a.queries)
+    if a.part in ("rag", "both"):
+        out["rag_pydoc"] = rag_part(engine, a.work / "pydoc", a.k, a.max_tokens)
+    engine.close()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
