@@ -49,6 +49,8 @@ bench-index: install
 	$(BIN)/python bench/index_fts.py
 	$(BIN)/python bench/index_nfcorpus.py
 	$(BIN)/python bench/index_vectors.py
+	$(BIN)/python bench/index_fusion.py
+	$(BIN)/python bench/index_ingest.py
 	$(BIN)/python bench/index_scale.py
 	$(BIN)/python bench/index_pydoc.py
 
