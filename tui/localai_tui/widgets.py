@@ -110,11 +110,8 @@ class SourcesPane(Vertical):
 
     def show_passage(self, i: int) -> None:
         c = self.citations[i]
-        note = (
-            ""
-            if c.get("verified")
-            else "\n\n**Not verified:** the file changed or the quote was not found."
-        )
+        why = c.get("reason") or "the file changed or the quote was not found"
+        note = "" if c.get("verified") else f"\n\n**Not verified:** {why}."
         quote = c.get("quote") or c.get("text") or ""
         self.query_one("#passage", Markdown).update(f"`{location(c)}`\n\n> {quote}{note}")
 
