@@ -52,6 +52,7 @@ bench-index: install
 	$(BIN)/python bench/index_fusion.py
 	$(BIN)/python bench/index_ingest.py
 	$(BIN)/python bench/index_scale.py
+	$(BIN)/python bench/index_watch.py
 	$(BIN)/python bench/index_pydoc.py
 
 clean-venv:
