@@ -4,7 +4,7 @@ tokens. A fake engine implements the tokenize part of the Engine interface."""
 import pytest
 
 from localai.engine import EngineError
-from localai.engine.fim import fim_prompt
+from localai.engine.fim import fim_prompt, fim_stops
 
 
 class FakeTokenizer:
@@ -38,3 +38,9 @@ def test_starcoder_markers():
 def test_model_without_markers_is_refused():
     with pytest.raises(EngineError, match="fill-in-the-middle"):
         fim_prompt(FakeTokenizer(()), "a", "b")
+
+
+def test_the_code_after_the_cursor_ends_the_fill():
+    assert fim_stops("\n    return a\n") == ["\n    return a"]
+    assert fim_stops("\n}\n") == []  # too short: a brace also closes blocks inside the middle
+    assert fim_stops("") == []

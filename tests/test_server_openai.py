@@ -180,3 +180,27 @@ def test_answer_from_documents_streams_citations_last(daemon):
     assert last["choices"][0]["finish_reason"] and "citations" in last and "sources" in last
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in events[:-1])
     assert "Sources:" in text
+
+
+@pytest.mark.slow
+def test_fill_in_the_middle_with_a_code_model(models_dir, tmp_path):
+    """Qwen2.5-Coder's FIM tokens, through both APIs (skipped where that model is not installed;
+    CI's machine has it)."""
+    from daemon_helpers import start_daemon
+
+    from localai.catalog import Catalog
+
+    if not Catalog(models_dir).is_installed("qwen2.5-coder-0.5b"):
+        pytest.skip("qwen2.5-coder-0.5b is not installed in the test models dir")
+    body = {"model": "qwen2.5-coder-0.5b", "prompt": "def fibonacci(n):\n    ",
+            "suffix": "\n    return a\n", "max_tokens": 48, "temperature": 0}  # fmt: skip
+    with start_daemon(tmp_path / "home", models_dir, "qwen2.5-coder-0.5b") as d:
+        status, out = d.request("POST", "/v1/completions", body)
+        assert status == 200, out
+        check("CreateCompletionResponse", out)
+        middle = out["choices"][0]["text"]
+        assert "a, b" in middle and "return a" not in middle  # stops where the suffix begins
+        ollama_body = {k: body[k] for k in ("model", "prompt", "suffix")} | {
+            "stream": False, "options": {"num_predict": 48, "temperature": 0}}  # fmt: skip
+        status, gen = d.request("POST", "/api/generate", ollama_body)
+        assert status == 200 and gen["response"] == middle

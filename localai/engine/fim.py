@@ -44,3 +44,11 @@ def fim_prompt(engine: Engine, prefix: str, suffix: str) -> str:
         )
     pre, suf, mid = markers
     return f"{pre}{prefix}{suf}{suffix}{mid}"
+
+
+def fim_stops(suffix: str) -> list[str]:
+    """Stop strings for a fill: chat-tuned code models often write past the hole and repeat the
+    code after the cursor, so the suffix's first non-blank line (at the start of a line) ends
+    the middle. Short lines (`}`, `)`) are left out: they also occur inside the middle."""
+    line = next((ln for ln in suffix.splitlines() if ln.strip()), "")
+    return ["\n" + line] if len(line.strip()) >= 4 else []

@@ -128,6 +128,7 @@ async def generate(request: Request) -> Response:
     params = _sampling(body)
     if suffix:
         text = P.completion_prompt(state.engine, prompt, suffix)
+        P.add_fim_stops(params, suffix)
     elif body.get("raw"):
         text = prompt
     else:

@@ -141,6 +141,7 @@ async def completions(request: Request) -> Response:
     prompt = body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0]
     params = _sampling(body, COMPLETION_DEFAULT_MAX_TOKENS)
     text = P.completion_prompt(state.engine, prompt, body.get("suffix"))
+    P.add_fim_stops(params, body.get("suffix"))
     tokens = P.prompt_tokens(state.engine, text, params, param="prompt")
     events = state.slot.stream(lambda cancel: state.engine.generate(tokens, params, cancel))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())

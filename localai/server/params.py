@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..engine import ContextOverflowError, Engine, EngineError, Message, SamplingParams
 from ..engine.base import check_fits
-from ..engine.fim import fim_prompt
+from ..engine.fim import fim_prompt, fim_stops
 from .errors import APIError, bad_request, model_not_found
 
 DOCS_SUFFIX = "+docs"
@@ -97,6 +97,11 @@ def completion_prompt(engine: Engine, prompt: str, suffix: str | None) -> str:
         return fim_prompt(engine, prompt, suffix)
     except EngineError as e:
         raise bad_request(str(e), param="suffix", code="fim_unsupported") from e
+
+
+def add_fim_stops(params: SamplingParams, suffix: str | None) -> None:
+    if suffix:
+        params.stop.extend(s for s in fim_stops(suffix) if s not in params.stop)
 
 
 def prompt_tokens(
