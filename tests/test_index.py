@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -208,3 +211,32 @@ def test_cli_index_search_sources_check(home, docs, tmp_path):
     for args in (["index", str(tmp_path / "missing")], ["search"], ["sources", "rm", "/x"]):
         r = localai(*args, env=env)
         assert r.returncode == 1 and "Error:" in r.stderr and "Traceback" not in r.stderr, args
+
+
+def test_cli_watch_indexes_saved_files_until_interrupted(home, docs):
+    env = dict(os.environ)
+    assert localai("index", str(docs), env=env).returncode == 0
+    cmd = [sys.executable, "-m", "localai", "index", "--watch"]
+    proc = subprocess.Popen(
+        cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    try:
+        for line in proc.stderr:
+            if "watching" in line:
+                break
+        time.sleep(0.5)
+        (docs / ".gitignore").write_text("drafts/\n")  # ignored and hidden paths stay out
+        (docs / "drafts").mkdir()
+        (docs / "drafts" / "veg.txt").write_text("zucchini draft")
+        (docs / ".veg.md.swp").write_text("zucchini swap")
+        (docs / "veg.md").write_text("Zucchini grows fast in warm summers.\n")
+        ix = Index.open(load_settings())
+        deadline, hits = time.monotonic() + 60, []
+        while time.monotonic() < deadline and not hits:
+            time.sleep(0.2)
+            hits = ix.search("zucchini", k=5, mode="bm25")
+        assert [os.path.basename(h.path) for h in hits] == ["veg.md"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 130) and "Traceback" not in rest

@@ -10,7 +10,7 @@ from localai.index.chunker import MAX_TOKENS, chunk, content_hash
 from localai.index.htmltext import load_html
 from localai.index.loaders import Unreadable, load_markdown, load_text, loader_for
 from localai.index.vectors import CODECS, VectorSet, codec
-from localai.index.walk import Found, Skipped, walk
+from localai.index.walk import Found, Skipped, excluded, walk
 
 
 def counter(embedder):
@@ -87,6 +87,17 @@ def test_walk_skips_hidden_ignored_loops_and_big_files(tmp_path):
         "dangling.txt": "broken symlink",
         "sub/loop": "symlink loop",
     }
+
+
+def test_single_paths_follow_the_walk_rules(tmp_path):
+    root = tmp_path / "repo"
+    (root / "src" / "build").mkdir(parents=True)
+    (root / ".gitignore").write_text("build/\n*.tmp\n")
+    assert not excluded(root / "src" / "a.md", root)
+    assert excluded(root / "src" / "build" / "out.md", root)
+    assert excluded(root / "src" / "x.tmp", root)
+    assert excluded(root / "src" / ".a.md.swp", root)
+    assert excluded(root / ".git" / "index", root)
 
 
 def test_chunks_fit_the_model_and_map_to_lines(tmp_path, embedder):

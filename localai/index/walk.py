@@ -97,6 +97,27 @@ def _walk_dir(folder: Path, specs, on_path: set, max_bytes: int) -> Iterator[Fou
             yield _file(path, st, max_bytes)
 
 
+def excluded(path: Path, root: Path) -> bool:
+    """Whether walking `root` would leave `path` out (hidden, VCS/build folder or ignore rule);
+    the watcher asks this for single paths, which it does not reach by walking."""
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    if path == root:
+        return False
+    rel = path.relative_to(root).parts
+    if any(part.startswith(".") or part in SKIP_DIRS for part in rel):
+        return True
+    specs, folder = [], root
+    for i, part in enumerate(rel):
+        spec = _ignore_spec(folder)
+        if spec:
+            specs.append((folder, spec))
+        folder = folder / part
+        is_dir = i < len(rel) - 1 or folder.is_dir()
+        if specs and _ignored(folder, is_dir, specs):
+            return True
+    return False
+
+
 def _file(path: Path, st: os.stat_result, max_bytes: int) -> Found | Skipped:
     if not stat.S_ISREG(st.st_mode):
         return Skipped(path, "not a regular file")

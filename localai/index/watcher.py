@@ -4,7 +4,8 @@ watchdog reports events from its own thread; they are gathered into a set of pat
 new event has arrived for `debounce` seconds (an editor's save is several events), handed to
 `Index.update(paths, keep_missing=False)`: changed files are re-indexed (only changed chunks are
 embedded), deleted ones forgotten, and a move indexes the destination before the source is
-forgotten, so its embeddings are reused. Hidden paths (editor swap files, .git) are ignored.
+forgotten, so its embeddings are reused. Paths a walk would leave out (hidden files such as
+editor swap files, .git, build folders, ignore-file rules) are ignored here too.
 The CLI's `localai index --watch` and the daemon both run this loop.
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+
+from .walk import excluded
 
 
 class _Gather(FileSystemEventHandler):
@@ -30,7 +33,7 @@ class _Gather(FileSystemEventHandler):
         root = next((r for r in self.roots if p == r or r in p.parents), None)
         if root is None:
             return
-        if any(part.startswith(".") for part in p.relative_to(root).parts):
+        if excluded(p, root):
             return
         with self.lock:
             self.paths[p] = None
