@@ -32,6 +32,7 @@ def test_help_screen_at_80x24(snap_compare, daemon, tmp_path):
 
 def test_sources_pane_with_an_unverified_citation(snap_compare, daemon, tmp_path):
     async def show(pilot):
+        pilot.app.query_one("#prompt").cursor_blink = False  # a blinking cursor is a coin toss
         pilot.app.query_one(SourcesPane).show(CITES)
         await pilot.pause(0.2)
         pilot.app.query_one(SourcesPane).show_passage(1)
