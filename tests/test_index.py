@@ -177,6 +177,18 @@ def test_watch_makes_a_saved_file_searchable(index, docs):
             time.sleep(0.2)
             found = any(h.path.endswith("cheese.md") for h in index.search("aged cheddar", k=3))
         assert not found
+        other = docs.parent / "later"  # a source added while watching (as the daemon does)
+        other.mkdir()
+        index.add_source(other)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not found:
+            (other / "violin.md").write_text(section("Violin", TOPICS["violin"]))  # re-saved
+            for _ in range(25):  # until the watcher has picked the new source up
+                time.sleep(0.2)
+                found = any(h.path.startswith(str(other)) for h in index.search("rosin bow", k=3))
+                if found:
+                    break
+        assert found
     finally:
         stop.set()
         t.join(timeout=30)

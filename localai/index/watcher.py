@@ -6,7 +6,8 @@ new event has arrived for `debounce` seconds (an editor's save is several events
 embedded), deleted ones forgotten, and a move indexes the destination before the source is
 forgotten, so its embeddings are reused. Paths a walk would leave out (hidden files such as
 editor swap files, .git, build folders, ignore-file rules) are ignored here too.
-The CLI's `localai index --watch` and the daemon both run this loop.
+The CLI's `localai index --watch` and the daemon both run this loop; sources added or removed
+while it runs are picked up within SOURCES_EVERY seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ class _Gather(FileSystemEventHandler):
 
     def _add(self, raw: str | bytes) -> None:
         p = Path(raw.decode() if isinstance(raw, bytes) else raw)
-        root = next((r for r in self.roots if p == r or r in p.parents), None)
+        with self.lock:
+            roots = list(self.roots)
+        root = next((r for r in roots if p == r or r in p.parents), None)
         if root is None:
             return
         if excluded(p, root):
@@ -57,14 +60,29 @@ class _Gather(FileSystemEventHandler):
             return out
 
 
+SOURCES_EVERY = 2.0  # seconds between looks for sources added or removed meanwhile
+
+
+def _sync(index, observer, gather: _Gather, handles: dict) -> None:
+    """Watch exactly the current sources (the daemon adds sources while watching)."""
+    want = {Path(s["path"]) for s in index.sources() if Path(s["path"]).exists()}
+    for r in [r for r in handles if r not in want]:
+        observer.unschedule(handles.pop(r))
+    for r in sorted(want - set(handles)):
+        where = str(r if r.is_dir() else r.parent)
+        handles[r] = observer.schedule(gather, where, recursive=r.is_dir())
+    with gather.lock:
+        gather.roots = sorted(want, key=lambda p: -len(p.parts))  # innermost source first
+
+
 def watch(index, stop: threading.Event, on_update=None, debounce: float = 0.2) -> None:
     """Run until `stop` is set; `on_update(stats)` is called after each re-index."""
-    roots = [Path(s["path"]) for s in index.sources() if Path(s["path"]).exists()]
-    gather = _Gather(roots)
+    gather = _Gather([])
     observer = Observer()
-    for r in roots:
-        observer.schedule(gather, str(r if r.is_dir() else r.parent), recursive=r.is_dir())
+    handles: dict[Path, object] = {}
+    _sync(index, observer, gather, handles)
     observer.start()
+    last_sync = time.monotonic()
     try:
         while not stop.wait(0.05):
             paths = gather.take(debounce)
@@ -74,6 +92,9 @@ def watch(index, stop: threading.Event, on_update=None, debounce: float = 0.2) -
                 stats = index.update(paths, keep_missing=False)
                 if on_update:
                     on_update(stats)
+            if time.monotonic() - last_sync > SOURCES_EVERY:
+                _sync(index, observer, gather, handles)
+                last_sync = time.monotonic()
     finally:
         observer.stop()
         observer.join(timeout=5)
