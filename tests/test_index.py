@@ -143,6 +143,9 @@ def test_remove_source_and_missing_source(index, docs, tmp_path):
     index.add_source(other)
     index.update()
     assert {s["path"] for s in index.sources()} == {str(docs), str(other)}
+    only = index.search("violin bow rosin", k=10, under=other)
+    assert only and all(h.path.startswith(str(other) + "/") for h in only)
+    assert all(not h.path.startswith(str(other)) for h in index.search("violin", under=docs))
     assert index.remove_source(other) == 1
     assert all(not h.path.startswith(str(other)) for h in index.search("violin bow", k=10))
     with pytest.raises(IndexError_, match="not a source"):

@@ -157,6 +157,7 @@ def sources_rm(ctx, path):
 @click.option("--unit", type=click.Choice(UNITS), default="chunk", show_default=True)
 @click.option("--mode", type=click.Choice(MODES), default="hybrid", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print results as a JSON list.")
+@click.option("--under", type=click.Path(path_type=Path), help="Only files in this folder.")
 @click.option(
     "--queries",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -164,15 +165,15 @@ def sources_rm(ctx, path):
 )
 @click.pass_context
 @index_errors
-def search_cmd(ctx, query, k, unit, mode, as_json, queries):
+def search_cmd(ctx, query, k, unit, mode, as_json, under, queries):
     """Find the passages (or files, --unit file) that best match QUERY."""
     if (query is None) == (queries is None):
         raise click.ClickException("give either a QUERY or --queries FILE")
     ix = _open(ctx)
     if queries is not None:
-        _batch(ix, queries, k, unit, mode)
+        _batch(ix, queries, k, unit, mode, under)
         return
-    hits = ix.search(query, k=k, unit=unit, mode=mode)
+    hits = ix.search(query, k=k, unit=unit, mode=mode, under=under)
     passages = ix.read_many(hits)
     if as_json:
         rows = [
@@ -194,7 +195,7 @@ def search_cmd(ctx, query, k, unit, mode, as_json, queries):
         out.print(f"   {snippet}", markup=False)
 
 
-def _batch(ix: Index, path: Path, k: int, unit: str, mode: str) -> None:
+def _batch(ix: Index, path: Path, k: int, unit: str, mode: str, under) -> None:
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -205,7 +206,7 @@ def _batch(ix: Index, path: Path, k: int, unit: str, mode: str) -> None:
                 qid, text = str(obj["_id"]), obj["text"]
             except (ValueError, KeyError) as e:
                 raise click.ClickException(f"{path}:{n}: not a query object ({e})") from e
-        hits = ix.search(text, k=k, unit=unit, mode=mode)
+        hits = ix.search(text, k=k, unit=unit, mode=mode, under=under)
         results = [{"path": h.path, "score": h.score, "chunk_id": h.chunk_id,
                     "start_line": h.start_line, "end_line": h.end_line} for h in hits]  # fmt: skip
         click.echo(json.dumps({"_id": qid, "results": results}))

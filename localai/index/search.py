@@ -18,7 +18,8 @@ Stable contract:
   holds a chunk with that content hash (then `reason` is "" or a note such as "moved within the
   file"); otherwise `reason` says why, and `text` is the bytes now at the recorded range (or ""
   when the file is gone).
-- `search(..., mode=)` is "hybrid" (default), "bm25" or "vector".
+- `search(..., mode=)` is "hybrid" (default), "bm25" or "vector"; `under=` keeps only files
+  at or under a folder (or that file).
 - Thread use: search/read from any thread; `update()` and `watch()` write through their own
   sqlite connection, so searches keep working (WAL) while indexing runs.
 
@@ -275,26 +276,31 @@ class Index:
         ids, _ = self._vector_set().search(qv, n)
         return ids.tolist()
 
-    def search(self, query: str, k: int = 10, unit: str = "chunk",
-               mode: str = "hybrid") -> list[Hit]:  # fmt: skip
+    def search(self, query: str, k: int = 10, unit: str = "chunk", mode: str = "hybrid",
+               under: str | Path | None = None) -> list[Hit]:  # fmt: skip
+        """Best `k` chunks (or files) for `query`; `under` keeps only files in that folder."""
         if unit not in UNITS:
             raise IndexError_(f"unit must be one of {UNITS}, not {unit!r}")
         if mode not in MODES:
             raise IndexError_(f"mode must be one of {MODES}, not {mode!r}")
         if k < 1:
             raise IndexError_(f"k must be at least 1, not {k}")
-        depth = max(CANDIDATES, 3 * k)
+        depth = max(CANDIDATES, 3 * k) * (10 if under else 1)  # a folder filter thins lists
+        prefix = str(Path(under).expanduser().absolute()).rstrip("/") + "/" if under else None
         with self._lock:
             lists = []
             if mode in ("hybrid", "bm25"):
                 lists.append(self.bm25_chunks(query, depth))
             if mode in ("hybrid", "vector"):
                 lists.append(self.vector_chunks(query, depth))
-            return self._hits(lists, mode, k, unit)
+            return self._hits(lists, mode, k, unit, prefix)
 
-    def _hits(self, lists: list[list[int]], mode: str, k: int, unit: str) -> list[Hit]:
+    def _hits(self, lists: list[list[int]], mode: str, k: int, unit: str,
+              prefix: str | None = None) -> list[Hit]:  # fmt: skip
         ids = {c for lst in lists for c in lst}
         rows = self._chunk_rows(ids)
+        if prefix:
+            rows = {c: r for c, r in rows.items() if (r[2] + "/").startswith(prefix)}
         lists = [[c for c in lst if c in rows] for lst in lists]
         if unit == "file":
             file_of = {c: r[1] for c, r in rows.items()}
