@@ -15,7 +15,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Footer, Header, Input, OptionList, Static, TabbedContent, TabPane
+from textual.widgets import Footer, Header, Input, Static, TabbedContent, TabPane
 
 from .client import Answer, ClientError, DaemonClient
 from .store import Conversation, Store, Turn
@@ -154,8 +154,8 @@ class LocalaiApp(App):
             )
         elif answer.finish_reason is None and answer.text:
             reply.footer("stopped")
-        if answer.citations:
-            self.query_one(SourcesPane).show(answer.citations)
+        if answer.citations or answer.sources:
+            self.query_one(SourcesPane).show(answer.citations, answer.sources)
         if answer.text and self.conv is not None:
             self.store.add(self.conv, Turn("assistant", answer.text, answer.citations, st))
 
@@ -247,13 +247,6 @@ class LocalaiApp(App):
         if isinstance(event.widget, ChatMessage) and event.widget.citations:
             self.query_one(SourcesPane).show(event.widget.citations)
 
-    @on(OptionList.OptionHighlighted, "#citations")
-    def citation_highlighted(self, event: OptionList.OptionHighlighted) -> None:
-        if event.option_index is not None and event.option_index < len(
-            self.query_one(SourcesPane).citations
-        ):
-            self.query_one(SourcesPane).show_passage(event.option_index)
-
     def action_open_source(self) -> None:
         c = self.query_one(SourcesPane).selected()
         if c is None:
@@ -291,15 +284,18 @@ class LocalaiApp(App):
 
     @work(exclusive=True, group="panes", exit_on_error=False)
     async def refresh_panes(self) -> None:
+        memory = self.query_one("#memory-text", Static)
         try:
             status = await self.client.status()
-            index = await self.client.index()
             ps = None if status else await self.client.ps()
+            memory.update(memory_text(status, ps, self.last_stats))
         except ClientError as e:
-            self.query_one("#memory-text", Static).update(str(e))
-            return
-        self.query_one("#memory-text", Static).update(memory_text(status, ps, self.last_stats))
-        self.query_one("#index-summary", Static).update(index_text(index))
+            memory.update(str(e))
+        summary = self.query_one("#index-summary", Static)
+        try:
+            summary.update(index_text(await self.client.index()))
+        except ClientError as e:  # e.g. the daemon has no embedding model: say why
+            summary.update(str(e))
 
 
 def main(argv: list[str] | None = None) -> None:

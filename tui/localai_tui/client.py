@@ -21,6 +21,7 @@ class Answer:
     finish_reason: str | None = None
     stats: dict = field(default_factory=dict)
     citations: list[dict] = field(default_factory=list)
+    sources: dict = field(default_factory=dict)  # what retrieval used and dropped (docs answers)
 
 
 class DaemonClient:
@@ -108,6 +109,7 @@ def _absorb(answer: Answer, chunk: dict) -> str:
         raise ClientError(chunk["error"].get("message", str(chunk["error"])))
     answer.stats = chunk.get("stats") or answer.stats
     answer.citations = chunk.get("citations") or answer.citations
+    answer.sources = chunk.get("sources") or answer.sources
     choices = chunk.get("choices") or [{}]
     answer.finish_reason = choices[0].get("finish_reason") or answer.finish_reason
     return (choices[0].get("delta") or {}).get("content") or ""

@@ -96,7 +96,9 @@ class SourcesPane(Vertical):
         yield Markdown("*Answers from your documents (`/docs on`) list their sources here.*",
                        id="passage")  # fmt: skip
 
-    def show(self, citations: list[dict]) -> None:
+    def show(self, citations: list[dict], sources: dict | None = None) -> None:
+        """Show `citations`; with none, say what retrieval used (`sources`, a docs answer's
+        summary) so that an answer without sources is never mistaken for one with them."""
         self.citations = citations
         opts = self.query_one("#citations", OptionList)
         opts.display = bool(citations)  # an empty list box would only take room
@@ -105,15 +107,26 @@ class SourcesPane(Vertical):
             mark = "✓" if c.get("verified") else "✗ unverified"
             opts.add_option(Option(f"[{i}] {location(c)} {mark}", id=str(i - 1)))
         if citations:
-            opts.highlighted = 0
-            self.show_passage(0)
+            opts.highlighted = 0  # the highlight event shows its passage
+        elif sources:
+            used, dropped = sources.get("used", 0), sources.get("dropped_for_context", 0)
+            self.query_one("#passage", Markdown).update(
+                f"**This answer cites none of the {used} passages it was given**"
+                f"{f' ({dropped} more did not fit the context)' if dropped else ''}: "
+                "treat it as unsupported by your documents."
+            )
 
-    def show_passage(self, i: int) -> None:
+    def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
+        if event.option_index is not None and event.option_index < len(self.citations):
+            self.show_passage(event.option_index)
+
+    def show_passage(self, i: int):
+        """Show citation `i`'s passage; returns the update to await (tests wait for it)."""
         c = self.citations[i]
         why = c.get("reason") or "the file changed or the quote was not found"
         note = "" if c.get("verified") else f"\n\n**Not verified:** {why}."
         quote = c.get("quote") or c.get("text") or ""
-        self.query_one("#passage", Markdown).update(f"`{location(c)}`\n\n> {quote}{note}")
+        return self.query_one("#passage", Markdown).update(f"`{location(c)}`\n\n> {quote}{note}")
 
     def selected(self) -> dict | None:
         i = self.query_one("#citations", OptionList).highlighted
