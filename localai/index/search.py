@@ -28,7 +28,9 @@ The index keeps no copy of document text (see store.py); text is re-read from th
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from .loaders import Unreadable, loader_for
 from .vectors import DEFAULT_CODEC, VectorSet, codec
 
 CANDIDATES = 100  # each list's depth before fusion
+READ_CACHE = 32  # re-chunked files kept for read-back
 UNITS = ("chunk", "file")
 MODES = ("hybrid", "bm25", "vector")
 
@@ -98,6 +101,7 @@ class Index:
         self._vectors: VectorSet | None = None
         self._vectors_gen: str | None = None
         self._lock = threading.RLock()
+        self._read_cache: OrderedDict[tuple, tuple[bytes, list]] = OrderedDict()
 
     @classmethod
     def open(cls, settings: Settings, governor: Governor | None = None, embedder=None) -> Index:
@@ -355,19 +359,32 @@ class Index:
         return out
 
     def _rechunk(self, path: Path) -> tuple[bytes, list] | str:
+        """The file's current bytes and chunks. Re-chunking a large HTML page costs ~0.1–1 s,
+        so the last READ_CACHE files are kept, keyed by (size, mtime_ns): any write to the
+        file changes the key, and a changed file is never served from the cache."""
         try:
+            st = path.stat()
+            key = (str(path), st.st_size, st.st_mtime_ns)
+            with self._lock:
+                if key in self._read_cache:
+                    self._read_cache.move_to_end(key)
+                    return self._read_cache[key]
             data = path.read_bytes()
         except FileNotFoundError:
             return "the file is gone"
         except OSError as e:
             return f"the file cannot be read: {e.strerror}"
         picked = loader_for(path, data[:4096])
-        if picked is None:
-            return (data, [])
-        try:
-            return (data, chunk(picked[1](data, path), data, self.count_tokens))
-        except Unreadable:
-            return (data, [])
+        got: tuple[bytes, list] = (data, [])
+        if picked is not None:
+            with contextlib.suppress(Unreadable):  # unreadable now: no chunk can match
+                got = (data, chunk(picked[1](data, path), data, self.count_tokens))
+        if len(data) == st.st_size:  # not written to while we read it
+            with self._lock:
+                self._read_cache[key] = got
+                while len(self._read_cache) > READ_CACHE:
+                    self._read_cache.popitem(last=False)
+        return got
 
 
 def _passage(h: Hit, got: tuple[bytes, list] | str) -> Passage:
