@@ -121,6 +121,10 @@ def test_incremental_reindex_embeds_only_what_changed(index, docs):
         h.path.endswith("money.txt") for h in index.search("income tax deadline", k=10)
     )
     assert index.check() == []
+    # FTS rows can be re-fed from the files (after a change to what FTS is given)
+    assert index.refeed_fts() == index.stats()["chunks"]
+    assert index.check() == []
+    assert index.search("sourdough", k=1, mode="bm25")[0].path.endswith("recipes.md")
 
 
 def test_read_says_when_the_file_changed(index, docs):
