@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
+KV_BITS = (16, 8, 4, 2)  # the torch runner's KV cache (K per channel, V per token)
 ENGINES = ("llama", "torch")
 
 
@@ -55,6 +56,8 @@ class Settings:
     threads: int = field(default_factory=physical_cores)
     type_k: str = "f16"
     type_v: str = "f16"
+    k_bits: int = 16  # torch runner only; llama.cpp uses type_k / type_v
+    v_bits: int = 16
     ram_budget_bytes: int | None = None  # default: 75% of physical RAM
     host: str = "127.0.0.1"
     port: int = 8765
@@ -68,6 +71,9 @@ class Settings:
         for name in ("type_k", "type_v"):
             if getattr(self, name) not in KV_TYPES:
                 raise ConfigError(f"{name} must be one of {KV_TYPES}, not {getattr(self, name)!r}")
+        for name in ("k_bits", "v_bits"):
+            if getattr(self, name) not in KV_BITS:
+                raise ConfigError(f"{name} must be one of {KV_BITS}, not {getattr(self, name)!r}")
         if self.context_length < 64:
             raise ConfigError(f"context_length must be at least 64, not {self.context_length}")
         if self.threads < 1:

@@ -37,6 +37,8 @@ def open_engine(
         settings.threads,
         settings.type_k,
         settings.type_v,
+        k_bits=settings.k_bits,
+        v_bits=settings.v_bits,
     )
     if governor is not None:
         info = engine.info()

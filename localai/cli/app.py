@@ -23,7 +23,7 @@ from rich.progress import (
 
 from .. import __version__
 from ..catalog import CatalogError
-from ..config import KV_TYPES, ConfigError, load_settings
+from ..config import KV_BITS, KV_TYPES, ConfigError, load_settings
 from ..engine import EngineError
 from ..runtime import open_engine
 
@@ -66,7 +66,24 @@ def log(msg: str) -> None:
 
 
 def settings_of(ctx: click.Context, **overrides):
-    return load_settings(ctx.obj["home"], **overrides)
+    kv = ctx.obj.get("kv_bits", {}) if ctx.obj else {}
+    return load_settings(ctx.obj["home"], **(kv | overrides))
+
+
+def _kv_bits_flag(key: str):
+    """--k-bits / --v-bits / --kv-bits land in ctx.obj (not in each command's arguments), so
+    every command with engine flags gets them without a signature change."""
+
+    def store(ctx: click.Context, param, value):
+        if value is not None:
+            bits = ctx.obj.setdefault("kv_bits", {})
+            for k in ("k_bits", "v_bits") if key == "kv" else (f"{key}_bits",):
+                if key == "kv" and k in bits:
+                    continue  # an explicit --k-bits / --v-bits wins over --kv-bits
+                bits[k] = value
+        return value
+
+    return store
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,6 +109,16 @@ def engine_options(fn):
         click.option("--threads", type=int, help="CPU threads (default: physical cores)."),
         click.option("--type-k", type=click.Choice(KV_TYPES), help="KV cache type for K."),
         click.option("--type-v", type=click.Choice(KV_TYPES), help="KV cache type for V."),
+        *(
+            click.option(
+                f"--{key}-bits",
+                type=click.Choice([str(b) for b in KV_BITS]),
+                expose_value=False,
+                callback=_kv_bits_flag(key),
+                help=f"Torch runner: {what} cache bits (16 = fp16).",
+            )
+            for key, what in (("k", "K"), ("v", "V"), ("kv", "K and V"))
+        ),  # fmt: skip
     ]
     for opt in reversed(opts):
         fn = opt(fn)

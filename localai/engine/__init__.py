@@ -38,6 +38,8 @@ def load_engine(
     threads: int,
     type_k: str = "f16",
     type_v: str = "f16",
+    k_bits: int = 16,
+    v_bits: int = 16,
 ) -> Engine:
     """Load `path` with the named backend; the caller resolved the model (catalog.resolve_model)."""
     if backend == "llama":
@@ -45,8 +47,7 @@ def load_engine(
 
         return LlamaCppEngine(path, name, context_length, threads, type_k, type_v)
     if backend == "torch":
-        raise EngineError(
-            "the torch runner is not built yet: use --engine llama (the default). "
-            "It is tracked as its own work item and listed under Status in the README."
-        )
+        from .torch import TorchEngine
+
+        return TorchEngine(path, name, context_length, threads, k_bits=k_bits, v_bits=v_bits)
     raise EngineError(f"unknown engine {backend!r}; choose llama or torch")

@@ -1,0 +1,179 @@
+"""The paged, quantized KV cache: static, preallocated for the whole context at load time.
+
+Layout (KIVI): tokens older than a full-precision window are quantized in pages of 16 tokens;
+K per channel (one scale/min per channel for each group of `k_group` tokens, because keys have
+outlier channels that per-token blocks cannot hold), V per token (one scale/min per `v_group`
+channels). K and V bits are independent, each one of 16 (fp16, no scales), 8, 4 or 2.
+
+Invariants, with n tokens stored and W = window, G = k_group:
+- tokens [0, qend(n)) live in pages, where qend(n) = max(0, (n - W) // G · G): quantization
+  happens a whole K group at a time, once the group is more than W tokens old;
+- tokens [qend(n), n) live in the fp16 buffer, at index (token - qend(n)); n - qend(n) < W + G;
+- a query at position p sees keys j < qend(p + 1) through their quantized values and the rest in
+  fp16, in prefill as in decode, so perplexity measures exactly what generation sees.
+Pages are addressable (page i = tokens [16i, 16i + 16)) and summarized by `page_key_bounds`
+(per-channel key min/max, taken from the K group scales: no extra memory), which is what a
+page-retrieval attention needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import kvquant
+
+# L layers, H KV heads, T tokens (capacity), D head dim, R packed bytes per row, C new tokens
+PAGE = 16
+BITS = (16, 8, 4, 2)
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    k_bits: int = 16
+    v_bits: int = 16
+    window: int = 128  # most recent tokens kept in fp16
+    k_group: int = 128  # tokens per K scale (per channel); a multiple of PAGE
+    v_group: int = 64  # channels per V scale (per token); divides the head dim
+
+    def __post_init__(self) -> None:
+        for b in (self.k_bits, self.v_bits):
+            assert b in BITS, f"KV bits must be one of {BITS}, not {b}"
+        assert self.k_group % PAGE == 0 and self.window >= 0
+
+
+class KVCache:
+    def __init__(self, cfg: KVConfig, n_layers: int, n_heads: int, head_dim: int, capacity: int):
+        g = cfg.k_group
+        self.cfg, self.L, self.H, self.D = cfg, n_layers, n_heads, head_dim
+        self.T = -(-capacity // g) * g  # whole K groups
+        assert head_dim % cfg.v_group == 0 or cfg.v_bits == 16
+        L, H, T, D = n_layers, n_heads, self.T, head_dim
+        self.kc, self.ks, self.km = self._store(cfg.k_bits, (L, H, T // g, D))
+        v_scales = (L, H, T, D // cfg.v_group) if cfg.v_bits < 16 else (0,)
+        self.vc, self.vs, self.vm = self._store(cfg.v_bits, v_scales)
+        cap = cfg.window + g
+        self.kbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)  # L, H, W+G, D
+        self.vbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)
+        self.n = 0  # tokens stored (all layers agree between forwards)
+        self._n_next = 0
+
+    def _store(self, bits: int, scale_shape: tuple[int, ...]):
+        L, H, T, D = self.L, self.H, self.T, self.D
+        if bits == 16:
+            empty = torch.empty(0, dtype=torch.float16)
+            return torch.zeros(L, H, T, D, dtype=torch.float16), empty, empty
+        codes = torch.zeros(L, H, T, D * bits // 8, dtype=torch.uint8)  # L, H, T, R
+        return (
+            codes,
+            torch.zeros(scale_shape, dtype=torch.float16),
+            torch.zeros(scale_shape, dtype=torch.float16),
+        )
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def qend(self, n: int) -> int:
+        g = self.cfg.k_group
+        return max(0, (n - self.cfg.window) // g * g)
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kbuf, self.vbuf)
+        return sum(t.nbytes for t in parts)
+
+    def bytes_per_token(self) -> float:
+        """Marginal cost of one more token in pages (the fp16 buffer is a fixed cost)."""
+        parts = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm)
+        return sum(t.nbytes for t in parts) / self.T
+
+    def reset(self) -> None:
+        self.n = self._n_next = 0
+
+    def begin(self, n_new: int) -> None:
+        """Start a forward over `n_new` tokens; every layer then calls `write` once."""
+        assert self.n + n_new <= self.T, "the engine checks context room before running"
+        self._n_next = self.n + n_new
+
+    def commit(self) -> None:
+        self.n = self._n_next
+
+    # -- writing ----------------------------------------------------------------------------
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's K, V ([H, C, D]) for `layer`; returns fp16-rounded K, V of tokens
+        [qend(n), n + C) as fp32 (the buffer's old tokens followed by the new ones)."""
+        n, n2 = self.n, self._n_next
+        q0, q1 = self.qend(n), self.qend(n2)
+        kb, vb = self.kbuf[layer], self.vbuf[layer]
+        if q1 == q0:  # the common decode case: the new tokens fit in the buffer
+            kb[:, n - q0 : n2 - q0] = k
+            vb[:, n - q0 : n2 - q0] = v
+            return kb[:, : n2 - q0].float(), vb[:, : n2 - q0].float()
+        kf = torch.cat([kb[:, : n - q0], k.half()], dim=1)  # H, n2 - q0, D
+        vf = torch.cat([vb[:, : n - q0], v.half()], dim=1)
+        self._quantize_k(layer, kf[:, : q1 - q0].float(), q0)
+        self._quantize_v(layer, vf[:, : q1 - q0].float(), q0)
+        kb[:, : n2 - q1] = kf[:, q1 - q0 :]
+        vb[:, : n2 - q1] = vf[:, q1 - q0 :]
+        return kf.float(), vf.float()
+
+    def _quantize_k(self, layer: int, k: torch.Tensor, start: int) -> None:
+        """k: [H, C, D] tokens [start, start + C), C a multiple of the K group."""
+        bits, g, c = self.cfg.k_bits, self.cfg.k_group, k.shape[1]
+        if bits == 16:
+            self.kc[layer, :, start : start + c] = k.half()
+            return
+        grouped = k.reshape(self.H, c // g, g, self.D)  # H, C/G, G, D
+        codes, scale, lo = kvquant.quantize(grouped, bits, dim=2)  # scale: H, C/G, 1, D
+        self.kc[layer, :, start : start + c] = kvquant.pack(codes.reshape(self.H, c, self.D), bits)
+        self.ks[layer, :, start // g : (start + c) // g] = scale[:, :, 0]
+        self.km[layer, :, start // g : (start + c) // g] = lo[:, :, 0]
+
+    def _quantize_v(self, layer: int, v: torch.Tensor, start: int) -> None:
+        bits, gv, c = self.cfg.v_bits, self.cfg.v_group, v.shape[1]
+        if bits == 16:
+            self.vc[layer, :, start : start + c] = v.half()
+            return
+        grouped = v.reshape(self.H, c, self.D // gv, gv)  # H, C, D/gv, gv
+        codes, scale, lo = kvquant.quantize(grouped, bits, dim=3)  # scale: H, C, D/gv, 1
+        self.vc[layer, :, start : start + c] = kvquant.pack(codes.reshape(self.H, c, self.D), bits)
+        self.vs[layer, :, start : start + c] = scale[..., 0]
+        self.vm[layer, :, start : start + c] = lo[..., 0]
+
+    # -- reading ----------------------------------------------------------------------------
+    def dequant_k(self, layer: int, end: int) -> torch.Tensor:
+        """Quantized keys of tokens [0, end) as fp32 [H, end, D]; end is a K group boundary."""
+        bits, g = self.cfg.k_bits, self.cfg.k_group
+        if bits == 16:
+            return self.kc[layer, :, :end].float()
+        codes = kvquant.unpack(self.kc[layer, :, :end], bits)  # H, end, D
+        scale = self.ks[layer, :, : end // g].repeat_interleave(g, dim=1)  # H, end, D
+        lo = self.km[layer, :, : end // g].repeat_interleave(g, dim=1)
+        return kvquant.dequantize(codes, scale, lo)
+
+    def dequant_v(self, layer: int, end: int) -> torch.Tensor:
+        bits, gv = self.cfg.v_bits, self.cfg.v_group
+        if bits == 16:
+            return self.vc[layer, :, :end].float()
+        codes = kvquant.unpack(self.vc[layer, :, :end], bits)  # H, end, D
+        scale = self.vs[layer, :, :end].repeat_interleave(gv, dim=2)  # H, end, D
+        lo = self.vm[layer, :, :end].repeat_interleave(gv, dim=2)
+        return kvquant.dequantize(codes, scale, lo)
+
+    def layer_tensors(self, layer: int) -> list[torch.Tensor]:
+        """kc, ks, km, vc, vs, vm, kbuf, vbuf of one layer (scales are empty at 16 bits)."""
+        parts = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kbuf, self.vbuf)
+        return [t[layer] if t.numel() else t for t in parts]
+
+    def page_key_bounds(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-page, per-channel key (min, max) over the quantized pages: [H, pages, D] each."""
+        end = self.qend(self.n)
+        if self.cfg.k_bits == 16:
+            k = self.kc[layer, :, :end].float().reshape(self.H, end // PAGE, PAGE, self.D)
+            return k.amin(dim=2), k.amax(dim=2)
+        g, levels = self.cfg.k_group, (1 << self.cfg.k_bits) - 1
+        lo = self.km[layer, :, : end // g].float()  # H, groups, D
+        hi = lo + self.ks[layer, :, : end // g].float() * levels
+        rep = g // PAGE
+        return lo.repeat_interleave(rep, dim=1), hi.repeat_interleave(rep, dim=1)

@@ -1,0 +1,51 @@
+"""Asymmetric low-bit quantization of KV blocks and the bit packing the native kernel reads.
+
+Codes are unsigned b-bit integers, x ≈ code·scale + min, scale = (max - min) / (2^b - 1).
+Packing is planar along the last axis: with P = 8/b codes per byte and R = D·b/8 bytes per row,
+channel c = p·R + r lives in byte r at bit offset p·b. The unpack loop over r is then contiguous
+for each p, which the C++ kernel vectorizes. fp16 holds scale and min (what KIVI stores).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# D channels (head dim), R packed bytes per row, P codes per byte
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[..., D] integer codes in [0, 2^bits) → [..., D·bits/8] uint8."""
+    per = 8 // bits
+    d = codes.shape[-1]
+    assert d % per == 0, "the head dim must fill whole bytes"
+    planes = codes.to(torch.uint8).reshape(*codes.shape[:-1], per, d // per)  # ..., P, R
+    out = planes[..., 0, :].clone()
+    for p in range(1, per):
+        out |= planes[..., p, :] << (p * bits)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """[..., R] uint8 → [..., R·8/bits] codes as uint8."""
+    mask = (1 << bits) - 1
+    per = 8 // bits
+    return torch.cat([(packed >> (p * bits)) & mask for p in range(per)], dim=-1)
+
+
+def quantize(
+    x: torch.Tensor, bits: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize x with one (scale, min) per slice along `dim` (the group axis).
+
+    Returns codes (x's shape, uint8), and scale / min in fp16 with `dim` reduced (keepdim)."""
+    levels = (1 << bits) - 1
+    lo = x.amin(dim=dim, keepdim=True)
+    hi = x.amax(dim=dim, keepdim=True)
+    scale = ((hi - lo) / levels).clamp_min(1e-8).half()
+    lo = lo.half()
+    codes = torch.round((x - lo.float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
+    return codes, scale, lo
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale.float() + lo.float()

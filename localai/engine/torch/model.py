@@ -1,0 +1,143 @@
+"""Llama-family decoder blocks in flat torch: RMSNorm, RoPE, GQA attention over the paged KV
+cache, and a per-layer FFN that is a replaceable module (dense SwiGLU today; the MoE work swaps
+in a router + expert store per layer through `make_ffn`).
+
+Contract: `Transformer.forward(tokens)` runs the next `len(tokens)` positions of the sequence
+held in `self.cache` and returns logits [C, V] (or only the last row). Weights come from the GGUF
+per tensor; activations are fp32 except at the packed matmuls (bf16 in, fp32 out).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..base import EngineError
+from . import attention
+from .arch import Hparams
+from .kv import KVCache, KVConfig
+from .weights import GGUFWeights
+
+# C tokens in this forward, E model dim, Hq query heads, H KV heads, D head dim, F ffn dim,
+# V vocabulary
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rope_tables(hp: Hparams, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [n, rope_dims / 2] for positions 0..n-1 (linear scaling divides positions)."""
+    half = hp.rope_dims // 2
+    inv = hp.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2 / hp.rope_dims)
+    ang = torch.outer(torch.arange(n, dtype=torch.float64) / hp.rope_scale, inv)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """x: [C, heads, D]; cos/sin: [C, rd/2]. Rotates the first rd dims, passes the rest."""
+    rd = cos.shape[-1] * 2
+    xr, xp = x[..., :rd], x[..., rd:]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # C, 1, rd/2
+    if style == "norm":  # adjacent pairs (2i, 2i + 1)
+        a, b = xr[..., 0::2], xr[..., 1::2]  # C, heads, rd/2
+        out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    else:  # neox: dims i and i + rd/2
+        a, b = xr[..., : rd // 2], xr[..., rd // 2 :]
+        out = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
+
+
+class DenseFFN:
+    """SwiGLU: down(silu(gate x) · up x), gate and up fused into one matmul."""
+
+    def __init__(self, w: GGUFWeights, hp: Hparams, i: int):
+        self.gate_up = w.linear([hp.name("gate", i), hp.name("up", i)])
+        self.down = w.linear(hp.name("down", i))
+        self.f = hp.ffn_dim
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up(x)  # C, 2F
+        return self.down(F.silu(gu[:, : self.f]) * gu[:, self.f :])
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+
+def make_ffn(w: GGUFWeights, hp: Hparams, i: int):
+    """The FFN of block i; MoE architectures plug their expert FFN in here."""
+    if hp.spec.ffn == "dense":
+        return DenseFFN(w, hp, i)
+    raise EngineError(f"the torch runner cannot run {hp.arch} experts yet; use --engine llama")
+
+
+class Attention:
+    def __init__(self, w: GGUFWeights, hp: Hparams, i: int):
+        self.hp, self.layer = hp, i
+        self.qkv = w.linear([hp.name("q", i), hp.name("k", i), hp.name("v", i)])
+        self.o = w.linear(hp.name("o", i))
+        biases = [hp.name(k, i) for k in ("q_bias", "k_bias", "v_bias")]
+        self.bias = torch.cat([w.dense(b) for b in biases]) if hp.spec.qkv_bias else None
+
+    def __call__(self, x, cos, sin, cache: KVCache, use_native: bool) -> torch.Tensor:
+        hp, c = self.hp, x.shape[0]
+        hq, h, d = hp.n_heads, hp.n_kv_heads, hp.head_dim
+        qkv = self.qkv(x)  # C, (Hq + 2H)·D
+        if self.bias is not None:
+            qkv = qkv + self.bias
+        q = qkv[:, : hq * d].view(c, hq, d)  # C, Hq, D
+        k = qkv[:, hq * d : (hq + h) * d].view(c, h, d)  # C, H, D
+        v = qkv[:, (hq + h) * d :].view(c, h, d)  # C, H, D
+        q = apply_rope(q, cos, sin, hp.spec.rope_style)
+        k = apply_rope(k, cos, sin, hp.spec.rope_style)
+        kf, vf = cache.write(self.layer, k.transpose(0, 1), v.transpose(0, 1))  # H, M, D
+        if c == 1:
+            o = attention.decode(cache, self.layer, q[0], kf, vf, use_native)  # Hq, D
+            return self.o(o.reshape(1, hq * d))
+        o = attention.prefill(cache, self.layer, q.transpose(0, 1), kf, vf)  # Hq, C, D
+        return self.o(o.transpose(0, 1).reshape(c, hq * d))
+
+
+class Block:
+    def __init__(self, w: GGUFWeights, hp: Hparams, i: int):
+        self.attn_norm = w.dense(hp.name("attn_norm", i))
+        self.ffn_norm = w.dense(hp.name("ffn_norm", i))
+        self.attn = Attention(w, hp, i)
+        self.ffn = make_ffn(w, hp, i)
+        self.eps = hp.norm_eps
+
+
+class Transformer:
+    def __init__(self, w: GGUFWeights, hp: Hparams, kv: KVConfig, capacity: int):
+        self.w, self.hp = w, hp
+        self.blocks = [Block(w, hp, i) for i in range(hp.n_layers)]
+        self.norm = w.dense(hp.name("output_norm"))
+        out = hp.name("output") if hp.name("output") in w else hp.name("embed")  # tied
+        self.lm_head = w.linear(out, exact=True)  # int8 per row cost 1.5 points of top-1
+        self.cache = KVCache(kv, hp.n_layers, hp.n_kv_heads, hp.head_dim, capacity)
+        self.cos, self.sin = rope_tables(hp, self.cache.T)
+        self.use_native = True
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """tokens: [C] ids at positions [n, n + C) → logits [C, V] (or [1, V], the last)."""
+        cache, c = self.cache, tokens.shape[0]
+        n = cache.n
+        cache.begin(c)
+        cos, sin = self.cos[n : n + c], self.sin[n : n + c]  # C, rd/2
+        x = self.w.rows(self.hp.name("embed"), tokens)  # C, E
+        for b in self.blocks:
+            x = x + b.attn(rms_norm(x, b.attn_norm, b.eps), cos, sin, cache, self.use_native)
+            x = x + b.ffn(rms_norm(x, b.ffn_norm, b.eps))
+        cache.commit()
+        if not all_logits:
+            x = x[-1:]
+        return self.lm_head(rms_norm(x, self.norm, self.hp.norm_eps))  # C, V
+
+    @property
+    def weight_bytes(self) -> int:
+        total = self.lm_head.nbytes
+        for b in self.blocks:
+            total += b.attn.qkv.nbytes + b.attn.o.nbytes + b.ffn.nbytes
+        return total

@@ -1,0 +1,138 @@
+// Fused decode attention over the paged, quantized KV cache (localai/engine/torch/kv.py).
+//
+// One query token, all heads of one layer. For each KV head: scores against the quantized
+// tokens [0, nq) and the fp16 buffer tokens [0, nb), softmax, then the V-weighted sum, without
+// materializing dequantized K or V. K is per-channel quantized in groups of kg tokens, so for
+// each group the query is pre-scaled once (qs = q * k_scale, qm = q . k_min) and a score is
+// qs . code + qm. V is per-token quantized in groups of vg channels.
+// Packing is planar (see kvquant.py): channel p*R + r sits in byte r at bit offset p*bits.
+// The pure-torch definition is attention.decode_reference; tests hold the two to a tolerance.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// codes of one packed row -> float, D channels
+inline void unpack_row(const uint8_t* row, int bits, int D, float* out) {
+  const int per = 8 / bits, R = D / per, mask = (1 << bits) - 1;
+  for (int p = 0; p < per; ++p) {
+    const int shift = p * bits;
+    float* o = out + p * R;
+    for (int r = 0; r < R; ++r) o[r] = static_cast<float>((row[r] >> shift) & mask);
+  }
+}
+
+inline void half_row(const at::Half* row, int D, float* out) {
+  for (int c = 0; c < D; ++c) out[c] = static_cast<float>(row[c]);
+}
+
+}  // namespace
+
+torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
+                               torch::Tensor kc, torch::Tensor ks, torch::Tensor km,
+                               torch::Tensor vc, torch::Tensor vs, torch::Tensor vm,
+                               torch::Tensor kbuf, torch::Tensor vbuf,  // [H, W+G, D] fp16
+                               int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits,
+                               int64_t kg, int64_t vg, double sm_scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous fp32");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kbuf.is_contiguous() &&
+                  vbuf.is_contiguous(), "cache tensors must be contiguous");
+  const int Hq = q.size(0), D = q.size(1), H = kbuf.size(0);
+  const int rep = Hq / H, N = nq + nb;
+  const int64_t T = kc.size(1), cap = kbuf.size(1);
+  const int64_t k_row = kc.size(2), v_row = vc.size(2);
+  TORCH_CHECK(nq <= T && nb <= cap && nq % kg == 0, "bad token counts");
+  auto out = torch::zeros({Hq, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = static_cast<float>(sm_scale);
+
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> s(static_cast<size_t>(rep) * N), row(D), qs(rep * D), qm(rep);
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* qh = qp + h * rep * D;
+      // ---- scores over the quantized pages
+      for (int64_t t = 0; t < nq; ++t) {
+        if (k_bits == 16) {
+          half_row(kc.data_ptr<at::Half>() + (h * T + t) * D, D, row.data());
+          for (int r = 0; r < rep; ++r) {
+            float acc = 0.f;
+            for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
+            s[r * N + t] = acc * scale;
+          }
+          continue;
+        }
+        if (t % kg == 0) {  // new K group: fold its per-channel scale and min into the query
+          const at::Half* sc = ks.data_ptr<at::Half>() + (h * (T / kg) + t / kg) * D;
+          const at::Half* mn = km.data_ptr<at::Half>() + (h * (T / kg) + t / kg) * D;
+          for (int r = 0; r < rep; ++r) {
+            float m = 0.f;
+            for (int c = 0; c < D; ++c) {
+              qs[r * D + c] = qh[r * D + c] * static_cast<float>(sc[c]);
+              m += qh[r * D + c] * static_cast<float>(mn[c]);
+            }
+            qm[r] = m;
+          }
+        }
+        unpack_row(kc.data_ptr<uint8_t>() + (h * T + t) * k_row, k_bits, D, row.data());
+        for (int r = 0; r < rep; ++r) {
+          float acc = qm[r];
+          for (int c = 0; c < D; ++c) acc += qs[r * D + c] * row[c];
+          s[r * N + t] = acc * scale;
+        }
+      }
+      // ---- scores over the fp16 buffer
+      for (int64_t t = 0; t < nb; ++t) {
+        half_row(kbuf.data_ptr<at::Half>() + (h * cap + t) * D, D, row.data());
+        for (int r = 0; r < rep; ++r) {
+          float acc = 0.f;
+          for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
+          s[r * N + nq + t] = acc * scale;
+        }
+      }
+      // ---- softmax per query head
+      for (int r = 0; r < rep; ++r) {
+        float* sr = s.data() + r * N;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int t = 0; t < N; ++t) mx = std::max(mx, sr[t]);
+        float sum = 0.f;
+        for (int t = 0; t < N; ++t) {
+          sr[t] = std::exp(sr[t] - mx);
+          sum += sr[t];
+        }
+        const float inv = 1.f / sum;
+        for (int t = 0; t < N; ++t) sr[t] *= inv;
+      }
+      // ---- weighted sum of V
+      float* oh = op + h * rep * D;
+      for (int64_t t = 0; t < N; ++t) {
+        if (t < nq && v_bits < 16) {
+          unpack_row(vc.data_ptr<uint8_t>() + (h * T + t) * v_row, v_bits, D, row.data());
+          const at::Half* sc = vs.data_ptr<at::Half>() + (h * T + t) * (D / vg);
+          const at::Half* mn = vm.data_ptr<at::Half>() + (h * T + t) * (D / vg);
+          for (int c = 0; c < D; ++c)
+            row[c] = row[c] * static_cast<float>(sc[c / vg]) + static_cast<float>(mn[c / vg]);
+        } else if (t < nq) {
+          half_row(vc.data_ptr<at::Half>() + (h * T + t) * D, D, row.data());
+        } else {
+          half_row(vbuf.data_ptr<at::Half>() + (h * cap + (t - nq)) * D, D, row.data());
+        }
+        for (int r = 0; r < rep; ++r) {
+          const float p = s[r * N + t];
+          float* o = oh + r * D;
+          for (int c = 0; c < D; ++c) o[c] += p * row[c];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "fused decode attention over quantized KV pages");
+}

@@ -1,0 +1,57 @@
+"""`--engine torch` and `localai perplexity` through the real command, in subprocesses."""
+
+import json
+import os
+from pydoc_data.topics import topics
+
+import pytest
+from conftest import TEST_MODEL, localai
+
+
+@pytest.fixture
+def env(home):
+    return dict(os.environ)
+
+
+def test_run_torch_json_stats_and_kv_bits(env):
+    r = localai("run", "Say hello.", "--model", TEST_MODEL, "--engine", "torch", "-t", "0",
+                "--max-tokens", "8", "--ctx", "2048", "--kv-bits", "4", "--v-bits", "2",
+                "--json", "--no-daemon", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    st = out["stats"]
+    assert out["text"].strip() and 0 < st["completion_tokens"] <= 8
+    for key in ("tokens_per_s", "ttft_s", "kv_bytes", "peak_rss_bytes"):
+        assert st[key] > 0, key
+    # 4-bit K, 2-bit V pages + a 256-token fp16 buffer, against fp16 for all 2,048 tokens
+    assert st["kv_bytes"] < 0.45 * 30 * 3 * 64 * 2 * 2 * 2048
+    assert "Traceback" not in r.stderr and "llama_context" not in r.stderr
+
+
+def test_run_torch_streams_and_refuses_overflow(env):
+    r = localai("run", "--model", TEST_MODEL, "--engine", "torch", "-t", "0", "--max-tokens", "6",
+                "--no-daemon", input="Say hello.", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "tok/s" in r.stderr
+    r = localai("run", "word " * 700, "--model", TEST_MODEL, "--engine", "torch", "--ctx", "512",
+                "--no-daemon", env=env)  # fmt: skip
+    assert r.returncode == 1 and "model context is 512" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_perplexity_command_both_engines(env, tmp_path):
+    text = tmp_path / "doc.txt"
+    text.write_text(topics["assignment"][:1800])
+    rows = {}
+    for engine in ("llama", "torch"):
+        r = localai("perplexity", str(text), "--model", TEST_MODEL, "--engine", engine, "--ctx",
+                    "256", "--json", env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        rows[engine] = json.loads(r.stdout)
+    for row in rows.values():
+        assert set(row) >= {"ppl", "tokens", "seconds"} and 1 < row["ppl"] < 1000
+    assert rows["llama"]["tokens"] == rows["torch"]["tokens"] > 250
+    assert abs(rows["torch"]["ppl"] / rows["llama"]["ppl"] - 1) < 0.03
+    r = localai("perplexity", str(text), "--model", TEST_MODEL, "--engine", "torch", "--ctx",
+                "256", env=env)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.startswith("ppl ")

@@ -1,0 +1,110 @@
+"""The paged, quantized KV cache and decode attention: packing, chunk invariance, prefill/decode
+agreement, and the native kernel against its pure-torch reference (both paths are exercised)."""
+
+import math
+
+import pytest
+import torch
+
+from localai.engine.torch import attention, kvquant, native
+from localai.engine.torch.kv import PAGE, KVCache, KVConfig
+
+H, HQ, D = 2, 6, 64
+
+
+def fill(cache: KVCache, k: torch.Tensor, v: torch.Tensor, chunk: int):
+    """Write K, V [H, N, D] into layer 0 in chunks of `chunk` tokens."""
+    for i in range(0, k.shape[1], chunk):
+        cache.begin(k[:, i : i + chunk].shape[1])
+        cache.write(0, k[:, i : i + chunk], v[:, i : i + chunk])
+        cache.commit()
+
+
+def kv_data(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(H, n, D, generator=g)
+    k[:, :, 3] *= 20  # an outlier channel, as real keys have
+    return k, torch.randn(H, n, D, generator=g)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_pack_roundtrip_and_error_bound(bits):
+    codes = torch.randint(0, 1 << bits, (5, 7, D), dtype=torch.uint8)
+    assert torch.equal(kvquant.unpack(kvquant.pack(codes, bits), bits), codes)
+    x = torch.randn(4, 32, D)
+    c, scale, lo = kvquant.quantize(x, bits, dim=1)
+    err = (kvquant.dequantize(c, scale, lo) - x).abs()
+    assert (err <= scale.float() * 0.5 + 1e-3).all()
+
+
+def test_chunking_does_not_change_what_is_stored():
+    cfg = KVConfig(k_bits=4, v_bits=2, window=32, k_group=32, v_group=32)
+    k, v = kv_data(300)
+    a, b = KVCache(cfg, 1, H, D, 512), KVCache(cfg, 1, H, D, 512)
+    fill(a, k, v, 1)
+    fill(b, k, v, 77)
+    q_end = a.qend(300)
+    assert q_end == b.qend(300) == 256 and a.n == b.n == 300
+    assert torch.equal(a.dequant_k(0, q_end), b.dequant_k(0, q_end))
+    assert torch.equal(a.dequant_v(0, q_end), b.dequant_v(0, q_end))
+    assert torch.equal(a.kbuf[0, :, : 300 - q_end], b.kbuf[0, :, : 300 - q_end])
+    # the fp16 window holds the newest tokens exactly (to fp16)
+    assert torch.equal(a.kbuf[0, :, : 300 - q_end], k[:, q_end:].half())
+
+
+def test_page_bounds_contain_the_keys():
+    cfg = KVConfig(k_bits=4, v_bits=4, window=16, k_group=32)
+    k, v = kv_data(200)
+    cache = KVCache(cfg, 1, H, D, 256)
+    fill(cache, k, v, 50)
+    lo, hi = cache.page_key_bounds(0)
+    pages = cache.qend(200) // PAGE
+    assert lo.shape == (H, pages, D)
+    keys = k[:, : pages * PAGE].reshape(H, pages, PAGE, D)
+    slack = 1e-2 * keys.abs().amax()
+    assert (keys >= lo[:, :, None] - slack).all() and (keys <= hi[:, :, None] + slack).all()
+
+
+def test_bytes_per_token_meet_the_budget():
+    fp16 = KVCache(KVConfig(16, 16), 1, 2, 64, 4096).bytes_per_token()
+    four = KVCache(KVConfig(4, 4), 1, 2, 64, 4096).bytes_per_token()
+    two = KVCache(KVConfig(2, 2), 1, 2, 64, 4096).bytes_per_token()
+    assert fp16 == 2 * 2 * 64 * 2
+    assert four <= 0.28 * fp16 and two <= 0.16 * fp16
+
+
+def decode_case(cfg: KVConfig, n: int):
+    """A cache holding n tokens, then the write of token n; returns what decode needs."""
+    k, v = kv_data(n + 1, seed=n)
+    cache = KVCache(cfg, 1, H, D, 1024)
+    fill(cache, k[:, :n], v[:, :n], 64)
+    cache.begin(1)
+    kf, vf = cache.write(0, k[:, n:], v[:, n:])
+    q = torch.randn(HQ, D, generator=torch.Generator().manual_seed(7))
+    return cache, q, kf, vf
+
+
+@pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (8, 8), (4, 4), (2, 2), (4, 2), (16, 4)])
+def test_prefill_and_decode_reference_agree(k_bits, v_bits):
+    """The last query of a prefill chunk sees exactly what a decode step at that position sees."""
+    cfg = KVConfig(k_bits, v_bits, window=32, k_group=32, v_group=32)
+    cache, q, kf, vf = decode_case(cfg, 200)
+    ref = attention.decode_reference(cache, 0, q, kf, vf)
+    pre = attention.prefill(cache, 0, q[:, None, :], kf, vf)[:, 0]  # Hq, D
+    torch.testing.assert_close(pre, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (8, 8), (4, 4), (2, 2), (4, 2), (16, 4)])
+@pytest.mark.parametrize("n", [5, 200, 700])
+def test_native_kernel_matches_reference(k_bits, v_bits, n):
+    kernel = native.load()
+    if kernel is None:
+        pytest.skip(f"native extension unavailable here: {native.status()}")
+    cfg = KVConfig(k_bits, v_bits, window=64, k_group=64, v_group=32)
+    cache, q, kf, vf = decode_case(cfg, n)
+    ref = attention.decode_reference(cache, 0, q, kf, vf)
+    out = attention.decode(cache, 0, q, kf, vf, use_native=True)
+    # fp32 accumulation in a different order (and -ffast-math): relative 1e-4 of the output scale
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert not math.isnan(float(out.sum()))

@@ -1,0 +1,168 @@
+"""The torch runner on the real SmolLM2-135M GGUF, with llama.cpp's own logits as the oracle."""
+
+import threading
+from pydoc_data.topics import topics
+
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+from conftest import TEST_MODEL
+
+from localai.engine import (
+    ContextOverflowError,
+    Delta,
+    Done,
+    Engine,
+    EngineError,
+    Message,
+    SamplingParams,
+    chat,
+)
+from localai.engine.perplexity import measure_torch
+from localai.engine.torch import TorchEngine
+
+CTX = 1024
+# Python's own reference documentation: real English prose and code that ships with CPython
+TEXT = "\n\n".join(topics[k] for k in sorted(topics))[:40000]
+PROMPTS = ["Name three colours of the rainbow.", "What is the capital of France?",
+           "Write a haiku about the sea.", "Explain what a CPU does in one sentence.",
+           "List two uses of Python."]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def torch_engine(model_path):
+    eng = TorchEngine(model_path, TEST_MODEL, context_length=CTX, threads=2)
+    yield eng
+    eng.close()
+
+
+def run(engine, params, messages, cancel=None):
+    events = list(chat(engine, messages, params, cancel))
+    assert isinstance(events[-1], Done) and all(isinstance(e, Delta) for e in events[:-1])
+    return "".join(e.text for e in events[:-1]), events[-1]
+
+
+def test_implements_the_protocol_with_the_same_tokens_and_template(torch_engine, engine):
+    assert isinstance(torch_engine, Engine)
+    info = torch_engine.info()
+    assert info["backend"] == "torch" and info["arch"] == "llama"
+    assert info["kv_bytes_allocated"] > 0 and 50e6 < info["weights_bytes"] < 200e6
+    msgs = [Message("system", "S"), Message("user", "Hi <|im_start|> there")]
+    prompt = torch_engine.apply_chat_template(msgs)
+    assert prompt == engine.apply_chat_template(msgs)
+    assert torch_engine.tokenize(prompt) == engine.tokenize(prompt)
+    assert torch_engine.detokenize(engine.tokenize("héllo wörld")) == "héllo wörld"
+
+
+def llama_logits(model_path, window):
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=CTX, n_batch=512, logits_all=True,
+                          n_threads=2, verbose=False)  # fmt: skip
+    try:
+        llm.eval(window)
+        return torch.from_numpy(np.array(llm.scores[: len(window)], dtype=np.float32))
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_logits_match_llama_cpp(torch_engine, model_path):
+    """Perplexity within 2% and top-1 agreement over 2,046 positions.
+
+    Measured: perplexity ratio 0.996-0.998, top-1 agreement 95-96%. Every disagreement seen is
+    a near tie (llama.cpp's top-2 margin < 0.45 logit): llama.cpp rounds activations to 8-bit
+    blocks inside its matmuls, and an exact fp32 evaluation of the same GGUF agrees with it on
+    96.7% of positions, so agreement is asserted at 95% overall and 99.5% where llama.cpp's
+    margin is at least 0.5."""
+    tokens = torch_engine.tokenize(TEXT, special=False)[: 2 * CTX]
+    agree = confident = confident_agree = 0
+    nll_l = nll_t = 0.0
+    for w in range(2):
+        win = tokens[w * CTX : (w + 1) * CTX]
+        ref = llama_logits(model_path, win)[:-1]  # N-1, V
+        torch_engine.model.cache.reset()
+        ours = torch.cat([torch_engine.model.forward(torch.tensor(win[i : i + 256]), True)
+                          for i in range(0, CTX, 256)])[:-1]  # fmt: skip
+        tgt = torch.tensor(win[1:])[:, None]
+        nll_l -= float(torch.log_softmax(ref, -1).gather(1, tgt).sum())
+        nll_t -= float(torch.log_softmax(ours, -1).gather(1, tgt).sum())
+        same = ref.argmax(-1) == ours.argmax(-1)
+        top2 = ref.topk(2, -1).values
+        sure = (top2[:, 0] - top2[:, 1]) >= 0.5
+        agree += int(same.sum())
+        confident += int(sure.sum())
+        confident_agree += int((same & sure).sum())
+    n = 2 * (CTX - 1)
+    ratio = float(np.exp((nll_t - nll_l) / n))
+    assert abs(ratio - 1) < 0.02, ratio
+    assert agree / n >= 0.95, agree / n
+    assert confident > n // 2 and confident_agree / confident >= 0.995
+
+
+@pytest.mark.slow
+def test_greedy_generations_agree_with_llama_cpp(torch_engine, engine):
+    """Greedy text follows llama.cpp's until the first near tie. Measured: 2 of 5 prompts agree
+    on all 16 tokens; the others part at a top-2 margin under 0.1 logit. llama.cpp's own
+    flash-attention and plain paths differ by 0.2-0.6 mean absolute logit on the same tokens,
+    the size of our difference from either, so agreeing on every prompt is not a property
+    llama.cpp has with itself."""
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    prefixes = []
+    for p in PROMPTS:
+        msgs = [Message("user", p)]
+        a = engine.tokenize(run(torch_engine, params, msgs)[0], special=False)
+        b = engine.tokenize(run(engine, params, msgs)[0], special=False)
+        prefixes.append(
+            next(
+                (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)),
+            )
+        )
+    assert sum(n >= 16 for n in prefixes) >= 2, prefixes
+
+
+def test_contract_limits_stops_seeds_cancel(torch_engine):
+    msgs = [Message("user", "Count from 1 to 20, separated by commas.")]
+    full, done = run(torch_engine, SamplingParams(temperature=0.0, max_tokens=40), msgs)
+    st = done.stats
+    assert st.completion_tokens == 40 and st.finish_reason == "length"
+    assert st.kv_bytes == torch_engine.info()["kv_bytes_allocated"] and st.peak_rss_bytes > 0
+    assert st.tokens_per_s > 0 and st.ttft_s > 0
+    cut = full.index("5")
+    text, done = run(torch_engine, SamplingParams(temperature=0.0, max_tokens=40, stop=["5"]), msgs)
+    assert text == full[:cut] and done.stats.finish_reason == "stop"
+    p = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=12)
+    a = run(torch_engine, SamplingParams(seed=3, **p), msgs)[0]
+    assert a == run(torch_engine, SamplingParams(seed=3, **p), msgs)[0]
+    cancel = threading.Event()
+    cancel.set()
+    done = run(torch_engine, SamplingParams(max_tokens=50), msgs, cancel)[1]
+    assert done.stats.finish_reason == "cancelled" and done.stats.completion_tokens == 1
+    with pytest.raises(ContextOverflowError, match="1,024"):
+        run(torch_engine, SamplingParams(max_tokens=10), [Message("user", "word " * 1100)])
+    gen = chat(torch_engine, msgs, SamplingParams(max_tokens=30))
+    next(gen)
+    with pytest.raises(EngineError, match="already generating"):
+        next(chat(torch_engine, msgs, SamplingParams(max_tokens=5)))
+    gen.close()
+
+
+@pytest.mark.slow
+def test_quantized_kv_and_the_torch_fallback(model_path, torch_engine):
+    """4-bit KV stays within 2% of fp16 perplexity; the pure-torch decode path (what runs when
+    the native build fails) generates the same greedy text as the native kernel."""
+    text = TEXT[:12000]
+    base = measure_torch(torch_engine, text)
+    q4 = TorchEngine(model_path, TEST_MODEL, context_length=CTX, threads=2, k_bits=4, v_bits=4)
+    try:
+        quant = measure_torch(q4, text)
+        assert quant.tokens == base.tokens > 2 * CTX - 10
+        assert quant.ppl / base.ppl < 1.02, (quant.ppl, base.ppl)
+        assert q4.info()["kv_bytes_per_token"] < 0.3 * torch_engine.info()["kv_bytes_per_token"]
+        params = SamplingParams(temperature=0.0, max_tokens=24)
+        msgs = [Message("user", "Write a long story about a lighthouse. " * 30)]  # > window
+        native_text = run(q4, params, msgs)[0]
+        q4.model.use_native = False
+        assert run(q4, params, msgs)[0] == native_text
+    finally:
+        q4.close()
