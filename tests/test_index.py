@@ -227,6 +227,11 @@ def test_cli_index_search_sources_check(home, docs, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
     r = localai("sources", "rm", str(docs), env=env)
     assert r.returncode == 0 and "7 files" in r.stderr  # 5 indexed + 2 skipped
+    for extra in ("-wal", "-shm"):
+        (home / f"index.db{extra}").unlink(missing_ok=True)
+    (home / "index.db").write_bytes(b"not a database at all" * 100)  # damaged index file
+    r = localai("search", "anything", env=env)
+    assert r.returncode == 1 and "cannot be used" in r.stderr and "Traceback" not in r.stderr
     for args in (["index", str(tmp_path / "missing")], ["search"], ["sources", "rm", "/x"]):
         r = localai(*args, env=env)
         assert r.returncode == 1 and "Error:" in r.stderr and "Traceback" not in r.stderr, args

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import click
+import pysqlite3.dbapi2 as sqlite3
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..index.search import MODES, UNITS, Index, IndexError_
+from ..index.search import MODES, UNITS, Index, IndexError_, db_path
 from .app import err, log, main, settings_of, user_errors
 
 
@@ -29,6 +30,13 @@ def index_errors(fn):
             return fn(*args, **kwargs)
         except IndexError_ as e:
             raise click.ClickException(str(e)) from e
+        except sqlite3.DatabaseError as e:  # a damaged or foreign file where index.db should be
+            ctx = click.get_current_context()
+            where = db_path(settings_of(ctx))
+            raise click.ClickException(
+                f"the index at {where} cannot be used ({e}); your documents are untouched: move "
+                "that file away and run `localai index PATH` to build a new index"
+            ) from e
 
     return user_errors(wrapper)
 
