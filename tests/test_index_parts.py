@@ -183,3 +183,25 @@ def test_json_loader_accepts_valid_data(tmp_path):
     name, load = loader_for(tmp_path / "d.json", data)
     blocks = load(data, tmp_path / "d.json")
     assert name == "data" and len(blocks) > 1
+
+
+def test_index_layer_does_not_reach_up():
+    """localai.index is below the engine, the server and RAG: it must not import them."""
+    import ast
+    from pathlib import Path
+
+    import localai.index
+
+    for path in Path(localai.index.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                up = name.startswith("..")  # relative to localai/, not to localai/index/
+                if up or name.startswith("localai."):
+                    top = name.lstrip(".").removeprefix("localai.").split(".")[0]
+                    assert top not in ("engine", "server", "rag"), (path.name, name)
