@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import click
-import pysqlite3.dbapi2 as sqlite3
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..index.search import MODES, UNITS, Index, IndexError_, db_path
+from ..index import MODES, UNITS
 from .app import err, log, main, settings_of, user_errors
 
 
@@ -26,6 +25,10 @@ def index_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import pysqlite3.dbapi2 as sqlite3
+
+        from ..index.search import IndexError_, db_path
+
         try:
             return fn(*args, **kwargs)
         except IndexError_ as e:
@@ -41,11 +44,13 @@ def index_errors(fn):
     return user_errors(wrapper)
 
 
-def _open(ctx) -> Index:
+def _open(ctx):
+    from ..index.search import Index  # loaded only when an index command runs
+
     return Index.open(settings_of(ctx))
 
 
-def _run_with_progress(index: Index, paths, show: bool):
+def _run_with_progress(index, paths, show: bool):
     if not show:
         return index.update(paths)
     cols = [TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("files")]
@@ -109,7 +114,7 @@ def index_cmd(ctx, paths, as_json, watch, check):
         _watch(ix)
 
 
-def _watch(ix: Index) -> None:
+def _watch(ix) -> None:
     stop = threading.Event()
     log("watching " + ", ".join(s["path"] for s in ix.sources()) + " (Ctrl-C to stop)")
 
@@ -203,7 +208,7 @@ def search_cmd(ctx, query, k, unit, mode, as_json, under, queries):
         out.print(f"   {snippet}", markup=False)
 
 
-def _batch(ix: Index, path: Path, k: int, unit: str, mode: str, under) -> None:
+def _batch(ix, path: Path, k: int, unit: str, mode: str, under) -> None:
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue

@@ -39,7 +39,7 @@ import numpy as np
 from ..catalog import Catalog
 from ..config import Settings
 from ..governor import Governor
-from . import store
+from . import MODES, UNITS, store
 from .chunker import chunk
 from .fusion import fts_query, fts_text, rrf, to_files
 from .indexer import Indexer, Progress, RunStats
@@ -48,8 +48,6 @@ from .vectors import DEFAULT_CODEC, VectorSet, codec
 
 CANDIDATES = 100  # each list's depth before fusion
 READ_CACHE = 32  # re-chunked files kept for read-back
-UNITS = ("chunk", "file")
-MODES = ("hybrid", "bm25", "vector")
 
 
 class IndexError_(ValueError):

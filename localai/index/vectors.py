@@ -25,6 +25,7 @@ at 100k chunks stays within the latency goal; the governor is told its size.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,21 +95,22 @@ class Bin1(Codec):
     spreads MiniLM's few large components over all dimensions, so signs keep more of the angle;
     decoding gives the rotated-back sign vector, scored against the float query."""
 
-    @staticmethod
-    def _rotation() -> np.ndarray:
-        rng = np.random.default_rng(0)
-        q, r = np.linalg.qr(rng.standard_normal((DIM, DIM)))
-        return (q * np.sign(np.diag(r))).astype(np.float32)  # (384, 384) orthogonal
-
     def encode(self, vecs):
-        return np.packbits(vecs @ _ROT > 0, axis=1)  # (N, 48)
+        return np.packbits(vecs @ _rotation() > 0, axis=1)  # (N, 48)
 
     def decode(self, codes):
         bits = np.unpackbits(np.ascontiguousarray(codes), axis=1)[:, :DIM].astype(np.float32)
-        return ((bits * 2 - 1) / np.sqrt(DIM)) @ _ROT.T
+        return ((bits * 2 - 1) / np.sqrt(DIM)) @ _rotation().T
 
 
-_ROT = Bin1._rotation()
+@functools.cache
+def _rotation() -> np.ndarray:
+    """(384, 384) orthogonal, fixed by its seed; built on first use (a QR costs ~0.5 s, which
+    every `localai` command would otherwise pay at import)."""
+    rng = np.random.default_rng(0)
+    q, r = np.linalg.qr(rng.standard_normal((DIM, DIM)))
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
 
 CODECS: dict[str, Codec] = {
     "f32": Float32("f32", DIM * 4),
