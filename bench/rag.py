@@ -3,13 +3,15 @@
 rerank: NFCorpus (../shared/evals), hybrid retrieval of the top 10 files for the first N test
    queries, nDCG@10 as retrieved vs after the LLM yes/no reranker (localai/rag/rerank.py), same
    queries, same run. Uses the index bench/index_nfcorpus.py builds (built here if absent).
-rag: python3-doc (the question → page set of bench/index_pydoc.py): the full pipeline in-process
+rag: python3-doc (the question → page set of bench/index_pydoc.py; the expected pages plus
+   --pages distractor pages, so that it fits a session): the full pipeline in-process
    (retrieve → pack → generate → cite). Per question: whether the expected page is among the
    passages given to the model (hit@k), whether a verified citation points into it (cited
    hit), and over all citations the share that verified.
 Prints one JSON object.
 
     python bench/rag.py [--part rerank|rag|both] [--queries 20] [--model smollm2-135m] [-k 5]
+                        [--pages 60]
 """
 
 from __future__ import annotations
@@ -63,12 +65,21 @@ def rerank_part(engine, work: Path, n_queries: int) -> dict:
             "rerank_s_per_query": round((time.perf_counter() - t0) / len(plain), 2)}  # fmt: skip
 
 
-def pydoc_index(work: Path) -> Index:
+def pydoc_index(work: Path, pages: int) -> Index:
+    """An index of python3-doc: the pages named by the questions' expected paths, plus `pages`
+    others taken evenly from the sorted page list as distractors (0: the whole documentation)."""
     ensure_docs()
     docs = work / "html"
     if not docs.is_dir():
-        shutil.copytree(DOC, docs, symlinks=False)
-        (docs / ".localaiignore").write_text("_sources/\n")
+        every = sorted(p for p in DOC.rglob("*.html") if "_sources" not in p.parts)
+        stems = {w.rsplit("/", 1)[-1] for _, w in QUESTIONS}
+        wanted = [p for p in every if p.stem in stems or p.stem.removeprefix("asyncio-") == "task"]
+        others = [p for p in every if p not in wanted]
+        step = max(1, len(others) // pages) if pages else 1
+        for p in wanted + others[::step][: pages or None]:
+            dest = docs / p.relative_to(DOC)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, dest)
     ix = Index.open(load_settings(work / "home", models_dir=MODELS))
     if not ix.stats()["chunks"]:
         ix.add_source(docs)
@@ -76,8 +87,8 @@ def pydoc_index(work: Path) -> Index:
     return ix
 
 
-def rag_part(engine, work: Path, k: int, max_tokens: int) -> dict:
-    ix = pydoc_index(work)
+def rag_part(engine, work: Path, k: int, max_tokens: int, pages: int) -> dict:
+    ix = pydoc_index(work, pages)
     rag = Answerer(ix, engine)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     rows = []
@@ -111,6 +122,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--pages", type=int, default=60, help="distractor pages (0: all)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/localai-bench"))
     a = ap.parse_args()
     settings = load_settings(a.work / "rag-home", models_dir=MODELS, model=a.model,
@@ -121,7 +133,8 @@ def main() -> None:
     if a.part in ("rerank", "both"):
         out["rerank_nfcorpus"] = rerank_part(engine, a.work / "nfcorpus", a.queries)
     if a.part in ("rag", "both"):
-        out["rag_pydoc"] = rag_part(engine, a.work / "pydoc", a.k, a.max_tokens)
+        work = a.work / f"pydoc-{a.pages or 'all'}"
+        out["rag_pydoc"] = rag_part(engine, work, a.k, a.max_tokens, a.pages)
     engine.close()
     print(json.dumps(out))
 
