@@ -19,6 +19,7 @@ import platform
 import random
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -60,8 +61,10 @@ def kv_part(a, path) -> dict:
             rows[str(bits)] = {"ppl": round(r.ppl, 4), "tokens": r.tokens,
                                "bytes_per_token_pages": info["kv_bytes_per_token"],
                                "kv_bytes_allocated": info["kv_bytes_allocated"],
-                               "decode_tokens_per_s_at_ctx": decode_at(eng, ids, ctx)}  # fmt: skip
+                               "decode_tokens_per_s_at_ctx": decode_at(eng, ids, ctx)
+                               if a.decode_at_ctx else None}  # fmt: skip
             eng.close()
+            print(json.dumps({"ctx": ctx, "bits": bits} | rows[str(bits)]), file=sys.stderr)
         base = rows["16"]
         for row in rows.values():
             row["ppl_vs_fp16"] = round(row["ppl"] / base["ppl"] - 1, 4)
@@ -71,8 +74,8 @@ def kv_part(a, path) -> dict:
             row["allocated_vs_fp16"] = round(
                 row["kv_bytes_allocated"] / base["kv_bytes_allocated"], 4
             )
-        llama = measure_llama(path, sub, ctx, a.threads)
-        out["contexts"][str(ctx)] = {"torch": rows, "llama_f16_ppl": round(llama.ppl, 4)}
+        llama = measure_llama(path, sub, ctx, a.threads).ppl if a.llama_ppl else None
+        out["contexts"][str(ctx)] = {"torch": rows, "llama_f16_ppl": llama}
     return out
 
 
@@ -155,6 +158,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--no-decode-at-ctx", dest="decode_at_ctx", action="store_false")
+    ap.add_argument("--no-llama-ppl", dest="llama_ppl", action="store_false")
     a = ap.parse_args()
     a.model = a.model or ("smollm2-135m" if a.part == "decode" else "qwen2.5-coder-0.5b")
     a.bits = a.bits or ([16, 8, 4, 2] if a.part == "kv" else [16, 4])

@@ -39,6 +39,7 @@ def run(ctx, prompt, model, engine, context_length, threads, type_k, type_v, sys
                             stop=list(stop))  # fmt: skip
     msgs = ([Message("system", system)] if system else []) + [Message("user", prompt)]
     shaped = any(x is not None for x in (engine, context_length, threads, type_k, type_v))
+    shaped = shaped or bool(ctx.obj.get("kv_bits"))  # --kv-bits etc. shape the engine too
     daemon = None if no_daemon or shaped else _daemon_for(ctx, model)
     if daemon is not None:  # one copy of the model in RAM: the daemon's
         eng = None
