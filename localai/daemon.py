@@ -110,7 +110,7 @@ def serve(
         + ("token in " + str(settings.home / "token") if token else "auth OFF (loopback only)")
     )
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        _Server(config, on_exit=state.slot.cancel_all).run(sockets=[sock])
     finally:
         if watcher is not None:
             watcher.stop()
@@ -119,6 +119,19 @@ def serve(
             state.index.close()
         engine.close()
         sock.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but Ctrl-C / SIGTERM first cancels running generations: their clients get a
+    properly ended answer at once, instead of the shutdown waiting for long answers to end."""
+
+    def __init__(self, config: uvicorn.Config, on_exit):
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
 
 
 def _open_docs(state: ServerState, settings: Settings, governor: Governor, log):

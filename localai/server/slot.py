@@ -90,8 +90,12 @@ class Slot:
         self.served += 1
         self._lock.release()
 
-    def close(self) -> None:
-        """Cancel what runs and wait for it, so the engine can be closed safely."""
+    def cancel_all(self) -> None:
+        """Stop every running generation at its next token (safe from a signal handler)."""
         for cancel in list(self._active):
             cancel.set()
+
+    def close(self) -> None:
+        """Cancel what runs and wait for it, so the engine can be closed safely."""
+        self.cancel_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
