@@ -16,6 +16,7 @@ from pathlib import Path
 KV_TYPES = ("f16", "q8_0", "q4_0")
 KV_BITS = (16, 8, 4, 2)  # the torch runner's KV cache (K per channel, V per token)
 ENGINES = ("llama", "torch")
+INDEX_CODECS = ("int8", "int4", "bin1", "f32")  # = localai.index.vectors.CODECS (a test checks)
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,7 @@ class Settings:
     models_dir: Path | None = None  # default: home / "models"
     model: str = "qwen2.5-coder-1.5b"  # default chat model
     embed_model: str = "minilm-l6-int8"
+    index_codec: str = "int8"  # vector codes of a new index; trade-offs in BENCHMARKS.md
     engine: str = "llama"
     context_length: int = 8192  # capped at the model's trained context
     threads: int = field(default_factory=physical_cores)
@@ -74,6 +76,10 @@ class Settings:
         for name in ("k_bits", "v_bits"):
             if getattr(self, name) not in KV_BITS:
                 raise ConfigError(f"{name} must be one of {KV_BITS}, not {getattr(self, name)!r}")
+        if self.index_codec not in INDEX_CODECS:
+            raise ConfigError(
+                f"index_codec must be one of {INDEX_CODECS}, not {self.index_codec!r}"
+            )
         if self.context_length < 64:
             raise ConfigError(f"context_length must be at least 64, not {self.context_length}")
         if self.threads < 1:

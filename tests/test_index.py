@@ -264,3 +264,19 @@ def test_cli_watch_indexes_saved_files_until_interrupted(home, docs):
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=60)
     assert proc.returncode in (0, 130) and "Traceback" not in rest
+
+
+def test_configured_codec_applies_to_a_new_index(home, docs, embedder):
+    from localai.config import INDEX_CODECS
+    from localai.index.vectors import CODECS
+
+    assert set(INDEX_CODECS) == set(CODECS)
+    ix = Index.open(load_settings(index_codec="int4"), embedder=embedder)
+    ix.add_source(docs)
+    ix.update()
+    assert ix.stats()["codec"] == "int4" and ix.check() == []
+    assert ix.search("sourdough starter", k=1)[0].path.endswith("kitchen.md")
+    ix.close()
+    ix = Index.open(load_settings(index_codec="bin1"), embedder=embedder)
+    assert ix.stats()["codec"] == "int4"  # the recorded codec wins: codes are never mixed
+    ix.close()

@@ -90,10 +90,10 @@ class Index:
         self.db = store.connect(self.path)
         self.governor = governor
         name = store.get_meta(self.db, "codec")
-        if name is None:
+        if name is None:  # a new index takes the configured codec; an existing one keeps its own
+            name = getattr(settings, "index_codec", DEFAULT_CODEC)
             with store.transaction(self.db):
-                store.set_meta(self.db, "codec", DEFAULT_CODEC)
-            name = DEFAULT_CODEC
+                store.set_meta(self.db, "codec", name)
         self.codec = codec(name)
         self._embedder = embedder  # loaded on first use unless shared by the caller
         self._vectors: VectorSet | None = None
