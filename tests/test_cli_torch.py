@@ -45,13 +45,10 @@ def test_perplexity_command_both_engines(env, tmp_path):
     rows = {}
     for engine in ("llama", "torch"):
         r = localai("perplexity", str(text), "--model", TEST_MODEL, "--engine", engine, "--ctx",
-                    "256", "--json", env=env)  # fmt: skip
+                    "256", "--threads", "1", "--json", env=env)  # fmt: skip
         assert r.returncode == 0, r.stderr
         rows[engine] = json.loads(r.stdout)
     for row in rows.values():
         assert set(row) >= {"ppl", "tokens", "seconds"} and 1 < row["ppl"] < 1000
     assert rows["llama"]["tokens"] == rows["torch"]["tokens"] > 250
     assert abs(rows["torch"]["ppl"] / rows["llama"]["ppl"] - 1) < 0.03
-    r = localai("perplexity", str(text), "--model", TEST_MODEL, "--engine", "torch", "--ctx",
-                "256", env=env)  # fmt: skip
-    assert r.returncode == 0 and r.stdout.startswith("ppl ")
