@@ -3,16 +3,16 @@ quantized KV cache (kv.py).
 
 Tokenizer and chat template are the llama.cpp backend's: llama-cpp-python opened with
 `vocab_only=True` (no weights, no context work) reads the GGUF's vocabulary, so both backends
-turn the same text into the same tokens and render the same prompts. One generation runs at a
-time (a lock, as in the llama.cpp backend); the KV cache is allocated once, for the whole
-context, when the engine loads, and is what `kv_bytes` reports.
+turn the same text into the same tokens and render the same prompts. The generation loop (lock,
+stop strings, limits, stats) is tokengen.TokenEngine's, shared with the llama.cpp backend; this
+file supplies the token stream. The KV cache is allocated once, for the whole context, when the
+engine loads, and is what `kv_bytes` reports.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +20,8 @@ import llama_cpp
 import torch
 from llama_cpp._utils import suppress_stdout_stderr
 
-from .. import chat_template
-from ..base import Clock, Delta, Done, EngineError, Event, Message, SamplingParams, check_fits
-from ..textstream import TextStreamer
+from ..base import EngineError, SamplingParams
+from ..tokengen import TokenEngine, Vocab
 from . import native
 from .arch import Hparams
 from .kv import KVConfig
@@ -33,7 +32,7 @@ from .weights import GGUFWeights
 # N tokens, C chunk, V vocabulary
 
 
-class TorchEngine:
+class TorchEngine(TokenEngine):
     backend = "torch"
 
     def __init__(
@@ -51,20 +50,21 @@ class TorchEngine:
         use_native: bool = True,
         decode_threads: int = 1,
     ):
+        super().__init__()
         self.path = Path(path)
         self.name = name or self.path.stem
         self.threads = threads or os.cpu_count() or 1
         torch.set_num_threads(self.threads)
         try:
             with suppress_stdout_stderr(disable=False):  # a context-size notice we do not use
-                self._vocab = llama_cpp.Llama(
+                llm = llama_cpp.Llama(
                     model_path=str(self.path), vocab_only=True, n_ctx=64, verbose=False
                 )
         except ValueError as e:
             raise EngineError(f"could not read the vocabulary of {self.path}: {e}") from e
-        md = self._vocab.metadata
+        self.vocab = Vocab(llm)
         weights = GGUFWeights(self.path)
-        hp = Hparams.from_metadata(weights.metadata, self._vocab.n_vocab())
+        hp = Hparams.from_metadata(weights.metadata, llm.n_vocab())
         self.hp = hp
         self.context_length = min(context_length, hp.context_length)
         kv = KVConfig(k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim))
@@ -73,45 +73,6 @@ class TorchEngine:
         if use_native:
             native.load()
         self.prefill_chunk, self.decode_threads = prefill_chunk, decode_threads
-        self._template = md.get("tokenizer.chat_template")
-        self._bos = self._piece(self._vocab.token_bos())
-        self._eos = self._piece(self._vocab.token_eos())
-        self._lock = threading.Lock()
-
-    def _piece(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self._vocab.detokenize([token], special=True).decode("utf-8", "replace")
-
-    # -- Engine protocol -------------------------------------------------------------------
-    def tokenize(self, text: str, special: bool = True) -> list[int]:
-        add_bos = special and not (self._bos and text.startswith(self._bos))
-        return self._vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self._vocab.detokenize(tokens).decode("utf-8", "replace")
-
-    def apply_chat_template(
-        self, messages: list[Message], add_generation_prompt: bool = True
-    ) -> str:
-        return chat_template.render(
-            self._template, messages, self._bos, self._eos, add_generation_prompt
-        )
-
-    def generate(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[Event]:
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        check_fits(len(tokens), params.max_tokens, self.context_length)
-        if not self._lock.acquire(blocking=False):
-            raise EngineError("this engine is already generating; requests must be queued")
-        try:
-            yield from self._generate(tokens, params, cancel)
-        finally:
-            self._lock.release()
 
     # -- the loop ---------------------------------------------------------------------------
     def prefill(self, tokens: list[int]) -> torch.Tensor:
@@ -130,14 +91,9 @@ class TorchEngine:
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
 
-    def _generate(self, tokens, params: SamplingParams, cancel) -> Iterator[Event]:
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4))
+    def _token_stream(self, tokens: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
         gen = torch.Generator().manual_seed(seed)
-        limit = self.context_length - len(tokens)
-        if params.max_tokens is not None:
-            limit = min(limit, params.max_tokens)
-        clock, streamer = Clock(), TextStreamer(params.stop)
-        history, n_out, finish = list(tokens), 0, "length"
+        history = list(tokens)
         self._threads(self.threads)
         logits = self.prefill(tokens)
         # Decode matmuls are ~50 us each: a thread barrier per op costs more than it saves, and
@@ -146,29 +102,12 @@ class TorchEngine:
         self._threads(self.decode_threads)
         while True:
             tok = sample(logits, params, gen, history)
-            clock.token()
-            if llama_cpp.llama_vocab_is_eog(self._vocab._model.vocab, tok):
-                finish = "stop"
-                break
-            n_out += 1
+            yield tok  # the loop closes this generator when it stops: no step is wasted
             history.append(tok)
-            delta = streamer.push(self._vocab.detokenize([tok]))
-            if delta:
-                yield Delta(delta)
-            if streamer.stopped:
-                finish = "stop"
-                break
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                break
-            if n_out >= limit:
-                break
             logits = self.step(tok)
-        tail = streamer.finish()
-        if tail:
-            yield Delta(tail)
-        stats = clock.stats(len(tokens), n_out, finish, kv_bytes=self.model.cache.nbytes)
-        yield Done(streamer.text, stats)
+
+    def _kv_bytes(self, n_tokens: int) -> int:
+        return self.model.cache.nbytes  # allocated once for the whole context
 
     # -- scoring (perplexity) ---------------------------------------------------------------
     def nll(self, tokens: list[int]) -> tuple[float, int]:
@@ -207,8 +146,8 @@ class TorchEngine:
         }
 
     def close(self) -> None:
-        vocab = getattr(self, "_vocab", None)
+        vocab = getattr(self, "vocab", None)
         if vocab is not None:
-            vocab.close()
-            self._vocab = None
+            vocab.llm.close()
+            self.vocab = None
         self.model = None
