@@ -120,6 +120,11 @@ def test_completions(client, daemon):
     assert text
 
 
+def test_empty_prompt_is_a_400(daemon):  # found by the fuzz run
+    status, body = daemon.request("POST", "/v1/completions", {"model": TEST_MODEL, "prompt": ""})
+    assert status == 400 and body["error"]["param"] == "prompt"
+
+
 def test_suffix_needs_a_model_with_fill_in_the_middle_tokens(daemon):
     status, body = daemon.request(
         "POST", "/v1/completions", {"model": TEST_MODEL, "prompt": "def f(", "suffix": "\n"}

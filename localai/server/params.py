@@ -109,6 +109,8 @@ def prompt_tokens(
 ) -> list[int]:
     """Tokenize and refuse (400, both counts) a prompt that leaves no room for the answer."""
     tokens = engine.tokenize(prompt)
+    if not tokens:  # no BOS and no text: nothing to condition on
+        raise bad_request("the prompt is empty", param=param)
     try:
         check_fits(len(tokens), params.max_tokens, engine.context_length)
     except ContextOverflowError as e:
