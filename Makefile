@@ -9,7 +9,7 @@ MODEL  ?= qwen2.5-coder-1.5b
 # the TUI and the bundled plugins: each its own small distribution, installed beside localai
 EXTRAS := tui $(wildcard plugins/*)
 
-.PHONY: run test test-deps lint bench bench-index install clean-venv
+.PHONY: run test test-deps lint bench bench-engine bench-index bench-rag install clean-venv
 
 install: $(STAMP)
 
@@ -38,8 +38,19 @@ test-deps:
 test: install lint test-deps
 	$(BIN)/python -m pytest -q
 
-bench: install bench-index
+# Every benchmark prints one JSON object; BENCHMARKS.md records them with machine and date.
+# The whole set takes hours on 2 cores (python3-doc ingest alone is ~1 h): run parts by target.
+bench: bench-engine bench-index bench-rag
+
+bench-engine: install
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/server.py
+	$(BIN)/python bench/torch_runner.py decode --model smollm2-135m
+	$(BIN)/python bench/torch_runner.py kv --ctx 4096 --bits 16 8 4 2
+	$(BIN)/python bench/torch_runner.py needle --ctx 4096 --bits 16 4
+
+bench-rag: install bench-index
+	$(BIN)/python bench/rag.py
 
 # The document index (numbers in BENCHMARKS.md). python3-doc comes from apt (as root); NFCorpus is
 # read from ../shared/evals at run time, never copied into the repository.
