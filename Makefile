@@ -13,11 +13,12 @@ EXTRAS := tui $(wildcard plugins/*)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml tui/pyproject.toml $(wildcard plugins/*/pyproject.toml)
+$(STAMP): pyproject.toml tui/pyproject.toml $(wildcard plugins/*/pyproject.toml) native/install-llama
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
 	@echo "==> installing localai into $(VENV) (first time ~6 min: llama.cpp and hnswlib build from source)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
+	@sh native/install-llama $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]' $(foreach p,$(EXTRAS),-e $(p))
 	@touch $@
 
