@@ -27,3 +27,10 @@ def localai_register_tools(register):
             },
         )
     )
+
+
+@hookimpl
+def localai_register_loaders(register):
+    from .index.loaders import register_builtins
+
+    register_builtins(register)

@@ -190,7 +190,14 @@ def search_cmd(ctx, query, k, unit, mode, as_json, under, queries):
     passages = ix.read_many(hits)
     if as_json:
         rows = [
-            {**h.__dict__, "text": p.text, "verified": p.verified, "reason": p.reason}
+            {
+                **h.__dict__,
+                "text": p.text,
+                "verified": p.verified,
+                "reason": p.reason,
+                "pages": p.pages,
+                "where": p.where,
+            }  # fmt: skip
             for h, p in zip(hits, passages, strict=True)
         ]
         click.echo(json.dumps(rows))
@@ -199,8 +206,7 @@ def search_cmd(ctx, query, k, unit, mode, as_json, under, queries):
         log("no matches" + ("" if ix.stats()["chunks"] else " (the index is empty)"))
     out = Console(highlight=False)
     for i, (h, p) in enumerate(zip(hits, passages, strict=True), start=1):
-        out.print(f"[bold]{i}. {h.path}[/bold]:{p.start_line}-{p.end_line}  "
-                  f"[dim]score {h.score:.4f}[/dim]")  # fmt: skip
+        out.print(f"[bold]{i}. {p.where}[/bold]  [dim]score {h.score:.4f}[/dim]")
         if not p.verified:
             out.print(f"   [yellow]{p.reason}[/yellow]")
         lines = [ln.strip() for ln in p.text.splitlines() if ln.strip()]

@@ -36,6 +36,7 @@ class Chunk:
     end_line: int
     hash: bytes
     tokens: int
+    pages: tuple[int, int] | None = None  # first and last page, for paged documents (PDF)
 
 
 def content_hash(text: str) -> bytes:
@@ -137,9 +138,11 @@ def _groups(pieces: list[_Piece]) -> list[list[_Piece]]:
     return groups
 
 
-def chunk(blocks: list[Block], data: bytes, count: Counter) -> list[Chunk]:
-    """Chunks of a file whose loader gave `blocks` for its bytes `data`."""
+def chunk(blocks: list[Block], data: bytes, count: Counter, paged: bool = False) -> list[Chunk]:
+    """Chunks of a file whose loader gave `blocks` for its bytes `data` (for a Document, its
+    derived text; `paged`: form feeds separate pages)."""
     newlines = [m.start() for m in re.finditer(b"\n", data)]
+    breaks = [m.start() for m in re.finditer(b"\f", data)] if paged else []
     out = []
     for group in _groups(_pieces(blocks, count)):
         text = "\n\n".join(p.text for p in group)
@@ -148,5 +151,8 @@ def chunk(blocks: list[Block], data: bytes, count: Counter) -> list[Chunk]:
         first = bisect.bisect_left(newlines, s) + 1
         last = bisect.bisect_left(newlines, max(s, e - 1)) + 1
         tokens = sum(p.tokens for p in group) + len(group) - 1
-        out.append(Chunk(text, s, e, first, last, content_hash(text), tokens))
+        pages = None
+        if paged:
+            pages = (bisect.bisect_left(breaks, s) + 1, bisect.bisect_left(breaks, e - 1) + 1)
+        out.append(Chunk(text, s, e, first, last, content_hash(text), tokens, pages))
     return out

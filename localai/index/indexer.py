@@ -28,7 +28,7 @@ import sqlite_utils
 from . import store
 from .chunker import Chunk, Counter, chunk
 from .fusion import fts_text
-from .loaders import Unreadable, loader_for
+from .loaders import Unreadable, load, loader_for
 from .vectors import Codec
 from .walk import Found, Skipped, walk
 
@@ -158,9 +158,9 @@ class Indexer:
         try:
             if picked is None:
                 raise Unreadable("binary or unknown file type")
-            name, load = picked
-            blocks = load(data, found.path)
-            chunks = chunk(blocks, data, self.count)
+            name, loader = picked
+            blocks, text, paged = load(loader, data, found.path)
+            chunks = chunk(blocks, text, self.count, paged)
         except Unreadable as e:
             self._write_skip(found, file_id, sha, str(e))
             st.skipped.append({"path": str(found.path), "reason": str(e)})

@@ -7,6 +7,11 @@ When `exact` is true the block's text is exactly the UTF-8 decoding of `data[sta
 chunker may split it at any character and still compute byte offsets; markup loaders (HTML)
 produce inexact blocks whose text is derived from the range.
 
+Loaders of binary formats return a `Document` instead: the text they derived, pages separated
+by form feeds, with blocks pointing into that text; its chunks then carry page numbers.
+localai's own loaders register through the plugin hook like any plugin's (`register_builtins`),
+and a plugin registered for the same suffix takes over from them.
+
 A loader raises `Unreadable(reason)` for a file it cannot use (broken JSON, not UTF-8 ...); the
 walker records the reason and moves on. Loaders are pure and deterministic: reading a chunk back
 re-runs the loader and the chunker on the current file and compares content hashes.
@@ -35,7 +40,24 @@ class Block:
     exact: bool = True
 
 
-Loader = Callable[[bytes, Path], list[Block]]
+@dataclass(frozen=True)
+class Document:
+    """What a loader of a binary format (PDF, ...) returns: the text it derived from the file,
+    pages separated by form feeds, and exact blocks whose offsets point into that text's UTF-8
+    bytes. Lines and quotes then refer to the derived text, and citations name pages."""
+
+    text: str
+    blocks: list[Block]
+    paged: bool = True
+
+
+def pages(texts: list[str]) -> Document:
+    """A Document from the text of each page, split into paragraphs."""
+    text = "\f".join(t.replace("\f", " ") for t in texts)
+    return Document(text, paragraphs(text))
+
+
+Loader = Callable[[bytes, Path], "list[Block] | Document"]
 _BY_SUFFIX: dict[str, tuple[str, Loader]] = {}
 _BY_NAME: dict[str, tuple[str, Loader]] = {}
 
@@ -72,6 +94,14 @@ def loader_for(path: Path, head: bytes) -> tuple[str, Loader] | None:
     if not path.suffix or path.suffix.lower() in (".log", ".cfg", ".ini", ".conf"):
         return ("text", load_text) if looks_textual(head) else None
     return None
+
+
+def load(loader: Loader, data: bytes, path: Path) -> tuple[list[Block], bytes, bool]:
+    """(blocks, the bytes their offsets point into, whether pages are counted) for a file."""
+    out = loader(data, path)
+    if isinstance(out, Document):
+        return out.blocks, out.text.encode("utf-8"), out.paged
+    return out, data, False
 
 
 def looks_textual(head: bytes) -> bool:
@@ -118,7 +148,7 @@ class _Bytes:
         return self._line_bytes[k] + len(self.text[c0:i].encode())
 
 
-_PARA = re.compile(r"\n[ \t]*\n")
+_PARA = re.compile(r"\n[ \t]*\n|\f")  # a blank line, or a page break
 
 
 def paragraphs(text: str, kind: str = "text") -> list[Block]:
@@ -257,17 +287,14 @@ CODE_SUFFIXES = tuple(_CODE.split())
 TEXT_SUFFIXES = (".txt", ".text", ".log", ".csv", ".tsv", ".ini", ".cfg", ".conf")
 TEXT_NAMES = ("README", "LICENSE", "COPYING", "NOTICE", "CHANGELOG", "AUTHORS", "Makefile")
 
-register("text", load_text, TEXT_SUFFIXES, TEXT_NAMES)
-register("markdown", load_markdown, (".md", ".markdown", ".mdown", ".mkd"))
-register("rst", load_rst, (".rst", ".rest"))
-register("code", load_code, CODE_SUFFIXES)
-register("data", load_data, (".json", ".toml", ".yaml", ".yml"))
 
-
-def _register_html() -> None:
+def register_builtins(register) -> None:
+    """localai's own loaders, registered through the plugin hook like any plugin's."""
     from .htmltext import load_html
 
+    register("text", load_text, TEXT_SUFFIXES, TEXT_NAMES)
+    register("markdown", load_markdown, (".md", ".markdown", ".mdown", ".mkd"))
+    register("rst", load_rst, (".rst", ".rest"))
+    register("code", load_code, CODE_SUFFIXES)
+    register("data", load_data, (".json", ".toml", ".yaml", ".yml"))
     register("html", load_html, (".html", ".htm", ".xhtml"))
-
-
-_register_html()

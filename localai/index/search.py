@@ -43,7 +43,7 @@ from . import MODES, UNITS, store
 from .chunker import chunk
 from .fusion import fts_query, fts_text, rrf, to_files
 from .indexer import Indexer, Progress, RunStats
-from .loaders import Unreadable, loader_for
+from .loaders import Unreadable, load, loader_for
 from .vectors import DEFAULT_CODEC, VectorSet, codec
 
 CANDIDATES = 100  # each list's depth before fusion
@@ -77,6 +77,19 @@ class Passage:
     path: str
     start_line: int
     end_line: int
+    pages: tuple[int, int] | None = None  # for paged documents (PDF)
+
+    @property
+    def where(self) -> str:
+        return location(self.path, self.start_line, self.end_line, self.pages)
+
+
+def location(path: str, start_line: int, end_line: int, pages=None) -> str:
+    """`path:lines`, or `path p.N` (`p.N-M`) for a paged document."""
+    if pages:
+        a, b = pages
+        return f"{path} p.{a}" + (f"-{b}" if b != a else "")
+    return f"{path}:{start_line}-{end_line}"
 
 
 def db_path(settings: Settings) -> Path:
@@ -246,11 +259,12 @@ class Index:
         return {"files": f, "chunks": c, "text_bytes": tb,
                 "index_bytes": store.disk_bytes(self.path), "codec": self.codec.name}  # fmt: skip
 
-    def watch(self, stop: threading.Event, on_update=None, debounce: float = 0.2) -> None:
+    def watch(self, stop: threading.Event, on_update=None, debounce: float = 0.2,
+              progress: Progress | None = None) -> None:  # fmt: skip
         """Block, re-indexing changed files under every source, until `stop` is set."""
         from .watcher import watch
 
-        watch(self, stop, on_update=on_update, debounce=debounce)
+        watch(self, stop, on_update=on_update, debounce=debounce, progress=progress)
 
     # searching ----------------------------------------------------------------------------
 
@@ -357,9 +371,10 @@ class Index:
         return out
 
     def _rechunk(self, path: Path) -> tuple[bytes, list] | str:
-        """The file's current bytes and chunks. Re-chunking a large HTML page costs ~0.1–1 s,
-        so the last READ_CACHE files are kept, keyed by (size, mtime_ns): any write to the
-        file changes the key, and a changed file is never served from the cache."""
+        """The file's current text bytes (a derived Document's, for PDFs) and chunks.
+        Re-chunking a large HTML page costs ~0.1–1 s, so the last READ_CACHE files are kept,
+        keyed by (size, mtime_ns): any write to the file changes the key, and a changed file
+        is never served from the cache."""
         try:
             st = path.stat()
             key = (str(path), st.st_size, st.st_mtime_ns)
@@ -376,7 +391,8 @@ class Index:
         got: tuple[bytes, list] = (data, [])
         if picked is not None:
             with contextlib.suppress(Unreadable):  # unreadable now: no chunk can match
-                got = (data, chunk(picked[1](data, path), data, self.count_tokens))
+                blocks, text, paged = load(picked[1], data, path)
+                got = (text, chunk(blocks, text, self.count_tokens, paged))
         if len(data) == st.st_size:  # not written to while we read it
             with self._lock:
                 self._read_cache[key] = got
@@ -394,7 +410,7 @@ def _passage(h: Hit, got: tuple[bytes, list] | str) -> Passage:
     if same:
         c = min(same, key=lambda c: abs(c.start_byte - h.start_byte))
         moved = "" if c.start_byte == h.start_byte else "moved within the file since indexing"
-        return Passage(c.text, True, moved, h.path, c.start_line, c.end_line)
+        return Passage(c.text, True, moved, h.path, c.start_line, c.end_line, c.pages)
     text = data[h.start_byte : h.end_byte].decode("utf-8", errors="replace")
     why = "the file changed since it was indexed (run `localai index` to refresh)"
     return Passage(text, False, why, h.path, h.start_line, h.end_line)

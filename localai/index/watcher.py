@@ -75,8 +75,10 @@ def _sync(index, observer, gather: _Gather, handles: dict) -> None:
         gather.roots = sorted(want, key=lambda p: -len(p.parts))  # innermost source first
 
 
-def watch(index, stop: threading.Event, on_update=None, debounce: float = 0.2) -> None:
-    """Run until `stop` is set; `on_update(stats)` is called after each re-index."""
+def watch(index, stop: threading.Event, on_update=None, debounce: float = 0.2,
+          progress=None) -> None:  # fmt: skip
+    """Run until `stop` is set; `on_update(stats)` is called after each re-index, `progress`
+    (files done, files to do, chunks) during it."""
     gather = _Gather([])
     observer = Observer()
     handles: dict[Path, object] = {}
@@ -89,7 +91,7 @@ def watch(index, stop: threading.Event, on_update=None, debounce: float = 0.2) -
             if paths:
                 # destinations of moves were added first, so they are indexed before sources
                 # are forgotten: a moved file keeps its embeddings
-                stats = index.update(paths, keep_missing=False)
+                stats = index.update(paths, progress=progress, keep_missing=False)
                 if on_update:
                     on_update(stats)
             if time.monotonic() - last_sync > SOURCES_EVERY:

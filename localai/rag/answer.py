@@ -84,7 +84,7 @@ def sources_text(citations: list[Citation], prep: Prepared) -> str:
     lines = ["", "", "Sources:"]
     for c in citations:
         mark = "verified" if c.verified else f"NOT VERIFIED: {c.reason}"
-        where = f"{c.path}:{c.start_line}-{c.end_line}" if c.path else "(unknown source)"
+        where = c.where if c.path else "(unknown source)"
         quote = f' "{c.quote}"' if c.quote else ""
         lines.append(f"[{c.n}] {where}{quote} ({'inferred, ' if c.inferred else ''}{mark})")
     if not citations:

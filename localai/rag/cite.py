@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ..index.search import Hit, Passage
+from ..index.search import Hit, Passage, location
 from .retrieve import Source
 
 CITE = re.compile(r"\[(\d{1,3})\]")
@@ -40,9 +40,16 @@ class Citation:
     verified: bool
     reason: str = ""  # why it is not verified, or a note
     inferred: bool = False
+    pages: tuple[int, int] | None = None  # for paged documents (PDF)
+
+    @property
+    def where(self) -> str:
+        return location(self.path, self.start_line, self.end_line, self.pages)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["page"] = self.pages[0] if self.pages else None  # first page, for a reader
+        return d
 
 
 def words(text: str) -> set[str]:
@@ -82,7 +89,8 @@ def check(n: int, src: Source | None, claim: str, reread: Callable[[Hit], Passag
     if src is None:
         return Citation(n, "", 0, 0, "", False, f"the answer cites [{n}], which was not given")
     now = reread(src.hit)
-    cit = Citation(n, now.path, now.start_line, now.end_line, "", False, now.reason, inferred)
+    cit = Citation(n, now.path, now.start_line, now.end_line, "", False, now.reason, inferred,
+                   now.pages)  # fmt: skip
     if not now.verified:
         return cit
     quote, share = best_support(now.text, claim)

@@ -21,7 +21,7 @@ class Source:
 
     @property
     def where(self) -> str:
-        return f"{self.passage.path}:{self.passage.start_line}-{self.passage.end_line}"
+        return self.passage.where
 
 
 @dataclass
