@@ -150,6 +150,7 @@ def _open_docs(state: ServerState, settings: Settings, governor: Governor, log):
     state.rag = Answerer(index, state.engine)
     watcher = Watcher(index, log)
     state.on_source_added = lambda _path: watcher.restart()
+    state.index_progress = lambda: dict(watcher.progress)
     watcher.start()
     return watcher
 
@@ -163,6 +164,14 @@ class Watcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # what the index pane shows: the run in progress (catching up, or files just saved)
+        self.progress = {"running": False, "done": 0, "total": 0, "chunks": 0}
+
+    def _report(self, done: int, total: int, chunks: int) -> None:
+        self.progress = {"running": True, "done": done, "total": total, "chunks": chunks}
+
+    def _idle(self, _stats=None) -> None:
+        self.progress = dict(self.progress, running=False)
 
     def start(self) -> None:
         self._stop = threading.Event()
@@ -173,9 +182,12 @@ class Watcher:
     def _run(self, stop: threading.Event) -> None:
         try:
             if self.index.sources():
-                st = self.index.update()
+                try:
+                    st = self.index.update(progress=self._report)
+                finally:
+                    self._idle()
                 self.log(f"index up to date: {st.files:,} files, {st.chunks:,} passages")
-            self.index.watch(stop, on_update=lambda st: None)
+            self.index.watch(stop, on_update=self._idle, progress=self._report)
         except Exception as e:  # noqa: BLE001  (logged; the API keeps serving)
             self.log(f"[yellow]index watcher stopped: {e}[/yellow]")
 

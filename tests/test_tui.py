@@ -19,8 +19,8 @@ def make_app(daemon, tmp_path, url=None) -> LocalaiApp:
     return LocalaiApp(client, Store(tmp_path / "conversations.db"), daemon.model)
 
 
-async def settle(pilot, app, tries: int = 600) -> None:
-    """Wait (bounded) until the app is not answering."""
+async def settle(pilot, app, tries: int = 1800) -> None:
+    """Wait (bounded: 3 min, for a loaded machine) until the app is not answering."""
     for _ in range(tries):
         await pilot.pause(0.1)
         if not app.answering:
@@ -210,6 +210,7 @@ def test_add_a_folder_ask_with_docs_and_see_sources(models_dir, tmp_path):
     """The issue's path through the TUI: add a folder from the Index pane, turn docs on, ask,
     and the answer's sources (in that folder, with line ranges) appear in the Sources pane."""
     from daemon_helpers import start_daemon
+    from test_pdf import write_pdf
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -218,6 +219,7 @@ def test_add_a_folder_ask_with_docs_and_see_sources(models_dir, tmp_path):
         "## Maintenance\n\nBleed the radiators every autumn before the heating season.\n"
     )
     (docs / "garden.txt").write_text("Tomatoes need full sun and regular watering.\n")
+    write_pdf(docs / "manual.pdf", ["Boiler manual.", "The expansion vessel is charged to 1 bar."])
 
     async def go(d):
         app = LocalaiApp(DaemonClient(d.url, d.token), Store(tmp_path / "c.db"), d.model)
@@ -230,9 +232,16 @@ def test_add_a_folder_ask_with_docs_and_see_sources(models_dir, tmp_path):
             for _ in range(600):  # bounded: indexing two small files
                 await pilot.pause(0.1)
                 summary = str(app.query_one("#index-summary").render())
-                if str(docs) in summary and "2 files" in summary and " 0 chunks" not in summary:
+                if str(docs) in summary and "3 files" in summary and " 0 chunks" not in summary:
                     break
-            assert str(docs) in summary and "2 files" in summary, summary
+            assert str(docs) in summary and "3 files" in summary, summary  # the PDF too
+            for _ in range(600):  # the daemon reports the watcher's run: done when it is
+                status, data = d.request("GET", "/localai/index")
+                if status == 200 and not data["progress"]["running"]:
+                    break
+                await pilot.pause(0.1)
+            progress = data["progress"]
+            assert progress["total"] >= 3 and progress["done"] == progress["total"], progress
             await send(pilot, app, "/docs on")
             await send(pilot, app, "What pressure must the boiler stay below?")
             await settle(pilot, app)

@@ -101,8 +101,10 @@ Event = Delta | Done
 
 @dataclass
 class Message:
-    role: str  # system | user | assistant
+    role: str  # system | user | assistant | tool
     content: str
+    tool_calls: tuple = ()  # toolcall.ToolCall, on an assistant message that called tools
+    name: str | None = None  # on a tool message: the function whose result this is
 
 
 @runtime_checkable
@@ -117,9 +119,16 @@ class Engine(Protocol):
     def detokenize(self, tokens: list[int]) -> str: ...
 
     def apply_chat_template(
-        self, messages: list[Message], add_generation_prompt: bool = True
+        self,
+        messages: list[Message],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> str:
-        """The model's own chat template (from its GGUF metadata) rendered to a prompt string."""
+        """The model's own chat template (from its GGUF metadata) rendered to a prompt string;
+        `tools` (OpenAI function entries) are offered to the model."""
+
+    def supports_tools(self) -> bool:
+        """Whether the model's own template has a place for tools."""
 
     def generate(
         self,

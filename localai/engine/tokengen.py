@@ -12,6 +12,7 @@ UTF-8 boundaries (TextStreamer), max_tokens, cancellation and the stats.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator
 
@@ -20,6 +21,8 @@ import llama_cpp
 from . import chat_template
 from .base import Clock, Delta, Done, EngineError, Event, Message, SamplingParams, check_fits
 from .textstream import TextStreamer
+
+_MARKUP_TAG = re.compile(rb"</?[A-Za-z_][A-Za-z0-9_]*>")
 
 
 class Vocab:
@@ -47,14 +50,24 @@ class Vocab:
         return self.llm.detokenize(tokens).decode("utf-8", "replace")
 
     def token_bytes(self, token: int) -> bytes:
-        return self.llm.detokenize([token])
+        """The bytes a generated token adds to the answer. Control tokens add nothing, except
+        markup tags such as `<tool_call>` or `<think>` (no `|`), which some models write as
+        one token and which the answer's parsers need to see."""
+        out = self.llm.detokenize([token])
+        if not out:
+            piece = self.llm.detokenize([token], special=True)
+            if _MARKUP_TAG.fullmatch(piece):
+                return piece
+        return out
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[Message], add_generation_prompt: bool = True, tools=None
+    ) -> str:
         return chat_template.render(
-            self.template, messages, self.bos, self.eos, add_generation_prompt
+            self.template, messages, self.bos, self.eos, add_generation_prompt, tools
         )
 
 
@@ -81,9 +94,15 @@ class TokenEngine:
         return self.vocab.detokenize(tokens)
 
     def apply_chat_template(
-        self, messages: list[Message], add_generation_prompt: bool = True
+        self,
+        messages: list[Message],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> str:
-        return self.vocab.render(messages, add_generation_prompt)
+        return self.vocab.render(messages, add_generation_prompt, tools)
+
+    def supports_tools(self) -> bool:
+        return chat_template.knows_tools(self.vocab.template)
 
     def generate(
         self,

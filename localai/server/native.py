@@ -39,9 +39,11 @@ def _index(state: ServerState):
 
 async def index_status(request: Request) -> Response:
     index = _index(request.app.state.server)
+    state: ServerState = request.app.state.server
     sources = await anyio.to_thread.run_sync(index.sources)
     stats = await anyio.to_thread.run_sync(index.stats)
-    return JSONResponse({"sources": sources, "stats": stats})
+    progress = state.index_progress() if state.index_progress else None
+    return JSONResponse({"sources": sources, "stats": stats, "progress": progress})
 
 
 async def add_source(request: Request) -> Response:

@@ -30,6 +30,7 @@ from .schemas import (
 )
 from .state import ServerState
 from .stream import NDJSON_MEDIA, collect, framed
+from .tool_bridge import names_of, with_tool_calls
 
 NS = 1_000_000_000
 
@@ -68,14 +69,16 @@ def _refuse_unsupported(body: dict) -> None:
 
 
 async def _respond(request, state: ServerState, events, stream: bool, piece) -> Response:
-    """Stream NDJSON (`piece(text)` per delta, then the done object) or return one object."""
+    """Stream NDJSON (`piece(text)` per delta, then `piece("", done)` with the done fields) or
+    return one object."""
     base = {"model": state.model}
 
     def render(ev) -> list[dict]:
         if isinstance(ev, Delta):
             return [base | {"created_at": _now()} | piece(ev.text) | {"done": False}]
         if isinstance(ev, Done):
-            return [base | {"created_at": _now()} | piece("") | _done_fields(ev) | citations_of(ev)]
+            last = piece("", ev) | _done_fields(ev) | citations_of(ev)
+            return [base | {"created_at": _now()} | last]
         return []
 
     if stream:
@@ -84,7 +87,7 @@ async def _respond(request, state: ServerState, events, stream: bool, piece) -> 
     done = await collect(request, events)
     if done is None:
         return Response(status_code=499)
-    final = piece(done.text) | _done_fields(done) | citations_of(done)
+    final = piece(done.text, done) | _done_fields(done) | citations_of(done)
     return JSONResponse(base | {"created_at": _now()} | final)
 
 
@@ -98,19 +101,29 @@ async def chat(request: Request) -> Response:
     body = validate(OLLAMA_CHAT, await P.read_json(request))
     target = P.resolve_model(state.engine, body["model"], body.get("docs"))
     _refuse_unsupported(body)
-    msgs = [Message(m["role"], m.get("content") or "") for m in body.get("messages") or []]
+    msgs = P.to_messages(body.get("messages") or [])
     if not msgs:
         return _loaded(state, {"message": {"role": "assistant", "content": ""}})
     params = _sampling(body)
     stream = body.get("stream") is not False
+    tools = body.get("tools") or None
+    if target.docs and tools:
+        raise bad_request("answers from documents do not call tools; send one or the other")
     if target.docs:
         events = await docs_events(state, msgs, params, body)
     else:
-        tokens = P.prompt_tokens(state.engine, P.chat_prompt(state.engine, msgs), params)
+        prompt = P.chat_prompt(state.engine, msgs, tools)
+        tokens = P.prompt_tokens(state.engine, prompt, params)
         events = state.slot.stream(lambda cancel: state.engine.generate(tokens, params, cancel))
+        if tools:
+            events = with_tool_calls(events, "", names_of(tools))
 
-    def piece(text: str) -> dict:
-        return {"message": {"role": "assistant", "content": text}}
+    def piece(text: str, done: Done | None = None) -> dict:
+        message = {"role": "assistant", "content": text}
+        calls = getattr(done, "calls", None)
+        if calls:
+            message["tool_calls"] = [c.ollama() for c in calls]
+        return {"message": message}
 
     return await _respond(request, state, events, stream, piece)
 
@@ -137,7 +150,7 @@ async def generate(request: Request) -> Response:
     tokens = P.prompt_tokens(state.engine, text, params, param="prompt")
     events = state.slot.stream(lambda cancel: state.engine.generate(tokens, params, cancel))
     stream = body.get("stream") is not False
-    return await _respond(request, state, events, stream, lambda t: {"response": t})
+    return await _respond(request, state, events, stream, lambda t, done=None: {"response": t})
 
 
 async def embed(request: Request) -> Response:
@@ -179,6 +192,11 @@ async def ps(request: Request) -> Response:
     return JSONResponse({"models": [card]})
 
 
+def _capabilities(state: ServerState) -> list[str]:
+    """Ollama's names for what the chat model does; "tools" when its template takes tools."""
+    return ["completion"] + (["tools"] if state.engine.supports_tools() else [])
+
+
 async def show(request: Request) -> Response:
     state: ServerState = request.app.state.server
     body = validate(OLLAMA_SHOW, await P.read_json(request))
@@ -194,7 +212,7 @@ async def show(request: Request) -> Response:
     return JSONResponse({
         "modelfile": f"FROM {info.get('path', name)}\n", "parameters": "", "template": "",
         "details": card["details"], "model_info": model_info, "modified_at": card["modified_at"],
-        "capabilities": ["completion"] if is_chat else ["embedding"],
+        "capabilities": _capabilities(state) if is_chat else ["embedding"],
     })  # fmt: skip
 
 

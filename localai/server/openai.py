@@ -23,11 +23,14 @@ from .rag_bridge import citations_of, docs_events
 from .schemas import CHAT_COMPLETION, COMPLETION, EMBEDDING, validate
 from .state import ServerState
 from .stream import SSE_MEDIA, collect, framed
+from .tool_bridge import names_of, offered, with_tool_calls
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
 
 
 def _finish(done: Done) -> str:
+    if getattr(done, "calls", None):
+        return "tool_calls"
     return "length" if done.stats.finish_reason == "length" else "stop"
 
 
@@ -84,11 +87,18 @@ async def chat_completions(request: Request) -> Response:
     target = P.resolve_model(state.engine, body["model"], body.get("docs"))
     msgs = P.to_messages(body["messages"])
     params = _sampling(body, None)
+    tools, prefix = offered(body)
+    if target.docs and tools:
+        raise bad_request("answers from documents do not call tools; send one or the other",
+                          param="tools")  # fmt: skip
     if target.docs:
         events = await docs_events(state, msgs, params, body)
     else:
-        tokens = P.prompt_tokens(state.engine, P.chat_prompt(state.engine, msgs), params)
+        prompt = P.chat_prompt(state.engine, msgs, tools) + prefix
+        tokens = P.prompt_tokens(state.engine, prompt, params)
         events = state.slot.stream(lambda cancel: state.engine.generate(tokens, params, cancel))
+        if tools:
+            events = with_tool_calls(events, prefix, names_of(tools))
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     model = body["model"] if target.docs else state.model
 
@@ -105,6 +115,10 @@ async def chat_completions(request: Request) -> Response:
 
 def chat_body(done: Done, rid: str, created: int, model: str, extra: dict | None = None) -> dict:
     message = {"role": "assistant", "content": done.text, "refusal": None}
+    calls = getattr(done, "calls", None)
+    if calls:
+        message["content"] = done.text or None
+        message["tool_calls"] = [c.openai() for c in calls]
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(done)}
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [choice], "usage": _usage(done), **(extra or {})}  # fmt: skip
@@ -120,8 +134,10 @@ def chat_stream(events, rid, created, model, include_usage, extra_last=None) -> 
         if isinstance(ev, Delta):
             return [chunk({"content": ev.text}, None)]
         if isinstance(ev, Done):
-            last = chunk({}, _finish(ev)) | (extra_last(ev) if extra_last else {})
-            tail = [last]
+            calls = getattr(ev, "calls", None) or []
+            tail = [chunk({"tool_calls": [c.openai(i) for i, c in enumerate(calls)]}, None)]
+            tail = tail if calls else []
+            tail.append(chunk({}, _finish(ev)) | (extra_last(ev) if extra_last else {}))
             if include_usage:
                 tail.append({**chunk({}, None), "choices": [], "usage": _usage(ev)})
             return tail

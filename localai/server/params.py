@@ -15,6 +15,7 @@ from ..engine import ContextOverflowError, Engine, EngineError, Message, Samplin
 from ..engine.base import check_fits
 from ..engine.fim import fim_prompt, fim_stops
 from .errors import APIError, bad_request, model_not_found
+from .tool_bridge import calls_of, tool_name
 
 DOCS_SUFFIX = "+docs"
 
@@ -48,8 +49,15 @@ def message_text(content: object) -> str:
 
 
 def to_messages(raw: list[dict]) -> list[Message]:
-    role = {"developer": "system"}
-    return [Message(role.get(m["role"], m["role"]), message_text(m.get("content"))) for m in raw]
+    """Messages of either API, with the tool calls an assistant made and the tool results."""
+    out: list[Message] = []
+    for i, m in enumerate(raw):
+        role = "system" if m["role"] == "developer" else m["role"]
+        msg = Message(role, message_text(m.get("content")), tool_calls=calls_of(m, i))
+        if role == "tool":
+            msg.name = tool_name(m, out)
+        out.append(msg)
+    return out
 
 
 def sampling(
@@ -82,9 +90,9 @@ def sampling(
         raise bad_request(str(e)) from e
 
 
-def chat_prompt(engine: Engine, messages: list[Message]) -> str:
+def chat_prompt(engine: Engine, messages: list[Message], tools: list[dict] | None = None) -> str:
     try:
-        return engine.apply_chat_template(messages)
+        return engine.apply_chat_template(messages, tools=tools)
     except EngineError as e:
         raise bad_request(str(e), param="messages") from e
 

@@ -64,11 +64,68 @@ TEXT_PART = {
     "required": ["type", "text"],
     "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
 }
+FUNCTION = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
+        "description": {"type": "string"},
+        "parameters": {"type": "object"},
+        "strict": BOOL,
+    },
+}
+TOOLS = {
+    "type": ["array", "null"],
+    "maxItems": 128,
+    "items": {
+        "type": "object",
+        "required": ["type", "function"],
+        "properties": {"type": {"const": "function"}, "function": FUNCTION},
+    },
+}
+TOOL_CALLS = {  # what an assistant message called (arguments: OpenAI a string, Ollama an object)
+    "type": ["array", "null"],
+    "items": {
+        "type": "object",
+        "required": ["function"],
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"const": "function"},
+            "function": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "arguments": {"type": ["string", "object"]},
+                },
+            },
+        },
+    },
+}
+TOOL_CHOICE = {
+    "anyOf": [
+        {"enum": ["none", "auto", "required", None]},
+        {
+            "type": "object",
+            "required": ["type", "function"],
+            "properties": {
+                "type": {"const": "function"},
+                "function": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string"}},
+                },
+            },
+        },
+    ]
+}
 CHAT_MESSAGE = {
     "type": "object",
     "required": ["role"],
     "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant"]},
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+        "tool_calls": TOOL_CALLS,
+        "tool_call_id": {"type": "string"},
         "content": {
             "anyOf": [
                 {"type": "string"},
@@ -90,6 +147,9 @@ CHAT_COMPLETION = {
         "max_tokens": POS_INT,
         "max_completion_tokens": POS_INT,
         "logprobs": {"type": ["boolean", "null"], "enum": [False, None]},
+        "tools": TOOLS,
+        "tool_choice": TOOL_CHOICE,
+        "parallel_tool_calls": BOOL,
         **SAMPLING,
     },
 }
@@ -161,11 +221,14 @@ OLLAMA_CHAT = {
                 "type": "object",
                 "required": ["role"],
                 "properties": {
-                    "role": {"enum": ["system", "user", "assistant"]},
+                    "role": {"enum": ["system", "user", "assistant", "tool"]},
                     "content": STR,
+                    "tool_calls": TOOL_CALLS,
+                    "tool_name": {"type": "string"},
                 },
             },
         },
+        "tools": TOOLS,
     },
 }
 OLLAMA_GENERATE = {

@@ -3,9 +3,14 @@ served.
 
 An asyncio.Lock is the queue (its waiters wake in FIFO order and a newcomer cannot jump a
 waiter). The holder runs the engine's synchronous generator on one worker thread and receives its
-events through an asyncio.Queue. The slot is released when the worker thread ends, not when the
-client goes away: a client that disconnects sets the cancel event, the engine stops at its next
-token, and only then does the next request start, so two generations never overlap on the engine.
+events through an asyncio.Queue. Events are handed over in batches: the worker wakes the event
+loop only when no wake-up is already pending, and consecutive text deltas that arrived together
+are sent as one, so a loop that falls behind the tokens catches up with one chunk instead of
+competing with the engine's threads (and the GIL) for every token.
+
+The slot is released when the worker thread ends, not when the client goes away: a client that
+disconnects sets the cancel event, the engine stops at its next token, and only then does the
+next request start, so two generations never overlap on the engine.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from ..engine import Done
+from ..engine import Delta, Done
 from ..engine.base import Event
 
 _END = object()
@@ -49,9 +54,22 @@ class Slot:
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
         self._active.add(cancel)
+        pending: list = []  # events the worker produced since the loop last woke
+        guard = threading.Lock()
 
-        def put(item) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        def hand_over() -> None:  # on the event loop
+            with guard:
+                items = pending[:]
+                pending.clear()
+            for item in _merge_deltas(items):
+                queue.put_nowait(item)
+
+        def put(item) -> None:  # on the worker
+            with guard:
+                pending.append(item)
+                if len(pending) > 1:
+                    return  # a wake-up is already on its way and will take this one too
+            loop.call_soon_threadsafe(hand_over)
 
         def work() -> None:
             try:
@@ -99,3 +117,14 @@ class Slot:
         """Cancel what runs and wait for it, so the engine can be closed safely."""
         self.cancel_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _merge_deltas(items: list) -> list:
+    """Consecutive Deltas joined into one (the client sees the same text in fewer chunks)."""
+    out: list = []
+    for item in items:
+        if isinstance(item, Delta) and out and isinstance(out[-1], Delta):
+            out[-1] = Delta(out[-1].text + item.text)
+        else:
+            out.append(item)
+    return out

@@ -24,12 +24,11 @@ class ServerState:
     load_embedder: Callable[[], object]  # () -> Embedder; may pull the model files once
     rag: object | None = None  # the RAG answerer, when the document index is available
     rag_missing: str = "answers from documents are not built yet"
-    model_meta: dict = field(default_factory=dict)
+    model_meta: dict = field(default_factory=dict)  # name -> size, digest, details (Ollama)
     index: object | None = None  # the document index (localai.index.search.Index)
     governor: object | None = None
-    on_source_added: Callable[[object], None] | None = (
-        None  # re-index and watch a new source  # name -> size, digest, details (Ollama)
-    )
+    on_source_added: Callable[[object], None] | None = None  # re-index and watch a new source
+    index_progress: Callable[[], dict] | None = None  # the watcher's run in progress
     slot: Slot = field(default_factory=Slot)
     started_at: float = field(default_factory=time.time)
     _embedder: object | None = None

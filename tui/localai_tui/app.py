@@ -8,6 +8,7 @@ Errors from the daemon or the user's input are notifications; no traceback reach
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Header, Input, Static, TabbedContent, TabPane
 
+from . import tools
 from .client import Answer, ClientError, DaemonClient
 from .store import Conversation, Store, Turn
 from .widgets import (
@@ -65,6 +67,8 @@ class LocalaiApp(App):
         super().__init__()
         self.client, self.store = client, store
         self.model, self.system, self.docs = model, system, False
+        self.tools = tools.available()  # tools the model may call (localai's plugins)
+        self.tools_on = False  # decided per model: on when its template takes tools
         self.conv: Conversation | None = None
         self.last_stats: dict = {}
         self.answering = False
@@ -86,12 +90,22 @@ class LocalaiApp(App):
 
     async def on_mount(self) -> None:
         self.query_one(PromptArea).focus()
-        self._subtitle()
+        await self._check_tools()
         self.set_interval(2.0, self.refresh_panes)
         self.refresh_panes()
 
+    async def _check_tools(self) -> None:
+        try:
+            self.tools_on = bool(self.tools) and "tools" in await self.client.capabilities(
+                self.model
+            )
+        except ClientError:
+            self.tools_on = False
+        self._subtitle()
+
     def _subtitle(self) -> None:
-        self.sub_title = f"{self.model}{' + docs' if self.docs else ''}"
+        extra = " + docs" if self.docs else (" + tools" if self.tools_on else "")
+        self.sub_title = f"{self.model}{extra}"
 
     # -- sending -------------------------------------------------------------------------
     @on(PromptArea.Submitted)
@@ -125,22 +139,40 @@ class LocalaiApp(App):
 
     @work(exclusive=True, group="answer", exit_on_error=False)
     async def stream_answer(self, reply: ChatMessage) -> None:
+        """Stream the answer into `reply`. When the model calls tools, run them here, show each
+        call and its result, send the results back and stream the rest of the answer."""
         model = f"{self.model}+docs" if self.docs else self.model
+        offer = {"tools": [t.schema() for t in self.tools.values()]} if self._with_tools() else {}
         stream = reply.body.get_stream(reply.body)
-        answer = Answer()
+        messages, shown, answer = self._history(), "", Answer()
         try:
-            async for ev in self.client.chat(model, self._history()):
-                if isinstance(ev, Answer):
-                    answer = ev
-                else:
-                    answer.text += ev
-                    await stream.write(ev)
-                    self.query_one("#messages", VerticalScroll).scroll_end(animate=False)
+            for _ in range(tools.MAX_ROUNDS):
+                async for ev in self.client.chat(model, messages, **offer):
+                    if isinstance(ev, Answer):
+                        answer = ev
+                    else:
+                        shown += ev
+                        await stream.write(ev)
+                        self.query_one("#messages", VerticalScroll).scroll_end(animate=False)
+                if answer.finish_reason != "tool_calls":
+                    break
+                messages.append({"role": "assistant", "content": answer.text,
+                                 "tool_calls": answer.tool_calls})  # fmt: skip
+                for call in answer.tool_calls:
+                    result, line = await tools.run(self.tools, call)
+                    messages.append({"role": "tool", "tool_call_id": call["id"],
+                                     "content": result})  # fmt: skip
+                    shown += line
+                    await stream.write(line)
         except ClientError as e:
             self.notify(str(e), title="daemon", severity="error", timeout=8)
         finally:  # also on Esc (the worker is cancelled): keep what was shown
             await stream.stop()
+            answer.text = shown
             self._finish(reply, answer)
+
+    def _with_tools(self) -> bool:
+        return self.tools_on and not self.docs
 
     def _finish(self, reply: ChatMessage, answer: Answer) -> None:
         self.answering = False
@@ -183,6 +215,11 @@ class LocalaiApp(App):
             self.docs = arg == "on"
             self._subtitle()
             self.notify(f"Answers from your documents: {arg}.")
+        elif cmd == "/tools" and arg in ("on", "off"):
+            self.tools_on = arg == "on" and bool(self.tools)
+            self._subtitle()
+            names = ", ".join(self.tools) or "none installed"
+            self.notify(f"Tools the model may call ({names}): {'on' if self.tools_on else 'off'}.")
         elif cmd == "/model":
             await self.pick_model(arg)
         elif cmd == "/add" and arg:
@@ -207,7 +244,7 @@ class LocalaiApp(App):
             self.notify(f"Models this daemon serves: {', '.join(names)}", severity="warning")
             return
         self.model = name
-        self._subtitle()
+        self.run_worker(self._check_tools(), exit_on_error=False)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
@@ -255,6 +292,14 @@ class LocalaiApp(App):
         path = Path(c["path"])
         if not path.is_file():
             self.notify(f"{path} no longer exists.", severity="error")
+            return
+        if c.get("pages"):  # a PDF: not for a text editor; the desktop's viewer, if any
+            viewer = shutil.which("xdg-open")
+            if viewer is None:
+                self.notify(f"Open {path} at page {c['pages'][0]} in your PDF viewer.")
+            else:
+                subprocess.Popen([viewer, str(path)], start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
             return
         cmd = editor_command(os.environ.get("EDITOR", "vi"), path, int(c.get("start_line", 1)))
         try:

@@ -22,6 +22,7 @@ class Answer:
     stats: dict = field(default_factory=dict)
     citations: list[dict] = field(default_factory=list)
     sources: dict = field(default_factory=dict)  # what retrieval used and dropped (docs answers)
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI entries, arguments as JSON text
 
 
 class DaemonClient:
@@ -73,6 +74,14 @@ class DaemonClient:
         _raise_for(r.status_code, r.content)
         return r.json()
 
+    async def capabilities(self, model: str) -> list[str]:
+        """What the model does, in Ollama's words ("completion", "tools"); [] when unknown."""
+        try:
+            r = await self.http.post("/api/show", json={"model": model})
+        except httpx.HTTPError as e:
+            raise ClientError(f"daemon at {self.base_url} is not answering ({e})") from e
+        return r.json().get("capabilities", []) if r.status_code == 200 else []
+
     async def chat(self, model: str, messages: list[dict], **params) -> AsyncIterator[str | Answer]:
         """Yield text deltas, then one Answer with the whole text, stats and citations."""
         body = {"model": model, "messages": messages, "stream": True, "stats": True, **params}
@@ -112,7 +121,11 @@ def _absorb(answer: Answer, chunk: dict) -> str:
     answer.sources = chunk.get("sources") or answer.sources
     choices = chunk.get("choices") or [{}]
     answer.finish_reason = choices[0].get("finish_reason") or answer.finish_reason
-    return (choices[0].get("delta") or {}).get("content") or ""
+    delta = choices[0].get("delta") or {}
+    answer.tool_calls += [
+        {k: v for k, v in c.items() if k != "index"} for c in delta.get("tool_calls") or []
+    ]
+    return delta.get("content") or ""
 
 
 def _raise_for(status: int, content: bytes) -> None:

@@ -32,6 +32,7 @@ HELP = """\
 | `/system TEXT` | set the system prompt (starts a new conversation) |
 | `/model NAME` | switch model (`/model` alone lists them) |
 | `/docs on` / `/docs off` | answer from your indexed documents, with sources |
+| `/tools on` / `/tools off` | let the model call the plugins' tools (on when it can) |
 | `/add PATH` | add a folder to the index |
 | `/new`, `/open` | new conversation, reopen one |
 | `/quit` | leave |
@@ -134,6 +135,12 @@ class SourcesPane(Vertical):
 
 
 def location(c: dict) -> str:
+    """`path:lines`, or `path p.N` for a citation of a paged document (PDF)."""
+    pages = c.get("pages")
+    if pages:
+        return f"{c.get('path', '?')} p.{pages[0]}" + (
+            f"-{pages[1]}" if pages[1] != pages[0] else ""
+        )
     return f"{c.get('path', '?')}:{c.get('start_line', '?')}-{c.get('end_line', '?')}"
 
 
@@ -185,7 +192,8 @@ def index_text(index: dict | None) -> str:
         lines.append(f"{s['path']}\n  {s.get('files', 0):,} files, {s.get('chunks', 0):,} chunks")
     prog = index.get("progress")
     if prog and prog.get("running"):
-        lines.append(f"\nindexing: {prog.get('done', 0)}/{prog.get('total', '?')} files")
+        lines.append(f"\nindexing: {prog.get('done', 0)}/{prog.get('total', '?')} files, "
+                     f"{prog.get('chunks', 0):,} passages embedded")  # fmt: skip
     return "\n".join(lines) or "No folders indexed yet: add one below."
 
 
