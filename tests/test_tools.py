@@ -205,3 +205,26 @@ def test_ollama_client_gets_tool_calls_and_capabilities(tool_daemon):
         tools=[_calc_schema()], options={"temperature": 0, "num_predict": 60},
     )  # fmt: skip
     assert "7006652" in r2.message.content.replace(",", "")
+
+
+def test_tui_runs_the_calculator_the_model_calls(tool_daemon, tmp_path):
+    """In the chat: the model (its template takes tools) calls the calculator plugin, the TUI
+    runs it, shows the call and its result, and the model answers with the number."""
+    import asyncio
+
+    from test_tui import make_app, messages, send, settle
+
+    async def go():
+        app = make_app(tool_daemon, tmp_path)
+        app.params = {"temperature": 0, "max_tokens": 80}  # as `localai chat -t 0 --max-tokens 80`
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.5)
+            assert app.tools_on and app.sub_title.endswith("+ tools")
+            await send(pilot, app, QUESTION)
+            await settle(pilot, app)
+            reply = messages(app)[-1][1]
+            assert "`calculator(expression=" in reply and "→ 7006652" in reply, reply
+            await send(pilot, app, "/tools off")
+            assert not app.tools_on and not app.sub_title.endswith("+ tools")
+
+    asyncio.run(go())

@@ -95,7 +95,9 @@ def chat_cmd(ctx, model, engine, context_length, threads, type_k, type_v, system
         flags = {"--engine": engine, "--ctx": context_length, "--threads": threads,
                  "--type-k": type_k, "--type-v": type_v}  # fmt: skip
         serve_args = [str(x) for k, v in flags.items() if v is not None for x in (k, v)]
-        return run_tui(settings_of(ctx), model, system or "", serve_args)
+        params = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
+                  "max_tokens": max_tokens, "stop": list(stop)}  # fmt: skip
+        return run_tui(settings_of(ctx), model, system or "", serve_args, params)
     from ..repl import chat_loop
 
     params = SamplingParams(temperature, top_p, top_k, seed=seed, max_tokens=max_tokens,

@@ -63,9 +63,11 @@ class LocalaiApp(App):
         Binding("ctrl+e", "open_source", "Edit source"),
     ]
 
-    def __init__(self, client: DaemonClient, store: Store, model: str, system: str = ""):
+    def __init__(self, client: DaemonClient, store: Store, model: str, system: str = "",
+                 params: dict | None = None):  # fmt: skip
         super().__init__()
         self.client, self.store = client, store
+        self.params = {k: v for k, v in (params or {}).items() if v not in (None, [], ())}
         self.model, self.system, self.docs = model, system, False
         self.tools = tools.available()  # tools the model may call (localai's plugins)
         self.tools_on = False  # decided per model: on when its template takes tools
@@ -143,6 +145,7 @@ class LocalaiApp(App):
         call and its result, send the results back and stream the rest of the answer."""
         model = f"{self.model}+docs" if self.docs else self.model
         offer = {"tools": [t.schema() for t in self.tools.values()]} if self._with_tools() else {}
+        offer |= self.params  # sampling from the command line (temperature, max_tokens ...)
         stream = reply.body.get_stream(reply.body)
         messages, shown, answer = self._history(), "", Answer()
         try:
@@ -357,8 +360,10 @@ def main(argv: list[str] | None = None) -> None:
     run(load_settings(a.home), a.model, a.system)
 
 
-def run(settings, model: str | None = None, system: str = "", serve_args=()) -> None:
-    """Connect to (or start, with `serve_args`) the daemon, then run the app until quit."""
+def run(settings, model: str | None = None, system: str = "", serve_args=(),
+        params: dict | None = None) -> None:  # fmt: skip
+    """Connect to (or start, with `serve_args`) the daemon, then run the app until quit;
+    `params` (OpenAI request fields: temperature, max_tokens ...) go with every question."""
     from .connect import find_or_start
 
     print("connecting to the localai daemon (starting one if needed)")
@@ -369,6 +374,6 @@ def run(settings, model: str | None = None, system: str = "", serve_args=()) -> 
     client = DaemonClient(ep.url, ep.token)
     store = Store(settings.home / "conversations.db")
     try:  # the daemon may already serve another model: talk to it in the model it has
-        LocalaiApp(client, store, model or ep.model or settings.model, system).run()
+        LocalaiApp(client, store, model or ep.model or settings.model, system, params).run()
     finally:
         store.close()
