@@ -63,6 +63,47 @@ def test_unreadable_files_have_reasons(tmp_path):
     assert loader_for(tmp_path / "notes", b"plain words")[0] == "text"
 
 
+MAN = """.\\" generated; a comment line
+.TH FROB 1 "November 2026" "frob 2.0" "User Commands"
+.SH NAME
+frob \\- twiddle the \\fBknobs\\fR of a machine
+.SH OPTIONS
+.TP
+\\fB\\-k\\fR, \\fB\\-\\-knob\\fR=\\fINAME\\fR
+turn the knob called NAME; it\\(aqs safe
+.BR frobrc (5)
+.de XX
+.if n .ds Q weird
+"""
+
+
+def test_man_pages_plain_or_gzipped(tmp_path):
+    import gzip
+
+    page = tmp_path / "frob.1.gz"
+    page.write_bytes(gzip.compress(MAN.encode()))
+    name, loader = loader_for(page, page.read_bytes()[:4096])
+    doc = loader(page.read_bytes(), page)
+    assert name == "man" and doc.paged is False
+    heads = [b.text for b in doc.blocks if b.kind == "heading"]
+    assert heads == ["FROB(1)", "NAME", "OPTIONS"]
+    assert "frob - twiddle the knobs of a machine" in doc.text
+    assert "-k, --knob=NAME turn the knob called NAME; it's safe frobrc(5)" in doc.text
+    assert "\\f" not in doc.text and "weird" not in doc.text and "generated" not in doc.text
+    raw = doc.text.encode()
+    assert all(raw[b.start : b.end].decode() == b.text for b in doc.blocks)
+    log = tmp_path / "app.log.1"  # a rotated log, not a man page: plain text
+    log.write_text("started\n\nstopped\n")
+    assert [b.text for b in loader_for(log, b"started")[1](log.read_bytes(), log)] == [
+        "started",
+        "stopped",
+    ]
+    other = tmp_path / "data.csv.gz"
+    other.write_bytes(gzip.compress(b"a,b\n1,2\n"))
+    with pytest.raises(Unreadable, match="compressed file"):
+        loader_for(other, b"")[1](other.read_bytes(), other)
+
+
 def test_walk_skips_hidden_ignored_loops_and_big_files(tmp_path):
     root = tmp_path / "docs"
     (root / "sub").mkdir(parents=True)

@@ -291,6 +291,7 @@ TEXT_NAMES = ("README", "LICENSE", "COPYING", "NOTICE", "CHANGELOG", "AUTHORS", 
 def register_builtins(register) -> None:
     """localai's own loaders, registered through the plugin hook like any plugin's."""
     from .htmltext import load_html
+    from .manpage import load_man
 
     register("text", load_text, TEXT_SUFFIXES, TEXT_NAMES)
     register("markdown", load_markdown, (".md", ".markdown", ".mdown", ".mkd"))
@@ -298,3 +299,4 @@ def register_builtins(register) -> None:
     register("code", load_code, CODE_SUFFIXES)
     register("data", load_data, (".json", ".toml", ".yaml", ".yml"))
     register("html", load_html, (".html", ".htm", ".xhtml"))
+    register("man", load_man, tuple(f".{s}" for s in "123456789n") + (".gz",))
