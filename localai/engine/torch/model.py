@@ -1,6 +1,7 @@
 """Llama-family decoder blocks in flat torch: RMSNorm, RoPE, GQA attention over the paged KV
 cache, and a per-layer FFN that is a replaceable module (dense SwiGLU today; the MoE work swaps
-in a router + expert store per layer through `make_ffn`).
+in a router + expert store per layer through `make_ffn`); the output head is another
+(head.py, `make_head`).
 
 Contract: `Transformer.forward(tokens)` runs the next `len(tokens)` positions of the sequence
 held in `self.cache` and returns logits [C, V] (or only the last row). Weights come from the GGUF
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from ..base import EngineError
 from . import attention
 from .arch import Hparams
+from .head import make_head
 from .kv import KVCache, KVConfig
 from .weights import GGUFWeights
 
@@ -113,15 +115,24 @@ class Transformer:
         self.w, self.hp = w, hp
         self.blocks = [Block(w, hp, i) for i in range(hp.n_layers)]
         self.norm = w.dense(hp.name("output_norm"))
-        out = hp.name("output") if hp.name("output") in w else hp.name("embed")  # tied
-        self.lm_head = w.linear(out, exact=True)  # int8 per row cost 1.5 points of top-1
+        self.head = make_head(w, hp)
         self.cache = KVCache(kv, hp.n_layers, hp.n_kv_heads, hp.head_dim, capacity)
         self.cos, self.sin = rope_tables(hp, self.cache.T)
         self.use_native = True
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """tokens: [C] ids at positions [n, n + C) → logits [C, V] (or [1, V], the last)."""
+        """tokens: [C] ids at positions [n, n + C) → logits [C, V] (or [1, V], the last).
+
+        Every position's logits are for scoring (perplexity, agreement tests): exact over the
+        whole vocabulary, since a target may rank anywhere. The last position's are for
+        choosing the next token: the two-pass head's, exact for the best candidates."""
+        h = self.hidden(tokens, all_logits)  # C, E
+        return self.head.exact_logits(h) if all_logits else self.head(h)  # C, V
+
+    @torch.inference_mode()
+    def hidden(self, tokens: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        """The final normed states the head reads: [C, E] (or [1, E], the last)."""
         cache, c = self.cache, tokens.shape[0]
         n = cache.n
         cache.begin(c)
@@ -131,13 +142,13 @@ class Transformer:
             x = x + b.attn(rms_norm(x, b.attn_norm, b.eps), cos, sin, cache, self.use_native)
             x = x + b.ffn(rms_norm(x, b.ffn_norm, b.eps))
         cache.commit()
-        if not all_logits:
+        if not all_positions:
             x = x[-1:]
-        return self.lm_head(rms_norm(x, self.norm, self.hp.norm_eps))  # C, V
+        return rms_norm(x, self.norm, self.hp.norm_eps)  # C, E
 
     @property
     def weight_bytes(self) -> int:
-        total = self.lm_head.nbytes
+        total = self.head.nbytes
         for b in self.blocks:
             total += b.attn.qkv.nbytes + b.attn.o.nbytes + b.ffn.nbytes
         return total

@@ -11,6 +11,8 @@ Packing, chosen from measurements on this machine (see BENCHMARKS.md, torch runn
 - every other type (Q5_0, Q8_0, K-quants, F16) is dequantized and re-quantized to int8 per output
   row (`_weight_int8pack_mm`): a matrix-vector product over int8 rows with bf16 activations ran
   1.5-2x faster than bf16 weights and 10x+ faster than int8 with fp32 activations.
+- the output head's compact copy (head.py) is int4 in groups of 32 whatever the source type
+  (`compact`): it only has to rank candidates, whose exact logits come from `rows`.
 Both kernels take bf16 activations; the residual stream and norms stay fp32.
 """
 
@@ -28,24 +30,24 @@ from .gguf_header import Tensor, read_header
 
 # O output rows, I input columns, G = 32 weights per quantization group
 GROUP = 32
+# rows re-quantized at a time by `compact`; a multiple of 64, the row blocks int4pack interleaves
+ROW_BLOCK = 8192
 
 
 class PackedLinear:
-    """y = x @ W.T (+ b) with W packed int4 (group 32) or int8 (per row); x is [N, I] fp32."""
+    """y = x @ W.T with W packed int4 (group 32) or int8 (per row); x is [N, I] fp32."""
 
     def __init__(self, kind: str, data: torch.Tensor, scales: torch.Tensor, out_features: int):
-        assert kind in ("int4", "int8", "fp16")
+        assert kind in ("int4", "int8")
         self.kind, self.data, self.scales, self.out_features = kind, data, scales, out_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "fp16":
-            return torch.nn.functional.linear(x.half(), self.data).float()
         xb = x.to(torch.bfloat16)
         if self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.data, GROUP, self.scales)
         else:
             y = torch.ops.aten._weight_int8pack_mm(xb, self.data, self.scales)
-        return y.float()
+        return y[:, : self.out_features].float()  # int4 rows may be padded to a multiple of 16
 
     @property
     def nbytes(self) -> int:
@@ -57,6 +59,25 @@ def pack_int8(w: torch.Tensor) -> PackedLinear:
     scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # O
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # O, I
     return PackedLinear("int8", q, scale.to(torch.bfloat16), w.shape[0])
+
+
+def pack_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of 32 along the input: w is [O, I] fp32 → (int4pack codes,
+    scale-and-zero [I/G, O, 2] bf16), dequantizing as w = (q - 8)·scale + zero."""
+    o, i = w.shape
+    g = w.view(o, i // GROUP, GROUP)  # O, I/G, G
+    lo, hi = g.amin(-1), g.amax(-1)  # O, I/G
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15)  # O, I/G, G
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).view(o, i), 1)
+    sz = torch.stack([scale.T, (lo + 8 * scale).T], dim=-1)  # I/G, O, 2
+    return packed, sz.to(torch.bfloat16)
+
+
+def pad_rows(w: torch.Tensor, multiple: int) -> torch.Tensor:
+    """w with zero rows appended up to a multiple of `multiple` (int4pack wants O % 16 == 0)."""
+    extra = -w.shape[0] % multiple
+    return torch.cat([w, w.new_zeros(extra, w.shape[1])]) if extra else w
 
 
 def pack_q4(raw: np.ndarray, qtype: QT, out_features: int, in_features: int) -> PackedLinear:
@@ -107,7 +128,7 @@ class GGUFWeights:
         arr = dequantize(t.data, t.qtype)
         return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(t.shape)
 
-    def linear(self, names: str | list[str], exact: bool = False) -> PackedLinear:
+    def linear(self, names: str | list[str]) -> PackedLinear:
         """One packed matrix; a list of names is fused along the output rows (Q, K, V)."""
         names = [names] if isinstance(names, str) else names
         ts = [self.tensors[n] for n in names]
@@ -120,13 +141,32 @@ class GGUFWeights:
                 [np.asarray(t.data).reshape(s[0], -1) for t, s in zip(ts, shapes, strict=True)]
             )
             return pack_q4(raw, qtype, sum(s[0] for s in shapes), in_f)
-        w = torch.cat([self.dense(n) for n in names])  # O, I
-        if exact:  # fp16 in and out: bf16 outputs round logits near 25 to steps of 1/8
-            return PackedLinear("fp16", w.half(), torch.empty(0), w.shape[0])
-        return pack_int8(w)
+        return pack_int8(torch.cat([self.dense(n) for n in names]))  # O, I
+
+    def compact(self, name: str) -> PackedLinear:
+        """An int4 (group 32) copy of one matrix, for approximate products: Q4_0/Q4_1 as they are,
+        any other type re-quantized ROW_BLOCK rows at a time (the fp32 matrix never exists
+        whole: the output matrix of a 150K-token vocabulary would be 0.5 GB)."""
+        t = self.tensors[name]
+        o, i = t.shape
+        assert i % GROUP == 0, f"{name}: {i} columns are not whole groups of {GROUP}"
+        if t.qtype in (QT.Q4_0, QT.Q4_1):
+            return pack_q4(np.asarray(t.data), t.qtype, o, i)
+        parts = [pack_int4(pad_rows(self.row_block(name, a, min(a + ROW_BLOCK, o)), 16))
+                 for a in range(0, o, ROW_BLOCK)]  # fmt: skip
+        packed = torch.cat([p for p, _ in parts])  # O, I/2
+        sz = torch.cat([z for _, z in parts], dim=1).contiguous()  # I/G, O, 2
+        return PackedLinear("int4", packed, sz, o)
+
+    def row_block(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a 2-D tensor, dequantized: [stop - start, I] fp32."""
+        t = self.tensors[name]
+        arr = dequantize(t.data[start:stop], t.qtype)
+        return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(stop - start, -1)
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of a 2-D tensor (the embedding), dequantized: [N, I] fp32."""
+        """Rows `ids` of a 2-D tensor (embedding rows, the output head's candidates),
+        dequantized: [N, I] fp32."""
         t = self.tensors[name]
         data = t.data[ids.numpy()]  # N, row bytes (or N, I for float types)
         arr = dequantize(data, t.qtype)
