@@ -68,5 +68,4 @@ def decode(cache: KVCache, layer: int, q: torch.Tensor, kf, vf, use_native: bool
         *cache.layer_tensors(layer),
         cache.qend(cache._n_next), cache._n_next - cache.qend(cache._n_next),
         cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group, 1.0 / math.sqrt(q.shape[1]),
-        cfg.k_rotated, cfg.v_rotated,
     )  # fmt: skip

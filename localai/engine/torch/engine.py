@@ -44,7 +44,7 @@ class TorchEngine(TokenEngine):
         k_bits: int = 16,
         v_bits: int = 16,
         kv_window: int = 128,
-        k_group: int | None = None,
+        k_group: int = 128,
         v_group: int = 64,
         prefill_chunk: int = 256,
         use_native: bool = True,
@@ -67,8 +67,6 @@ class TorchEngine(TokenEngine):
         hp = Hparams.from_metadata(weights.metadata, llm.n_vocab())
         self.hp = hp
         self.context_length = min(context_length, hp.context_length)
-        # 2-bit K stores a per-channel mean per K group: groups of 256 keep it inside 0.16× fp16
-        k_group = k_group or (256 if k_bits <= 2 else 128)
         kv = KVConfig(k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim))
         self.model = Transformer(weights, hp, kv, self.context_length)
         self.model.use_native = use_native

@@ -5,16 +5,6 @@ K per channel (one scale/min per channel for each group of `k_group` tokens, bec
 outlier channels that per-token blocks cannot hold), V per token (one scale/min per `v_group`
 channels). K and V bits are independent, each one of 16 (fp16, no scales), 8, 4 or 2.
 
-At 2 bits the layout changes (`KVConfig.rotated`): the tensor (K or V) is multiplied by the
-orthonormal Hadamard matrix of the head dim before it is quantized per token in groups of
-`v_group` channels, with the least-error clipped range (kvquant). For K this replaces the
-per-channel groups: K is first centered (its per-channel mean over each K group, fp16, is
-stored: keys carry large per-channel offsets), then rotated, which spreads the remaining outlier
-channels over the whole head so that a per-token scale fits. Attention undoes both for free:
-q·k = q·mean + (Hq)·(H(k - mean)), and the V sum is rotated back once.
-Measured against per-channel 2-bit K (with and without pre-RoPE quantization, outlier channels at
-8 bits, smaller groups) in BENCHMARKS.md; it is the one that fits the 0.16× byte budget.
-
 Invariants, with n tokens stored and W = window, G = k_group:
 - tokens [0, qend(n)) live in pages, where qend(n) = max(0, (n - W) // G · G): quantization
   happens a whole K group at a time, once the group is more than W tokens old;
@@ -46,20 +36,11 @@ class KVConfig:
     window: int = 128  # most recent tokens kept in fp16
     k_group: int = 128  # tokens per K scale (per channel); a multiple of PAGE
     v_group: int = 64  # channels per V scale (per token); divides the head dim
-    rotate_bits: int = 2  # K or V at this many bits (or fewer) is rotated, per token, searched
 
     def __post_init__(self) -> None:
         for b in (self.k_bits, self.v_bits):
             assert b in BITS, f"KV bits must be one of {BITS}, not {b}"
         assert self.k_group % PAGE == 0 and self.window >= 0
-
-    @property
-    def k_rotated(self) -> bool:
-        return self.k_bits <= self.rotate_bits
-
-    @property
-    def v_rotated(self) -> bool:
-        return self.v_bits <= self.rotate_bits
 
 
 class KVCache:
@@ -69,14 +50,8 @@ class KVCache:
         self.T = -(-capacity // g) * g  # whole K groups
         assert head_dim % cfg.v_group == 0 or cfg.v_bits == 16
         L, H, T, D = n_layers, n_heads, self.T, head_dim
-        per_token = (L, H, T, D // cfg.v_group)
-        self.kc, self.ks, self.km = self._store(
-            cfg.k_bits, per_token if cfg.k_rotated else (L, H, T // g, D)
-        )
-        # rotated K: the per-channel mean of each K group, subtracted before the rotation
-        kz_shape = (L, H, T // g, D) if cfg.k_rotated else (0,)
-        self.kz = torch.zeros(kz_shape, dtype=torch.float16)
-        v_scales = per_token if cfg.v_bits < 16 else (0,)
+        self.kc, self.ks, self.km = self._store(cfg.k_bits, (L, H, T // g, D))
+        v_scales = (L, H, T, D // cfg.v_group) if cfg.v_bits < 16 else (0,)
         self.vc, self.vs, self.vm = self._store(cfg.v_bits, v_scales)
         cap = cfg.window + g
         self.kbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)  # L, H, W+G, D
@@ -103,12 +78,12 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        parts = (self.kc, self.ks, self.km, self.kz, self.vc, self.vs, self.vm)
-        return sum(t.nbytes for t in parts) + self.kbuf.nbytes + self.vbuf.nbytes
+        parts = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kbuf, self.vbuf)
+        return sum(t.nbytes for t in parts)
 
     def bytes_per_token(self) -> float:
         """Marginal cost of one more token in pages (the fp16 buffer is a fixed cost)."""
-        parts = (self.kc, self.ks, self.km, self.kz, self.vc, self.vs, self.vm)
+        parts = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm)
         return sum(t.nbytes for t in parts) / self.T
 
     def reset(self) -> None:
@@ -149,12 +124,6 @@ class KVCache:
         if bits == 16:
             self.kc[layer, :, start : start + c] = k.half()
             return
-        if self.cfg.k_rotated:
-            mean = k.reshape(self.H, c // g, g, self.D).mean(dim=2).half()  # H, C/G, D
-            self.kz[layer, :, start // g : (start + c) // g] = mean
-            centered = k - mean.float().repeat_interleave(g, dim=1)  # H, C, D
-            self._quantize_rotated(self.kc, self.ks, self.km, bits, layer, centered, start)
-            return
         grouped = k.reshape(self.H, c // g, g, self.D)  # H, C/G, G, D
         codes, scale, lo = kvquant.quantize(grouped, bits, dim=2)  # scale: H, C/G, 1, D
         self.kc[layer, :, start : start + c] = kvquant.pack(codes.reshape(self.H, c, self.D), bits)
@@ -166,23 +135,11 @@ class KVCache:
         if bits == 16:
             self.vc[layer, :, start : start + c] = v.half()
             return
-        if self.cfg.v_rotated:
-            self._quantize_rotated(self.vc, self.vs, self.vm, bits, layer, v, start)
-            return
         grouped = v.reshape(self.H, c, self.D // gv, gv)  # H, C, D/gv, gv
         codes, scale, lo = kvquant.quantize(grouped, bits, dim=3)  # scale: H, C, D/gv, 1
         self.vc[layer, :, start : start + c] = kvquant.pack(codes.reshape(self.H, c, self.D), bits)
         self.vs[layer, :, start : start + c] = scale[..., 0]
         self.vm[layer, :, start : start + c] = lo[..., 0]
-
-    def _quantize_rotated(self, codes_t, scale_t, min_t, bits, layer, x, start) -> None:
-        """x: [H, C, D] → Hadamard-rotated, per token in groups of v_group channels, searched."""
-        gv, c = self.cfg.v_group, x.shape[1]
-        grouped = kvquant.hadamard(x).reshape(self.H, c, self.D // gv, gv)  # H, C, D/gv, gv
-        codes, scale, lo = kvquant.quantize(grouped, bits, dim=3, search=True)
-        codes_t[layer, :, start : start + c] = kvquant.pack(codes.reshape(self.H, c, self.D), bits)
-        scale_t[layer, :, start : start + c] = scale[..., 0]
-        min_t[layer, :, start : start + c] = lo[..., 0]
 
     # -- reading ----------------------------------------------------------------------------
     def dequant_k(self, layer: int, end: int) -> torch.Tensor:
@@ -190,55 +147,30 @@ class KVCache:
         bits, g = self.cfg.k_bits, self.cfg.k_group
         if bits == 16:
             return self.kc[layer, :, :end].float()
-        if self.cfg.k_rotated:
-            mean = self.kz[layer, :, : end // g].float().repeat_interleave(g, dim=1)  # H, end, D
-            return self._dequant_rotated(self.kc, self.ks, self.km, layer, end, bits) + mean
         codes = kvquant.unpack(self.kc[layer, :, :end], bits)  # H, end, D
         scale = self.ks[layer, :, : end // g].repeat_interleave(g, dim=1)  # H, end, D
         lo = self.km[layer, :, : end // g].repeat_interleave(g, dim=1)
         return kvquant.dequantize(codes, scale, lo)
 
     def dequant_v(self, layer: int, end: int) -> torch.Tensor:
-        bits = self.cfg.v_bits
+        bits, gv = self.cfg.v_bits, self.cfg.v_group
         if bits == 16:
             return self.vc[layer, :, :end].float()
-        if self.cfg.v_rotated:
-            return self._dequant_rotated(self.vc, self.vs, self.vm, layer, end, bits)
-        return self._dequant_per_token(self.vc, self.vs, self.vm, layer, end, bits)
-
-    def _dequant_per_token(self, codes_t, scale_t, min_t, layer, end, bits) -> torch.Tensor:
-        gv = self.cfg.v_group
-        codes = kvquant.unpack(codes_t[layer, :, :end], bits)  # H, end, D
-        scale = scale_t[layer, :, :end].repeat_interleave(gv, dim=2)  # H, end, D
-        lo = min_t[layer, :, :end].repeat_interleave(gv, dim=2)
+        codes = kvquant.unpack(self.vc[layer, :, :end], bits)  # H, end, D
+        scale = self.vs[layer, :, :end].repeat_interleave(gv, dim=2)  # H, end, D
+        lo = self.vm[layer, :, :end].repeat_interleave(gv, dim=2)
         return kvquant.dequantize(codes, scale, lo)
 
-    def _dequant_rotated(self, codes_t, scale_t, min_t, layer, end, bits) -> torch.Tensor:
-        """The stored rotated values, rotated back (H is its own inverse): [H, end, D] fp32."""
-        x = self._dequant_per_token(codes_t, scale_t, min_t, layer, end, bits)
-        return kvquant.hadamard(x)
-
     def layer_tensors(self, layer: int) -> list[torch.Tensor]:
-        """kc, ks, km, kz, vc, vs, vm, kbuf, vbuf of one layer (scales are empty at 16 bits,
-        kz unless K is rotated)."""
-        parts = (
-            self.kc,
-            self.ks,
-            self.km,
-            self.kz,
-            self.vc,
-            self.vs,
-            self.vm,
-            self.kbuf,
-            self.vbuf,
-        )
+        """kc, ks, km, vc, vs, vm, kbuf, vbuf of one layer (scales are empty at 16 bits)."""
+        parts = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kbuf, self.vbuf)
         return [t[layer] if t.numel() else t for t in parts]
 
     def page_key_bounds(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-page, per-channel key (min, max) over the quantized pages: [H, pages, D] each."""
         end = self.qend(self.n)
-        if self.cfg.k_bits == 16 or self.cfg.k_rotated:  # no per-channel scales: read the keys
-            k = self.dequant_k(layer, end).reshape(self.H, end // PAGE, PAGE, self.D)
+        if self.cfg.k_bits == 16:
+            k = self.kc[layer, :, :end].float().reshape(self.H, end // PAGE, PAGE, self.D)
             return k.amin(dim=2), k.amax(dim=2)
         g, levels = self.cfg.k_group, (1 << self.cfg.k_bits) - 1
         lo = self.km[layer, :, : end // g].float()  # H, groups, D
