@@ -119,7 +119,7 @@ def _events(resp) -> Iterator[Delta | Done]:
             from .rag.answer import CitedDone
             from .rag.cite import Citation
 
-            cits = [Citation(**c) for c in obj["citations"]]
+            cits = [Citation.from_dict(c) for c in obj["citations"]]
             # the Sources list arrives as the last delta, after the model's own text
             yield CitedDone("".join(text), stats, cits, obj.get("sources", {}), "".join(text[:-1]))
             return

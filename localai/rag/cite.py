@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from ..index.search import Hit, Passage, location
 from .retrieve import Source
@@ -47,9 +47,15 @@ class Citation:
         return location(self.path, self.start_line, self.end_line, self.pages)
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d["page"] = self.pages[0] if self.pages else None  # first page, for a reader
-        return d
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Citation:
+        """The inverse of as_dict; keys this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        c = cls(**{k: v for k, v in d.items() if k in known})
+        c.pages = tuple(c.pages) if c.pages else None  # JSON gives a list
+        return c
 
 
 def words(text: str) -> set[str]:
