@@ -43,9 +43,13 @@ class ToolCall:
 
 def _call(body: str) -> ToolCall | None:
     try:
-        obj = json.loads(body)
+        return _from_obj(json.loads(body))
     except json.JSONDecodeError:
         return None
+
+
+def _from_obj(obj: object) -> ToolCall | None:
+    """A call from parsed JSON `{"name": ..., "arguments": {...}}`; None if it is not one."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
@@ -64,7 +68,7 @@ def _bare(text: str, names: frozenset[str]) -> list[ToolCall]:
     except json.JSONDecodeError:
         return []
     items = obj if isinstance(obj, list) else [obj]
-    calls = [_call(json.dumps(o)) if isinstance(o, dict) else None for o in items]
+    calls = [_from_obj(o) for o in items]
     if not calls or any(c is None or c.name not in names for c in calls):
         return []
     return calls
