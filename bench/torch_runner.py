@@ -12,6 +12,7 @@ committed. Every part prints one JSON object; runs alternate between the sides c
     python bench/torch_runner.py decode  [--model smollm2-135m] [--runs 3]
     python bench/torch_runner.py correctness [--model smollm2-135m] [--ctx 1024] [--windows 2]
     python bench/torch_runner.py head    [--model smollm2-135m] [--ctx 1024] [--windows 2]
+    python bench/torch_runner.py reuse   [--model qwen2.5-coder-0.5b] [--turns 4]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from localai.config import load_settings
 from localai.engine import Message, SamplingParams, chat
 from localai.engine.llamacpp import LlamaCppEngine
 from localai.engine.perplexity import measure_llama, measure_torch
+from localai.engine.tokengen import shared_prefix
 from localai.engine.torch import TorchEngine
 from localai.runtime import open_catalog
 
@@ -161,6 +163,44 @@ def decode_part(a, path) -> dict:
     return header("decode", a.model) | {"threads": a.threads, "runs": a.runs, "sides": res}
 
 
+def reuse_part(a, path) -> dict:
+    """Time to first token of each turn of a chat about a long document, with the KV of the
+    previous turns kept (the default) and forgotten before every turn, alternating per turn, on
+    both backends; the conversation is the same for both (the kept side's greedy answers)."""
+    doc = "\n\n".join(topics[k] for k in sorted(topics))[:6000]  # ~1.5K tokens of Python docs
+    questions = ["What does this text describe?", "Give one example from it.",
+                 "Summarize that in one sentence.", "What is the most important point?",
+                 "Name a related topic."][: a.turns]  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens)
+    sides = {"torch": TorchEngine(path, a.model, 4096, a.threads),
+             "llama": LlamaCppEngine(path, a.model, 4096, a.threads)}  # fmt: skip
+    res = {}
+    for name, eng in sides.items():
+        msgs = [Message("system", f"Answer questions about this text.\n\n{doc}")]
+        kept, forgot = [], []
+        for q in questions:
+            msgs.append(Message("user", q))
+            for side in ("kept", "forgot") if len(kept) % 2 == 0 else ("forgot", "kept"):
+                if side == "forgot":
+                    eng.forget()
+                st = list(chat(eng, msgs, params))[-1]
+                (kept if side == "kept" else forgot).append(st.stats)
+                if side == "kept":
+                    answer = st.text
+            msgs.append(Message("assistant", answer))
+        res[name] = {
+            "prompt_tokens": [s.prompt_tokens for s in kept],
+            "cached_tokens": [s.cached_tokens for s in kept],
+            "ttft_s_kept": [s.ttft_s for s in kept],
+            "ttft_s_forgotten": [s.ttft_s for s in forgot],
+            "ttft_ratio_after_first_turn": round(
+                sum(s.ttft_s for s in kept[1:]) / sum(s.ttft_s for s in forgot[1:]), 3
+            ),
+        }
+        eng.close()
+    return header("reuse", a.model) | {"threads": a.threads, "turns": len(questions)} | res
+
+
 def llama_logits(path, ids: list[int], flash_attn: bool, threads: int) -> torch.Tensor:
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids), n_batch=512, logits_all=True,
                           n_threads=threads, flash_attn=flash_attn, verbose=False)  # fmt: skip
@@ -190,12 +230,6 @@ def agreement(ref: list[torch.Tensor], other: list[torch.Tensor], tokens: list[l
             "ppl_ratio": round(math.exp((nll[1] - nll[0]) / n), 4),
             "mean_abs_logit_diff": round(statistics.mean(mad), 4),
             "max_disagreeing_margin": round(max(margins, default=0.0), 3)}  # fmt: skip
-
-
-def shared_prefix(a: list[int], b: list[int]) -> int:
-    return next(
-        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
-    )
 
 
 def greedy_text(engine, msgs, params) -> str:
@@ -322,7 +356,7 @@ def best_time(f, runs: int = 20) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=["kv", "needle", "decode", "correctness", "head"])
+    ap.add_argument("part", choices=["kv", "needle", "decode", "correctness", "head", "reuse"])
     ap.add_argument("--model", default=None)
     ap.add_argument("--essays", default=None)
     ap.add_argument("--ctx", type=int, nargs="+", default=CTXS)
@@ -332,6 +366,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--no-decode-at-ctx", dest="decode_at_ctx", action="store_false")
     ap.add_argument("--no-llama-ppl", dest="llama_ppl", action="store_false")
     a = ap.parse_args()
@@ -341,7 +376,8 @@ def main() -> None:
     a.bits = a.bits or ([16, 8, 4, 2] if a.part == "kv" else [16, 4])
     path = open_catalog(load_settings()).ensure(a.model)
     parts = {"kv": kv_part, "needle": needle_part, "decode": decode_part,
-             "correctness": correctness_part, "head": head_part}  # fmt: skip
+             "correctness": correctness_part, "head": head_part,
+             "reuse": reuse_part}  # fmt: skip
     part = parts[a.part]
     print(json.dumps(part(a, path)))
 

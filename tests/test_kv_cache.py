@@ -108,3 +108,46 @@ def test_native_kernel_matches_reference(k_bits, v_bits, n):
     # fp32 accumulation in a different order (and -ffast-math): relative 1e-4 of the output scale
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     assert not math.isnan(float(out.sum()))
+
+
+def fill_named(cache: KVCache, k, v, ids, chunk):
+    for i in range(0, len(ids), chunk):
+        cache.begin(len(ids[i : i + chunk]))
+        cache.write(0, k[:, i : i + chunk], v[:, i : i + chunk])
+        cache.commit(ids[i : i + chunk])
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+@pytest.mark.parametrize("cut", [299, 290, 250, 200, 64, 0])
+def test_truncate_then_refill_equals_a_fresh_cache(bits, cut):
+    """Cutting back to a prefix and writing a different continuation leaves the cache exactly as
+    if the new sequence had been written from the start; a quantized cache that cannot give back
+    the fp16 window starts over instead."""
+    cfg = KVConfig(k_bits=bits, v_bits=bits, window=32, k_group=32, v_group=32)
+    k, v = kv_data(300)
+    k2, v2 = kv_data(300, seed=1)
+    ids = list(range(300))
+    new_ids = ids[:cut] + [1000 + i for i in range(300 - cut)]
+    k_new = torch.cat([k[:, :cut], k2[:, cut:]], dim=1)
+    v_new = torch.cat([v[:, :cut], v2[:, cut:]], dim=1)
+    a, fresh = KVCache(cfg, 1, H, D, 512), KVCache(cfg, 1, H, D, 512)
+    fill_named(a, k, v, ids, 50)
+    kept = a.truncate(cut)
+    same_groups = a.qend(cut) == a.qend(300) if bits < 16 else True
+    assert kept == (cut if same_groups else 0) and a.n == kept and a.ids == ids[:kept]
+    fill_named(a, k_new[:, kept:], v_new[:, kept:], new_ids[kept:], 7)
+    fill_named(fresh, k_new, v_new, new_ids, 64)
+    q_end = fresh.qend(300)
+    assert a.n == fresh.n == 300 and a.ids == new_ids and a.qend(a.n) == q_end
+    assert torch.equal(a.dequant_k(0, q_end), fresh.dequant_k(0, q_end))
+    assert torch.equal(a.dequant_v(0, q_end), fresh.dequant_v(0, q_end))
+    assert torch.equal(a.kbuf[0, :, : 300 - q_end], fresh.kbuf[0, :, : 300 - q_end])
+    assert torch.equal(a.vbuf[0, :, : 300 - q_end], fresh.vbuf[0, :, : 300 - q_end])
+
+
+def test_a_cache_without_token_ids_is_never_reused():
+    cfg = KVConfig(window=32, k_group=32)
+    k, v = kv_data(100)
+    cache = KVCache(cfg, 1, H, D, 256)
+    fill(cache, k, v, 40)  # raw K/V, no ids: nothing says which tokens these are
+    assert cache.ids == [] and cache.truncate(50) == 0 and cache.n == 0

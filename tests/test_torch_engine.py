@@ -192,6 +192,32 @@ def test_contract_limits_stops_seeds_cancel(torch_engine):
     gen.close()
 
 
+@pytest.mark.parametrize("which", ["torch", "llama"])
+def test_next_chat_turn_reuses_the_cached_prefix(which, torch_engine, engine):
+    """The second turn of a chat computes only what follows the first turn's tokens, and what
+    the model then sees is the same as after a fresh prefill."""
+    eng = torch_engine if which == "torch" else engine
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    turn1 = [Message("system", "You are terse."), Message("user", "Name a colour.")]
+    answer, done1 = run(eng, params, turn1)
+    turn2 = turn1 + [Message("assistant", answer), Message("user", "And a fruit?")]
+    reply, done2 = run(eng, params, turn2)
+    assert done2.stats.cached_tokens >= done1.stats.prompt_tokens, done2.stats
+    assert done2.stats.cached_tokens < done2.stats.prompt_tokens
+    eng.forget()
+    fresh, done3 = run(eng, params, turn2)
+    assert done3.stats.cached_tokens == 0 and fresh == reply
+    if which == "torch":  # the best candidates' logits, reused vs fresh: the same up to how the
+        # tokens were split into forward passes (matmuls over other row counts round otherwise)
+        tokens = eng.tokenize(eng.apply_chat_template(turn2))
+        eng.forget()
+        ref = eng.prefill(tokens).topk(5)
+        eng.prefill(tokens[:-5])
+        again = eng.prefill(tokens).topk(5)
+        assert eng.reused == len(tokens) - 5 and again.indices[0] == ref.indices[0]
+        assert torch.allclose(again.values, ref.values, atol=0.05), (again, ref)
+
+
 @pytest.mark.slow
 def test_quantized_kv_and_the_torch_fallback(model_path, torch_engine):
     """4-bit KV stays within 2% of fp16 perplexity; the pure-torch decode path (what runs when

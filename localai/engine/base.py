@@ -80,6 +80,7 @@ class GenerationStats:
     finish_reason: str = "stop"
     kv_bytes: int = 0
     peak_rss_bytes: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from the previous request
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -178,12 +179,13 @@ class Clock:
         first = self.first or end
         ttft = first - self.start
         decode_s = end - first
+        computed = prompt_tokens - kw.get("cached_tokens", 0)  # prompt tokens run this time
         return GenerationStats(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             ttft_s=round(ttft, 4),
             tokens_per_s=round((completion_tokens - 1) / decode_s, 2) if decode_s > 0 else 0.0,
-            prefill_tokens_per_s=round(prompt_tokens / ttft, 1) if ttft > 0 else 0.0,
+            prefill_tokens_per_s=round(computed / ttft, 1) if ttft > 0 else 0.0,
             total_s=round(end - self.start, 4),
             finish_reason=finish,
             peak_rss_bytes=peak_rss_bytes(),

@@ -16,7 +16,7 @@ import llama_cpp
 
 from . import gguf_meta
 from .base import EngineError, SamplingParams
-from .tokengen import TokenEngine, Vocab
+from .tokengen import TokenEngine, Vocab, shared_prefix
 
 GGML_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
               "q4_0": llama_cpp.GGML_TYPE_Q4_0}  # fmt: skip
@@ -65,6 +65,7 @@ class LlamaCppEngine(TokenEngine):
 
     def _token_stream(self, tokens: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
         self._llm.set_seed(seed)
+        self.reused = min(shared_prefix(self._llm._input_ids, tokens), len(tokens) - 1)
         return self._llm.generate(
             tokens,
             top_k=params.top_k,
@@ -74,6 +75,9 @@ class LlamaCppEngine(TokenEngine):
             repeat_penalty=params.repeat_penalty,
             reset=True,  # llama-cpp-python still reuses the KV of a shared prompt prefix
         )
+
+    def forget(self) -> None:
+        self._llm.reset()
 
     def _kv_bytes(self, n_tokens: int) -> int:
         return int(self.kv_bytes_per_token() * n_tokens)

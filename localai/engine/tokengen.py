@@ -25,6 +25,16 @@ from .textstream import TextStreamer
 _MARKUP_TAG = re.compile(rb"</?[A-Za-z_][A-Za-z0-9_]*>")
 
 
+def shared_prefix(cached, tokens) -> int:
+    """How many leading tokens two sequences have in common."""
+    n = 0
+    for a, b in zip(cached, tokens, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 class Vocab:
     """Tokenizer side of a GGUF, from a llama_cpp.Llama (a full model or `vocab_only=True`)."""
 
@@ -80,11 +90,16 @@ class TokenEngine:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.reused = 0  # prompt tokens of the current request whose KV was already cached
 
     def _token_stream(self, tokens: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
         raise NotImplementedError
 
     def _kv_bytes(self, n_tokens: int) -> int:
+        raise NotImplementedError
+
+    def forget(self) -> None:
+        """Drop the cached KV: the next prompt is computed from its first token."""
         raise NotImplementedError
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
@@ -126,6 +141,7 @@ class TokenEngine:
             limit = min(limit, params.max_tokens)
         clock, streamer = Clock(), TextStreamer(params.stop)  # the clock includes prefill
         n_out, finish = 0, "length"
+        self.reused = 0  # the stream sets it when it prefills
         stream = self._token_stream(tokens, params, seed)
         try:
             for tok in stream:
@@ -151,6 +167,10 @@ class TokenEngine:
         if tail:
             yield Delta(tail)
         stats = clock.stats(
-            len(tokens), n_out, finish, kv_bytes=self._kv_bytes(len(tokens) + n_out)
+            len(tokens),
+            n_out,
+            finish,
+            kv_bytes=self._kv_bytes(len(tokens) + n_out),
+            cached_tokens=self.reused,
         )
         yield Done(streamer.text, stats)

@@ -38,7 +38,8 @@ def _usage(done: Done) -> dict:
     s = done.stats
     total = s.prompt_tokens + s.completion_tokens
     return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-            "total_tokens": total}  # fmt: skip
+            "total_tokens": total,
+            "prompt_tokens_details": {"cached_tokens": s.cached_tokens}}  # fmt: skip
 
 
 def _stats_of(done: Done) -> dict:

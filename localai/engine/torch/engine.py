@@ -7,6 +7,9 @@ turn the same text into the same tokens and render the same prompts. The generat
 stop strings, limits, stats) is tokengen.TokenEngine's, shared with the llama.cpp backend; this
 file supplies the token stream. The KV cache is allocated once, for the whole context, when the
 engine loads, and is what `kv_bytes` reports.
+
+The cache outlives a request: a prompt that starts with tokens already in it (the next turn of
+a chat, the same system prompt and documents) computes only the rest, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from llama_cpp._utils import suppress_stdout_stderr
 
 from ..base import EngineError, SamplingParams
-from ..tokengen import TokenEngine, Vocab
+from ..tokengen import TokenEngine, Vocab, shared_prefix
 from . import native
 from .arch import Hparams
 from .kv import KVConfig
@@ -76,10 +79,13 @@ class TorchEngine(TokenEngine):
 
     # -- the loop ---------------------------------------------------------------------------
     def prefill(self, tokens: list[int]) -> torch.Tensor:
-        """Start a new sequence: run the prompt in chunks, return the last position's logits."""
+        """Start a sequence: keep the cached prefix it shares with the last one, run the rest of
+        the prompt in chunks, return the last position's logits."""
         assert tokens, "a prompt has at least one token"
-        self.model.cache.reset()
-        for i in range(0, len(tokens), self.prefill_chunk):
+        cache = self.model.cache
+        # the last token always runs: its logits are the ones the prompt is for
+        self.reused = cache.truncate(shared_prefix(cache.ids, tokens[:-1]))
+        for i in range(self.reused, len(tokens), self.prefill_chunk):
             logits = self.model.forward(torch.tensor(tokens[i : i + self.prefill_chunk]))
         return logits[-1]
 
@@ -105,6 +111,9 @@ class TorchEngine(TokenEngine):
             yield tok  # the loop closes this generator when it stops: no step is wasted
             history.append(tok)
             logits = self.step(tok)
+
+    def forget(self) -> None:
+        self.model.cache.reset()
 
     def _kv_bytes(self, n_tokens: int) -> int:
         return self.model.cache.nbytes  # allocated once for the whole context

@@ -14,6 +14,12 @@ Invariants, with n tokens stored and W = window, G = k_group:
 Pages are addressable (page i = tokens [16i, 16i + 16)) and summarized by `page_key_bounds`
 (per-channel key min/max, taken from the K group scales: no extra memory), which is what a
 page-retrieval attention needs.
+
+A cache can be cut back to a prefix (`truncate`) so the next prompt that shares it is not
+computed again. Cutting back to m < n needs tokens [qend(m), m) in fp16: at 16 bits the pages
+hold them exactly and are copied back into the buffer; quantized pages cannot give the fp16
+values back, so there the cut keeps the prefix only when qend(m) = qend(n) and starts over
+otherwise (never a silently less exact cache).
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ class KVCache:
         self.vbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)
         self.n = 0  # tokens stored (all layers agree between forwards)
         self._n_next = 0
+        self.ids: list[int] = []  # the token ids of those n tokens, when a model wrote them
+        self._ids: list[int] = []
 
     def _store(self, bits: int, scale_shape: tuple[int, ...]):
         L, H, T, D = self.L, self.H, self.T, self.D
@@ -88,14 +96,41 @@ class KVCache:
 
     def reset(self) -> None:
         self.n = self._n_next = 0
+        self.ids = []
 
     def begin(self, n_new: int) -> None:
         """Start a forward over `n_new` tokens; every layer then calls `write` once."""
         assert self.n + n_new <= self.T, "the engine checks context room before running"
         self._n_next = self.n + n_new
+        self._ids, self.ids = self.ids, []  # unknown until every layer has written
 
-    def commit(self) -> None:
+    def commit(self, ids: list[int] | None = None) -> None:
+        """End the forward; `ids` are its token ids (None: not tokens, the cache is unnamed)."""
         self.n = self._n_next
+        named = ids is not None and len(self._ids) + len(ids) == self.n
+        self.ids = self._ids + ids if named else []
+
+    def truncate(self, m: int) -> int:
+        """Keep tokens [0, m) and forget the rest; returns the tokens kept (m, or 0)."""
+        n = self.n
+        if m >= n:
+            return n
+        if len(self.ids) < m:  # not written by a model (tests), or a forward did not finish
+            self.reset()
+            return 0
+        q_old, q_new = self.qend(n), self.qend(m)
+        if q_new < q_old:
+            if self.cfg.k_bits < 16 or self.cfg.v_bits < 16:
+                self.reset()
+                return 0
+            shift = q_old - q_new  # tokens [q_new, q_old) come back from the fp16 pages
+            kept = max(0, m - q_old)  # buffered tokens still wanted, moved up by `shift`
+            for buf, pages in ((self.kbuf, self.kc), (self.vbuf, self.vc)):
+                buf[:, :, shift : shift + kept] = buf[:, :, :kept].clone()
+                buf[:, :, : min(m, q_old) - q_new] = pages[:, :, q_new : min(m, q_old)]
+        self.n = self._n_next = m
+        self.ids = self.ids[:m]
+        return m
 
     # -- writing ----------------------------------------------------------------------------
     def write(

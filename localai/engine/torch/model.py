@@ -141,7 +141,7 @@ class Transformer:
         for b in self.blocks:
             x = x + b.attn(rms_norm(x, b.attn_norm, b.eps), cos, sin, cache, self.use_native)
             x = x + b.ffn(rms_norm(x, b.ffn_norm, b.eps))
-        cache.commit()
+        cache.commit(tokens.tolist())
         if not all_positions:
             x = x[-1:]
         return rms_norm(x, self.norm, self.hp.norm_eps)  # C, E
