@@ -72,9 +72,15 @@ class Hparams:
     norm_eps: float
     rope_base: float
     rope_dims: int
-    rope_scale: float  # linear scaling: positions are divided by this
+    rope_scale: float  # the context extension factor (linear: positions are divided by it)
     n_experts: int = 0
     n_experts_used: int = 0
+    rope_scaling: str = "none"  # "none", "linear" or "yarn"
+    rope_orig_ctx: int = 0  # YaRN: the context the model was trained with
+    yarn_ext_factor: float = 1.0  # YaRN: how much of the ramp between the two regimes to apply
+    yarn_attn_factor: float = 1.0
+    yarn_beta_fast: float = 32.0  # rotations over the original context above which a dim
+    yarn_beta_slow: float = 1.0  # extrapolates, below which it interpolates
 
     @property
     def spec(self) -> ArchSpec:
@@ -101,9 +107,14 @@ class Hparams:
         dim, heads = int(get("embedding_length")), int(get("attention.head_count"))
         head_dim = int(get("attention.key_length", dim // heads))
         scaling = md.get(f"{arch}.rope.scaling.type", "none")
-        if scaling not in ("none", "linear"):
+        if scaling not in ("none", "linear", "yarn"):
             raise EngineError(f"RoPE scaling {scaling!r} is not supported by the torch runner yet")
-        factor = float(md.get(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+        factor = float(md.get(f"{arch}.rope.scaling.factor", 0.0) or 1.0)
+        factor = 1.0 if scaling == "none" else factor
+        ctx = int(get("context_length"))
+        orig = int(md.get(f"{arch}.rope.scaling.original_context_length", 0) or ctx)
+        if scaling == "yarn":  # the model is meant to run up to orig × factor
+            ctx = max(ctx, int(orig * factor))
         hp = cls(
             arch=arch,
             n_layers=int(get("block_count")),
@@ -113,13 +124,16 @@ class Hparams:
             n_kv_heads=int(get("attention.head_count_kv", heads)),
             head_dim=head_dim,
             vocab_size=vocab_size,
-            context_length=int(get("context_length")),
+            context_length=ctx,
             norm_eps=float(get("attention.layer_norm_rms_epsilon")),
             rope_base=float(get("rope.freq_base", 10000.0)),
             rope_dims=int(get("rope.dimension_count", head_dim)),
-            rope_scale=factor or 1.0,
+            rope_scale=factor,
             n_experts=int(get("expert_count", 0)),
             n_experts_used=int(get("expert_used_count", 0)),
+            rope_scaling=scaling,
+            rope_orig_ctx=orig,
+            yarn_attn_factor=float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0) or 1.0),
         )
         assert hp.n_heads % hp.n_kv_heads == 0, "GQA needs whole query groups per KV head"
         assert hp.rope_dims <= hp.head_dim and hp.rope_dims % 2 == 0

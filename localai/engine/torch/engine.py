@@ -14,6 +14,7 @@ a chat, the same system prompt and documents) computes only the rest, as llama.c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ class TorchEngine(TokenEngine):
         prefill_chunk: int = 256,
         use_native: bool = True,
         decode_threads: int = 1,
+        hparams: dict | None = None,
     ):
         super().__init__()
         self.path = Path(path)
@@ -68,6 +70,7 @@ class TorchEngine(TokenEngine):
         self.vocab = Vocab(llm)
         weights = GGUFWeights(self.path)
         hp = Hparams.from_metadata(weights.metadata, llm.n_vocab())
+        hp = dataclasses.replace(hp, **(hparams or {}))  # e.g. RoPE scaling the GGUF lacks
         self.hp = hp
         self.context_length = min(context_length, hp.context_length)
         kv = KVConfig(k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim))

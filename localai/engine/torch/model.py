@@ -10,6 +10,8 @@ per tensor; activations are fp32 except at the packed matmuls (bf16 in, fp32 out
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -28,12 +30,48 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rope_tables(hp: Hparams, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [n, rope_dims / 2] for positions 0..n-1 (linear scaling divides positions)."""
+def rope_tables(
+    hp: Hparams, n: int, freq_factors: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [n, rope_dims / 2] for positions 0..n-1.
+
+    `freq_factors` (the GGUF's `rope_freqs.weight`, Llama 3.1 and later) divide each pair's
+    frequency, as llama.cpp does.
+
+    Linear scaling divides positions by the factor. YaRN interpolates the slow (long-wavelength)
+    dims by the factor, keeps the fast ones, ramps between them by how many turns each dim
+    makes over the original context, and scales cos/sin (so attention logits) to compensate,
+    as llama.cpp computes it."""
     half = hp.rope_dims // 2
-    inv = hp.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2 / hp.rope_dims)
-    ang = torch.outer(torch.arange(n, dtype=torch.float64) / hp.rope_scale, inv)
-    return ang.cos().float(), ang.sin().float()
+    i = torch.arange(half, dtype=torch.float64)  # the pair index
+    inv = hp.rope_base ** (-i * 2 / hp.rope_dims)
+    if freq_factors is not None:
+        inv = inv / freq_factors.double()
+    pos = torch.arange(n, dtype=torch.float64)
+    mscale = 1.0
+    if hp.rope_scaling == "yarn":
+        lo, hi = yarn_corr_dims(hp)
+        extrapolate = (1 - ((i - lo) / max(0.001, hi - lo)).clamp(0, 1)) * hp.yarn_ext_factor
+        inv = inv / hp.rope_scale * (1 - extrapolate) + inv * extrapolate
+        mscale = hp.yarn_attn_factor
+        if hp.yarn_ext_factor != 0:
+            mscale *= 1 + 0.1 * math.log(hp.rope_scale)
+    elif hp.rope_scaling == "linear":
+        pos = pos / hp.rope_scale
+    ang = torch.outer(pos, inv)
+    return (ang.cos() * mscale).float(), (ang.sin() * mscale).float()
+
+
+def yarn_corr_dims(hp: Hparams) -> tuple[float, float]:
+    """The pair indices where the ramp starts and ends: a dim turning `beta` times over the
+    original context sits at index D·ln(ctx / (2π·beta)) / (2·ln base)."""
+
+    def at(beta: float) -> float:
+        d = hp.rope_dims
+        return d * math.log(hp.rope_orig_ctx / (beta * 2 * math.pi)) / (2 * math.log(hp.rope_base))
+
+    lo = max(0.0, math.floor(at(hp.yarn_beta_fast)))
+    return lo, min(hp.rope_dims - 1.0, math.ceil(at(hp.yarn_beta_slow)))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
@@ -117,7 +155,8 @@ class Transformer:
         self.norm = w.dense(hp.name("output_norm"))
         self.head = make_head(w, hp)
         self.cache = KVCache(kv, hp.n_layers, hp.n_kv_heads, hp.head_dim, capacity)
-        self.cos, self.sin = rope_tables(hp, self.cache.T)
+        factors = w.dense("rope_freqs.weight") if "rope_freqs.weight" in w else None
+        self.cos, self.sin = rope_tables(hp, self.cache.T, factors)
         self.use_native = True
 
     @torch.inference_mode()
