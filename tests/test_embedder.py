@@ -21,3 +21,24 @@ def test_long_text_is_truncated_not_an_error(embedder):
     assert embedder.count_tokens("word " * 1000) > 256
     assert embedder.embed(["word " * 1000]).shape == (1, 384)
     assert embedder.embed([]).shape == (0, 384)
+
+
+def test_backends_agree_with_the_fp32_reference(embedder):
+    """bf16 torch (fused oneDNN ops) and int8 ONNX embed within a tight cosine of the fp32 model;
+    the bar (0.999) is what keeps an index built by one backend searchable by the other."""
+    from localai.index.bert import bf16_is_native
+    from localai.index.embedder import Embedder
+
+    assert embedder.backend == ("torch-bf16" if bf16_is_native() else "onnx-int8")
+    model = embedder.model_path
+    texts = [
+        "The cat sat on the mat.",
+        "File your income tax return before the April deadline to avoid late penalties. " * 6,
+        "Astronomers measure the distance to nearby stars with parallax over a year.",
+        "Rosin the violin bow before practice so the strings speak clearly. " * 20,  # truncated
+    ]
+    ref = Embedder(model, embedder.tokenizer_path, backend="torch-fp32").embed(texts)
+    for backend in ("torch-bf16", "onnx-int8"):
+        v = Embedder(model, embedder.tokenizer_path, backend=backend, batch_size=3).embed(texts)
+        cos = (v * ref).sum(axis=1)
+        assert cos.min() > 0.999, (backend, cos)
