@@ -280,3 +280,17 @@ def test_configured_codec_applies_to_a_new_index(home, docs, embedder):
     ix = Index.open(load_settings(index_codec="bin1"), embedder=embedder)
     assert ix.stats()["codec"] == "int4"  # the recorded codec wins: codes are never mixed
     ix.close()
+
+
+def test_an_index_refuses_vectors_of_another_embedding_model(home, docs, embedder):
+    ix = Index.open(load_settings(), embedder=embedder)
+    ix.add_source(docs)
+    ix.update()
+    ix.close()
+    ix = Index.open(load_settings(embed_model="other-embedder"), embedder=embedder)
+    with pytest.raises(IndexError_, match="holds minilm-l6-int8 vectors, but embed_model is other"):
+        ix.update()
+    with pytest.raises(IndexError_, match="cannot be compared"):
+        ix.search("sourdough starter", mode="vector")
+    assert ix.search("sourdough starter", k=1, mode="bm25")[0].path.endswith("kitchen.md")
+    ix.close()

@@ -108,6 +108,13 @@ class Index:
             with store.transaction(self.db):
                 store.set_meta(self.db, "codec", name)
         self.codec = codec(name)
+        # the model whose vectors the index holds; an index from before this key was recorded
+        # was embedded by minilm-l6-int8, the only embedding model then (and still the default)
+        self.embed_model = store.get_meta(self.db, "embed_model")
+        if self.embed_model is None:
+            self.embed_model = settings.embed_model
+            with store.transaction(self.db):
+                store.set_meta(self.db, "embed_model", self.embed_model)
         self._embedder = embedder  # loaded on first use unless shared by the caller
         self._vectors: VectorSet | None = None
         self._vectors_gen: str | None = None
@@ -182,6 +189,15 @@ class Index:
 
     @property
     def embedder(self):
+        if self.settings.embed_model != self.embed_model:
+            # its backends (bf16 torch, int8 ONNX) share one vector space; two models do not
+            raise IndexError_(
+                f"this index holds {self.embed_model} vectors, but embed_model is "
+                f"{self.settings.embed_model}; their vectors cannot be compared, so nothing was "
+                f'embedded or searched by vector. Set embed_model = "{self.embed_model}" in '
+                f"config.toml, or delete {self.path} and run `localai index` to rebuild the "
+                "index with the new model"
+            )
         with self._lock:
             if self._embedder is None:
                 from .embedder import Embedder
