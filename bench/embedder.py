@@ -1,0 +1,133 @@
+"""The embedder's backends side by side: speed and vector agreement on NFCorpus chunks.
+
+"new" is what `Embedder(backend="auto")` picks on this machine (torch-bf16 where bf16 is native),
+"old" the onnxruntime int8 path that was the only one before; "fp32" is the same safetensors in
+fp32 with plain torch ops (the reference model). Chunks are the index's own (the chunker over
+the first N NFCorpus documents), embedded in batches of 64 like the indexer does; runs alternate
+(old new old new) so machine noise hits both, and the best run of each counts.
+
+Agreement: mean and minimum cosine between the backends' vectors of the same chunk, and for the
+NFCorpus test queries, recall@10 of exact search: the top 10 chunks with new vectors (queries and
+chunks) against the top 10 with old ones, and "mixed" = new query vectors against old chunk
+vectors (an index built before the switch, searched after it). Prints one JSON object.
+
+    python bench/embedder.py [--docs 300] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from localai.catalog import Catalog  # noqa: E402
+from localai.config import load_settings  # noqa: E402
+from localai.index.chunker import chunk  # noqa: E402
+from localai.index.embedder import Embedder  # noqa: E402
+from localai.index.loaders import load_text  # noqa: E402
+
+EVALS = ROOT.parent / "shared" / "evals" / "nfcorpus"
+BATCH = 64  # the indexer's EMBED_BATCH
+
+
+def corpus_chunks(emb: Embedder, docs: int) -> list[str]:
+    def count(texts):
+        return [len(e.ids) for e in emb.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    texts = []
+    with open(EVALS / "corpus.jsonl") as f:
+        for n, line in enumerate(f):
+            if n >= docs:
+                break
+            d = json.loads(line)
+            data = (d["title"] + " " + d["text"]).encode()
+            texts += [c.text for c in chunk(load_text(data, Path(d["_id"] + ".txt")), data, count)]
+    return texts
+
+
+def test_queries() -> list[str]:
+    with open(EVALS / "qrels" / "test.tsv") as f:
+        ids = {line.split("\t")[0] for line in list(f)[1:]}
+    with open(EVALS / "queries.jsonl") as f:
+        return [q["text"] for q in map(json.loads, f) if q["_id"] in ids]
+
+
+def embed_all(emb: Embedder, texts: list[str]) -> np.ndarray:
+    return np.concatenate([emb.embed(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)])
+
+
+def recall10(q_a, d_a, q_b, d_b) -> float:
+    """Mean overlap of the top 10 by (q_a, d_a) with the top 10 by (q_b, d_b)."""
+    top_a = np.argsort(-(q_a @ d_a.T), axis=1)[:, :10]
+    top_b = np.argsort(-(q_b @ d_b.T), axis=1)[:, :10]
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_a, top_b, strict=True)]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--docs", type=int, default=300)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    models = os.environ.get("LOCALAI_MODELS", str(Path.home() / ".cache/localai-test/models"))
+    settings = load_settings(tempfile.gettempdir(), models_dir=models)  # home is never written
+    cat = Catalog(settings.models_dir)
+    name = settings.embed_model
+    cat.ensure(name, log=lambda m: print(m, file=sys.stderr))
+    model, tok = cat.file(name, "model.onnx"), cat.file(name, "tokenizer.json")
+    old = Embedder(model, tok, settings.threads, backend="onnx-int8")
+    new = Embedder(model, tok, settings.threads)
+    fp32 = Embedder(model, tok, settings.threads, backend="torch-fp32")
+
+    texts = corpus_chunks(old, args.docs)
+    tokens = sum(min(len(e.ids), old.max_tokens) for e in old._truncating.encode_batch(texts))
+    embed_all(old, texts[:8]), embed_all(new, texts[:8])  # warm up
+    rates: dict[str, list[float]] = {"old": [], "new": []}
+    vecs = {}
+    for _ in range(args.runs):
+        for key, emb in (("old", old), ("new", new)):
+            t = time.perf_counter()
+            vecs[key] = embed_all(emb, texts)
+            rates[key].append(len(texts) / (time.perf_counter() - t))
+    vecs["fp32"] = embed_all(fp32, texts)
+    queries = test_queries()
+    qv = {k: e.embed(queries) for k, e in (("old", old), ("new", new), ("fp32", fp32))}
+
+    def cos(a, b):
+        c = (vecs[a] * vecs[b]).sum(axis=1)
+        return {"mean": round(float(c.mean()), 5), "min": round(float(c.min()), 5)}
+
+    best = {k: max(v) for k, v in rates.items()}
+    print(json.dumps({
+        "bench": "embedder", "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "load_avg_1m": round(os.getloadavg()[0], 2), "threads": settings.threads,
+        "backends": {"old": old.backend, "new": new.backend},
+        "chunks": len(texts), "mean_tokens": round(tokens / len(texts), 1),
+        "chunks_per_s": {k: round(v, 2) for k, v in best.items()},
+        "tokens_per_s": {k: round(v * tokens / len(texts)) for k, v in best.items()},
+        "speedup": round(best["new"] / best["old"], 2),
+        "cosine": {"new_vs_old": cos("new", "old"), "new_vs_fp32": cos("new", "fp32"),
+                   "old_vs_fp32": cos("old", "fp32")},
+        "queries": len(queries),
+        "recall@10": {
+            "new_vs_old": round(recall10(qv["new"], vecs["new"], qv["old"], vecs["old"]), 4),
+            "mixed_vs_old": round(recall10(qv["new"], vecs["old"], qv["old"], vecs["old"]), 4),
+            "new_vs_fp32": round(recall10(qv["new"], vecs["new"], qv["fp32"], vecs["fp32"]), 4),
+            "old_vs_fp32": round(recall10(qv["old"], vecs["old"], qv["fp32"], vecs["fp32"]), 4),
+        },
+        "runs": {k: [round(x, 2) for x in v] for k, v in rates.items()},
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
