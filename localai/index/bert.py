@@ -61,10 +61,12 @@ class MiniLM:
         self.dtype = dtype
         self.fused = fused and _has_fused()
         w = weights
-        self.word = w["embeddings.word_embeddings.weight"].float()  # (V, C)
-        self.pos = w["embeddings.position_embeddings.weight"].float()  # (P, C)
-        self.type0 = w["embeddings.token_type_embeddings.weight"][0].float()  # (C,)
-        self.emb_ln = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
+        # copies, so that no tensor keeps the file's whole buffer (90 MB) alive
+        own = {k: v.to(torch.float32, copy=True) for k, v in w.items() if k.startswith("emb")}
+        self.word = own["embeddings.word_embeddings.weight"]  # (V, C)
+        self.pos = own["embeddings.position_embeddings.weight"]  # (P, C)
+        self.type0 = own["embeddings.token_type_embeddings.weight"][0]  # (C,)
+        self.emb_ln = (own["embeddings.LayerNorm.weight"], own["embeddings.LayerNorm.bias"])
         self.max_tokens = self.pos.shape[0]
         self.layers = []
         n = 0
@@ -74,7 +76,7 @@ class MiniLM:
             p = f"encoder.layer.{i}."
 
             def g(name, p=p):
-                return w[p + name].to(dtype)
+                return w[p + name].to(dtype, copy=True)
 
             qkv = [f"attention.self.{x}" for x in ("query", "key", "value")]
             ln1 = "attention.output.LayerNorm"
