@@ -11,7 +11,10 @@ NFCorpus test queries, recall@10 of exact search: the top 10 chunks with new vec
 chunks) against the top 10 with old ones, and "mixed" = new query vectors against old chunk
 vectors (an index built before the switch, searched after it). Prints one JSON object.
 
-    python bench/embedder.py [--docs 300] [--runs 3]
+    python bench/embedder.py [--docs 300] [--runs 3] [--min-tokens 0]
+
+`--min-tokens 230` keeps only full-size chunks (the chunker's ~250-token target), the size the
+ingest goal is stated for.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=300)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--min-tokens", type=int, default=0)
     args = ap.parse_args()
     models = os.environ.get("LOCALAI_MODELS", str(Path.home() / ".cache/localai-test/models"))
     settings = load_settings(tempfile.gettempdir(), models_dir=models)  # home is never written
@@ -89,7 +93,9 @@ def main() -> None:
     fp32 = Embedder(model, tok, settings.threads, backend="torch-fp32")
 
     texts = corpus_chunks(old, args.docs)
-    tokens = sum(min(len(e.ids), old.max_tokens) for e in old._truncating.encode_batch(texts))
+    sizes = [len(e.ids) for e in old._truncating.encode_batch(texts)]  # as embedded (truncated)
+    texts = [t for t, n in zip(texts, sizes, strict=True) if n >= args.min_tokens]
+    tokens = sum(n for n in sizes if n >= args.min_tokens)
     embed_all(old, texts[:8]), embed_all(new, texts[:8])  # warm up
     rates: dict[str, list[float]] = {"old": [], "new": []}
     vecs = {}

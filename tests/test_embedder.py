@@ -42,3 +42,21 @@ def test_backends_agree_with_the_fp32_reference(embedder):
         v = Embedder(model, embedder.tokenizer_path, backend=backend, batch_size=3).embed(texts)
         cos = (v * ref).sum(axis=1)
         assert cos.min() > 0.999, (backend, cos)
+
+
+def test_row_by_row_attention_matches_masked_attention():
+    import torch
+    import torch.nn.functional as F
+
+    from localai.index.bert import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 12, 9, 32) for _ in range(3))  # (B, H, T, D)
+    lens = [9, 4, 7]
+    keep = (torch.arange(9)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    out = attention(q, k, v, lens)
+    for i, n in enumerate(lens):
+        assert torch.allclose(out[i, :, :n], ref[i, :, :n], atol=1e-5)
+        assert not out[i, :, n:].any()  # padding is never computed
+    assert torch.equal(attention(q, k, v, [9, 9, 9]), F.scaled_dot_product_attention(q, k, v))

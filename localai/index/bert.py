@@ -1,12 +1,12 @@
 """MiniLM-L6-v2 (a 6-layer BERT) in plain torch: the embedder's fast path on CPUs with bf16 units.
 
 The weights are the model's own fp32 safetensors, read directly (no framework). The forward
-runs in bfloat16: on a CPU with AMX or AVX512-BF16, oneDNN multiplies bf16 ~5x faster than fp32,
-and the matmuls are most of the work. Bias, GELU and the residual add are fused into the matmul
-(`torch.ops.mkldnn._linear_pointwise`, the op torch's own compiler emits for CPU linears), which
-saves one pass over the activations each; attention is torch's fused SDPA. `fused=False` runs the
-same math with plain torch ops: the reference the parity tests compare against, and the path
-taken when the fused op is missing. LayerNorm and the mean-pool accumulate in fp32.
+runs in bfloat16: on a CPU with AMX or AVX512-BF16, oneDNN multiplies bf16 ~5x faster than fp32.
+Bias, GELU and the residual add are fused into the matmul (`torch.ops.mkldnn._linear_pointwise`,
+the op torch's own compiler emits for CPU linears), which saves one pass over the activations
+each; attention is torch's fused SDPA, row by row (see `attention`). `fused=False` runs the same
+math with plain torch ops: the reference the parity tests compare against, and the path taken
+when the fused op is missing. LayerNorm and the mean-pool accumulate in fp32.
 
 Contract: `encode(ids, mask)` → (B, C) float32, the mean over unmasked tokens of the last hidden
 state (not normalised); padded positions never change an unpadded row.
@@ -114,11 +114,11 @@ class MiniLM:
         H, D = HEADS, C // HEADS
         x = self.word[ids] + self.pos[:T] + self.type0  # (B, T, C) fp32
         x = F.layer_norm(x, (C,), *self.emb_ln, eps=EPS).to(self.dtype).view(B * T, C)
-        keep = mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys a query may attend to
+        lens = mask.sum(dim=1).tolist()  # tokens of each row; the rest is padding
         for L in self.layers:
             qkv = self._linear(x, L["qkv_w"], L["qkv_b"])  # (B*T, 3C)
             q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 × (B, H, T, D)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, H, T, D)
+            a = attention(q, k, v, lens)  # (B, H, T, D)
             a = a.transpose(1, 2).reshape(B * T, C)
             x = self._linear(a, L["o_w"], L["o_b"], residual=x)  # (B*T, C)
             x = F.layer_norm(x, (C,), *L["ln1"], eps=EPS)
@@ -128,3 +128,17 @@ class MiniLM:
         m = mask.to(torch.float32)[..., None]  # (B, T, 1)
         summed = (x.view(B, T, C).float() * m).sum(dim=1)  # (B, C)
         return summed / m.sum(dim=1).clamp(min=1.0)
+
+
+def attention(q, k, v, lens: list[int]):
+    """Softmax attention of each row over its own tokens; (B, H, T, D) → (B, H, T, D).
+
+    Row by row without a mask rather than the batch with one: the fused kernel is ~25% faster
+    unmasked, and a row's padding is never computed. Padded positions come out as zeros."""
+    if min(lens) == q.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v)
+    out = q.new_zeros(q.shape)
+    for i, n in enumerate(lens):
+        s = (slice(i, i + 1), slice(None), slice(0, n))
+        out[s] = F.scaled_dot_product_attention(q[s], k[s], v[s])
+    return out
