@@ -4,13 +4,18 @@
 // tokens [0, nq) and the fp16 buffer tokens [0, nb), softmax, then the V-weighted sum, without
 // materializing dequantized K or V. K is per-channel quantized in groups of kg tokens, so for
 // each group the query is pre-scaled once (qs = q * k_scale, qm = q . k_min) and a score is
-// qs . code + qm. V is per-token quantized in groups of vg channels.
+// qs . code + qm. V is per-token quantized in groups of vg channels. The first tokens (the
+// attention sink, [H, S, D] fp16 each for K and V, empty at 16 bits) are read exactly instead of
+// through their codes. V may be stored rotated (times an orthonormal D x D matrix, vrot, empty
+// when not): the quantized tokens' weighted sum is then taken in the rotated basis and turned
+// back once per query head, which is exact since the sum is linear.
 // Packing is planar (see kvquant.py): channel p*R + r sits in byte r at bit offset p*bits.
 // The pure-torch definition is attention.decode_reference; tests hold the two to a tolerance.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -37,6 +42,8 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
                                torch::Tensor kc, torch::Tensor ks, torch::Tensor km,
                                torch::Tensor vc, torch::Tensor vs, torch::Tensor vm,
                                torch::Tensor kbuf, torch::Tensor vbuf,  // [H, W+G, D] fp16
+                               torch::Tensor ksink, torch::Tensor vsink,  // [H, S, D] fp16
+                               torch::Tensor vrot,  // [D, D] fp32 or empty
                                int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits,
                                int64_t kg, int64_t vg, double sm_scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous fp32");
@@ -47,13 +54,23 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
   const int64_t T = kc.size(1), cap = kbuf.size(1);
   const int64_t k_row = kc.size(2), v_row = vc.size(2);
   TORCH_CHECK(nq <= T && nb <= cap && nq % kg == 0, "bad token counts");
+  // sink tokens: at most nq (nq is 0 or at least one K group, which is longer than the sink)
+  const int64_t ks_n = (k_bits < 16 && ksink.numel()) ? std::min<int64_t>(ksink.size(1), nq) : 0;
+  const int64_t vs_n = (v_bits < 16 && vsink.numel()) ? std::min<int64_t>(vsink.size(1), nq) : 0;
+  const int64_t ks_cap = ksink.numel() ? ksink.size(1) : 0;
+  const int64_t vs_cap = vsink.numel() ? vsink.size(1) : 0;
   auto out = torch::zeros({Hq, D}, q.options());
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float scale = static_cast<float>(sm_scale);
+  const bool rotated = vrot.numel() > 0 && v_bits < 16;
+  TORCH_CHECK(!rotated || (vrot.dtype() == torch::kFloat32 && vrot.is_contiguous() &&
+                           vrot.size(0) == D && vrot.size(1) == D), "vrot must be [D, D] fp32");
+  const float* rot = rotated ? vrot.data_ptr<float>() : nullptr;
 
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
     std::vector<float> s(static_cast<size_t>(rep) * N), row(D), qs(rep * D), qm(rep);
+    std::vector<float> acc_rot(rotated ? rep * D : 0);
     for (int64_t h = h0; h < h1; ++h) {
       const float* qh = qp + h * rep * D;
       // ---- scores over the quantized pages
@@ -78,6 +95,15 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
             }
             qm[r] = m;
           }
+        }
+        if (t < ks_n) {
+          half_row(ksink.data_ptr<at::Half>() + (h * ks_cap + t) * D, D, row.data());
+          for (int r = 0; r < rep; ++r) {
+            float acc = 0.f;
+            for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
+            s[r * N + t] = acc * scale;
+          }
+          continue;
         }
         unpack_row(kc.data_ptr<uint8_t>() + (h * T + t) * k_row, k_bits, D, row.data());
         for (int r = 0; r < rep; ++r) {
@@ -110,8 +136,11 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
       }
       // ---- weighted sum of V
       float* oh = op + h * rep * D;
+      std::fill(acc_rot.begin(), acc_rot.end(), 0.f);
       for (int64_t t = 0; t < N; ++t) {
-        if (t < nq && v_bits < 16) {
+        if (t < vs_n) {
+          half_row(vsink.data_ptr<at::Half>() + (h * vs_cap + t) * D, D, row.data());
+        } else if (t < nq && v_bits < 16) {
           unpack_row(vc.data_ptr<uint8_t>() + (h * T + t) * v_row, v_bits, D, row.data());
           const at::Half* sc = vs.data_ptr<at::Half>() + (h * T + t) * (D / vg);
           const at::Half* mn = vm.data_ptr<at::Half>() + (h * T + t) * (D / vg);
@@ -122,10 +151,22 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
         } else {
           half_row(vbuf.data_ptr<at::Half>() + (h * cap + (t - nq)) * D, D, row.data());
         }
+        // quantized V rows of a rotated cache go to the rotated-basis sum
+        float* dst = (rotated && t >= vs_n && t < nq) ? acc_rot.data() : oh;
         for (int r = 0; r < rep; ++r) {
           const float p = s[r * N + t];
-          float* o = oh + r * D;
+          float* o = dst + r * D;
           for (int c = 0; c < D; ++c) o[c] += p * row[c];
+        }
+      }
+      // ---- back from the rotated basis: o += acc_rot @ vrot^T
+      for (int r = 0; r < rotated * rep; ++r) {
+        const float* a = acc_rot.data() + r * D;
+        float* o = oh + r * D;
+        for (int c = 0; c < D; ++c) {
+          float x = 0.f;
+          for (int j = 0; j < D; ++j) x += a[j] * rot[c * D + j];
+          o[c] += x;
         }
       }
     }

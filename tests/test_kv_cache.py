@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from localai.engine.torch import attention, kvquant, native
+from localai.engine.torch import attention, kv, kvquant, native
 from localai.engine.torch.kv import PAGE, KVCache, KVConfig
 
 H, HQ, D = 2, 6, 64
@@ -37,8 +37,49 @@ def test_pack_roundtrip_and_error_bound(bits):
     assert (err <= scale.float() * 0.5 + 1e-3).all()
 
 
+def test_clipped_range_never_has_more_error():
+    x = torch.randn(3, 40, 2, 32)
+    x[0, 0, 0, 5] = 30.0  # an outlier clipping gives up on
+    for bits in (2, 4):
+        plain = kvquant.dequantize(*kvquant.quantize(x, bits, dim=3))
+        clipped = kvquant.dequantize(*kvquant.quantize(x, bits, dim=3, clip=True))
+        err_plain = ((plain - x) ** 2).sum(dim=3)
+        err_clip = ((clipped - x) ** 2).sum(dim=3)
+        assert (err_clip <= err_plain + 1e-6).all() and err_clip.sum() < err_plain.sum()
+
+
+def test_sink_tokens_are_stored_exactly_and_kept_out_of_the_first_group():
+    cfg = KVConfig(k_bits=2, v_bits=2, window=32, k_group=64, sink=16)
+    k, v = kv_data(200)
+    k[:, 0] *= 50  # the sink's outlier keys
+    cache = KVCache(cfg, 1, H, D, 256)
+    fill(cache, k, v, 37)
+    end = cache.qend(200)
+    assert torch.equal(cache.dequant_k(0, end)[:, :16], k[:, :16].half().float())
+    assert torch.equal(cache.dequant_v(0, end)[:, :16], v[:, :16].half().float())
+    # the first group's range is that of tokens [16, 64), not widened by token 0
+    lo, hi = cache.page_key_bounds(0)
+    rest = k[:, 16:64].half().float()
+    slack = 1e-2 * rest.abs().amax()
+    assert (hi[:, 1:4] <= rest.amax(dim=1, keepdim=True) + slack).all()
+    assert (lo[:, 1:4] >= rest.amin(dim=1, keepdim=True) - slack).all()
+    assert torch.equal(hi[:, 0], k[:, :16].half().float().amax(dim=1))
+
+
+def test_rotated_v_round_trips_within_the_quantization_error():
+    assert torch.allclose(kv.hadamard(64) @ kv.hadamard(64).T, torch.eye(64), atol=1e-6)
+    k, v = kv_data(300)
+    err = {}
+    for rotate in (False, True):
+        cache = KVCache(KVConfig(16, 4, window=32, k_group=64, v_rotate=rotate), 1, H, D, 512)
+        fill(cache, k, v, 64)
+        end = cache.qend(300)
+        err[rotate] = float((cache.dequant_v(0, end) - v[:, :end]).pow(2).mean())
+    assert err[True] < 2 * err[False]  # Gaussian rows: the rotation neither helps nor hurts much
+
+
 def test_chunking_does_not_change_what_is_stored():
-    cfg = KVConfig(k_bits=4, v_bits=2, window=32, k_group=32, v_group=32)
+    cfg = KVConfig(k_bits=4, v_bits=2, window=32, k_group=32, v_group=32, sink=16)
     k, v = kv_data(300)
     a, b = KVCache(cfg, 1, H, D, 512), KVCache(cfg, 1, H, D, 512)
     fill(a, k, v, 1)
@@ -53,7 +94,7 @@ def test_chunking_does_not_change_what_is_stored():
 
 
 def test_page_bounds_contain_the_keys():
-    cfg = KVConfig(k_bits=4, v_bits=4, window=16, k_group=32)
+    cfg = KVConfig(k_bits=4, v_bits=4, window=16, k_group=32, sink=16)
     k, v = kv_data(200)
     cache = KVCache(cfg, 1, H, D, 256)
     fill(cache, k, v, 50)
@@ -68,7 +109,7 @@ def test_page_bounds_contain_the_keys():
 def test_bytes_per_token_meet_the_budget():
     fp16 = KVCache(KVConfig(16, 16), 1, 2, 64, 4096).bytes_per_token()
     four = KVCache(KVConfig(4, 4), 1, 2, 64, 4096).bytes_per_token()
-    two = KVCache(KVConfig(2, 2), 1, 2, 64, 4096).bytes_per_token()
+    two = KVCache(KVConfig(2, 2, k_group=64), 1, 2, 64, 4096).bytes_per_token()
     assert fp16 == 2 * 2 * 64 * 2
     assert four <= 0.28 * fp16 and two <= 0.16 * fp16
 
@@ -85,9 +126,10 @@ def decode_case(cfg: KVConfig, n: int):
 
 
 @pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (8, 8), (4, 4), (2, 2), (4, 2), (16, 4)])
-def test_prefill_and_decode_reference_agree(k_bits, v_bits):
+@pytest.mark.parametrize("v_rotate", [False, True])
+def test_prefill_and_decode_reference_agree(k_bits, v_bits, v_rotate):
     """The last query of a prefill chunk sees exactly what a decode step at that position sees."""
-    cfg = KVConfig(k_bits, v_bits, window=32, k_group=32, v_group=32)
+    cfg = KVConfig(k_bits, v_bits, window=32, k_group=32, v_group=32, sink=16, v_rotate=v_rotate)
     cache, q, kf, vf = decode_case(cfg, 200)
     ref = attention.decode_reference(cache, 0, q, kf, vf)
     pre = attention.prefill(cache, 0, q[:, None, :], kf, vf)[:, 0]  # Hq, D
@@ -97,11 +139,14 @@ def test_prefill_and_decode_reference_agree(k_bits, v_bits):
 @pytest.mark.slow
 @pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (8, 8), (4, 4), (2, 2), (4, 2), (16, 4)])
 @pytest.mark.parametrize("n", [5, 200, 700])
-def test_native_kernel_matches_reference(k_bits, v_bits, n):
+@pytest.mark.parametrize("sink,v_rotate", [(0, False), (32, True)])
+def test_native_kernel_matches_reference(k_bits, v_bits, n, sink, v_rotate):
     kernel = native.load()
     if kernel is None:
         pytest.skip(f"native extension unavailable here: {native.status()}")
-    cfg = KVConfig(k_bits, v_bits, window=64, k_group=64, v_group=32)
+    cfg = KVConfig(
+        k_bits, v_bits, window=64, k_group=64, v_group=32, sink=sink, v_clip=True, v_rotate=v_rotate
+    )
     cache, q, kf, vf = decode_case(cfg, n)
     ref = attention.decode_reference(cache, 0, q, kf, vf)
     out = attention.decode(cache, 0, q, kf, vf, use_native=True)

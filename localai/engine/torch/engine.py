@@ -48,8 +48,11 @@ class TorchEngine(TokenEngine):
         k_bits: int = 16,
         v_bits: int = 16,
         kv_window: int = 128,
-        k_group: int = 128,
+        k_group: int | None = None,
         v_group: int = 64,
+        kv_sink: int = 32,
+        v_clip: bool | None = None,
+        v_rotate: bool | None = None,
         prefill_chunk: int = 256,
         use_native: bool = True,
         decode_threads: int = 1,
@@ -73,7 +76,15 @@ class TorchEngine(TokenEngine):
         hp = dataclasses.replace(hp, **(hparams or {}))  # e.g. RoPE scaling the GGUF lacks
         self.hp = hp
         self.context_length = min(context_length, hp.context_length)
-        kv = KVConfig(k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim))
+        # 2 bits: K groups of 64 tokens (the byte budget allows them there, not at 4 bits) and
+        # V rotated and clipped (BENCHMARKS.md, "KV cache")
+        k_group = k_group or (64 if k_bits == 2 else 128)
+        v_clip = v_bits == 2 if v_clip is None else v_clip
+        pow2 = hp.head_dim & (hp.head_dim - 1) == 0
+        v_rotate = v_bits == 2 and pow2 if v_rotate is None else v_rotate
+        kv = KVConfig(
+            k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim), kv_sink, v_clip, v_rotate
+        )
         self.model = Transformer(weights, hp, kv, self.context_length)
         self.model.use_native = use_native
         if use_native:

@@ -4,13 +4,17 @@ Layout (KIVI): tokens older than a full-precision window are quantized in pages 
 K per channel (one scale/min per channel for each group of `k_group` tokens, because keys have
 outlier channels that per-token blocks cannot hold), V per token (one scale/min per `v_group`
 channels). K and V bits are independent, each one of 16 (fp16, no scales), 8, 4 or 2.
+The first `sink` tokens of a quantized K or V are also kept in fp16 (a fixed cost): the
+attention sink draws a large share of every query's attention, so its error reaches every
+output, and its outlier keys would otherwise set the range of the whole first K group.
 
 Invariants, with n tokens stored and W = window, G = k_group:
 - tokens [0, qend(n)) live in pages, where qend(n) = max(0, (n - W) // G · G): quantization
   happens a whole K group at a time, once the group is more than W tokens old;
 - tokens [qend(n), n) live in the fp16 buffer, at index (token - qend(n)); n - qend(n) < W + G;
-- a query at position p sees keys j < qend(p + 1) through their quantized values and the rest in
-  fp16, in prefill as in decode, so perplexity measures exactly what generation sees.
+- a query at position p sees keys j < qend(p + 1) through their quantized values (tokens
+  [0, sink) through their fp16 copy) and the rest in fp16, in prefill as in decode, so
+  perplexity measures exactly what generation sees.
 Pages are addressable (page i = tokens [16i, 16i + 16)) and summarized by `page_key_bounds`
 (per-channel key min/max, taken from the K group scales: no extra memory), which is what a
 page-retrieval attention needs.
@@ -42,11 +46,15 @@ class KVConfig:
     window: int = 128  # most recent tokens kept in fp16
     k_group: int = 128  # tokens per K scale (per channel); a multiple of PAGE
     v_group: int = 64  # channels per V scale (per token); divides the head dim
+    sink: int = 32  # first tokens kept in fp16 (attention sink); a multiple of PAGE, < k_group
+    v_clip: bool = False  # search each V group's range for the least squared error
+    v_rotate: bool = False  # quantize V times an orthonormal Hadamard matrix (see `hadamard`)
 
     def __post_init__(self) -> None:
         for b in (self.k_bits, self.v_bits):
             assert b in BITS, f"KV bits must be one of {BITS}, not {b}"
         assert self.k_group % PAGE == 0 and self.window >= 0
+        assert self.sink % PAGE == 0 and 0 <= self.sink < self.k_group
 
 
 class KVCache:
@@ -59,6 +67,10 @@ class KVCache:
         self.kc, self.ks, self.km = self._store(cfg.k_bits, (L, H, T // g, D))
         v_scales = (L, H, T, D // cfg.v_group) if cfg.v_bits < 16 else (0,)
         self.vc, self.vs, self.vm = self._store(cfg.v_bits, v_scales)
+        self.ksink = self._sink(cfg.k_bits)  # L, H, S, D (empty at 16 bits)
+        self.vsink = self._sink(cfg.v_bits)
+        rotate = cfg.v_rotate and cfg.v_bits < 16
+        self.v_rot = hadamard(head_dim) if rotate else torch.empty(0)  # D, D (fp32)
         cap = cfg.window + g
         self.kbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)  # L, H, W+G, D
         self.vbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)
@@ -79,6 +91,11 @@ class KVCache:
             torch.zeros(scale_shape, dtype=torch.float16),
         )
 
+    def _sink(self, bits: int) -> torch.Tensor:
+        if bits == 16 or not self.cfg.sink:
+            return torch.empty(0, dtype=torch.float16)
+        return torch.zeros(self.L, self.H, self.cfg.sink, self.D, dtype=torch.float16)
+
     # -- bookkeeping ------------------------------------------------------------------------
     def qend(self, n: int) -> int:
         g = self.cfg.k_group
@@ -86,11 +103,14 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        parts = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kbuf, self.vbuf)
-        return sum(t.nbytes for t in parts)
+        return sum(t.nbytes for t in self._parts())
+
+    def _parts(self) -> tuple[torch.Tensor, ...]:
+        return (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kbuf, self.vbuf,
+                self.ksink, self.vsink)  # fmt: skip
 
     def bytes_per_token(self) -> float:
-        """Marginal cost of one more token in pages (the fp16 buffer is a fixed cost)."""
+        """Marginal cost of one more token in pages (the fp16 buffer and sink are fixed costs)."""
         parts = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm)
         return sum(t.nbytes for t in parts) / self.T
 
@@ -159,6 +179,12 @@ class KVCache:
         if bits == 16:
             self.kc[layer, :, start : start + c] = k.half()
             return
+        s = self.ksink.shape[2] if self.ksink.numel() else 0
+        if start == 0 and s:
+            # the sink's outlier keys would widen every channel's range for the whole first
+            # group: store them in fp16 and quantize token s in their place (codes never read)
+            self.ksink[layer] = k[:, :s].half()
+            k = torch.cat([k[:, s : s + 1].expand(-1, s, -1), k[:, s:]], dim=1)
         grouped = k.reshape(self.H, c // g, g, self.D)  # H, C/G, G, D
         codes, scale, lo = kvquant.quantize(grouped, bits, dim=2)  # scale: H, C/G, 1, D
         self.kc[layer, :, start : start + c] = kvquant.pack(codes.reshape(self.H, c, self.D), bits)
@@ -170,8 +196,13 @@ class KVCache:
         if bits == 16:
             self.vc[layer, :, start : start + c] = v.half()
             return
+        if start == 0 and self.vsink.numel():
+            self.vsink[layer] = v[:, : self.vsink.shape[2]].half()
+        if self.v_rot.numel():
+            v = v @ self.v_rot  # H, C, D
         grouped = v.reshape(self.H, c, self.D // gv, gv)  # H, C, D/gv, gv
-        codes, scale, lo = kvquant.quantize(grouped, bits, dim=3)  # scale: H, C, D/gv, 1
+        codes, scale, lo = kvquant.quantize(grouped, bits, dim=3, clip=self.cfg.v_clip)
+        # scale: H, C, D/gv, 1
         self.vc[layer, :, start : start + c] = kvquant.pack(codes.reshape(self.H, c, self.D), bits)
         self.vs[layer, :, start : start + c] = scale[..., 0]
         self.vm[layer, :, start : start + c] = lo[..., 0]
@@ -185,7 +216,7 @@ class KVCache:
         codes = kvquant.unpack(self.kc[layer, :, :end], bits)  # H, end, D
         scale = self.ks[layer, :, : end // g].repeat_interleave(g, dim=1)  # H, end, D
         lo = self.km[layer, :, : end // g].repeat_interleave(g, dim=1)
-        return kvquant.dequantize(codes, scale, lo)
+        return self._with_sink(kvquant.dequantize(codes, scale, lo), self.ksink, layer)
 
     def dequant_v(self, layer: int, end: int) -> torch.Tensor:
         bits, gv = self.cfg.v_bits, self.cfg.v_group
@@ -194,12 +225,23 @@ class KVCache:
         codes = kvquant.unpack(self.vc[layer, :, :end], bits)  # H, end, D
         scale = self.vs[layer, :, :end].repeat_interleave(gv, dim=2)  # H, end, D
         lo = self.vm[layer, :, :end].repeat_interleave(gv, dim=2)
-        return kvquant.dequantize(codes, scale, lo)
+        v = kvquant.dequantize(codes, scale, lo)  # H, end, D
+        if self.v_rot.numel():
+            v = v @ self.v_rot.T
+        return self._with_sink(v, self.vsink, layer)
+
+    @staticmethod
+    def _with_sink(x: torch.Tensor, sink: torch.Tensor, layer: int) -> torch.Tensor:
+        """x: [H, end, D] dequantized tokens [0, end); the sink tokens replaced by their fp16."""
+        if sink.numel():
+            s = min(sink.shape[2], x.shape[1])
+            x[:, :s] = sink[layer, :, :s].float()
+        return x
 
     def layer_tensors(self, layer: int) -> list[torch.Tensor]:
-        """kc, ks, km, vc, vs, vm, kbuf, vbuf of one layer (scales are empty at 16 bits)."""
-        parts = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kbuf, self.vbuf)
-        return [t[layer] if t.numel() else t for t in parts]
+        """kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink of one layer (scales and sinks are
+        empty at 16 bits), then the V rotation (empty when V is not rotated)."""
+        return [t[layer] if t.numel() else t for t in self._parts()] + [self.v_rot]
 
     def page_key_bounds(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-page, per-channel key (min, max) over the quantized pages: [H, pages, D] each."""
@@ -211,4 +253,21 @@ class KVCache:
         lo = self.km[layer, :, : end // g].float()  # H, groups, D
         hi = lo + self.ks[layer, :, : end // g].float() * levels
         rep = g // PAGE
-        return lo.repeat_interleave(rep, dim=1), hi.repeat_interleave(rep, dim=1)
+        lo, hi = lo.repeat_interleave(rep, dim=1), hi.repeat_interleave(rep, dim=1)  # H, pages, D
+        s = min(self.ksink.shape[2], end) if self.ksink.numel() else 0
+        if s:  # the sink pages hold exact keys, which the first group's range excludes
+            sink = self.ksink[layer, :, :s].float().reshape(self.H, s // PAGE, PAGE, self.D)
+            lo[:, : s // PAGE], hi[:, : s // PAGE] = sink.amin(dim=2), sink.amax(dim=2)
+        return lo, hi
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal n×n Hadamard matrix (Sylvester's construction, symmetric), n a power of 2.
+
+    A rotated V row spreads each channel's outliers over all n, so one scale per token fits
+    every channel; attention undoes it once on the summed output, since it is linear."""
+    assert n & (n - 1) == 0, f"V rotation needs a power-of-2 head dim, not {n}"
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5

@@ -32,15 +32,37 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat([(packed >> (p * bits)) & mask for p in range(per)], dim=-1)
 
 
+CLIP = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)  # fractions of the range tried off each end
+
+
 def quantize(
-    x: torch.Tensor, bits: int, dim: int
+    x: torch.Tensor, bits: int, dim: int, clip: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize x with one (scale, min) per slice along `dim` (the group axis).
 
+    With `clip`, each slice's range is shrunk at either end by the fractions in CLIP, keeping
+    the pair with the least squared error (no clipping is one of them, so it never does worse).
     Returns codes (x's shape, uint8), and scale / min in fp16 with `dim` reduced (keepdim)."""
-    levels = (1 << bits) - 1
     lo = x.amin(dim=dim, keepdim=True)
     hi = x.amax(dim=dim, keepdim=True)
+    if not clip:
+        return _codes(x, bits, lo, hi)
+    width = hi - lo
+    codes, scale, lo_q = _codes(x, bits, lo, hi)
+    best_err = ((dequantize(codes, scale, lo_q) - x) ** 2).sum(dim=dim, keepdim=True)
+    for a in CLIP:
+        for b in CLIP:
+            c2, s2, m2 = _codes(x, bits, lo + a * width, hi - b * width)
+            err = ((dequantize(c2, s2, m2) - x) ** 2).sum(dim=dim, keepdim=True)
+            better = err < best_err  # the slice's shape with `dim` reduced
+            best_err = torch.where(better, err, best_err)
+            codes = torch.where(better, c2, codes)
+            scale, lo_q = torch.where(better, s2, scale), torch.where(better, m2, lo_q)
+    return codes, scale, lo_q
+
+
+def _codes(x, bits, lo, hi):
+    levels = (1 << bits) - 1
     scale = ((hi - lo) / levels).clamp_min(1e-8).half()
     lo = lo.half()
     codes = torch.round((x - lo.float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
