@@ -162,13 +162,15 @@ def fill_named(cache: KVCache, k, v, ids, chunk):
         cache.commit(ids[i : i + chunk])
 
 
-@pytest.mark.parametrize("bits", [16, 4])
+@pytest.mark.parametrize("bits", [16, 4, 2])
 @pytest.mark.parametrize("cut", [299, 290, 250, 200, 64, 0])
 def test_truncate_then_refill_equals_a_fresh_cache(bits, cut):
     """Cutting back to a prefix and writing a different continuation leaves the cache exactly as
-    if the new sequence had been written from the start; a quantized cache that cannot give back
-    the fp16 window starts over instead."""
-    cfg = KVConfig(k_bits=bits, v_bits=bits, window=32, k_group=32, v_group=32)
+    if the new sequence had been written from the start (sink, pages, window); a quantized
+    cache that cannot give back the fp16 window starts over instead."""
+    rotate = bits == 2
+    cfg = KVConfig(k_bits=bits, v_bits=bits, window=32, k_group=64, v_group=32, sink=16,
+                   v_clip=rotate, v_rotate=rotate)  # fmt: skip
     k, v = kv_data(300)
     k2, v2 = kv_data(300, seed=1)
     ids = list(range(300))
@@ -188,10 +190,11 @@ def test_truncate_then_refill_equals_a_fresh_cache(bits, cut):
     assert torch.equal(a.dequant_v(0, q_end), fresh.dequant_v(0, q_end))
     assert torch.equal(a.kbuf[0, :, : 300 - q_end], fresh.kbuf[0, :, : 300 - q_end])
     assert torch.equal(a.vbuf[0, :, : 300 - q_end], fresh.vbuf[0, :, : 300 - q_end])
+    assert torch.equal(a.ksink, fresh.ksink) and torch.equal(a.vsink, fresh.vsink)
 
 
 def test_a_cache_without_token_ids_is_never_reused():
-    cfg = KVConfig(window=32, k_group=32)
+    cfg = KVConfig(window=32, k_group=64)
     k, v = kv_data(100)
     cache = KVCache(cfg, 1, H, D, 256)
     fill(cache, k, v, 40)  # raw K/V, no ids: nothing says which tokens these are
