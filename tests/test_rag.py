@@ -88,6 +88,16 @@ def test_citations_are_checked_against_the_file(index, engine, docs):
     assert not stale.verified and "changed" in stale.reason
 
 
+def test_a_marker_after_the_full_stop_cites_the_sentence_before():
+    # models often write "… in 1871. [1]"; the marker must not start an empty claim
+    claims = claims_by_number("It was built in 1871. [1] Its lamp is bright [2]. [3]")
+    assert claims == {
+        1: "It was built in 1871.",
+        2: "Its lamp is bright .",
+        3: "Its lamp is bright .",
+    }
+
+
 def test_uncited_answer_is_attributed_only_when_it_matches(index, engine):
     rag = Answerer(index, engine)
     prep = rag.prepare([Message("user", "How much sun do tomatoes need?")], k=3)

@@ -20,6 +20,7 @@ from ..index.search import Hit, Passage, location
 from .retrieve import Source
 
 CITE = re.compile(r"\[(\d{1,3})\]")
+LEADING = re.compile(r"^(?:\s*\[\d{1,3}\])+")  # markers the model put after the full stop
 SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 WORD = re.compile(r"[^\W_]{3,}")
 SUPPORT = 0.5  # share of the claim's words that the quoted sentence must contain
@@ -82,11 +83,20 @@ def _quote(text: str) -> str:
 
 
 def claims_by_number(answer: str) -> dict[int, str]:
-    """Each cited number → the answer sentences that cite it (in order of first citation)."""
-    out: dict[int, list[str]] = {}
+    """Each cited number → the answer sentences that cite it (in order of first citation).
+    A marker written after the full stop ("… in 1871. [1]") belongs to the sentence before it."""
+    cited: list[tuple[str, list[int]]] = []
     for sent in sentences(answer):
-        for n in dict.fromkeys(int(m) for m in CITE.findall(sent)):
-            out.setdefault(n, []).append(CITE.sub("", sent))
+        lead = LEADING.match(sent)
+        if lead and cited:
+            cited[-1][1].extend(int(m) for m in CITE.findall(lead.group()))
+            sent = sent[lead.end() :].strip()
+        if sent:
+            cited.append((CITE.sub("", sent).strip(), [int(m) for m in CITE.findall(sent)]))
+    out: dict[int, list[str]] = {}
+    for claim, numbers in cited:
+        for n in dict.fromkeys(numbers):
+            out.setdefault(n, []).append(claim)
     return {n: " ".join(s) for n, s in out.items()}
 
 
