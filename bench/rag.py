@@ -7,11 +7,13 @@ rag: python3-doc (the question → page set of bench/index_pydoc.py; the expecte
    --pages distractor pages, so that it fits a session): the full pipeline in-process
    (retrieve → pack → generate → cite). Per question: whether the expected page is among the
    passages given to the model (hit@k), whether a verified citation points into it (cited
-   hit), and over all citations the share that verified.
+   hit), and over all citations the share that verified and the share the model wrote itself
+   (not inferred by the checker). --layouts compares prompt layouts (localai/rag/prompt.py) on
+   the same questions with the same loaded model, one result object each.
 Prints one JSON object.
 
     python bench/rag.py [--part rerank|rag|both] [--queries 20] [--model smollm2-135m] [-k 5]
-                        [--pages 60]
+                        [--pages 60] [--layouts system,recency,oneshot]
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from index_nfcorpus import EVALS, load_qrels, ndcg10, write_corpus  # noqa: E402
 from index_pydoc import DOC, QUESTIONS, ensure_docs  # noqa: E402
 
 from localai.config import load_settings  # noqa: E402
-from localai.engine import Done, Message, SamplingParams  # noqa: E402
+from localai.engine import Done, Message, SamplingParams, chat  # noqa: E402
 from localai.index.search import Index  # noqa: E402
-from localai.rag.answer import Answerer, ask  # noqa: E402
+from localai.rag.answer import Answerer  # noqa: E402
+from localai.rag.prompt import DEFAULT_LAYOUT, LAYOUTS, Layout  # noqa: E402
 from localai.rag.rerank import rerank  # noqa: E402
 from localai.runtime import open_engine  # noqa: E402
 
@@ -87,43 +90,67 @@ def pydoc_index(work: Path, pages: int) -> Index:
     return ix
 
 
-def rag_part(engine, work: Path, k: int, max_tokens: int, pages: int) -> dict:
-    ix = pydoc_index(work, pages)
-    rag = Answerer(ix, engine)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    rows = []
-    for question, want in QUESTIONS:
-        done = next(ev for ev in ask(rag, question, params, k=k) if isinstance(ev, Done))
-        used = [c.path for c in done.citations]
-        prep = rag.prepare([Message("user", question)], k, None, max_tokens)  # what was given
-        given = [s.passage.path for s in prep.packed.used]
-        rows.append({"question": question, "given_hit": any(want in p for p in given),
-                     "cited_hit": any(c.verified and want in c.path for c in done.citations),
-                     "citations": len(used),
-                     "verified": sum(c.verified for c in done.citations),
-                     "inferred": sum(c.inferred for c in done.citations)})  # fmt: skip
-    ix.close()
+def answer_row(rag: Answerer, question: str, want: str, k: int, params: SamplingParams) -> dict:
+    engine = rag.engine
+    prep = rag.prepare([Message("user", question)], k, None, params.max_tokens)
+    gen = next(ev for ev in chat(engine, prep.messages, params) if isinstance(ev, Done))
+    done = rag.finish(prep, gen.text, gen.stats)
+    given = [s.passage.path for s in prep.packed.used]
+    prompt = len(engine.tokenize(engine.apply_chat_template(prep.messages)))
+    return {"question": question, "given_hit": any(want in p for p in given),
+            "cited_hit": any(c.verified and want in c.path for c in done.citations),
+            "citations": len(done.citations),
+            "verified": sum(c.verified for c in done.citations),
+            "inferred": sum(c.inferred for c in done.citations),
+            "prompt_tokens": prompt, "answer": done.answer}  # fmt: skip
+
+
+def summary(layout: str, rows: list[dict], k: int) -> dict:
     n, cits = len(rows), sum(r["citations"] for r in rows)
     verified, inferred = (sum(r[key] for r in rows) for key in ("verified", "inferred"))
-    return {"questions": n, "k": k,
+    return {"layout": layout, "questions": n, "k": k,
             "hit@k_given": round(sum(r["given_hit"] for r in rows) / n, 3),
             "hit_cited": round(sum(r["cited_hit"] for r in rows) / n, 3),
             "citations": cits,
             "verification_rate": round(verified / cits, 3) if cits else None,
             "inferred_share": round(inferred / cits, 3) if cits else None,
+            "written_share": round((cits - inferred) / cits, 3) if cits else None,
             "answers_with_no_citation": sum(r["citations"] == 0 for r in rows),
+            "prompt_tokens_mean": round(statistics.mean(r["prompt_tokens"] for r in rows)),
             "rows": rows}  # fmt: skip
+
+
+def rag_part(engine, ix: Index, layouts: list[Layout], k: int, max_tokens: int,
+             questions: int) -> list[dict]:  # fmt: skip
+    """Each question is asked under every layout before the next question, so that an
+    interrupted run still compares the layouts on the same questions (rows go to stderr)."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    rows: dict[str, list[dict]] = {layout.name: [] for layout in layouts}
+    asked = QUESTIONS[: questions or None]
+    for i, (question, want) in enumerate(asked, 1):
+        for layout in layouts:
+            row = answer_row(Answerer(ix, engine, layout), question, want, k, params)
+            rows[layout.name].append(row)
+            print(json.dumps({"time": time.strftime("%H:%M:%S"), "layout": layout.name,
+                              "question": i, **row}), file=sys.stderr, flush=True)  # fmt: skip
+    return [summary(name, got, k) for name, got in rows.items()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["rerank", "rag", "both"], default="both")
     ap.add_argument("--queries", type=int, default=20)
+    ap.add_argument("--questions", type=int, default=0, help="rag: the first N questions (0: all)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--pages", type=int, default=60, help="distractor pages (0: all)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/localai-bench"))
+    ap.add_argument(
+        "--layouts",
+        default=DEFAULT_LAYOUT.name,
+        help=f"prompt layouts to compare, comma-separated: {', '.join(LAYOUTS)}",
+    )
     a = ap.parse_args()
     settings = load_settings(a.work / "rag-home", models_dir=MODELS, model=a.model,
                              context_length=4096)  # fmt: skip
@@ -133,8 +160,10 @@ def main() -> None:
     if a.part in ("rerank", "both"):
         out["rerank_nfcorpus"] = rerank_part(engine, a.work / "nfcorpus", a.queries)
     if a.part in ("rag", "both"):
-        work = a.work / f"pydoc-{a.pages or 'all'}"
-        out["rag_pydoc"] = rag_part(engine, work, a.k, a.max_tokens, a.pages)
+        ix = pydoc_index(a.work / f"pydoc-{a.pages or 'all'}", a.pages)
+        layouts = [LAYOUTS[name] for name in a.layouts.split(",")]
+        out["rag_pydoc"] = rag_part(engine, ix, layouts, a.k, a.max_tokens, a.questions)
+        ix.close()
     engine.close()
     print(json.dumps(out))
 

@@ -10,8 +10,8 @@ from localai.config import load_settings
 from localai.engine import GenerationStats, Message
 from localai.index.search import Index
 from localai.rag.answer import Answerer, NoQuestion, sources_text
-from localai.rag.cite import cite, claims_by_number
-from localai.rag.prompt import edges_first, pack
+from localai.rag.cite import SUPPORT, best_support, cite, claims_by_number
+from localai.rag.prompt import EXAMPLE_ANSWER, EXAMPLE_SOURCES, edges_first, pack
 from localai.rag.retrieve import retrieve
 
 FACTS = {
@@ -59,8 +59,8 @@ def test_pack_drops_what_does_not_fit_and_says_so(index, engine):
     history = [Message("user", "lighthouse tomatoes bicycle?")]
     roomy = pack(engine, history, found.sources, answer_tokens=64)
     assert len(roomy.used) == 3 and roomy.dropped == 0
-    system = roomy.messages[0].content
-    assert all(f"[{s.rank}] {s.where}" in system for s in found.sources)
+    given = "\n".join(m.content for m in roomy.messages)
+    assert all(f"[{s.rank}] {s.where}" in given for s in found.sources)
     tight = pack(engine, history, found.sources, answer_tokens=engine.context_length - 220)
     assert tight.dropped >= 1 and len(tight.used) + tight.dropped == 3
 
@@ -96,6 +96,15 @@ def test_a_marker_after_the_full_stop_cites_the_sentence_before():
         2: "Its lamp is bright .",
         3: "Its lamp is bright .",
     }
+
+
+def test_the_example_answer_cites_the_way_the_checker_reads():
+    # the one-shot example is what the model imitates: each of its claims must carry a marker
+    # the checker parses, pointing at an example source that supports it
+    claims = claims_by_number(EXAMPLE_ANSWER)
+    assert set(claims) == set(EXAMPLE_SOURCES)
+    for n, claim in claims.items():
+        assert best_support(EXAMPLE_SOURCES[n][1], claim)[1] >= SUPPORT
 
 
 def test_uncited_answer_is_attributed_only_when_it_matches(index, engine):

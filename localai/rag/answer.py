@@ -18,7 +18,7 @@ from pathlib import Path
 from ..engine import Delta, Done, Engine, GenerationStats, Message, SamplingParams, chat
 from ..index.search import Index
 from .cite import Citation, cite
-from .prompt import Packed, pack
+from .prompt import DEFAULT_LAYOUT, Layout, Packed, pack
 from .retrieve import Retrieved, retrieve
 
 DEFAULT_K = 8
@@ -54,8 +54,8 @@ class CitedDone(Done):
 
 
 class Answerer:
-    def __init__(self, index: Index, engine: Engine):
-        self.index, self.engine = index, engine
+    def __init__(self, index: Index, engine: Engine, layout: Layout = DEFAULT_LAYOUT):
+        self.index, self.engine, self.layout = index, engine, layout
 
     def prepare(
         self,
@@ -70,7 +70,8 @@ class Answerer:
         if not self.index.stats()["chunks"]:
             raise NoQuestion("no documents are indexed yet: run `localai index PATH` first")
         found = retrieve(self.index, question, k, source)
-        return Prepared(question, found, pack(self.engine, history, found.sources, answer_tokens))
+        packed = pack(self.engine, history, found.sources, answer_tokens, self.layout)
+        return Prepared(question, found, packed)
 
     def finish(self, prep: Prepared, answer: str, stats: GenerationStats) -> CitedDone:
         citations = cite(answer, prep.packed.used, self.index.read)
