@@ -13,7 +13,7 @@ rag: python3-doc (the question → page set of bench/index_pydoc.py; the expecte
 Prints one JSON object.
 
     python bench/rag.py [--part rerank|rag|both] [--queries 20] [--model smollm2-135m] [-k 5]
-                        [--pages 60] [--layouts system,recency,oneshot]
+                        [--pages 60] [--layouts system,oneshot] [--questions N]
 """
 
 from __future__ import annotations
