@@ -127,8 +127,9 @@ class KVCache:
     def commit(self, ids: list[int] | None = None) -> None:
         """End the forward; `ids` are its token ids (None: not tokens, the cache is unnamed)."""
         self.n = self._n_next
-        named = ids is not None and len(self._ids) + len(ids) == self.n
-        self.ids = self._ids + ids if named else []
+        if ids is not None and len(self._ids) + len(ids) == self.n:
+            self._ids.extend(ids)  # in place: a decode step appends one id, not a copy of all
+            self.ids = self._ids
 
     def truncate(self, m: int) -> int:
         """Keep tokens [0, m) and forget the rest; returns the tokens kept (m, or 0)."""
