@@ -4,7 +4,9 @@ query latency at the corpus size and at a synthetic 100k+ chunks.
 Input: the float32 chunk and query vectors that bench/index_nfcorpus.py saved (NFCorpus chunks
 embedded by the index's own chunker and MiniLM). Designs:
 - f32: exact brute force (the reference);
-- the index's codecs (localai/index/vectors.py: int8, int4, bin1, ...), scored asymmetrically;
+- the index's codecs (localai/index/vectors.py: int8, q4r, int4, bin1, ...), scored
+  asymmetrically, and re-scored exactly over their top K (`rerank_depth`: the recall a design
+  that recomputes the candidates' embeddings from their text would reach);
 - PQ-m (product quantisation, m sub-vectors × 8 bits, k-means trained on the corpus itself,
   asymmetric distance tables): the trained alternative;
 - hnsw: hnswlib's graph over float32 (what most local RAG stores do), for latency.
@@ -42,6 +44,19 @@ def recall(approx: list[np.ndarray], exact: np.ndarray, k: int = 10) -> float:
     return float(
         np.mean([len(set(a[:k]) & set(e[:k])) / k for a, e in zip(approx, exact, strict=True)])
     )
+
+
+def rerank_depth(vs, x: np.ndarray, qs: np.ndarray, exact: np.ndarray) -> dict[str, float]:
+    """Recall@10 when the codec's top K are re-scored exactly (what a design that recomputes
+    the candidates' embeddings from their text would return), by K."""
+    out = {}
+    for depth in (12, 16, 24, 32, 48, 64, 100):
+        got = []
+        for q in qs:
+            cand = vs.search(q, depth)[0]
+            got.append(cand[np.argsort(-(x[cand] @ q), kind="stable")][:10])
+        out[str(depth)] = round(recall(got, exact), 4)
+    return out
 
 
 def timed(fn, queries: np.ndarray) -> tuple[list, float, float]:
@@ -116,7 +131,8 @@ def main() -> None:
         vs = VectorSet(c, ids, c.encode(x))
         got, p50, p99 = timed(lambda q, vs=vs: vs.search(q, 10)[0], qs)
         rows[name] = {"bytes": c.nbytes, "recall@10": round(recall(got, exact), 4),
-                      "p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}  # fmt: skip
+                      "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
+                      "rerank_depth": rerank_depth(vs, x, qs, exact)}  # fmt: skip
     for m in (48, 96):
         pq = PQ(x, m)
         codes = pq.encode(x)
