@@ -16,7 +16,8 @@ from pathlib import Path
 KV_TYPES = ("f16", "q8_0", "q4_0")
 KV_BITS = (16, 8, 4, 2)  # the torch runner's KV cache (K per channel, V per token)
 ENGINES = ("llama", "torch")
-INDEX_CODECS = ("int8", "q4r", "int4", "bin1", "f32")  # = localai.index.vectors.CODECS (a test checks)
+# = localai.index.vectors.CODECS (a test checks)
+INDEX_CODECS = ("int8", "q4r", "int4", "bin1", "f32")
 
 
 class ConfigError(ValueError):
