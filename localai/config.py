@@ -53,7 +53,7 @@ class Settings:
     models_dir: Path | None = None  # default: home / "models"
     model: str = "qwen2.5-coder-1.5b"  # default chat model
     embed_model: str = "minilm-l6-int8"
-    index_codec: str = "int8"  # vector codes of a new index; trade-offs in BENCHMARKS.md
+    index_codec: str = "q4r"  # vector codes of a new index; trade-offs in BENCHMARKS.md
     engine: str = "llama"
     context_length: int = 8192  # capped at the model's trained context
     threads: int = field(default_factory=physical_cores)

@@ -3,13 +3,14 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from localai.index import store
 from localai.index.chunker import MAX_TOKENS, chunk, content_hash
 from localai.index.htmltext import load_html
 from localai.index.loaders import Unreadable, load_markdown, load_text, loader_for
-from localai.index.vectors import CODECS, VectorSet, codec
+from localai.index.vectors import CODECS, DEFAULT_CODEC, VectorSet, codec
 from localai.index.walk import Found, Skipped, excluded, walk
 
 
@@ -198,6 +199,24 @@ def test_store_keeps_no_text_and_detects_orphans(tmp_path):
 
 
 WORDS = ["cats", "dogs", "tax", "law", "sea", "sky"]
+
+
+def test_q4r_is_closer_to_the_vectors_than_plain_int4_at_the_same_size():
+    """Why q4r exists: at int4's 194 bytes, Gaussian-optimal levels after the rotation and a
+    least-squares scale keep more of each vector (measured cosine 0.9953 vs 0.9915)."""
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((500, 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+
+    def cosines(name):
+        d = codec(name).decode(codec(name).encode(vecs))
+        return (d * vecs).sum(1) / np.linalg.norm(d, axis=1)
+
+    assert codec("q4r").nbytes == codec("int4").nbytes == 194
+    q4r, int4 = cosines("q4r"), cosines("int4")
+    assert q4r.mean() > 0.994 and q4r.min() > 0.985, (q4r.mean(), q4r.min())
+    assert q4r.mean() > int4.mean() + 0.002
+    assert DEFAULT_CODEC == "q4r"
 
 
 def test_codecs_keep_ranking(embedder):
