@@ -21,6 +21,7 @@ from localai.engine import (
     chat,
 )
 from localai.engine.perplexity import measure_torch
+from localai.engine.tokengen import shared_prefix
 from localai.engine.torch import TorchEngine
 from localai.engine.torch.arch import Hparams
 from localai.engine.torch.model import rope_tables
@@ -190,12 +191,7 @@ def test_greedy_generations_agree_with_llama_cpp(torch_engine, engine):
         msgs = [Message("user", p)]
         a = engine.tokenize(run(torch_engine, params, msgs)[0], special=False)
         b = engine.tokenize(run(engine, params, msgs)[0], special=False)
-        prefixes.append(
-            next(
-                (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
-                min(len(a), len(b)),
-            )
-        )
+        prefixes.append(shared_prefix(a, b))
     assert sum(n >= 16 for n in prefixes) >= 2, prefixes
 
 
