@@ -13,6 +13,7 @@ import pytest
 from localai.config import load_settings
 from localai.index import store
 from localai.index.search import db_path
+from localai.index.vectors import DEFAULT_CODEC, codec
 
 _NATO = """alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november
 oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"""
@@ -70,7 +71,7 @@ def run_and_kill(env, root, db_file, after_files: int | None, wait_s: float = 0.
 def assert_consistent(db_file):
     db = store.connect(db_file)
     try:
-        assert store.problems(db, 384) == []
+        assert store.problems(db, codec(store.get_meta(db, "codec", DEFAULT_CODEC)).nbytes) == []
         dup = db.execute(
             "SELECT count(*) FROM "
             "(SELECT file_id, ord FROM chunks GROUP BY 1, 2 HAVING count(*) > 1)"
