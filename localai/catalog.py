@@ -8,6 +8,11 @@ is never seen as installed.
 
 Invariant: `models_dir/NAME/manifest.json` exists only if every file it lists had the catalog's
 sha256 when it was written. `locate` re-hashes a file whose size or mtime moved since then.
+
+A spec also says how the model is prompted where that differs between models (`rag_layout`:
+where answers from documents put the passages, localai/rag/prompt.py); a spec that names a
+layout that does not exist is refused when it is built, so a typo fails at start, not at the
+first question.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .rag.prompt import DEFAULT_LAYOUT, LAYOUTS
 
 GGUF_MAGIC = b"GGUF"
 CHUNK = 8 << 20
@@ -50,6 +57,14 @@ class ModelSpec:
     license: str
     packages: tuple[str, ...]
     files: tuple[ModelFile, ...]
+    rag_layout: str = DEFAULT_LAYOUT.name  # a name in rag.prompt.LAYOUTS
+
+    def __post_init__(self) -> None:
+        if self.rag_layout not in LAYOUTS:
+            raise CatalogError(
+                f"model {self.name}: unknown rag_layout {self.rag_layout!r}; "
+                f"choose one of: {', '.join(LAYOUTS)}"
+            )
 
     @property
     def size(self) -> int:
@@ -84,6 +99,7 @@ def load_catalog(path: Path | None = None) -> dict[str, ModelSpec]:
             license=m["license"],
             packages=tuple(m["packages"]),
             files=files,
+            rag_layout=m.get("rag_layout", DEFAULT_LAYOUT.name),
         )
     return specs
 

@@ -87,3 +87,41 @@ def test_local_gguf_path_and_bad_names(tmp_path, model_path):
         resolve_model(cat, str(tmp_path / "missing.gguf"))
     with pytest.raises(CatalogError, match="unknown model 'nope'"):
         resolve_model(cat, "nope")
+
+
+def test_rag_layout_per_model():
+    specs = load_catalog()
+    assert specs["qwen2.5-coder-1.5b"].rag_layout == "oneshot"
+    assert specs["qwen2.5-coder-0.5b"].rag_layout == "oneshot"
+    assert specs["smollm2-135m"].rag_layout == "system"  # it copies the one-shot example
+
+
+def entry(name: str, extra: str = "") -> str:
+    return f"""
+[models."{name}"]
+kind = "chat"
+description = "d"
+arch = "llama"
+context_length = 2048
+license = "MIT"
+packages = ["x==1.0"]
+{extra}
+[[models."{name}".files]]
+name = "m.gguf"
+sha256 = "{"0" * 64}"
+size = 1
+parts = ["x/m.gguf"]
+"""
+
+
+def test_rag_layout_defaults_to_system_and_unknown_names_are_refused(tmp_path):
+    toml = tmp_path / "catalog.toml"
+    toml.write_text(entry("plain"))
+    assert load_catalog(toml)["plain"].rag_layout == "system"
+    toml.write_text(entry("plain") + entry("typo", 'rag_layout = "one-shot"'))
+    with pytest.raises(CatalogError, match=r"model typo: unknown rag_layout 'one-shot'; "
+                       r"choose one of: system, oneshot"):  # fmt: skip
+        load_catalog(toml)
+    # a plugin's spec is checked the same way when it is built
+    with pytest.raises(CatalogError, match="choose one of"):
+        dataclasses.replace(load_catalog()[TEST_MODEL], rag_layout="sideways")

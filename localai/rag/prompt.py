@@ -6,15 +6,20 @@ models read the start and the end of a long context more reliably than its middl
 keeps the number of its rank, so [1] is always the best passage wherever it sits.
 
 Where the passages and the citation instruction go is a Layout; bench/rag.py measures them
-against each other on the same questions (BENCHMARKS.md, "RAG").
+against each other on the same questions (BENCHMARKS.md, "RAG"). Which one a model gets is its
+catalog entry's `rag_layout` (models/catalog.toml): the one-shot example helps a model that
+imitates its format, and a small model that copies it verbatim stays on `system`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..engine import Engine, Message
-from .retrieve import Source
+
+if TYPE_CHECKING:  # the catalog reads the layout names: keep this module free of the index
+    from .retrieve import Source
 
 DEFAULT_ANSWER_TOKENS = 512  # room kept for the answer when the request sets no max_tokens
 
