@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 from . import plugins
-from .catalog import Catalog, ProgressFactory, load_catalog, resolve_model
+from .catalog import Catalog, ModelSpec, ProgressFactory, load_catalog, resolve_model
 from .config import Settings
 from .engine import Engine, load_engine
 from .governor import Governor
 
 
-def open_catalog(settings: Settings) -> Catalog:
+def model_specs() -> dict[str, ModelSpec]:
     """The catalog's models plus those that plugins register (catalog names win)."""
     specs = load_catalog()
     plugins.get().call_each(
         "localai_register_models", register=lambda spec: specs.setdefault(spec.name, spec)
     )
-    return Catalog(settings.models_dir, specs)
+    return specs
+
+
+def model_spec(name: str) -> ModelSpec | None:
+    """The spec of a loaded engine's model (`engine.name`); None for a model loaded from a .gguf
+    path, which has no catalog entry."""
+    return model_specs().get(name)
+
+
+def open_catalog(settings: Settings) -> Catalog:
+    return Catalog(settings.models_dir, model_specs())
 
 
 def open_engine(

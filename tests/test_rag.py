@@ -4,6 +4,8 @@ as they are now (changed files flag their citations)."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from localai.config import load_settings
@@ -11,7 +13,15 @@ from localai.engine import GenerationStats, Message
 from localai.index.search import Index
 from localai.rag.answer import Answerer, NoQuestion, sources_text
 from localai.rag.cite import SUPPORT, best_support, cite, claims_by_number
-from localai.rag.prompt import EXAMPLE_ANSWER, EXAMPLE_SOURCES, edges_first, pack
+from localai.rag.prompt import (
+    DEFAULT_LAYOUT,
+    EXAMPLE_ANSWER,
+    EXAMPLE_QUESTION,
+    EXAMPLE_SOURCES,
+    LAYOUTS,
+    edges_first,
+    pack,
+)
 from localai.rag.retrieve import retrieve
 
 FACTS = {
@@ -123,6 +133,48 @@ def test_no_question_or_no_documents(home, embedder, engine):
     with pytest.raises(NoQuestion, match="no question"):
         Answerer(empty, engine).prepare([Message("user", "  ")])
     empty.close()
+
+
+def shows_the_example(messages: list[Message]) -> bool:
+    return [m.role for m in messages[:3]] == ["system", "user", "assistant"] and (
+        EXAMPLE_QUESTION in messages[1].content and messages[2].content == EXAMPLE_ANSWER
+    )
+
+
+@pytest.mark.slow
+def test_the_layout_is_the_loaded_models(index, engine, home, models_dir):
+    """Each model gets the layout its catalog entry names (Qwen: the one-shot example; SmolLM2,
+    which copies the example: the system message); the same GGUF loaded from its path has no
+    entry and gets the default; a layout given to the Answerer or the question wins."""
+    from localai.catalog import Catalog
+    from localai.runtime import open_engine
+
+    q = [Message("user", "When was the lighthouse built?")]
+    small = Answerer(index, engine)
+    assert small.layout is LAYOUTS["system"] and not shows_the_example(small.prepare(q).messages)
+
+    qwen = "qwen2.5-coder-0.5b"  # the smallest catalog model whose entry says "oneshot"
+    path = Catalog(models_dir).ensure(qwen, log=lambda m: print(m, file=sys.stderr))
+    settings = load_settings(home, context_length=2048, threads=2)
+    named = open_engine(settings, qwen, log=lambda m: None)
+    try:
+        rag = Answerer(index, named)
+        assert rag.layout is LAYOUTS["oneshot"]
+        msgs = rag.prepare(q, k=3).messages
+        assert shows_the_example(msgs) and msgs[-1].content.startswith("Sources:\n\n[")
+        assert msgs[-1].content.count("lighthouse.md") == 1  # the real passages: the last turn
+        plain = Answerer(index, named, LAYOUTS["system"]).prepare(q, k=3).messages
+        assert not shows_the_example(plain) and "lighthouse.md" in plain[0].content
+        once = rag.prepare(q, k=3, layout=LAYOUTS["system"]).messages  # this question only
+        assert [m.content for m in once] == [m.content for m in plain]
+        assert shows_the_example(rag.prepare(q, k=3).messages)
+    finally:
+        named.close()
+    bare = open_engine(settings, str(path), log=lambda m: None)  # how `--model FILE.gguf` loads
+    try:
+        assert bare.name == str(path) and Answerer(index, bare).layout is DEFAULT_LAYOUT
+    finally:
+        bare.close()
 
 
 def test_rerank_returns_a_permutation_with_judged_passages_first(engine):

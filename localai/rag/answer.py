@@ -6,7 +6,8 @@
     done = rag.finish(prep, answer_text, stats)                       # cite + verify
 
 `finish` returns a CitedDone: the answer followed by a readable "Sources" list, the checked
-citations, and what retrieval kept and dropped (and why).
+citations, and what retrieval kept and dropped (and why). The prompt layout is the loaded
+model's (its catalog entry's `rag_layout`) unless the Answerer or the request names one.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 
 from ..engine import Delta, Done, Engine, GenerationStats, Message, SamplingParams, chat
 from ..index.search import Index
+from ..runtime import model_spec
 from .cite import Citation, cite
-from .prompt import DEFAULT_LAYOUT, Layout, Packed, pack
+from .prompt import DEFAULT_LAYOUT, LAYOUTS, Layout, Packed, pack
 from .retrieve import Retrieved, retrieve
 
 DEFAULT_K = 8
@@ -53,9 +55,17 @@ class CitedDone(Done):
     answer: str = ""  # the model's text without the Sources list
 
 
+def model_layout(engine: Engine) -> Layout:
+    """The layout the loaded model's catalog entry names; the default for a model loaded from a
+    .gguf path (no entry, so nothing known about how it follows an example)."""
+    spec = model_spec(engine.name)
+    return LAYOUTS[spec.rag_layout] if spec else DEFAULT_LAYOUT
+
+
 class Answerer:
-    def __init__(self, index: Index, engine: Engine, layout: Layout = DEFAULT_LAYOUT):
-        self.index, self.engine, self.layout = index, engine, layout
+    def __init__(self, index: Index, engine: Engine, layout: Layout | None = None):
+        self.index, self.engine = index, engine
+        self.layout = layout or model_layout(engine)
 
     def prepare(
         self,
@@ -63,14 +73,16 @@ class Answerer:
         k: int = DEFAULT_K,
         source: str | Path | None = None,
         answer_tokens: int | None = None,
+        layout: Layout | None = None,
     ) -> Prepared:
+        """Retrieve and pack; `layout` overrides the Answerer's for this question only."""
         question = next((m.content for m in reversed(history) if m.role == "user"), "").strip()
         if not question:
             raise NoQuestion("there is no question: the last user message is empty")
         if not self.index.stats()["chunks"]:
             raise NoQuestion("no documents are indexed yet: run `localai index PATH` first")
         found = retrieve(self.index, question, k, source)
-        packed = pack(self.engine, history, found.sources, answer_tokens, self.layout)
+        packed = pack(self.engine, history, found.sources, answer_tokens, layout or self.layout)
         return Prepared(question, found, packed)
 
     def finish(self, prep: Prepared, answer: str, stats: GenerationStats) -> CitedDone:
