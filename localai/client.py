@@ -64,7 +64,8 @@ class Daemon:
     ) -> Iterator[Delta | Done]:
         """Stream a chat turn (`messages`) or a raw completion (`prompt`) as engine events;
         errors the server reports (e.g. context overflow) are raised as EngineError. With
-        `docs` ({"k", "source"}) the answer comes from the documents and ends in a CitedDone."""
+        `docs` ({"k", "source", "layout"}) the answer comes from the documents and ends in a
+        CitedDone."""
         body: dict = {"model": self.model, "stream": True, "stats": True, "docs": docs,
                       "temperature": params.temperature, "top_p": params.top_p,
                       "top_k": params.top_k, "min_p": params.min_p, "seed": params.seed,

@@ -69,6 +69,21 @@ def test_ask_through_the_daemon(daemon):
     assert text.returncode == 0 and "Sources:" in text.stdout
 
 
+def test_ask_layout_goes_through_the_daemon(daemon):
+    env = dict(os.environ, LOCALAI_HOME=str(daemon.home), LOCALAI_HOST=daemon.host,
+               LOCALAI_PORT=str(daemon.port))  # fmt: skip
+    args = ("ask", "Who built the Brightwater lighthouse?", "--json", "-k", "2", "-t", "0",
+            "--max-tokens", "2")  # fmt: skip
+    prompt = {}
+    for layout in ("system", "oneshot"):
+        r = localai(*args, "--layout", layout, env=env)
+        assert r.returncode == 0, r.stderr
+        prompt[layout] = json.loads(r.stdout)["stats"]["prompt_tokens"]
+    assert prompt["oneshot"] > prompt["system"]  # the example exchange was sent
+    bad = localai(*args, "--layout", "sideways", env=env)
+    assert bad.returncode == 2 and "'system', 'oneshot'" in bad.stderr
+
+
 def test_status_shows_the_running_daemon(daemon):
     env = dict(os.environ, LOCALAI_HOME=str(daemon.home), LOCALAI_HOST=daemon.host,
                LOCALAI_PORT=str(daemon.port))  # fmt: skip

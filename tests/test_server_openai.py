@@ -188,6 +188,22 @@ def test_answer_from_documents_streams_citations_last(daemon):
     assert "Sources:" in text
 
 
+def test_answer_layout_is_the_models_unless_the_request_names_one(daemon):
+    body = {"model": TEST_MODEL, "messages": LIGHTHOUSE, "max_tokens": 2, "temperature": 0}
+    prompt = {}
+    for layout in (None, "system", "oneshot"):
+        docs = {"k": 2} | ({"layout": layout} if layout else {})
+        status, out = daemon.request("POST", "/v1/chat/completions", body | {"docs": docs})
+        assert status == 200, out
+        prompt[layout] = out["usage"]["prompt_tokens"]
+    assert prompt[None] == prompt["system"]  # SmolLM2's catalog entry
+    assert prompt["oneshot"] > prompt["system"]  # the same passages plus the example exchange
+    status, out = daemon.request("POST", "/v1/chat/completions",
+                                 body | {"docs": {"layout": "sideways"}})  # fmt: skip
+    assert status == 400 and out["error"]["param"].startswith("docs"), out
+    check("ErrorResponse", out)
+
+
 @pytest.mark.slow
 def test_fill_in_the_middle_with_a_code_model(models_dir, tmp_path):
     """Qwen2.5-Coder's FIM tokens, through both APIs (the 491 MB model is pulled once into the

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..engine import Message
+from ..rag.prompt import LAYOUTS
 from ..runtime import open_engine
 from ..server.auth import ensure_token
 from .app import engine_options, log, main, progress_bars, settings_of, user_errors
@@ -48,6 +49,8 @@ def serve(ctx, host, port, model, engine, context_length, threads, type_k, type_
 @click.option("-k", type=click.IntRange(1, 50), default=8, show_default=True,
               help="Passages to retrieve.")  # fmt: skip
 @click.option("--source", type=click.Path(exists=True), help="Only use documents under PATH.")
+@click.option("--layout", type=click.Choice(list(LAYOUTS)),
+              help="Prompt layout (default: the model's, from the catalog).")  # fmt: skip
 @click.option("-m", "--model", help="Chat model (default: the daemon's, or settings).")
 @click.option("-t", "--temperature", type=float, default=0.2, show_default=True)
 @click.option("--seed", type=int)
@@ -55,7 +58,8 @@ def serve(ctx, host, port, model, engine, context_length, threads, type_k, type_
 @click.option("--no-daemon", is_flag=True, help="Load the model here even if a daemon runs.")
 @click.pass_context
 @user_errors
-def ask(ctx, question, as_json, k, source, model, temperature, seed, max_tokens, no_daemon):
+def ask(ctx, question, as_json, k, source, layout, model, temperature, seed, max_tokens,
+        no_daemon):  # fmt: skip
     """Answer QUESTION from your indexed documents, with citations checked against the files."""
     from ..engine import Delta, Done, SamplingParams
 
@@ -64,7 +68,9 @@ def ask(ctx, question, as_json, k, source, model, temperature, seed, max_tokens,
     from ..index.search import IndexError_
     from ..rag.answer import NoQuestion
 
-    events, close = _ask_events(ctx, question, params, k, source, model, no_daemon)
+    docs = {"k": k, "source": source, "layout": layout}
+    docs = {key: v for key, v in docs.items() if v is not None}
+    events, close = _ask_events(ctx, question, params, docs, model, no_daemon)
     try:
         for ev in _user_facing(events, (NoQuestion, IndexError_)):
             if isinstance(ev, Delta) and not as_json:
@@ -89,14 +95,14 @@ def _user_facing(events, errors):
         raise click.ClickException(str(e)) from e
 
 
-def _ask_events(ctx, question, params, k, source, model, no_daemon):
-    """(events, close): through the daemon when it runs, else in-process."""
+def _ask_events(ctx, question, params, docs, model, no_daemon):
+    """(events, close): through the daemon when it runs, else in-process; `docs` is the request's
+    "docs" object ({"k", "source", "layout"}), read the same way in both."""
     from ..client import Daemon
 
     s = settings_of(ctx, model=model)
     d = None if no_daemon else Daemon.find(s)
     if d is not None and model in (None, d.model):
-        docs = {"k": k} | ({"source": source} if source else {})
         msgs = [Message("user", question)]
         return d.generate(msgs, None, params, docs=docs), lambda: None
     from ..index.search import Index
@@ -111,4 +117,6 @@ def _ask_events(ctx, question, params, k, source, model, no_daemon):
         engine.close()
         index.close()
 
-    return ask_local(Answerer(index, engine), question, params, k, source), close
+    layout = LAYOUTS[docs["layout"]] if "layout" in docs else None
+    rag = Answerer(index, engine, layout)
+    return ask_local(rag, question, params, docs["k"], docs.get("source")), close

@@ -15,6 +15,7 @@ import anyio
 
 from ..engine import Delta, Done, Message, SamplingParams
 from ..rag.answer import DEFAULT_K, CitedDone, NoQuestion
+from ..rag.prompt import LAYOUTS
 from . import params as P
 from .errors import APIError, bad_request
 from .state import ServerState
@@ -35,9 +36,10 @@ async def docs_events(
         raise APIError(400, state.rag_missing, param="model", code="docs_unavailable")
     docs = body.get("docs") if isinstance(body.get("docs"), dict) else {}
     k, source = docs.get("k", DEFAULT_K), docs.get("source")
+    layout = LAYOUTS[docs["layout"]] if "layout" in docs else None  # the schema checked the name
     try:
         prep = await anyio.to_thread.run_sync(
-            state.rag.prepare, messages, k, source, params.max_tokens
+            state.rag.prepare, messages, k, source, params.max_tokens, layout
         )
     except NoQuestion as e:
         raise bad_request(str(e), param="messages") from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from jsonschema import Draft202012Validator
 
+from ..rag.prompt import LAYOUTS
 from .errors import bad_request
 
 NUM = {"type": ["number", "null"]}
@@ -34,6 +35,7 @@ DOCS = {  # our extension: answer from the indexed documents
             "properties": {
                 "k": {"type": "integer", "minimum": 1, "maximum": 50},
                 "source": {"type": "string"},
+                "layout": {"enum": list(LAYOUTS)},  # default: the loaded model's
             },
         },
         {"type": "null"},
