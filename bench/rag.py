@@ -9,11 +9,12 @@ rag: python3-doc (the question → page set of bench/index_pydoc.py; the expecte
    passages given to the model (hit@k), whether a verified citation points into it (cited
    hit), and over all citations the share that verified and the share the model wrote itself
    (not inferred by the checker). --layouts compares prompt layouts (localai/rag/prompt.py) on
-   the same questions with the same loaded model, one result object each.
+   the same questions with the same loaded model, one result object each; the default, `model`,
+   is the layout the model's catalog entry names (what `localai ask` uses).
 Prints one JSON object.
 
     python bench/rag.py [--part rerank|rag|both] [--queries 20] [--model smollm2-135m] [-k 5]
-                        [--pages 60] [--layouts system,oneshot] [--questions N]
+                        [--pages 60] [--layouts model|system,oneshot] [--questions N]
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from index_pydoc import DOC, QUESTIONS, ensure_docs  # noqa: E402
 from localai.config import load_settings  # noqa: E402
 from localai.engine import Done, Message, SamplingParams, chat  # noqa: E402
 from localai.index.search import Index  # noqa: E402
-from localai.rag.answer import Answerer  # noqa: E402
-from localai.rag.prompt import DEFAULT_LAYOUT, LAYOUTS, Layout  # noqa: E402
+from localai.rag.answer import Answerer, model_layout  # noqa: E402
+from localai.rag.prompt import LAYOUTS, Layout  # noqa: E402
 from localai.rag.rerank import rerank  # noqa: E402
 from localai.runtime import open_engine  # noqa: E402
 
@@ -105,10 +106,10 @@ def answer_row(rag: Answerer, question: str, want: str, k: int, params: Sampling
             "prompt_tokens": prompt, "answer": done.answer}  # fmt: skip
 
 
-def summary(layout: str, rows: list[dict], k: int) -> dict:
+def summary(layout: str, rows: list[dict], k: int, model_default: bool) -> dict:
     n, cits = len(rows), sum(r["citations"] for r in rows)
     verified, inferred = (sum(r[key] for r in rows) for key in ("verified", "inferred"))
-    return {"layout": layout, "questions": n, "k": k,
+    return {"layout": layout, "model_default": model_default, "questions": n, "k": k,
             "hit@k_given": round(sum(r["given_hit"] for r in rows) / n, 3),
             "hit_cited": round(sum(r["cited_hit"] for r in rows) / n, 3),
             "citations": cits,
@@ -133,7 +134,8 @@ def rag_part(engine, ix: Index, layouts: list[Layout], k: int, max_tokens: int,
             rows[layout.name].append(row)
             print(json.dumps({"time": time.strftime("%H:%M:%S"), "layout": layout.name,
                               "question": i, **row}), file=sys.stderr, flush=True)  # fmt: skip
-    return [summary(name, got, k) for name, got in rows.items()]
+    own = model_layout(engine).name
+    return [summary(name, got, k, name == own) for name, got in rows.items()]
 
 
 def main() -> None:
@@ -148,8 +150,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/localai-bench"))
     ap.add_argument(
         "--layouts",
-        default=DEFAULT_LAYOUT.name,
-        help=f"prompt layouts to compare, comma-separated: {', '.join(LAYOUTS)}",
+        default="model",
+        help="prompt layouts to compare, comma-separated: model (the catalog entry's), "
+        + ", ".join(LAYOUTS),
     )
     a = ap.parse_args()
     settings = load_settings(a.work / "rag-home", models_dir=MODELS, model=a.model,
@@ -161,7 +164,8 @@ def main() -> None:
         out["rerank_nfcorpus"] = rerank_part(engine, a.work / "nfcorpus", a.queries)
     if a.part in ("rag", "both"):
         ix = pydoc_index(a.work / f"pydoc-{a.pages or 'all'}", a.pages)
-        layouts = [LAYOUTS[name] for name in a.layouts.split(",")]
+        named = [model_layout(engine) if n == "model" else LAYOUTS[n] for n in a.layouts.split(",")]
+        layouts = list({layout.name: layout for layout in named}.values())  # model,oneshot: once
         out["rag_pydoc"] = rag_part(engine, ix, layouts, a.k, a.max_tokens, a.questions)
         ix.close()
     engine.close()
