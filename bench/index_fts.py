@@ -4,8 +4,9 @@ Each variant indexes the same chunks (the index's own loader and chunker over NF
 no embedding needed) into a fresh sqlite file with the index's tokenizer, and runs the 323 test
 queries the way Index.search does (fts_query → 300 best chunks → best chunk per document):
 - stored: a normal FTS5 table (keeps a second copy of the text, the usual RAG-store layout);
-- contentless detail=full / column / none (`content=''`, what localai uses; smaller `detail`
-  drops positions, then column lists, which bm25() partly relies on: with detail=none every
+- contentless detail=full / column / none (`content=''`; detail=full is what localai used
+  before none_tf24_one became its layout "tf", localai/index/bm25.py); smaller `detail` drops
+  positions, then column lists, which bm25() partly relies on: with detail=none every
   bm25() score is 0, so `ORDER BY rank` is rowid order);
 - none_own_bm25 / none_tf2 / none_tf24 / none_tf24_one: a contentless detail=none table of
   stopword-free words ranked by our own BM25 (`OwnBM25`, FTS5's formula and constants) from the

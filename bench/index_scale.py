@@ -61,7 +61,7 @@ def build(home: Path, n: int, vecs: np.ndarray) -> None:
         store.insert_chunks(db, fid, rows, texts)
     store.bump_generation(db)
     db.execute("COMMIT")
-    db.execute("INSERT INTO fts(fts) VALUES ('optimize')")
+    store.optimize_fts(db)
     db.conn.close()
 
 

@@ -1,4 +1,4 @@
-"""Hybrid ranking: BM25 (FTS5) and vector lists fused by reciprocal rank.
+"""Hybrid ranking: BM25 (FTS5, bm25.py) and vector lists fused by reciprocal rank.
 
 RRF gives each item the sum over the lists it appears in of weight / (K + rank), rank from 1;
 ties go to the smaller id so results are deterministic. `to_files` turns a chunk ranking into a
@@ -29,11 +29,17 @@ def fts_text(text: str) -> str:
     return " ".join(w for w in _WORD.findall(text) if w.lower() not in STOPWORDS)
 
 
-def fts_query(text: str) -> str | None:
-    """A plain-language query → an FTS5 MATCH expression (any word), or None if it has none."""
+def query_words(text: str) -> list[str]:
+    """A plain-language query's distinct words, lowercased, without stopwords (unless it has
+    nothing else); both BM25 paths (fts_query, bm25.Scorer) search exactly these."""
     words = [w.lower() for w in _WORD.findall(text)]
     kept = [w for w in words if w not in STOPWORDS] or words
-    uniq = list(dict.fromkeys(kept))
+    return list(dict.fromkeys(kept))
+
+
+def fts_query(text: str) -> str | None:
+    """A plain-language query → an FTS5 MATCH expression (any word), or None if it has none."""
+    uniq = query_words(text)
     if not uniq:
         return None
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in uniq)

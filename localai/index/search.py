@@ -40,8 +40,9 @@ from ..catalog import Catalog
 from ..config import Settings
 from ..governor import Governor
 from . import MODES, UNITS, store
+from .bm25 import Scorer
 from .chunker import chunk
-from .fusion import fts_query, fts_text, rrf, to_files
+from .fusion import fts_query, fts_text, query_words, rrf, to_files
 from .indexer import Indexer, Progress, RunStats
 from .loaders import Unreadable, load, loader_for
 from .vectors import DEFAULT_CODEC, VectorSet, codec
@@ -118,6 +119,7 @@ class Index:
         self._embedder = embedder  # loaded on first use unless shared by the caller
         self._vectors: VectorSet | None = None
         self._vectors_gen: str | None = None
+        self._bm25: tuple[str, Scorer | None] | None = None  # (generation, scorer if layout tf)
         self._lock = threading.RLock()
         self._read_cache: OrderedDict[tuple, tuple[bytes, list]] = OrderedDict()
 
@@ -241,26 +243,57 @@ class Index:
         return stats
 
     def refeed_fts(self) -> int:
-        """Rewrite every chunk's FTS row from its file (after a change to what FTS is fed);
-        chunks whose file changed are left for the next update. Returns chunks rewritten."""
+        """Rewrite every chunk's FTS rows from its file (after a change to what FTS is fed),
+        one transaction per file; chunks whose file changed are left for the next update.
+        Returns chunks rewritten."""
         n = 0
         files = self.db.execute("SELECT id, path FROM files WHERE skip_reason IS NULL").fetchall()
         for fid, path in files:
-            got = self._rechunk(Path(path))
-            if isinstance(got, str):
-                continue
-            by_hash = {c.hash: c.text for c in got[1]}
+            fed = self._fed_texts(Path(path))
             rows = self.db.execute("SELECT id, hash FROM chunks WHERE file_id = ?", [fid])
-            pairs = [(cid, by_hash[h]) for cid, h in rows.fetchall() if h in by_hash]
+            pairs = [(cid, fed[h]) for cid, h in rows.fetchall() if h in fed]
             with self._lock, store.transaction(self.db):
-                for cid, text in pairs:
-                    self.db.execute("DELETE FROM fts WHERE rowid = ?", [cid])
-                    self.db.execute(
-                        "INSERT INTO fts (rowid, text) VALUES (?, ?)", [cid, fts_text(text)]
-                    )
+                store.delete_fts(self.db, [cid for cid, _ in pairs])
+                store.write_fts(self.db, pairs)
+                store.bump_generation(self.db)  # chunk lengths may have changed
             n += len(pairs)
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return n
+
+    def upgrade_fts(self) -> dict:
+        """Rebuild an older index's FTS (layout "full") in the current, smaller layout ("tf"),
+        from the files; nothing to do on a current index. The files are read first; then one
+        transaction swaps the tables, so searches see the old layout until the new one is
+        complete, and other writers wait. A chunk whose file changed since it was indexed
+        cannot be fed: it is dropped and its file marked for the next `update()` (which finds
+        its unchanged chunks' vectors by content hash). Returns {"chunks", "stale_files"}."""
+        if store.fts_layout(self.db) == "tf":
+            return {"chunks": 0, "stale_files": 0}
+        files = self.db.execute("SELECT id, path FROM files WHERE skip_reason IS NULL").fetchall()
+        fed = {fid: self._fed_texts(Path(path)) for fid, path in files}
+        n, stale = 0, 0
+        with self._lock, store.transaction(self.db):
+            store.replace_fts(self.db)
+            for fid, texts in fed.items():
+                rows = self.db.execute("SELECT id, hash FROM chunks WHERE file_id = ?", [fid])
+                rows = rows.fetchall()
+                pairs = [(cid, texts[h]) for cid, h in rows if h in texts]
+                store.write_fts(self.db, pairs)
+                n += len(pairs)
+                if len(pairs) < len(rows):
+                    store.mark_stale(self.db, fid, [cid for cid, h in rows if h not in texts])
+                    stale += 1
+            store.optimize_fts(self.db)
+            store.bump_generation(self.db)
+        self.db.execute("PRAGMA incremental_vacuum")  # the old table's pages go back to the disk
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return {"chunks": n, "stale_files": stale}
+
+    def _fed_texts(self, path: Path) -> dict[bytes, str]:
+        """What FTS receives for each chunk the file holds now, by content hash ({} if it is
+        gone or unreadable)."""
+        got = self._rechunk(path)
+        return {} if isinstance(got, str) else {c.hash: fts_text(c.text) for c in got[1]}
 
     def check(self) -> list[str]:
         with self._lock:
@@ -272,8 +305,10 @@ class Index:
                 "SELECT count(*), coalesce(sum(text_bytes), 0) FROM files WHERE skip_reason IS NULL"
             ).fetchone()
             c = self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+            layout = store.fts_layout(self.db)
         return {"files": f, "chunks": c, "text_bytes": tb,
-                "index_bytes": store.disk_bytes(self.path), "codec": self.codec.name}  # fmt: skip
+                "index_bytes": store.disk_bytes(self.path), "codec": self.codec.name,
+                "fts_layout": layout}  # fmt: skip
 
     def watch(self, stop: threading.Event, on_update=None, debounce: float = 0.2,
               progress: Progress | None = None) -> None:  # fmt: skip
@@ -294,7 +329,19 @@ class Index:
                 self.governor.reserve("index_vectors", self._vectors.nbytes)
         return self._vectors
 
+    def _bm25_scorer(self) -> Scorer | None:
+        """The current generation's scorer in layout "tf", None in layout "full" (an upgrade
+        in another process bumps the generation, so this sees the new layout)."""
+        gen = store.get_meta(self.db, "generation", "0")
+        if self._bm25 is None or self._bm25[0] != gen:
+            tf = store.fts_layout(self.db) == "tf"
+            self._bm25 = (gen, Scorer(self.db) if tf else None)
+        return self._bm25[1]
+
     def bm25_chunks(self, query: str, n: int = CANDIDATES) -> list[int]:
+        scorer = self._bm25_scorer()
+        if scorer is not None:
+            return scorer.search(self.db, query_words(query), n)
         q = fts_query(query)
         if q is None:
             return []

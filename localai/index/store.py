@@ -5,13 +5,20 @@ own transaction and recorded in the `migrations` table, so a blank database and 
 with the same schema.
 
 The store never holds document text. Chunks point into their files (byte range, line range) and
-carry a content hash; the FTS5 table is *contentless* (`content=''`, `contentless_delete=1`), so
-it keeps only the inverted index. Measured on NFCorpus this ranks exactly like an FTS5 table that
-stores the text (same tokenizer, same bm25()), at a fraction of the bytes; see BENCHMARKS.md.
+carry a content hash; the FTS5 tables are *contentless* (`content=''`, `contentless_delete=1`),
+so they keep only the inverted index. Measured on NFCorpus this ranks exactly like an FTS5 table
+that stores the text (same tokenizer, same bm25()), at a fraction of the bytes; see BENCHMARKS.md.
+
+The FTS layout is recorded in meta `fts_layout`:
+- "tf" (every index created since migration 2): `fts` with detail=none plus the repeated-term
+  side table `fts_tf`, ranked by bm25.Scorer; 0.185 of the text's bytes instead of 0.32;
+- "full" (older indexes): one detail=full `fts` table ranked by FTS5's bm25(); it keeps working
+  as it is, and `Index.upgrade_fts()` (`localai index --upgrade`) rebuilds it as "tf".
 
 Invariants (checked by `problems()`, asserted by the crash test):
 - every chunk has exactly one FTS row with the same rowid, and one vector code of the codec size;
-- every FTS row belongs to a chunk; every chunk belongs to a file row;
+- every FTS row (and, in layout "tf", every `fts_tf` row) belongs to a chunk; every chunk belongs
+  to a file row; a chunk's `fts_tf` row is written and deleted with its `fts` row;
 - a file's chunks are written in the same transaction as its `files` row, so a file whose row
   has a given sha256 has exactly the chunks of that content.
 
@@ -29,7 +36,9 @@ from pathlib import Path
 import pysqlite3.dbapi2 as sqlite3
 import sqlite_utils
 
-TOKENIZER = "porter unicode61 remove_diacritics 2"
+from .bm25 import TF_TOKENIZER, TOKENIZER, tf_rows
+
+_FTS_OPTS = "content='', contentless_delete=1"
 
 
 def _m1_base(db: sqlite_utils.Database) -> None:
@@ -63,13 +72,43 @@ def _m1_base(db: sqlite_utils.Database) -> None:
             UNIQUE (file_id, ord))"""
     )
     db.execute("CREATE INDEX chunks_hash ON chunks(hash)")
-    db.execute(
-        f"CREATE VIRTUAL TABLE fts USING fts5(text, content='', contentless_delete=1, "
-        f"tokenize='{TOKENIZER}')"
+    db.execute(  # layout "full", as every index had it before migration 2
+        f"CREATE VIRTUAL TABLE fts USING fts5(text, {_FTS_OPTS}, tokenize='{TOKENIZER}')"
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_base]
+def _m2_fts_layout(db: sqlite_utils.Database) -> None:
+    """An index without chunks yet takes the small "tf" layout; one with chunks keeps its
+    detail=full table (its text is in the files, not here) until `Index.upgrade_fts()`."""
+    has_chunks = db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone()
+    if has_chunks:
+        set_meta(db, "fts_layout", "full")
+    else:
+        replace_fts(db)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_base, _m2_fts_layout]
+
+
+def replace_fts(db: sqlite_utils.Database) -> None:
+    """Drop the FTS tables (all their rows) and create empty ones in layout "tf"; the caller
+    refills them in the same transaction."""
+    db.execute("DROP TABLE IF EXISTS fts")
+    db.execute("DROP TABLE IF EXISTS fts_tf")
+    db.execute(
+        f"CREATE VIRTUAL TABLE fts USING fts5(text, {_FTS_OPTS}, detail=none, "
+        f"tokenize='{TOKENIZER}')"
+    )
+    db.execute(
+        f"CREATE VIRTUAL TABLE fts_tf USING fts5(text, {_FTS_OPTS}, detail=none, "
+        f'tokenize="{TF_TOKENIZER}")'
+    )
+    set_meta(db, "fts_layout", "tf")
+
+
+def fts_layout(db: sqlite_utils.Database) -> str:
+    """The FTS layout in use; an index from before the key was recorded is "full"."""
+    return get_meta(db, "fts_layout", "full")
 
 
 def connect(path: Path) -> sqlite_utils.Database:
@@ -144,12 +183,43 @@ def bump_generation(db: sqlite_utils.Database) -> None:
     )
 
 
+def write_fts(db: sqlite_utils.Database, rows: list[tuple[int, str]]) -> None:
+    """Add the FTS rows (chunk id, text as fts_text gives it) of chunks that have none."""
+    db.conn.executemany("INSERT INTO fts (rowid, text) VALUES (?, ?)", rows)
+    if rows and fts_layout(db) == "tf":
+        side = tf_rows([text for _, text in rows])
+        db.conn.executemany(
+            "INSERT INTO fts_tf (rowid, text) VALUES (?, ?)",
+            [(cid, tf) for (cid, _), tf in zip(rows, side, strict=True) if tf],
+        )
+
+
+def delete_fts(db: sqlite_utils.Database, ids: list[int]) -> None:
+    """Drop the chunks' FTS rows (a chunk without an `fts_tf` row is a no-op there)."""
+    db.conn.executemany("DELETE FROM fts WHERE rowid = ?", [(i,) for i in ids])
+    if ids and fts_layout(db) == "tf":
+        db.conn.executemany("DELETE FROM fts_tf WHERE rowid = ?", [(i,) for i in ids])
+
+
+def optimize_fts(db: sqlite_utils.Database) -> None:
+    """Merge each FTS table's segments into one (smaller and faster to query after a bulk load)."""
+    for table in ("fts", "fts_tf") if fts_layout(db) == "tf" else ("fts",):
+        db.execute(f"INSERT INTO {table}({table}) VALUES ('optimize')")
+
+
 def delete_file_chunks(db: sqlite_utils.Database, file_id: int) -> int:
     ids = [r[0] for r in db.execute("SELECT id FROM chunks WHERE file_id = ?", [file_id])]
     if ids:
-        db.conn.executemany("DELETE FROM fts WHERE rowid = ?", [(i,) for i in ids])
+        delete_fts(db, ids)
         db.execute("DELETE FROM chunks WHERE file_id = ?", [file_id])
     return len(ids)
+
+
+def mark_stale(db: sqlite_utils.Database, file_id: int, chunk_ids: list[int]) -> None:
+    """Drop chunks that have no FTS rows (their file changed, so they cannot be fed) and make
+    the next update re-index their file: no recorded size or sha256 matches it."""
+    db.conn.executemany("DELETE FROM chunks WHERE id = ?", [(i,) for i in chunk_ids])
+    db.execute("UPDATE files SET size = -1, sha256 = NULL WHERE id = ?", [file_id])
 
 
 def delete_file(db: sqlite_utils.Database, file_id: int) -> int:
@@ -161,13 +231,15 @@ def delete_file(db: sqlite_utils.Database, file_id: int) -> int:
 def insert_chunks(db: sqlite_utils.Database, file_id: int, rows: list[tuple], texts: list[str]):
     """rows: (ord, start_byte, end_byte, start_line, end_line, hash, code) in chunk order."""
     assert len(rows) == len(texts)
-    for row, text in zip(rows, texts, strict=True):
+    ids = []
+    for row in rows:
         cur = db.execute(
             "INSERT INTO chunks (file_id, ord, start_byte, end_byte, start_line, end_line, hash,"
             " code) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [file_id, *row],
         )
-        db.execute("INSERT INTO fts (rowid, text) VALUES (?, ?)", [cur.lastrowid, text])
+        ids.append(cur.lastrowid)
+    write_fts(db, list(zip(ids, texts, strict=True)))
 
 
 def disk_bytes(path: Path) -> int:
@@ -181,10 +253,15 @@ def problems(db: sqlite_utils.Database, code_bytes: int | None) -> list[str]:
     ok = db.execute("PRAGMA integrity_check").fetchone()[0]
     if ok != "ok":
         found.append(f"sqlite integrity_check: {ok}")
-    try:
-        db.execute("INSERT INTO fts(fts, rank) VALUES ('integrity-check', 0)")
-    except sqlite3.DatabaseError as e:
-        found.append(f"FTS index damaged: {e}")
+    layout = fts_layout(db)
+    tables = {"fts": "FTS index", "fts_tf": "FTS repeated-term table"}
+    if layout != "tf":
+        del tables["fts_tf"]
+    for table, name in tables.items():
+        try:
+            db.execute(f"INSERT INTO {table}({table}, rank) VALUES ('integrity-check', 0)")
+        except sqlite3.DatabaseError as e:
+            found.append(f"{name} damaged: {e}")
     q = {
         "chunks without an FTS row": "SELECT count(*) FROM chunks "
         "WHERE id NOT IN (SELECT id FROM fts_docsize)",
@@ -195,6 +272,10 @@ def problems(db: sqlite_utils.Database, code_bytes: int | None) -> list[str]:
         "skipped files with chunks": "SELECT count(*) FROM chunks WHERE file_id IN "
         "(SELECT id FROM files WHERE skip_reason IS NOT NULL)",
     }
+    if layout == "tf":
+        q["FTS repeated-term rows without a chunk"] = (
+            "SELECT count(*) FROM fts_tf_docsize WHERE id NOT IN (SELECT id FROM chunks)"
+        )
     if code_bytes is not None:
         q["chunks with a wrong-size vector"] = (
             f"SELECT count(*) FROM chunks WHERE length(code) != {int(code_bytes)}"

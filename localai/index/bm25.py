@@ -1,0 +1,133 @@
+"""BM25 over the index's small FTS layout ("tf"): posting lists without positions, plus tf.
+
+Layout "tf" (every new index): `fts` is a contentless FTS5 table with detail=none, so each term
+keeps only the list of chunks it occurs in; `fts_tf` (same kind) holds, for each chunk, the terms
+it repeats ≥ 2 times, once each, and `term=4` for those it repeats ≥ 4 times. A term's tf in a
+chunk is then known as 1, 2 or 4, which is all BM25 needs here: measured on NFCorpus this layout
+ranks as well as the detail=full table that FTS5's bm25() needs (nDCG@10 0.3227 vs 0.3232,
+paired s.e. 0.004) at 0.185 of the text's bytes instead of 0.32 (bench/index_fts.py,
+BENCHMARKS.md). bm25() cannot rank a detail=none table (every score is 0), so `Scorer` applies
+FTS5's bm25() formula and constants itself; given exact tf it reproduces bm25() exactly.
+
+Terms are FTS5's own: the side table's rows are built from an fts5vocab view of a scratch table
+with the index's tokenizer, and query words are mapped to terms the same way, so the side table
+and the main table can never disagree on how a word is stemmed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+
+import numpy as np
+import pysqlite3.dbapi2 as sqlite3
+
+TOKENIZER = "porter unicode61 remove_diacritics 2"
+# The side table receives terms already stemmed and folded; a second porter pass would stem some
+# again ("agre" → "agr"), so it only splits on spaces and folds. '=' never occurs in an index term
+# (it separates tokens there), so `term=4` cannot collide with a term.
+TF_TOKENIZER = "unicode61 remove_diacritics 2 tokenchars '='"
+TF_LEVELS = ((2, ""), (4, "=4"))  # (a term repeated at least this often, its mark in fts_tf)
+K1, B, IDF_FLOOR = 1.2, 0.75, 1e-6  # FTS5 bm25()'s constants
+# One FTS5 token of a query word: unicode61 splits on what is not a letter or digit, and a
+# detail=none table rejects a query word that is several tokens ("phrase queries are not
+# supported"), so `foo_bar` is searched as `foo` and `bar`.
+_PIECE = re.compile(r"[^\W_]+", re.UNICODE)
+
+_scratch: sqlite3.Connection | None = None
+_scratch_lock = threading.Lock()
+
+
+def _terms(texts: list[str]) -> list[dict[str, int]]:
+    """Each text's FTS5 terms (as the index's tokenizer stems them) and their counts."""
+    global _scratch
+    with _scratch_lock:
+        if _scratch is None:
+            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            db.execute(
+                f"CREATE VIRTUAL TABLE t USING fts5(text, content='', tokenize='{TOKENIZER}')"
+            )
+            db.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, instance)")
+            _scratch = db
+        _scratch.execute("INSERT INTO t(t) VALUES ('delete-all')")
+        _scratch.executemany("INSERT INTO t (rowid, text) VALUES (?, ?)", enumerate(texts))
+        out: list[dict[str, int]] = [{} for _ in texts]
+        for doc, term, n in _scratch.execute("SELECT doc, term, count(*) FROM v GROUP BY 1, 2"):
+            out[doc][term] = n
+        return out
+
+
+def tf_rows(texts: list[str]) -> list[str]:
+    """What `fts_tf` receives for each chunk's FTS text ("" when no term repeats)."""
+    rows = []
+    for counts in _terms(texts):
+        marks = [t + mark for t, n in sorted(counts.items()) for k, mark in TF_LEVELS if n >= k]
+        rows.append(" ".join(marks))
+    return rows
+
+
+def docsize_lengths(blobs: list[bytes]) -> np.ndarray:
+    """Token counts from a one-column FTS5 %_docsize: each blob is one SQLite varint (big-endian
+    7-bit groups, high bit = more follow); a chunk's count needs at most 3 bytes."""
+    if not blobs:
+        return np.zeros(0, np.int64)
+    lens = np.fromiter(map(len, blobs), np.int64, len(blobs))
+    assert lens.min() >= 1 and lens.max() <= 8, "not a one-column %_docsize varint"
+    raw = np.frombuffer(b"".join(blobs), np.uint8).astype(np.int64)
+    starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    from_end = np.repeat(starts + lens, lens) - np.arange(len(raw)) - 1  # group index, last = 0
+    return np.add.reduceat((raw & 0x7F) << (7 * from_end), starts)
+
+
+class Scorer:
+    """BM25 (FTS5's bm25() formula) over one generation of the "tf" layout. Holds each chunk's
+    length from `fts_docsize`, read once per generation like the vector set."""
+
+    def __init__(self, db):
+        rows = db.execute("SELECT id, sz FROM fts_docsize ORDER BY id").fetchall()
+        self.ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))  # sorted chunk ids
+        dl = docsize_lengths([r[1] for r in rows]).astype(np.float64)
+        self.n = len(rows)
+        avgdl = dl.mean() if self.n else 1.0
+        self.norm = K1 * (1 - B + B * dl / max(avgdl, 1e-9))  # by position in self.ids
+
+    def search(self, db, words: list[str], n: int) -> list[int]:
+        """The n best chunk ids for query words (fts_query's), best first; ties: smaller id.
+        Each distinct word is one query term, as each is one phrase of bm25()'s OR query."""
+        pieces = list(dict.fromkeys(p for w in words for p in _PIECE.findall(w)))
+        if not pieces or not self.n:
+            return []
+        score = np.zeros(self.n)
+        for piece, counts in zip(pieces, _terms(pieces), strict=True):
+            if len(counts) != 1:  # not one token for FTS5 either: no detail=none query can say it
+                continue
+            (term,) = counts
+            pos = self._positions(_postings(db, "fts", f'"{piece}"'))
+            if not len(pos):
+                continue
+            df = len(pos)
+            idf = max(math.log((self.n - df + 0.5) / (df + 0.5)), IDF_FLOOR)
+            tf = np.ones(df)
+            for k, mark in TF_LEVELS:  # ascending: the largest level passed wins
+                hit = self._positions(_postings(db, "fts_tf", f'"{term}{mark}"'))
+                tf[np.isin(pos, hit, assume_unique=True)] = k
+            score[pos] += idf * tf * (K1 + 1) / (tf + self.norm[pos])
+        cand = np.flatnonzero(score)
+        if len(cand) > n:  # keep every tie of the n-th score, so ties go to the smaller id
+            cand = cand[score[cand] >= np.partition(score[cand], len(cand) - n)[len(cand) - n]]
+        order = np.lexsort((cand, -score[cand]))[:n]
+        return self.ids[cand[order]].tolist()
+
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        """Positions of chunk ids in self.ids; ids written after this generation was read
+        (a commit between the generation check and the query) are left out until the next."""
+        pos = np.searchsorted(self.ids, ids)
+        known = pos < self.n
+        known[known] = self.ids[pos[known]] == ids[known]
+        return pos[known]
+
+
+def _postings(db, table: str, phrase: str) -> np.ndarray:
+    cur = db.execute(f"SELECT rowid FROM {table} WHERE {table} MATCH ?", [phrase])
+    return np.fromiter((r[0] for r in cur), np.int64)
