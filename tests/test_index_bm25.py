@@ -58,6 +58,21 @@ def test_new_and_old_databases_migrate_to_their_layouts(tmp_path):
     assert store.problems(db, 384) == []
 
 
+def test_freed_pages_go_back_to_the_file_system(tmp_path):
+    """After an upgrade drops the old FTS table (and after each indexing run) the freed pages
+    are returned, so index_bytes shrinks; the pragma frees one page per fetched row."""
+    db = store.connect(tmp_path / "index.db")
+    with store.transaction(db):
+        for f in range(1, 41):
+            add_file(db, f, [f"chunk {f} {i} " + "word " * 50 for i in range(5)])
+    with store.transaction(db):
+        for f in range(1, 41):
+            store.delete_file(db, f)
+    assert db.execute("PRAGMA freelist_count").fetchone()[0] > 20
+    store.reclaim_free_pages(db)
+    assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+
+
 def test_docsize_lengths_decode_fts5_varints():
     db = sqlite3.connect(":memory:", isolation_level=None)
     db.execute(f"CREATE VIRTUAL TABLE t USING fts5(text, content='', tokenize='{TOKENIZER}')")
@@ -205,5 +220,7 @@ def test_old_layout_keeps_searching_and_upgrades(home, embedder, tmp_path):
     assert ix.search("invoices", k=1, mode="bm25")[0].path.endswith("money.txt")
     r = localai("index", "--check", env=env)
     assert r.returncode == 0 and "older" not in r.stderr
+    r = localai("index", "--upgrade", env=env)
+    assert r.returncode == 0 and "nothing to do" in r.stderr
     assert ix.upgrade_fts() == {"chunks": 0, "stale_files": 0}  # a current index: nothing to do
     ix.close()

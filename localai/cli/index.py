@@ -108,6 +108,8 @@ def index_cmd(ctx, paths, as_json, watch, check, upgrade):
                 )
         ctx.exit(0 if not found else 1)
     if upgrade:
+        if paths:
+            raise click.ClickException("--upgrade takes no PATHS; run it alone, then index them")
         _upgrade(ix, as_json)
         return
     for p in paths:
@@ -125,6 +127,9 @@ def index_cmd(ctx, paths, as_json, watch, check, upgrade):
 
 def _upgrade(ix, as_json: bool) -> None:
     before = ix.stats()["index_bytes"]
+    if ix.stats()["fts_layout"] == "tf" and not as_json:
+        log("the index already uses the current FTS layout; nothing to do")
+        return
     if not as_json:
         log("rebuilding the FTS index from your files (other indexing waits until it is done)")
     got = ix.upgrade_fts()

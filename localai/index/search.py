@@ -285,7 +285,7 @@ class Index:
                     stale += 1
             store.optimize_fts(self.db)
             store.bump_generation(self.db)
-        self.db.execute("PRAGMA incremental_vacuum")  # the old table's pages go back to the disk
+        store.reclaim_free_pages(self.db)  # the old table's pages go back to the disk
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return {"chunks": n, "stale_files": stale}
 

@@ -242,6 +242,12 @@ def insert_chunks(db: sqlite_utils.Database, file_id: int, rows: list[tuple], te
     write_fts(db, list(zip(ids, texts, strict=True)))
 
 
+def reclaim_free_pages(db: sqlite_utils.Database) -> None:
+    """Give the pages freed by deletes back to the file system (auto_vacuum=INCREMENTAL). The
+    pragma frees one page per step, so every row it returns must be fetched."""
+    db.execute("PRAGMA incremental_vacuum").fetchall()
+
+
 def disk_bytes(path: Path) -> int:
     """Bytes the index keeps on disk: the database plus its WAL and shared-memory files."""
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
@@ -272,7 +278,7 @@ def problems(db: sqlite_utils.Database, code_bytes: int | None) -> list[str]:
         "skipped files with chunks": "SELECT count(*) FROM chunks WHERE file_id IN "
         "(SELECT id FROM files WHERE skip_reason IS NOT NULL)",
     }
-    if layout == "tf":
+    if "fts_tf_docsize" in db.table_names():
         q["FTS repeated-term rows without a chunk"] = (
             "SELECT count(*) FROM fts_tf_docsize WHERE id NOT IN (SELECT id FROM chunks)"
         )
