@@ -239,7 +239,7 @@ class Indexer:
         return cur.fetchone()[0]
 
     def _totals(self, st: RunStats) -> None:
-        self.db.execute("PRAGMA incremental_vacuum")
+        store.reclaim_free_pages(self.db)
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # so index_bytes is the real size
         f, tb = self.db.execute(
             "SELECT count(*), coalesce(sum(text_bytes), 0) FROM files WHERE skip_reason IS NULL"
