@@ -224,3 +224,25 @@ def test_old_layout_keeps_searching_and_upgrades(home, embedder, tmp_path):
     assert r.returncode == 0 and "nothing to do" in r.stderr
     assert ix.upgrade_fts() == {"chunks": 0, "stale_files": 0}  # a current index: nothing to do
     ix.close()
+
+
+def test_a_bulk_run_merges_the_fts_segments(home, embedder, tmp_path, monkeypatch):
+    """One transaction per file leaves one FTS5 segment per file; a run that writes many chunks
+    merges them at the end (fewer data records, smaller file), and the index stays whole."""
+    from localai.index import indexer
+
+    docs = tmp_path / "docs"
+    write_docs(docs)
+    records = {}
+    for after in (10**9, 1):  # never, then after every run
+        monkeypatch.setattr(indexer, "OPTIMIZE_AFTER", after)
+        ix = Index.open(load_settings(home=home / str(after)), embedder=embedder)
+        ix.add_source(docs)
+        ix.update()
+        assert ix.check() == []
+        assert ix.search("sourdough starter", k=1, mode="bm25")[0].path.endswith("kitchen.md")
+        records[after] = [
+            ix.db.execute(f"SELECT count(*) FROM {t}_data").fetchone()[0] for t in ("fts", "fts_tf")
+        ]
+        ix.close()
+    assert all(a < b for a, b in zip(records[1], records[10**9], strict=True)), records
