@@ -54,6 +54,9 @@ class Settings:
     model: str = "qwen2.5-coder-1.5b"  # default chat model
     embed_model: str = "minilm-l6-int8"
     index_codec: str = "q4r"  # vector codes of a new index; trade-offs in BENCHMARKS.md
+    # re-score the vector search's top N with embeddings recomputed from the files' text (exact
+    # cosine from approximate codes at ~15 ms a chunk; what makes 48-byte bin1 codes usable)
+    vector_rescore: int = 0
     engine: str = "llama"
     context_length: int = 8192  # capped at the model's trained context
     threads: int = field(default_factory=physical_cores)
@@ -81,6 +84,8 @@ class Settings:
             raise ConfigError(
                 f"index_codec must be one of {INDEX_CODECS}, not {self.index_codec!r}"
             )
+        if not 0 <= self.vector_rescore <= 1000:
+            raise ConfigError(f"vector_rescore must be in 0..1000, not {self.vector_rescore}")
         if self.context_length < 64:
             raise ConfigError(f"context_length must be at least 64, not {self.context_length}")
         if self.threads < 1:

@@ -352,8 +352,24 @@ class Index:
 
     def vector_chunks(self, query: str | np.ndarray, n: int = CANDIDATES) -> list[int]:
         qv = self.embedder.embed([query])[0] if isinstance(query, str) else query
-        ids, _ = self._vector_set().search(qv, n)
-        return ids.tolist()
+        ids = self._vector_set().search(qv, n)[0].tolist()
+        depth = min(getattr(self.settings, "vector_rescore", 0), len(ids))
+        return self._rescored(ids[:depth], qv) + ids[depth:] if depth else ids
+
+    def _rescored(self, ids: list[int], qv: np.ndarray) -> list[int]:
+        """`ids` ordered by the exact cosine of embeddings recomputed from their text (the
+        graph-plus-recompute idea without the graph: the codes only have to find candidates).
+        A chunk whose file changed since indexing cannot be re-embedded as it was; it keeps
+        its approximate place after the re-scored ones."""
+        hits = self.hits(ids)
+        fresh = [(h.chunk_id, p.text) for h, p in zip(hits, self.read_many(hits), strict=True)
+                 if p.verified]  # fmt: skip
+        if not fresh:
+            return ids
+        exact = self.embedder.embed([t for _, t in fresh]) @ qv.astype(np.float32)
+        order = [fresh[i][0] for i in np.argsort(-exact, kind="stable")]
+        done = set(order)
+        return order + [c for c in ids if c not in done]
 
     def search(self, query: str, k: int = 10, unit: str = "chunk", mode: str = "hybrid",
                under: str | Path | None = None) -> list[Hit]:  # fmt: skip
@@ -401,6 +417,13 @@ class Index:
             hits.append(Hit(c, r[1], r[2], r[5], r[6], r[3], r[4], score, r[7].hex(), b_rank,
                             v_rank))  # fmt: skip
         return hits
+
+    def hits(self, ids: list[int]) -> list[Hit]:
+        """Unscored hits for chunk ids (those still in the index), in the given order."""
+        with self._lock:
+            rows = self._chunk_rows(set(ids))
+        return [Hit(c, r[1], r[2], r[5], r[6], r[3], r[4], 0.0, r[7].hex()) for c, r in
+                ((c, rows[c]) for c in ids if c in rows)]  # fmt: skip
 
     def _chunk_rows(self, ids: set[int]) -> dict[int, tuple]:
         out = {}
