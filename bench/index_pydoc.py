@@ -74,9 +74,12 @@ def cli(env, *args, timeout=3600):
 def components(ix: Index) -> dict:
     db = ix.db
     vec = db.execute("SELECT coalesce(sum(length(code)), 0) FROM chunks").fetchone()[0]
-    fts = db.execute("SELECT coalesce(sum(length(block)), 0) FROM fts_data").fetchone()[0]
-    fts += db.execute("SELECT coalesce(sum(length(sz)), 0) FROM fts_docsize").fetchone()[0]
-    return {"vectors": vec, "fts": fts}
+    out = {"vectors": vec}
+    for t in [t for t in ("fts", "fts_tf") if t in db.table_names()]:  # payload of each table
+        n = db.execute(f"SELECT coalesce(sum(length(block)), 0) FROM {t}_data").fetchone()[0]
+        n += db.execute(f"SELECT coalesce(sum(length(sz)), 0) FROM {t}_docsize").fetchone()[0]
+        out[t] = n
+    return out
 
 
 def questions(ix: Index) -> dict:

@@ -1,13 +1,16 @@
 """BM25 over the index's small FTS layout ("tf"): posting lists without positions, plus tf.
 
 Layout "tf" (every new index): `fts` is a contentless FTS5 table with detail=none, so each term
-keeps only the list of chunks it occurs in; `fts_tf` (same kind) holds, for each chunk, the terms
-it repeats ≥ 2 times, once each, and `term=4` for those it repeats ≥ 4 times. A term's tf in a
-chunk is then known as 1, 2 or 4, which is all BM25 needs here: measured on NFCorpus this layout
-ranks as well as the detail=full table that FTS5's bm25() needs (nDCG@10 0.3227 vs 0.3232,
-paired s.e. 0.004) at 0.185 of the text's bytes instead of 0.32 (bench/index_fts.py,
-BENCHMARKS.md). bm25() cannot rank a detail=none table (every score is 0), so `Scorer` applies
-FTS5's bm25() formula and constants itself; given exact tf it reproduces bm25() exactly.
+keeps only the list of chunks it occurs in; `fts_tf` (same kind) holds, for each chunk and each
+term it repeats (tf ≥ 2), the binary digits of min(tf, 31) as marks: `term=1`, `term=2`, `term=4`,
+`term=8`, `term=16` (tf 6 is `term=2 term=4`). A term's tf in a chunk is then known exactly up
+to 31, one posting per set bit. Measured on NFCorpus, a coarser side table (tf known as 1, 2 or
+4) already ranked as well as the detail=full table that FTS5's bm25() needs (nDCG@10 0.3227 vs
+0.3232) at 0.185 of the text's bytes instead of 0.32 (bench/index_fts.py, BENCHMARKS.md); on
+python3-doc, whose pages repeat their subject many times per chunk, capping tf at 4 lost one of
+16 questions from BM25's top 10 (MRR 0.76 vs 0.84), and exact tf gives bm25()'s ranking back for
+~0.02 of the text more. bm25() cannot rank a detail=none table (every score is 0), so `Scorer`
+applies FTS5's bm25() formula and constants itself; given exact tf it reproduces bm25() exactly.
 
 Terms are FTS5's own: the side table's rows are built from an fts5vocab view of a scratch table
 with the index's tokenizer, and query words are mapped to terms the same way, so the side table
@@ -26,9 +29,9 @@ import pysqlite3.dbapi2 as sqlite3
 TOKENIZER = "porter unicode61 remove_diacritics 2"
 # The side table receives terms already stemmed and folded; a second porter pass would stem some
 # again ("agre" → "agr"), so it only splits on spaces and folds. '=' never occurs in an index term
-# (it separates tokens there), so `term=4` cannot collide with a term.
+# (it separates tokens there), so a mark like `term=4` cannot collide with a term.
 TF_TOKENIZER = "unicode61 remove_diacritics 2 tokenchars '='"
-TF_LEVELS = ((2, ""), (4, "=4"))  # (a term repeated at least this often, its mark in fts_tf)
+TF_BITS = (1, 2, 4, 8, 16)  # a repeated term's tf in binary, capped at their sum (31)
 K1, B, IDF_FLOOR = 1.2, 0.75, 1e-6  # FTS5 bm25()'s constants
 # One FTS5 token of a query word: unicode61 splits on what is not a letter or digit, and a
 # detail=none table rejects a query word that is several tokens ("phrase queries are not
@@ -62,7 +65,8 @@ def tf_rows(texts: list[str]) -> list[str]:
     """What `fts_tf` receives for each chunk's FTS text ("" when no term repeats)."""
     rows = []
     for counts in _terms(texts):
-        marks = [t + mark for t, n in sorted(counts.items()) for k, mark in TF_LEVELS if n >= k]
+        marks = [f"{t}={b}" for t, n in sorted(counts.items()) if n >= 2
+                 for b in TF_BITS if min(n, sum(TF_BITS)) & b]  # fmt: skip
         rows.append(" ".join(marks))
     return rows
 
@@ -108,10 +112,11 @@ class Scorer:
                 continue
             df = len(pos)
             idf = max(math.log((self.n - df + 0.5) / (df + 0.5)), IDF_FLOOR)
-            tf = np.ones(df)
-            for k, mark in TF_LEVELS:  # ascending: the largest level passed wins
-                hit = self._positions(_postings(db, "fts_tf", f'"{term}{mark}"'))
-                tf[np.isin(pos, hit, assume_unique=True)] = k
+            tf = np.zeros(df)
+            for b in TF_BITS:
+                hit = self._positions(_postings(db, "fts_tf", f'"{term}={b}"'))
+                tf[np.isin(pos, hit, assume_unique=True)] += b
+            tf[tf == 0] = 1  # not in the side table: the term occurs once
             score[pos] += idf * tf * (K1 + 1) / (tf + self.norm[pos])
         cand = np.flatnonzero(score)
         if len(cand) > n:  # keep every tie of the n-th score, so ties go to the smaller id
