@@ -55,7 +55,7 @@ class Settings:
     embed_model: str = "minilm-l6-int8"
     index_codec: str = "q4r"  # vector codes of a new index; trade-offs in BENCHMARKS.md
     # re-score the vector search's top N with embeddings recomputed from the files' text (exact
-    # cosine from approximate codes at ~15 ms a chunk; what makes 48-byte bin1 codes usable)
+    # cosine from approximate codes at ~8 ms a chunk; what makes 48-byte bin1 codes usable)
     vector_rescore: int = 0
     engine: str = "llama"
     context_length: int = 8192  # capped at the model's trained context

@@ -20,7 +20,7 @@ within the ±0.005 noise of 323 queries). Its recall is 0.002 under the 0.95 goa
 error ±0.004); the misses are near-ties (re-scoring its top 12 exactly gives 0.990).
 The 6% storage goal is met only by 48-byte codes, which lose recall (trained PQ-48 reaches
 0.71); closing that gap needs re-scoring the top ~48 by embeddings recomputed from the text
-(0.95 at 48): measured ~0.7 s per query on two cores (re-reading plus embedding 48 chunks).
+(0.95 at 48), ~0.4 s per query on two cores: the `vector_rescore` setting (bench/index_rescore.py).
 
 `VectorSet` holds every code of the index in RAM (n × code bytes) and scans it in blocks, which
 at 100k chunks stays within the latency goal; the governor is told its size.
