@@ -62,6 +62,7 @@ bench-index: install
 	$(BIN)/python bench/index_nfcorpus.py
 	$(BIN)/python bench/index_vectors.py
 	$(BIN)/python bench/index_fusion.py
+	$(BIN)/python bench/index_rescore.py
 	$(BIN)/python bench/embedder.py
 	$(BIN)/python bench/index_ingest.py
 	$(BIN)/python bench/index_scale.py
