@@ -98,6 +98,33 @@ def test_citations_are_checked_against_the_file(index, engine, docs):
     assert not stale.verified and "changed" in stale.reason
 
 
+def test_each_sentence_of_a_claim_is_checked_on_its_own(index, engine):
+    """Two answer sentences backed by two passage sentences verify, cited once or twice or not
+    at all (attributed); one unsupported sentence among them does not."""
+    rag = Answerer(index, engine)
+    prep = rag.prepare([Message("user", "How do I grow tomatoes?")], k=3)
+    n = next(s.rank for s in prep.packed.used if s.passage.path.endswith("garden.txt"))
+    sun, water = (
+        "Tomatoes need six hours of direct sun each day.",
+        "Water them deeply twice a week.",
+    )
+    for answer in (f"{sun[:-1]} [{n}]. {water[:-1]} [{n}].", f"{sun} {water} [{n}]",
+                   f"{sun} {water}"):  # fmt: skip
+        (c,) = rag.finish(prep, answer, GenerationStats()).citations
+        assert c.verified and c.n == n, (answer, c)
+    both = rag.finish(prep, f"{sun} [{n}] {water} [{n}]", GenerationStats()).citations[0]
+    assert sun in both.quote and water in both.quote  # each claim's own supporting sentence
+    # uncited, two sentences of one passage: each matched well, so attributed and verified
+    # (judged as one joined claim, no single sentence held 0.6 of both sentences' words)
+    facts = "The Brightwater lighthouse was built in 1871 by Maren Holt. Its lamp can be seen " \
+            "from 22 nautical miles away."  # fmt: skip
+    (c,) = rag.finish(prep, facts, GenerationStats()).citations
+    assert c.inferred and c.verified and c.path.endswith("lighthouse.md"), c
+    bad = f"{sun[:-1]} [{n}]. Tomatoes grow best on the moon [{n}]."
+    (c,) = rag.finish(prep, bad, GenerationStats()).citations
+    assert not c.verified and "does not contain" in c.reason
+
+
 def test_a_marker_after_the_full_stop_cites_the_sentence_before():
     # models often write "… in 1871. [1]"; the marker must not start an empty claim
     claims = claims_by_number("It was built in 1871. [1] Its lamp is bright [2]. [3]")

@@ -1,10 +1,11 @@
 """Stage 4: check every citation in an answer against the file it points to.
 
 For each [n] the answer uses: the passage is re-read from its file at the recorded lines (and
-its content hash checked by the index), and the sentence of the passage that best supports the
-sentences citing [n] is found. A citation is `verified` only when the file still holds the
-passage and that sentence shares enough of the claim's words; otherwise it is flagged with the
-reason. `quote` is always text taken from the re-read file, never from the model.
+its content hash checked by the index), and for each answer sentence citing [n] the passage
+sentence that best supports it is found. A citation is `verified` only when the file still
+holds the passage and every one of those answer sentences shares enough of its words with its
+passage sentence; otherwise it is flagged with the reason. `quote` is always text taken from
+the re-read file (its supporting sentences), never from the model.
 
 If the model cited nothing (small models often do not), each answer sentence that closely
 matches a passage sentence is attributed to it, marked `inferred`.
@@ -109,9 +110,13 @@ def check(n: int, src: Source | None, claim: str, reread: Callable[[Hit], Passag
                    now.pages)  # fmt: skip
     if not now.verified:
         return cit
-    quote, share = best_support(now.text, claim)
-    cit.quote = _quote(quote or now.text.strip())
-    if quote and quote in now.text and share >= threshold:
+    # each sentence of the claim on its own: a passage sentence rarely holds the words of
+    # several answer sentences, but each of them must be backed by one
+    parts = [sent for sent in sentences(claim) if words(sent)] or [claim]
+    found = [best_support(now.text, sent) for sent in parts]
+    quotes = list(dict.fromkeys(q for q, _ in found if q))
+    cit.quote = _quote(" … ".join(quotes) or now.text.strip())
+    if all(q and q in now.text and share >= threshold for q, share in found):
         cit.verified = True
     else:
         cit.reason = "the cited passage does not contain what the answer says"
