@@ -22,8 +22,9 @@ The 6% storage goal is met only by 48-byte codes, which lose recall (trained PQ-
 0.71); closing that gap needs re-scoring the top ~48 by embeddings recomputed from the text
 (0.95 at 48), ~0.4 s per query on two cores: the `vector_rescore` setting (bench/index_rescore.py).
 
-`VectorSet` holds every code of the index in RAM (n × code bytes) and scans it in blocks, which
-at 100k chunks stays within the latency goal; the governor is told its size.
+`VectorSet` holds every vector of the index in RAM, decoded once to float32 (1.5 KB a chunk
+whatever the codec), and scans it with one matrix-vector product, which at 100k chunks stays
+within the latency goal; the governor is told its size.
 """
 
 from __future__ import annotations
