@@ -86,6 +86,11 @@ def _quote(text: str) -> str:
 def claims_by_number(answer: str) -> dict[int, str]:
     """Each cited number → the answer sentences that cite it (in order of first citation).
     A marker written after the full stop ("… in 1871. [1]") belongs to the sentence before it."""
+    return {n: " ".join(s) for n, s in _cited_sentences(answer).items()}
+
+
+def _cited_sentences(answer: str) -> dict[int, list[str]]:
+    """claims_by_number's sentences kept apart: each one is checked on its own."""
     cited: list[tuple[str, list[int]]] = []
     for sent in sentences(answer):
         lead = LEADING.match(sent)
@@ -98,11 +103,14 @@ def claims_by_number(answer: str) -> dict[int, str]:
     for claim, numbers in cited:
         for n in dict.fromkeys(numbers):
             out.setdefault(n, []).append(claim)
-    return {n: " ".join(s) for n, s in out.items()}
+    return out
 
 
-def check(n: int, src: Source | None, claim: str, reread: Callable[[Hit], Passage],
+def check(n: int, src: Source | None, claims: list[str], reread: Callable[[Hit], Passage],
           threshold: float = SUPPORT, inferred: bool = False) -> Citation:  # fmt: skip
+    """[n] checked against its passage as the file holds it now: every answer sentence in
+    `claims` must be backed by one passage sentence (a passage sentence rarely holds the words
+    of several answer sentences)."""
     if src is None:
         return Citation(n, "", 0, 0, "", False, f"the answer cites [{n}], which was not given")
     now = reread(src.hit)
@@ -110,9 +118,7 @@ def check(n: int, src: Source | None, claim: str, reread: Callable[[Hit], Passag
                    now.pages)  # fmt: skip
     if not now.verified:
         return cit
-    # each sentence of the claim on its own: a passage sentence rarely holds the words of
-    # several answer sentences, but each of them must be backed by one
-    parts = [sent for sent in sentences(claim) if words(sent)] or [claim]
+    parts = [sent for sent in claims if words(sent)] or claims
     found = [best_support(now.text, sent) for sent in parts]
     quotes = list(dict.fromkeys(q for q, _ in found if q))
     cit.quote = _quote(" … ".join(quotes) or now.text.strip())
@@ -126,14 +132,14 @@ def check(n: int, src: Source | None, claim: str, reread: Callable[[Hit], Passag
 def cite(answer: str, used: list[Source], reread: Callable[[Hit], Passage]) -> list[Citation]:
     """Citations of `answer`, each checked against the file as it is now."""
     by_rank = {s.rank: s for s in used}
-    claims = claims_by_number(answer)
+    claims = _cited_sentences(answer)
     if claims:
-        return [check(n, by_rank.get(n), claim, reread) for n, claim in claims.items()]
+        return [check(n, by_rank.get(n), sents, reread) for n, sents in claims.items()]
     found: dict[int, list[str]] = {}
     for sent in sentences(answer):
         scored = [(best_support(s.passage.text, sent)[1], s.rank) for s in used]
         share, rank = max(scored, default=(0.0, 0))
         if share >= INFER and len(words(sent)) >= 3:
             found.setdefault(rank, []).append(sent)
-    return [check(n, by_rank[n], " ".join(c), reread, INFER, inferred=True)
+    return [check(n, by_rank[n], c, reread, INFER, inferred=True)
             for n, c in found.items()]  # fmt: skip
