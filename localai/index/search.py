@@ -414,16 +414,14 @@ class Index:
             r = rows[c]
             b_rank = ranks[0] if mode != "vector" else None
             v_rank = ranks[-1] if mode != "bm25" else None
-            hits.append(Hit(c, r[1], r[2], r[5], r[6], r[3], r[4], score, r[7].hex(), b_rank,
-                            v_rank))  # fmt: skip
+            hits.append(_hit(r, score, b_rank, v_rank))
         return hits
 
     def hits(self, ids: list[int]) -> list[Hit]:
         """Unscored hits for chunk ids (those still in the index), in the given order."""
         with self._lock:
             rows = self._chunk_rows(set(ids))
-        return [Hit(c, r[1], r[2], r[5], r[6], r[3], r[4], 0.0, r[7].hex()) for c, r in
-                ((c, rows[c]) for c in ids if c in rows)]  # fmt: skip
+        return [_hit(rows[c]) for c in ids if c in rows]
 
     def _chunk_rows(self, ids: set[int]) -> dict[int, tuple]:
         out = {}
@@ -485,6 +483,14 @@ class Index:
                 while len(self._read_cache) > READ_CACHE:
                     self._read_cache.popitem(last=False)
         return got
+
+
+def _hit(row: tuple, score: float = 0.0, bm25_rank: int | None = None,
+         vector_rank: int | None = None) -> Hit:  # fmt: skip
+    """A Hit from a _chunk_rows row (id, file_id, path, start_byte, end_byte, start_line,
+    end_line, hash)."""
+    c, fid, path, sb, eb, sl, el, h = row
+    return Hit(c, fid, path, sl, el, sb, eb, score, h.hex(), bm25_rank, vector_rank)
 
 
 def _passage(h: Hit, got: tuple[bytes, list] | str) -> Passage:
