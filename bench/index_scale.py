@@ -33,6 +33,7 @@ from index_vectors import scale_up  # noqa: E402
 
 from localai.config import load_settings  # noqa: E402
 from localai.index import store  # noqa: E402
+from localai.index.chunker import HASH_BYTES  # noqa: E402
 from localai.index.fusion import fts_text  # noqa: E402
 from localai.index.search import Index, db_path  # noqa: E402
 from localai.index.vectors import DEFAULT_CODEC, codec  # noqa: E402
@@ -56,7 +57,7 @@ def build(home: Path, n: int, vecs: np.ndarray) -> None:
         rows, texts = [], []
         for i in range(f, min(f + per_file, n)):
             text = ". ".join(rng.choice(sentences) for _ in range(8))
-            rows.append((i - f, 0, 1, 1, 1, i.to_bytes(16, "little"), codes[i].tobytes()))
+            rows.append((i - f, 0, 1, 1, 1, i.to_bytes(HASH_BYTES, "little"), codes[i].tobytes()))
             texts.append(fts_text(text))
         store.insert_chunks(db, fid, rows, texts)
     store.bump_generation(db)

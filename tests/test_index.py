@@ -318,6 +318,39 @@ def test_vector_rescore_ranks_by_recomputed_embeddings(home, docs, embedder):
     ix.close()
 
 
+def test_an_index_from_before_short_hashes_keeps_its_vectors(home, docs, embedder):
+    """Migration 3 cuts chunk hashes to 8 bytes and file sha256s to raw bytes: an index written
+    with 16-byte chunk hashes and hex sha256s reads back verified and re-embeds nothing."""
+    import hashlib
+
+    from localai.index import store
+
+    ix = Index.open(load_settings(), embedder=embedder)
+    ix.add_source(docs)
+    ix.update()
+    ids = [r[0] for r in ix.db.execute("SELECT id FROM chunks")]
+    hits = ix.hits(ids)
+    texts = {h.chunk_id: p.text for h, p in zip(hits, ix.read_many(hits), strict=True)}
+    with store.transaction(ix.db):  # what the index held before migration 3
+        for cid, text in texts.items():
+            old = hashlib.blake2b(text.encode(), digest_size=16).digest()
+            ix.db.execute("UPDATE chunks SET hash = ? WHERE id = ?", [old, cid])
+        ix.db.execute("UPDATE files SET sha256 = hex(sha256) WHERE sha256 IS NOT NULL")
+        ix.db.execute("DELETE FROM migrations WHERE version = 3")
+    ix.close()
+    for f in docs.iterdir():
+        os.utime(f, ns=(1, 1))  # touched: each file is hashed and compared with its record
+    ix = Index.open(load_settings(), embedder=embedder)
+    assert ix.db.execute("SELECT DISTINCT length(hash) FROM chunks").fetchall() == [(8,)]
+    assert ix.db.execute("SELECT DISTINCT typeof(sha256), length(sha256) FROM files "
+                         "WHERE sha256 IS NOT NULL").fetchall() == [("blob", 32)]  # fmt: skip
+    st = ix.update()
+    assert (st.embedded, st.changed, st.unchanged) == (0, 0, st.files + 2)
+    hits = ix.search("how do I feed a sourdough starter", k=3)
+    assert all(p.verified for p in ix.read_many(hits)) and ix.check() == []
+    ix.close()
+
+
 def test_an_index_refuses_vectors_of_another_embedding_model(home, docs, embedder):
     ix = Index.open(load_settings(), embedder=embedder)
     ix.add_source(docs)

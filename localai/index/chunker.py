@@ -6,7 +6,8 @@ big for one chunk is split at lines, then sentences, then words. When a section 
 size, the next chunk repeats the previous piece if it is short (OVERLAP_TOKENS), so a sentence at
 the seam is seen whole once.
 
-Every chunk's text is its pieces joined by a blank line; its hash is blake2b-128 of that text.
+Every chunk's text is its pieces joined by a blank line; its hash is the first HASH_BYTES bytes
+of blake2b-128 of that text (a prefix, so indexes from when all 16 were kept shorten theirs).
 Chunking is deterministic: the same file gives the same chunks, which is how the index reads a
 chunk back (re-chunk the file, find the hash) without keeping a copy of the text.
 """
@@ -24,6 +25,8 @@ from .loaders import Block, _Bytes
 MAX_TOKENS = 250  # + [CLS] [SEP] stays inside MiniLM's 256
 MIN_TOKENS = 100
 OVERLAP_TOKENS = 40
+# 64 bits: two different chunks of a 10M-chunk index share a hash with probability ~3e-6
+HASH_BYTES = 8
 Counter = Callable[[list[str]], list[int]]  # texts → token counts without special tokens
 
 
@@ -40,7 +43,7 @@ class Chunk:
 
 
 def content_hash(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()[:HASH_BYTES]
 
 
 @dataclass

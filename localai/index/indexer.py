@@ -59,7 +59,7 @@ class RunStats:
 class _Pending:
     found: Found
     file_id: int | None
-    sha: str
+    sha: bytes
     loader: str
     chunks: list[Chunk]
     text_bytes: int
@@ -143,7 +143,7 @@ class Indexer:
             reason = "permission denied" if isinstance(e, PermissionError) else str(e.strerror)
             st.skipped.append({"path": str(found.path), "reason": reason})
             return None
-        sha = hashlib.sha256(data).hexdigest()
+        sha = hashlib.sha256(data).digest()
         if row and row[3] == sha:  # touched, not changed
             with store.transaction(self.db):
                 self.db.execute(
@@ -213,14 +213,15 @@ class Indexer:
             store.insert_chunks(self.db, file_id, rows, [fts_text(c.text) for c in p.chunks])
             store.bump_generation(self.db)
 
-    def _write_skip(self, found: Found, file_id: int | None, sha: str, reason: str) -> None:
+    def _write_skip(self, found: Found, file_id: int | None, sha: bytes, reason: str) -> None:
         with store.transaction(self.db):
             file_id = self._upsert_file(found, file_id, sha, None, 0, reason)
             if store.delete_file_chunks(self.db, file_id):
                 store.bump_generation(self.db)
 
     def _upsert_file(self, found: Found, file_id, sha, loader, text_bytes, reason) -> int:
-        values = [found.size, found.mtime_ns, sha, loader, text_bytes, reason, time.time()]
+        # whole seconds: sqlite keeps a REAL without a fraction as a 4-byte integer
+        values = [found.size, found.mtime_ns, sha, loader, text_bytes, reason, int(time.time())]
         if file_id is not None:
             cur = self.db.execute(
                 "UPDATE files SET size=?, mtime_ns=?, sha256=?, loader=?, text_bytes=?, "
