@@ -318,6 +318,44 @@ def test_vector_rescore_ranks_by_recomputed_embeddings(home, docs, embedder):
     ix.close()
 
 
+def test_a_search_does_not_wait_for_another_ones_re_scoring(home, docs, embedder):
+    """Re-scoring embeds the candidates outside the index lock: while one search is inside
+    the embedder, another search of the same Index runs to the end."""
+
+    class Held:
+        def __init__(self):
+            self.inside, self.go = threading.Event(), threading.Event()
+            self.armed = False  # set once the index is built
+
+        def embed(self, texts):
+            if self.armed and len(texts) > 1 and not self.inside.is_set():  # first re-scoring
+                self.inside.set()
+                assert self.go.wait(60)
+            return embedder.embed(texts)
+
+        def __getattr__(self, name):
+            return getattr(embedder, name)
+
+    held = Held()
+    ix = Index.open(load_settings(index_codec="bin1", vector_rescore=8), embedder=held)
+    ix.add_source(docs)
+    ix.update()
+    held.armed = True
+    first = threading.Thread(target=lambda: ix.search("sourdough starter", mode="vector"))
+    first.start()
+    try:
+        assert held.inside.wait(60)
+        other = []
+        second = threading.Thread(target=lambda: other.append(ix.search("tax", mode="hybrid")))
+        second.start()
+        second.join(30)
+        assert other and other[0][0].path.endswith("money.txt")
+    finally:
+        held.go.set()
+        first.join(60)
+    ix.close()
+
+
 def test_an_index_from_before_short_hashes_keeps_its_vectors(home, docs, embedder):
     """Migration 3 cuts chunk hashes to 8 bytes and file sha256s to raw bytes: an index written
     with 16-byte chunk hashes and hex sha256s reads back verified and re-embeds nothing."""

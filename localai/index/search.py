@@ -339,20 +339,24 @@ class Index:
         return self._bm25[1]
 
     def bm25_chunks(self, query: str, n: int = CANDIDATES) -> list[int]:
-        scorer = self._bm25_scorer()
-        if scorer is not None:
-            return scorer.search(self.db, query_words(query), n)
         q = fts_query(query)
-        if q is None:
-            return []
-        rows = self.db.execute(
-            "SELECT rowid FROM fts WHERE fts MATCH ? ORDER BY rank LIMIT ?", [q, n]
-        )
-        return [r[0] for r in rows]
+        with self._lock:
+            scorer = self._bm25_scorer()
+            if scorer is not None:
+                return scorer.search(self.db, query_words(query), n)
+            if q is None:
+                return []
+            rows = self.db.execute(
+                "SELECT rowid FROM fts WHERE fts MATCH ? ORDER BY rank LIMIT ?", [q, n]
+            )
+            return [r[0] for r in rows]
 
     def vector_chunks(self, query: str | np.ndarray, n: int = CANDIDATES) -> list[int]:
+        """The n nearest chunk ids. Embedding (the query, and the candidates when re-scoring)
+        runs outside the index lock, so other searches of this Index do not wait for it."""
         qv = self.embedder.embed([query])[0] if isinstance(query, str) else query
-        ids = self._vector_set().search(qv, n)[0].tolist()
+        with self._lock:
+            ids = self._vector_set().search(qv, n)[0].tolist()
         depth = min(getattr(self.settings, "vector_rescore", 0), len(ids))
         return self._rescored(ids[:depth], qv) + ids[depth:] if depth else ids
 
@@ -382,12 +386,12 @@ class Index:
             raise IndexError_(f"k must be at least 1, not {k}")
         depth = max(CANDIDATES, 3 * k) * (10 if under else 1)  # a folder filter thins lists
         prefix = str(Path(under).expanduser().absolute()).rstrip("/") + "/" if under else None
-        with self._lock:
-            lists = []
-            if mode in ("hybrid", "bm25"):
-                lists.append(self.bm25_chunks(query, depth))
-            if mode in ("hybrid", "vector"):
-                lists.append(self.vector_chunks(query, depth))
+        lists = []
+        if mode in ("hybrid", "bm25"):
+            lists.append(self.bm25_chunks(query, depth))
+        if mode in ("hybrid", "vector"):
+            lists.append(self.vector_chunks(query, depth))
+        with self._lock:  # chunks deleted since the lists were made are left out here
             return self._hits(lists, mode, k, unit, prefix)
 
     def _hits(self, lists: list[list[int]], mode: str, k: int, unit: str,
