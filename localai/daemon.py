@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import uvicorn
+from rich.markup import escape
 
 from .catalog import Catalog
 from .config import ConfigError, Settings
@@ -173,6 +174,12 @@ class Watcher:
     def _idle(self, _stats=None) -> None:
         self.progress = dict(self.progress, running=False)
 
+    def _failed(self, e: Exception, retry_in: float) -> None:
+        from .index.watcher import failure
+
+        self._idle()
+        self.log(f"[yellow]{escape(failure(e, retry_in))}[/yellow]")
+
     def start(self) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(self._stop,), daemon=True,
@@ -187,7 +194,8 @@ class Watcher:
                 finally:
                     self._idle()
                 self.log(f"index up to date: {st.files:,} files, {st.chunks:,} passages")
-            self.index.watch(stop, on_update=self._idle, progress=self._report)
+            self.index.watch(stop, on_update=self._idle, progress=self._report,
+                             on_error=self._failed)  # fmt: skip
         except Exception as e:  # noqa: BLE001  (logged; the API keeps serving)
             self.log(f"[yellow]index watcher stopped: {e}[/yellow]")
 

@@ -210,6 +210,48 @@ def test_watch_makes_a_saved_file_searchable(index, docs):
     assert index.check() == []
 
 
+def test_watch_retries_a_re_index_that_found_the_database_locked(index, docs, monkeypatch):
+    """Another writer holds the database past the busy timeout: the watcher says so, keeps
+    watching, and indexes the saved file once the lock is gone."""
+    import pysqlite3.dbapi2 as sqlite3
+
+    from localai.index import store, watcher
+
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(watcher, "RETRY", (0.5,))
+    index.add_source(docs)
+    index.update()
+    blocker = sqlite3.connect(str(index.path), isolation_level=None)
+    stop = threading.Event()
+    errors, retried = [], threading.Event()
+
+    def failed(e, retry_in):
+        errors.append((str(e), retry_in))
+        retried.set()
+
+    t = threading.Thread(target=index.watch, args=(stop,), kwargs={"on_error": failed})
+    t.start()
+    try:
+        time.sleep(0.5)  # let the observer start
+        blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
+        (docs / "cheese.md").write_text(section("Cheese", TOPICS["cheese"]))
+        assert retried.wait(60), "the re-index never failed: the test proves nothing"
+        assert t.is_alive() and errors[0] == ("database is locked", 0.5)
+        assert not any(h.path.endswith("cheese.md") for h in index.search("aged cheddar", k=3))
+        blocker.execute("ROLLBACK")
+        deadline = time.monotonic() + 60
+        found = False
+        while time.monotonic() < deadline and not found:
+            time.sleep(0.2)
+            found = any(h.path.endswith("cheese.md") for h in index.search("aged cheddar", k=3))
+        assert found, errors
+    finally:
+        stop.set()
+        t.join(timeout=30)
+        blocker.close()
+    assert index.check() == []
+
+
 def test_cli_index_search_sources_check(home, docs, tmp_path):
     env = dict(os.environ)
     r = localai("index", str(docs), "--json", env=env)

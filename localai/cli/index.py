@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..index import MODES, UNITS
@@ -152,8 +153,13 @@ def _watch(ix) -> None:
         log(f"{st.changed} file(s) re-indexed, {st.removed} removed, "
             f"{st.embedded} chunks embedded ({st.seconds:.2f} s)")  # fmt: skip
 
+    def failed(e: Exception, retry_in: float) -> None:
+        from ..index.watcher import failure
+
+        log(f"[yellow]{escape(failure(e, retry_in))}[/yellow]")
+
     try:
-        ix.watch(stop, on_update=report)
+        ix.watch(stop, on_update=report, on_error=failed)
     except KeyboardInterrupt:
         stop.set()
         log("stopped watching")

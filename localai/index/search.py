@@ -311,11 +311,13 @@ class Index:
                 "fts_layout": layout}  # fmt: skip
 
     def watch(self, stop: threading.Event, on_update=None, debounce: float = 0.2,
-              progress: Progress | None = None) -> None:  # fmt: skip
-        """Block, re-indexing changed files under every source, until `stop` is set."""
+              progress: Progress | None = None, on_error=None) -> None:  # fmt: skip
+        """Block, re-indexing changed files under every source, until `stop` is set (a failed
+        re-index is retried, see watcher.py)."""
         from .watcher import watch
 
-        watch(self, stop, on_update=on_update, debounce=debounce, progress=progress)
+        watch(self, stop, on_update=on_update, debounce=debounce, progress=progress,
+              on_error=on_error)  # fmt: skip
 
     # searching ----------------------------------------------------------------------------
 

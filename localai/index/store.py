@@ -40,6 +40,7 @@ from .bm25 import TF_TOKENIZER, TOKENIZER, tf_rows
 from .chunker import HASH_BYTES
 
 _FTS_OPTS = "content='', contentless_delete=1"
+BUSY_TIMEOUT_S = 30.0  # how long a write waits for another writer before "database is locked"
 
 
 def _m1_base(db: sqlite_utils.Database) -> None:
@@ -129,13 +130,14 @@ def fts_layout(db: sqlite_utils.Database) -> str:
 def connect(path: Path) -> sqlite_utils.Database:
     """Open (creating if needed) and migrate the index database at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                           check_same_thread=False)  # fmt: skip
     # incremental auto-vacuum (takes effect on a new file only): pages freed by re-indexing go
     # back to the file system at the end of each run instead of staying in index_bytes
     conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never torn
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
     db = sqlite_utils.Database(conn)
     migrate(db)
     return db

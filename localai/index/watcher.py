@@ -8,6 +8,11 @@ forgotten, so its embeddings are reused. Paths a walk would leave out (hidden fi
 editor swap files, .git, build folders, ignore-file rules) are ignored here too.
 The CLI's `localai index --watch` and the daemon both run this loop; sources added or removed
 while it runs are picked up within SOURCES_EVERY seconds.
+
+A re-index that fails (the database locked past its 30 s busy timeout by another writer, a full
+disk) does not end the watch: its paths go back in the queue, `on_error(error, seconds)` is told,
+and the loop tries them again after RETRY seconds (growing while the failures go on), together
+with whatever was saved meanwhile.
 """
 
 from __future__ import annotations
@@ -52,6 +57,11 @@ class _Gather(FileSystemEventHandler):
             self._add(dest)
         self._add(event.src_path)
 
+    def put_back(self, paths: list[Path]) -> None:
+        """Queue paths again ahead of those gathered since (their order is kept)."""
+        with self.lock:
+            self.paths = {**dict.fromkeys(paths), **self.paths}
+
     def take(self, debounce: float) -> list[Path]:
         with self.lock:
             if not self.paths or time.monotonic() - self.last < debounce:
@@ -61,6 +71,7 @@ class _Gather(FileSystemEventHandler):
 
 
 SOURCES_EVERY = 2.0  # seconds between looks for sources added or removed meanwhile
+RETRY = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before each further try of a failed re-index
 
 
 def _sync(index, observer, gather: _Gather, handles: dict) -> None:
@@ -75,23 +86,40 @@ def _sync(index, observer, gather: _Gather, handles: dict) -> None:
         gather.roots = sorted(want, key=lambda p: -len(p.parts))  # innermost source first
 
 
+def failure(e: Exception, retry_in: float) -> str:
+    """What a watcher says when a re-index failed and will be tried again."""
+    return f"re-indexing failed ({type(e).__name__}: {e}); trying again in {retry_in:g} s"
+
+
 def watch(index, stop: threading.Event, on_update=None, debounce: float = 0.2,
-          progress=None) -> None:  # fmt: skip
+          progress=None, on_error=None) -> None:  # fmt: skip
     """Run until `stop` is set; `on_update(stats)` is called after each re-index, `progress`
-    (files done, files to do, chunks) during it."""
+    (files done, files to do, chunks) during it, `on_error(exception, retry_in_seconds)`
+    after a re-index that failed and will be tried again."""
     gather = _Gather([])
     observer = Observer()
     handles: dict[Path, object] = {}
     _sync(index, observer, gather, handles)
     observer.start()
     last_sync = time.monotonic()
+    failures = 0
     try:
         while not stop.wait(0.05):
             paths = gather.take(debounce)
             if paths:
                 # destinations of moves were added first, so they are indexed before sources
                 # are forgotten: a moved file keeps its embeddings
-                stats = index.update(paths, progress=progress, keep_missing=False)
+                try:
+                    stats = index.update(paths, progress=progress, keep_missing=False)
+                except Exception as e:  # noqa: BLE001  (told, and tried again)
+                    gather.put_back(paths)
+                    delay = RETRY[min(failures, len(RETRY) - 1)]
+                    failures += 1
+                    if on_error:
+                        on_error(e, delay)
+                    stop.wait(delay)
+                    continue
+                failures = 0
                 if on_update:
                     on_update(stats)
             if time.monotonic() - last_sync > SOURCES_EVERY:
