@@ -187,17 +187,27 @@ class Watcher:
         self._thread.start()
 
     def _run(self, stop: threading.Event) -> None:
-        try:
-            if self.index.sources():
-                try:
-                    st = self.index.update(progress=self._report)
-                finally:
-                    self._idle()
-                self.log(f"index up to date: {st.files:,} files, {st.chunks:,} passages")
-            self.index.watch(stop, on_update=self._idle, progress=self._report,
-                             on_error=self._failed)  # fmt: skip
-        except Exception as e:  # noqa: BLE001  (logged; the API keeps serving)
-            self.log(f"[yellow]index watcher stopped: {e}[/yellow]")
+        """Catch up, then watch; a failure of either (another writer holding the database,
+        a full disk) is logged and the whole is tried again, RETRY seconds apart."""
+        from .index.watcher import RETRY
+
+        failures = 0
+        while not stop.is_set():
+            try:
+                if self.index.sources():
+                    try:
+                        st = self.index.update(progress=self._report)
+                    finally:
+                        self._idle()
+                    self.log(f"index up to date: {st.files:,} files, {st.chunks:,} passages")
+                self.index.watch(stop, on_update=self._idle, progress=self._report,
+                                 on_error=self._failed)  # fmt: skip
+                return
+            except Exception as e:  # noqa: BLE001  (logged; the API keeps serving)
+                delay = RETRY[min(failures, len(RETRY) - 1)]
+                failures += 1
+                self._failed(e, delay)
+                stop.wait(delay)
 
     def stop(self) -> None:
         self._stop.set()

@@ -252,6 +252,37 @@ def test_watch_retries_a_re_index_that_found_the_database_locked(index, docs, mo
     assert index.check() == []
 
 
+def test_daemon_watcher_catches_up_once_the_database_is_free(index, docs, monkeypatch):
+    """The daemon's first catch-up finds another writer holding the database: it logs why,
+    waits, tries again, and then indexes and watches as usual."""
+    import pysqlite3.dbapi2 as sqlite3
+
+    from localai.daemon import Watcher
+    from localai.index import store, watcher
+
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(watcher, "RETRY", (0.5,))
+    index.add_source(docs)
+    blocker = sqlite3.connect(str(index.path), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    said = []
+    w = Watcher(index, said.append)
+    w.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("locked" in m for m in said):
+            time.sleep(0.1)
+        assert any("database is locked" in m and "trying again in 0.5 s" in m for m in said)
+        blocker.execute("ROLLBACK")
+        while time.monotonic() < deadline and not any("up to date" in m for m in said):
+            time.sleep(0.1)
+        assert any("index up to date: 5 files" in m for m in said), said
+        assert index.search("sourdough starter", k=1)[0].path.endswith("kitchen.md")
+    finally:
+        w.stop()
+        blocker.close()
+
+
 def test_cli_index_search_sources_check(home, docs, tmp_path):
     env = dict(os.environ)
     r = localai("index", str(docs), "--json", env=env)
