@@ -14,6 +14,7 @@ committed. Every part prints one JSON object; runs alternate between the sides c
     python bench/torch_runner.py correctness [--model smollm2-135m] [--ctx 1024] [--windows 2]
     python bench/torch_runner.py head    [--model smollm2-135m] [--ctx 1024] [--windows 2]
     python bench/torch_runner.py reuse   [--model qwen2.5-coder-0.5b] [--turns 4]
+    python bench/torch_runner.py load    [--model qwen2.5-coder-0.5b] [--runs 3]
 """
 
 from __future__ import annotations
@@ -345,6 +346,49 @@ def head_part(a, path) -> dict:
     }  # fmt: skip
 
 
+LOAD_PROBE = """
+import contextlib, json, sys, time
+import localai.engine.torch.engine as E
+if sys.argv[2] == "heap":  # as before: freed fp32 copies stay in malloc's heap
+    E.temporaries_returned = contextlib.nullcontext
+def status():
+    keys = ("VmHWM", "RssAnon")
+    return {k: int(v.split()[0]) // 1024 for k, v in
+            (line.split(":", 1) for line in open("/proc/self/status")) if k in keys}
+before = status()
+t = time.perf_counter()
+eng = E.TorchEngine(sys.argv[1], threads=1, context_length=2048)
+took = time.perf_counter() - t
+after = status()
+logits = eng.prefill(list(range(100, 400)))
+tok, t = int(logits.argmax()), time.perf_counter()
+for _ in range(32):
+    tok = int(eng.step(tok).argmax())
+ms = 1000 * (time.perf_counter() - t) / 32
+print(json.dumps({"seconds": round(took, 1), "peak_rss_mb": after["VmHWM"],
+                  "decode_ms_per_token": round(ms, 2),
+                  "anon_mb_before": before["RssAnon"], "anon_mb_after": after["RssAnon"],
+                  "weights_mb": eng.info()["weights_bytes"] // 2**20}))
+"""
+
+
+def load_part(a, path) -> dict:
+    """Memory while loading: a fresh process per load (peak RSS is per process), alternating
+    the two ways: "returned" (weights.temporaries_returned, the engine's) and "heap" (without
+    it, as before); then 32 greedy decode steps after a 300-token prefill, to see that decoding
+    is not slower. Peak RSS counts the GGUF's mapped pages too; anonymous memory does not."""
+    import subprocess
+
+    out: dict[str, list] = {"returned": [], "heap": []}
+    for _ in range(a.runs):
+        for mode in out:
+            r = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(path), mode],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+            out[mode].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return {"part": "load", "model": a.model, "gguf_mb": round(Path(path).stat().st_size / 2**20),
+            "runs": out}  # fmt: skip
+
+
 def best_time(f, runs: int = 20) -> float:
     f()
     ts = []
@@ -357,7 +401,8 @@ def best_time(f, runs: int = 20) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=["kv", "needle", "decode", "correctness", "head", "reuse"])
+    ap.add_argument("part", choices=["kv", "needle", "decode", "correctness", "head", "reuse",
+                                     "load"])  # fmt: skip
     ap.add_argument("--model", default=None)
     ap.add_argument("--essays", default=None)
     ap.add_argument("--ctx", type=int, nargs="+", default=CTXS)
@@ -381,7 +426,7 @@ def main() -> None:
     path = open_catalog(load_settings()).ensure(a.model)
     parts = {"kv": kv_part, "needle": needle_part, "decode": decode_part,
              "correctness": correctness_part, "head": head_part,
-             "reuse": reuse_part}  # fmt: skip
+             "reuse": reuse_part, "load": load_part}  # fmt: skip
     part = parts[a.part]
     print(json.dumps(part(a, path)))
 

@@ -31,7 +31,7 @@ from .arch import Hparams
 from .kv import KVConfig
 from .model import Transformer
 from .sampler import sample
-from .weights import GGUFWeights
+from .weights import GGUFWeights, temporaries_returned
 
 # N tokens, C chunk, V vocabulary
 
@@ -85,7 +85,8 @@ class TorchEngine(TokenEngine):
         kv = KVConfig(
             k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim), kv_sink, v_clip, v_rotate
         )
-        self.model = Transformer(weights, hp, kv, self.context_length)
+        with temporaries_returned():  # peak RSS while unpacking ~half (weights.py)
+            self.model = Transformer(weights, hp, kv, self.context_length)
         self.model.use_native = use_native
         if use_native:
             native.load()
