@@ -232,6 +232,34 @@ def test_codecs_keep_ranking(embedder):
         assert got[:2] == exact[:2], name
 
 
+def test_a_bf16_vector_set_ranks_like_float32_in_half_the_ram():
+    """Decoded to bf16 (the default where the CPU has bf16 arithmetic), a q4r vector set finds
+    nearly the same top 10 as the same codes decoded to float32, in half the bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 384))
+    vecs = centres[rng.integers(0, 40, 4000)] + 0.6 * rng.standard_normal((4000, 384))
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    c = codec("q4r")
+    codes = c.encode(vecs)
+    f32 = VectorSet(c, range_ids(4000), codes, bf16=False)
+    bf16 = VectorSet(c, range_ids(4000), codes, bf16=True)
+    assert bf16.bf16 and not f32.bf16
+    assert bf16.nbytes - bf16.ids.nbytes == (f32.nbytes - f32.ids.nbytes) // 2
+    overlap = []
+    for q in vecs[rng.integers(0, 4000, 50)] + 0.1 * rng.standard_normal((50, 384)):
+        q = (q / np.linalg.norm(q)).astype(np.float32)
+        a, sa = f32.search(q, 10)
+        b, sb = bf16.search(q, 10)
+        overlap.append(len(set(a) & set(b)) / 10)
+        assert abs(sa[0] - sb[0]) < 0.02 and list(sb) == sorted(sb, reverse=True)
+    assert np.mean(overlap) >= 0.95, np.mean(overlap)
+    assert VectorSet(codec("f32"), range_ids(3), codec("f32").encode(vecs[:3])).bf16 is False
+    empty = VectorSet(c, range_ids(0), codes[:0], bf16=True)
+    assert empty.search(vecs[0], 5)[0].size == 0
+
+
 def range_ids(n):
     import numpy as np
 
