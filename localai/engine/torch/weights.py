@@ -50,11 +50,11 @@ def temporaries_returned() -> Iterator[None]:
     """While weights are unpacked, glibc's malloc gives each block of MAP_FROM bytes or more its
     own mapping, so every large fp32 copy goes back to the system when it is freed. Left to
     itself, malloc raises that threshold after the first large free (up to 32 MiB) and then
-    keeps the freed copies in its heap: loading qwen2.5-coder-0.5b (444 MB packed) peaked at
-    2.0-2.2 GB RSS and kept 1.0-1.5 GB of anonymous memory, against 1.2 GB and 0.67 GB with
-    this. Afterwards the thresholds are set to where the dynamic ones end up (32 MiB to map,
-    64 MiB of free heap top before trimming), so decoding allocates as before, and the heap is
-    trimmed. Without glibc (no `mallopt`), nothing changes."""
+    keeps the freed copies in its heap: loading qwen2.5-coder-0.5b (422 MiB packed) peaked at
+    1.7-2.2 GB RSS and kept 0.9-1.5 GB of anonymous memory, against 1.2 GB and 0.65 GB with
+    this (bench/torch_runner.py load). Afterwards the thresholds are set to where the dynamic
+    ones end up (32 MiB to map, 64 MiB of free heap top before trimming), so decoding allocates
+    as before, and the heap is trimmed. Without glibc (no `mallopt`), nothing changes."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt, trim = libc.mallopt, libc.malloc_trim
