@@ -1,8 +1,10 @@
-"""A small client of a running daemon, for CLI commands that need the model.
+"""A small client of a running daemon, for CLI commands that need the model or the index.
 
 When `localai serve` runs, `localai run` sends its request there instead of loading a second
-copy of the model. The daemon is used only when it is ours (our home's token is accepted) and
-serves the model asked for; otherwise callers fall back to running in-process. Standard library
+copy of the model, and `localai search` asks the daemon's index (whose embedder is loaded)
+instead of paying ~1-2 s to start one. The daemon is used only when it is ours (our home's
+token is accepted) and, for generation, serves the model asked for; otherwise callers fall back
+to running in-process. Standard library
 only (http.client), so the CLI does not pay for an HTTP stack it rarely needs.
 """
 
@@ -86,6 +88,20 @@ class Daemon:
             yield from _events(resp)
         finally:
             conn.close()  # an early close cancels the generation on the server
+
+    def search(self, body: dict) -> list[dict]:
+        """POST /localai/search: the daemon's index answers (its embedder is already loaded).
+        Raises EngineError with the server's message when it cannot (e.g. it has no index)."""
+        conn = self._conn(PROBE_TIMEOUT_S * 60)
+        try:
+            conn.request("POST", "/localai/search", json.dumps(body), headers=self._headers())
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise EngineError(_error_message(raw))
+        return json.loads(raw)["hits"]
 
 
 def _error_message(raw: bytes) -> str:

@@ -90,3 +90,42 @@ def test_status_shows_the_running_daemon(daemon):
     r = localai("status", "--json", env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["daemon"] == {"url": daemon.url, "model": TEST_MODEL}
+
+
+def test_search_through_the_daemon(daemon, tmp_path):
+    """POST /localai/search answers from the daemon's index, and `localai search` uses it. The
+    CLI runs in an empty home holding a copy of the daemon's token: only the daemon's index can
+    hold the passage."""
+    import shutil
+
+    home = tmp_path / "empty-home"
+    home.mkdir()
+    shutil.copy(daemon.home / "token", home / "token")
+    env = dict(os.environ, LOCALAI_HOME=str(home), LOCALAI_HOST=daemon.host,
+               LOCALAI_PORT=str(daemon.port))  # fmt: skip
+    q = "Who built the Brightwater lighthouse?"
+    status, body = daemon.request("POST", "/localai/search", {"query": q, "k": 2})
+    assert status == 200, body
+    hits = body["hits"]
+    assert 1 <= len(hits) <= 2 and hits[0]["verified"] and "lighthouse" in hits[0]["text"].lower()
+    assert hits[0].keys() >= {"path", "start_line", "end_line", "score", "text", "where"}
+    r = localai("search", q, "-k", "2", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert [h["chunk_id"] for h in json.loads(r.stdout)] == [h["chunk_id"] for h in hits]
+    r = localai("search", q, "-k", "2", "--mode", "bm25", env=env)  # printed, from the daemon
+    assert r.returncode == 0 and "1. " in r.stdout and "lighthouse" in r.stdout.lower(), r.stderr
+    r = localai("search", q, "--json", "--under", str(daemon.docs), env=env)
+    assert r.returncode == 0 and json.loads(r.stdout), r.stderr
+    r = localai("search", q, "--json", "--under", str(tmp_path), env=env)
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
+    local = localai("search", q, "--no-daemon", "--mode", "bm25", env=env)  # this empty home
+    assert local.returncode == 0 and "the index is empty" in local.stderr, local.stderr
+    for bad in ({"query": ""}, {"query": q, "k": 0}, {"query": q, "unit": "page"},
+                {"q": q}, {"query": q, "k": 3, "x": 1}):  # fmt: skip
+        status, body = daemon.request("POST", "/localai/search", bad)
+        assert status == 400, (bad, body)
+    status, body = daemon.request("POST", "/localai/search", {"query": q}, token="wrong")
+    assert status == 401
+    raw = b'{"query": "lighthouse \\ud800 keeper", "k": 2}'  # valid JSON, a lone surrogate
+    status, body = daemon.request("POST", "/localai/search", raw=raw)
+    assert status == 200 and body["hits"], body

@@ -212,42 +212,58 @@ def sources_rm(ctx, path):
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Run every query in FILE (lines, or JSONL with _id and text); JSONL out.",
 )
+@click.option("--no-daemon", is_flag=True, help="Search here even if a daemon runs.")
 @click.pass_context
 @index_errors
-def search_cmd(ctx, query, k, unit, mode, as_json, under, queries):
-    """Find the passages (or files, --unit file) that best match QUERY."""
+def search_cmd(ctx, query, k, unit, mode, as_json, under, queries, no_daemon):
+    """Find the passages (or files, --unit file) that best match QUERY. When `localai serve`
+    runs for this home, its index answers (no embedder to start here)."""
     if (query is None) == (queries is None):
         raise click.ClickException("give either a QUERY or --queries FILE")
-    ix = _open(ctx)
-    if queries is not None:
-        _batch(ix, queries, k, unit, mode, under)
-        return
-    hits = ix.search(query, k=k, unit=unit, mode=mode, under=under)
-    passages = ix.read_many(hits)
+    rows = None if no_daemon or queries is not None else _daemon_search(ctx, query, k, unit,
+                                                                          mode, under)  # fmt: skip
+    ix = None
+    if rows is None:
+        from ..index.search import hit_row
+
+        ix = _open(ctx)
+        if queries is not None:
+            _batch(ix, queries, k, unit, mode, under)
+            return
+        hits = ix.search(query, k=k, unit=unit, mode=mode, under=under)
+        rows = [hit_row(h, p) for h, p in zip(hits, ix.read_many(hits), strict=True)]
     if as_json:
-        rows = [
-            {
-                **h.__dict__,
-                "text": p.text,
-                "verified": p.verified,
-                "reason": p.reason,
-                "pages": p.pages,
-                "where": p.where,
-            }  # fmt: skip
-            for h, p in zip(hits, passages, strict=True)
-        ]
         click.echo(json.dumps(rows))
         return
-    if not hits:
-        log("no matches" + ("" if ix.stats()["chunks"] else " (the index is empty)"))
+    if not rows:
+        empty = ix is not None and not ix.stats()["chunks"]
+        log("no matches" + (" (the index is empty)" if empty else ""))
     out = Console(highlight=False)
-    for i, (h, p) in enumerate(zip(hits, passages, strict=True), start=1):
-        out.print(f"[bold]{i}. {p.where}[/bold]  [dim]score {h.score:.4f}[/dim]")
-        if not p.verified:
-            out.print(f"   [yellow]{p.reason}[/yellow]")
-        lines = [ln.strip() for ln in p.text.splitlines() if ln.strip()]
+    for i, r in enumerate(rows, start=1):
+        out.print(f"[bold]{i}. {escape(r['where'])}[/bold]  [dim]score {r['score']:.4f}[/dim]")
+        if not r["verified"]:
+            out.print(f"   [yellow]{escape(r['reason'])}[/yellow]")
+        lines = [ln.strip() for ln in r["text"].splitlines() if ln.strip()]
         snippet = " ".join(lines)[:300]
         out.print(f"   {snippet}", markup=False)
+
+
+def _daemon_search(ctx, query, k, unit, mode, under) -> list[dict] | None:
+    """The running daemon's answer, or None to search in-process (no daemon of ours, or it
+    has no index)."""
+    from ..client import Daemon
+    from ..engine import EngineError
+
+    d = Daemon.find(settings_of(ctx))
+    if d is None:
+        return None
+    body = {"query": query, "k": k, "unit": unit, "mode": mode}
+    if under is not None:
+        body["under"] = str(under.expanduser().absolute())
+    try:
+        return d.search(body)
+    except (EngineError, OSError, ValueError):
+        return None
 
 
 def _batch(ix, path: Path, k: int, unit: str, mode: str, under) -> None:

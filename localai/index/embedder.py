@@ -69,14 +69,14 @@ class Embedder:
 
     def count_tokens(self, text: str) -> int:
         """Tokens the embedder sees for `text` (special tokens included, before truncation)."""
-        return len(self.tokenizer.encode(text, add_special_tokens=True).ids)
+        return len(self.tokenizer.encode(encodable(text), add_special_tokens=True).ids)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(N, 384) float32, L2-normalised, in the order of `texts`."""
         out = np.zeros((len(texts), DIM), dtype=np.float32)
         if not texts:
             return out
-        encs = self._truncating.encode_batch(texts)
+        encs = self._truncating.encode_batch([encodable(t) for t in texts])
         order = np.argsort([len(e.ids) for e in encs], kind="stable")
         n = -(-len(order) // self.batch_size)  # batches of at most batch_size
         if self.backend.startswith("torch"):  # and at least one per worker: every core works
@@ -121,6 +121,16 @@ class Embedder:
         hidden = self.session.run(None, feeds)[0]  # (B, T, 384)
         m = mask[..., None].astype(np.float32)
         return (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
+
+
+def encodable(text: str) -> str:
+    """`text` as the tokenizer accepts it: a lone surrogate (JSON can carry "\\ud800"; a decoded
+    file never does) becomes "?" instead of failing the whole batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def pick_backend(model_path: Path, backend: str = "auto") -> str:

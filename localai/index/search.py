@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +215,10 @@ class Index:
             return self._embedder
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        encs = self.embedder.tokenizer.encode_batch(texts, add_special_tokens=False)
+        from .embedder import encodable
+
+        encs = self.embedder.tokenizer.encode_batch([encodable(t) for t in texts],
+                                                    add_special_tokens=False)  # fmt: skip
         return [len(e.ids) for e in encs]
 
     def update(self, paths: list[str | Path] | None = None, progress: Progress | None = None,
@@ -387,7 +390,10 @@ class Index:
         if k < 1:
             raise IndexError_(f"k must be at least 1, not {k}")
         depth = max(CANDIDATES, 3 * k) * (10 if under else 1)  # a folder filter thins lists
-        prefix = str(Path(under).expanduser().absolute()).rstrip("/") + "/" if under else None
+        try:
+            prefix = str(Path(under).expanduser().absolute()).rstrip("/") + "/" if under else None
+        except RuntimeError as e:  # "~someone" without such a user
+            raise IndexError_(f"under: {e}") from e
         lists = []
         if mode in ("hybrid", "bm25"):
             lists.append(self.bm25_chunks(query, depth))
@@ -489,6 +495,12 @@ class Index:
                 while len(self._read_cache) > READ_CACHE:
                     self._read_cache.popitem(last=False)
         return got
+
+
+def hit_row(h: Hit, p: Passage) -> dict:
+    """A hit and its passage as one JSON object (`localai search --json`, POST /localai/search)."""
+    return {**asdict(h), "text": p.text, "verified": p.verified, "reason": p.reason,
+            "pages": p.pages, "where": p.where}  # fmt: skip
 
 
 def _hit(row: tuple, score: float = 0.0, bm25_rank: int | None = None,

@@ -115,6 +115,7 @@ ROUTES = [
     Route("/localai/status", native.status, methods=["GET"]),
     Route("/localai/index", native.index_status, methods=["GET"]),
     Route("/localai/index", native.add_source, methods=["POST"]),
+    Route("/localai/search", native.search, methods=["POST"]),
 ] + [
     Route(f"/api/{verb}", ollama.unsupported_model_route, methods=["POST", "DELETE"])
     for verb in ("pull", "push", "create", "copy", "delete")

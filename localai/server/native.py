@@ -1,5 +1,6 @@
-"""localai's own routes (not part of either compatible API), used by the TUI and `status`:
-GET /localai/status, GET /localai/index, POST /localai/index {"path": ...}."""
+"""localai's own routes (not part of either compatible API), used by the TUI, `status` and
+`search`: GET /localai/status, GET /localai/index, POST /localai/index {"path": ...},
+POST /localai/search {"query": ..., "k", "mode", "unit", "under"}."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from .. import __version__
 from . import params as P
 from .errors import APIError, bad_request
-from .schemas import validate
+from .schemas import LOCALAI_SEARCH, validate
 from .state import ServerState
 
 ADD_SOURCE = {"type": "object", "required": ["path"],
@@ -58,3 +59,23 @@ async def add_source(request: Request) -> Response:
     if state.on_source_added is not None:
         state.on_source_added(path)
     return JSONResponse({"added": str(path), "indexing": True})
+
+
+async def search(request: Request) -> Response:
+    """The index's best passages for a query, read back from their files and checked, as
+    `localai search --json` prints them: {"hits": [...]}."""
+    from ..index.search import IndexError_, hit_row
+
+    index = _index(request.app.state.server)
+    body = validate(LOCALAI_SEARCH, await P.read_json(request))
+
+    def run() -> list[dict]:
+        hits = index.search(body["query"], k=body.get("k", 10), mode=body.get("mode", "hybrid"),
+                            unit=body.get("unit", "chunk"), under=body.get("under"))  # fmt: skip
+        return [hit_row(h, p) for h, p in zip(hits, index.read_many(hits), strict=True)]
+
+    try:
+        rows = await anyio.to_thread.run_sync(run)
+    except IndexError_ as e:
+        raise bad_request(str(e)) from e
+    return JSONResponse({"hits": rows})

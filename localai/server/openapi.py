@@ -90,6 +90,8 @@ def openapi_document(chat: tuple[str, ...], embed: tuple[str, ...]) -> dict:
         "/api/tags": _get("installed models (Ollama)"),
         "/api/ps": _get("loaded models (Ollama)"),
         "/api/version": _get("server version (Ollama)"),
+        "/localai/search": _post("passages from the document index, read back from the files "
+                                 "and checked (localai's own)", schemas.LOCALAI_SEARCH),
     }  # fmt: skip
     return {
         "openapi": "3.1.0",

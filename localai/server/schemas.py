@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from jsonschema import Draft202012Validator
 
+from ..index import MODES, UNITS
 from ..rag.prompt import LAYOUTS
 from .errors import bad_request
 
@@ -282,3 +283,17 @@ def validate(schema: dict, body: object) -> dict:
         raise bad_request(f"{where or 'body'}: {msg}" if where else msg, param=where)
     assert isinstance(body, dict)
     return body
+
+
+LOCALAI_SEARCH = {  # POST /localai/search: our own route, not part of either compatible API
+    "type": "object",
+    "required": ["query"],
+    "additionalProperties": False,
+    "properties": {
+        "query": {"type": "string", "minLength": 1},
+        "k": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "mode": {"enum": list(MODES)},
+        "unit": {"enum": list(UNITS)},
+        "under": {"type": "string", "minLength": 1},
+    },
+}
