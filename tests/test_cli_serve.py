@@ -121,11 +121,12 @@ def test_search_through_the_daemon(daemon, tmp_path):
     local = localai("search", q, "--no-daemon", "--mode", "bm25", env=env)  # this empty home
     assert local.returncode == 0 and "the index is empty" in local.stderr, local.stderr
     for bad in ({"query": ""}, {"query": q, "k": 0}, {"query": q, "unit": "page"},
-                {"q": q}, {"query": q, "k": 3, "x": 1}):  # fmt: skip
+                {"q": q}, {"query": q, "k": 3, "x": 1}, {"query": q, "under": "~\u0000x"},
+                {"query": q, "under": "~no-such-user-here/notes"}):  # fmt: skip
         status, body = daemon.request("POST", "/localai/search", bad)
         assert status == 400, (bad, body)
     status, body = daemon.request("POST", "/localai/search", {"query": q}, token="wrong")
     assert status == 401
-    raw = b'{"query": "lighthouse \\ud800 keeper", "k": 2}'  # valid JSON, a lone surrogate
+    raw = b'{"query": "lighthouse \\ud800 keeper", "k": 2.0}'  # a lone surrogate; k a float
     status, body = daemon.request("POST", "/localai/search", raw=raw)
     assert status == 200 and body["hits"], body

@@ -392,7 +392,7 @@ class Index:
         depth = max(CANDIDATES, 3 * k) * (10 if under else 1)  # a folder filter thins lists
         try:
             prefix = str(Path(under).expanduser().absolute()).rstrip("/") + "/" if under else None
-        except RuntimeError as e:  # "~someone" without such a user
+        except (RuntimeError, ValueError) as e:  # "~someone" unknown, a NUL, a lone surrogate
             raise IndexError_(f"under: {e}") from e
         lists = []
         if mode in ("hybrid", "bm25"):

@@ -70,7 +70,8 @@ async def search(request: Request) -> Response:
     body = validate(LOCALAI_SEARCH, await P.read_json(request))
 
     def run() -> list[dict]:
-        hits = index.search(body["query"], k=body.get("k", 10), mode=body.get("mode", "hybrid"),
+        k = int(body.get("k", 10))  # JSON Schema's integer admits 132.0
+        hits = index.search(body["query"], k=k, mode=body.get("mode", "hybrid"),
                             unit=body.get("unit", "chunk"), under=body.get("under"))  # fmt: skip
         return [hit_row(h, p) for h, p in zip(hits, index.read_many(hits), strict=True)]
 
