@@ -306,6 +306,8 @@ def test_cli_index_search_sources_check(home, docs, tmp_path):
     assert json.loads(r.stdout)[0]["path"] == str(docs)
     r = localai("index", "--check", "--json", env=env)
     assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
+    r = localai("search", "tomato", "--under", "~no-such-user-here/notes", env=env)
+    assert r.returncode == 1 and "under:" in r.stderr and "Traceback" not in r.stderr
     r = localai("sources", "rm", str(docs), env=env)
     assert r.returncode == 0 and "7 files" in r.stderr  # 5 indexed + 2 skipped
     for extra in ("-wal", "-shm"):

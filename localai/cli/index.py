@@ -258,11 +258,11 @@ def _daemon_search(ctx, query, k, unit, mode, under) -> list[dict] | None:
     if d is None:
         return None
     body = {"query": query, "k": k, "unit": unit, "mode": mode}
-    if under is not None:
-        body["under"] = str(under.expanduser().absolute())
     try:
+        if under is not None:  # the daemon runs elsewhere: it gets an absolute path
+            body["under"] = str(under.expanduser().absolute())
         return d.search(body)
-    except (EngineError, OSError, ValueError):
+    except (EngineError, OSError, ValueError, RuntimeError):  # in-process says what is wrong
         return None
 
 
