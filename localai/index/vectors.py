@@ -191,22 +191,17 @@ class VectorSet:
         self.codec, self.ids = c, ids
         if bf16 is None:
             bf16 = c.name != "f32" and _bf16_native()
-        mat = None if bf16 else np.empty((len(ids), DIM), dtype=np.float32)  # (N, 384)
-        parts = []
-        for s in range(0, len(ids), self.BLOCK):
-            block = c.decode(codes[s : s + self.BLOCK])
-            if bf16:
-                import torch
-
-                parts.append(torch.from_numpy(np.ascontiguousarray(block)).to(torch.bfloat16))
-            else:
-                mat[s : s + self.BLOCK] = block
+        starts = range(0, len(ids), self.BLOCK)
+        blocks = (c.decode(codes[s : s + self.BLOCK]) for s in starts)  # (≤ BLOCK, 384) f32
         if bf16:
             import torch
 
+            parts = [torch.from_numpy(np.ascontiguousarray(b)).to(torch.bfloat16) for b in blocks]
             self.mat = torch.cat(parts) if parts else torch.zeros((0, DIM), dtype=torch.bfloat16)
         else:
-            self.mat = mat
+            self.mat = np.empty((len(ids), DIM), dtype=np.float32)  # (N, 384)
+            for s, b in zip(starts, blocks, strict=True):
+                self.mat[s : s + len(b)] = b
 
     @classmethod
     def from_rows(cls, c: Codec, rows: list[tuple[int, bytes]]) -> VectorSet:
