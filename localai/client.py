@@ -4,8 +4,8 @@ When `localai serve` runs, `localai run` sends its request there instead of load
 copy of the model, and `localai search` asks the daemon's index (whose embedder is loaded)
 instead of paying ~1-2 s to start one. The daemon is used only when it is ours (our home's
 token is accepted) and, for generation, serves the model asked for; otherwise callers fall back
-to running in-process. Standard library
-only (http.client), so the CLI does not pay for an HTTP stack it rarely needs.
+to running in-process. Standard library only (http.client), so the CLI does not pay for an HTTP
+stack it rarely needs.
 """
 
 from __future__ import annotations

@@ -126,6 +126,18 @@ def test_empty_prompt_is_a_400(daemon):  # found by the fuzz run
     assert status == 400 and body["error"]["param"] == "prompt"
 
 
+def test_a_lone_surrogate_in_the_body_is_text_not_a_500(daemon):
+    """JSON may carry "\\ud800" unpaired; no tokenizer can encode it, so it is read as "?"."""
+    for path, body in (
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]'),
+        ("/v1/completions", b'{"prompt": "a \\udfff b"'),
+        ("/api/chat", b'{"stream": false, "messages": [{"role": "user", "content": "\\ud800"}]'),
+    ):
+        raw = body + b', "model": "' + daemon.model.encode() + b'", "max_tokens": 2}'
+        status, out = daemon.request("POST", path, raw=raw)
+        assert status == 200, (path, out)
+
+
 def test_suffix_needs_a_model_with_fill_in_the_middle_tokens(daemon):
     status, body = daemon.request(
         "POST", "/v1/completions", {"model": TEST_MODEL, "prompt": "def f(", "suffix": "\n"}

@@ -124,8 +124,9 @@ class Embedder:
 
 
 def encodable(text: str) -> str:
-    """`text` as the tokenizer accepts it: a lone surrogate (JSON can carry "\\ud800"; a decoded
-    file never does) becomes "?" instead of failing the whole batch."""
+    """`text` as a tokenizer accepts it: a lone surrogate becomes "?" instead of failing the whole
+    batch. HTTP bodies are cleaned this way when read (server/params.read_json); here it covers
+    text from elsewhere, e.g. a command-line query with undecodable bytes."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

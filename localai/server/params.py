@@ -9,6 +9,7 @@ before the request waits for the slot.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from ..engine import ContextOverflowError, Engine, EngineError, Message, SamplingParams
@@ -130,12 +131,36 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+# a \uD800-\uDFFF escape: JSON may pair it (one character) or leave it alone (a lone
+# surrogate, which no tokenizer can encode to UTF-8)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 async def read_json(request) -> object:
-    """The parsed body; 400 for an empty body, bad UTF-8, malformed JSON, NaN or Infinity."""
+    """The parsed body; 400 for an empty body, bad UTF-8, malformed JSON, NaN or Infinity. A
+    lone surrogate in a string becomes "?", as it would in any UTF-8 text."""
     raw = await request.body()
     if not raw.strip():
         raise bad_request("the request body is empty; send a JSON object")
     try:
-        return json.loads(raw, parse_constant=_no_constants)
+        body = json.loads(raw, parse_constant=_no_constants)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
         raise bad_request(f"the request body is not valid JSON: {e}") from e
+    if not _SURROGATE_ESCAPE.search(raw):
+        return body
+    try:
+        return _encodable(body)
+    except RecursionError as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from e
+
+
+def _encodable(value: object) -> object:
+    from ..index.embedder import encodable
+
+    if isinstance(value, str):
+        return encodable(value)
+    if isinstance(value, list):
+        return [_encodable(v) for v in value]
+    if isinstance(value, dict):
+        return {encodable(k): _encodable(v) for k, v in value.items()}
+    return value
