@@ -46,7 +46,7 @@ bench: bench-engine bench-index bench-rag
 bench-engine: install
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/server.py
-	$(BIN)/python bench/torch_runner.py decode --model smollm2-135m
+	$(BIN)/python bench/torch_runner.py speed --model smollm2-135m
 	$(BIN)/python bench/torch_runner.py kv --ctx 4096 --bits 16 8 4 2
 	$(BIN)/python bench/torch_runner.py needle --ctx 4096 --bits 16 4
 

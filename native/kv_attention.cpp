@@ -11,7 +11,6 @@
 // back once per query head, which is exact since the sum is linear.
 // Packing is planar (see kvquant.py): channel p*R + r sits in byte r at bit offset p*bits.
 // The pure-torch definition is attention.decode_reference; tests hold the two to a tolerance.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
@@ -19,6 +18,8 @@
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#include "runner.h"
 
 namespace {
 
@@ -172,8 +173,4 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
     }
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "fused decode attention over quantized KV pages");
 }

@@ -25,7 +25,6 @@ from localai.engine.tokengen import shared_prefix
 from localai.engine.torch import TorchEngine
 from localai.engine.torch.arch import Hparams
 from localai.engine.torch.model import rope_tables
-from localai.engine.torch.weights import GROUP, PackedLinear, pack_int4, pad_rows
 
 CTX = 1024
 # Python's own reference documentation: real English prose and code that ships with CPython
@@ -143,40 +142,50 @@ def test_yarn_rope_scaling_matches_llama_cpp(model_path):
     assert agree >= 0.93 and agree > agree_plain + 0.1, (agree, agree_plain)
 
 
-def test_int4_packing_matches_its_reference_and_packs_by_row_blocks():
-    """pack_int4 + torch's int4 kernel against the plain dequantized product; packing 64-row
-    blocks separately (what `compact` does for large matrices) gives the same codes; a row
-    count that is not a multiple of 16 (the kernel's) is padded and cut off again."""
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(208, 4 * GROUP, generator=gen)  # O, I: O is not a multiple of 64
-    x = torch.randn(3, 4 * GROUP, generator=gen)
-    packed, sz = pack_int4(w)
-    g = w.view(208, 4, GROUP)
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    scale = ((hi - lo) / 15).clamp_min(1e-12)
-    ref = (torch.round((g - lo) / scale).clamp(0, 15) * scale + lo).view(208, -1)  # O, I
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, GROUP, sz).float()
-    assert torch.allclose(y, x @ ref.T, atol=0.05 * float((x @ ref.T).abs().max()))
-    parts = [pack_int4(w[a : a + 64]) for a in range(0, 208, 64)]
-    assert torch.equal(torch.cat([p for p, _ in parts]), packed)
-    assert torch.equal(torch.cat([z for _, z in parts], dim=1), sz)
-    odd = PackedLinear("int4", *pack_int4(pad_rows(w[:200], 16)), 200)  # 200 rows, 8 padded
-    assert torch.equal(odd(x), y[:, :200])
-
-
-def test_two_pass_head_is_exact_for_its_candidates(torch_engine):
-    """The decode head's logits equal the exact fp32 reference on each position's top K, and
-    its best token is the exact best token (measured: always, the exact top-1 ranks within
-    the approximate top 8); the rest of the vocabulary is the int4 approximation."""
-    model, head = torch_engine.model, torch_engine.model.head
+def test_fused_decode_step_equals_the_python_layers(torch_engine):
+    """A one-token step through the fused C++ half-blocks (native/decode.cpp) gives the logits
+    of the Python half-blocks it fuses, from the same cache, at each position of a stretch. The
+    two differ in float rounding (an RMS sum in another order: ~1e-7), and an input that lands
+    on a rounding edge of the 8-bit blocks the products read then rounds the other way, which
+    30 layers amplify (measured: bit-identical logits on 15 of 40 steps, ~0.5 apart on the
+    others, the same top token on 39). A fused step that computed anything else would never be
+    bit-identical."""
+    model = torch_engine.model
+    assert model.fused_decode and model.blocks[0].attn.fused is not None
+    tokens = torch_engine.tokenize(TEXT, special=False)[:140]
     model.cache.reset()
-    h = model.hidden(torch.tensor(torch_engine.tokenize(TEXT, special=False)[:256]), True)
-    exact, two = head.exact_logits(h), head(h)  # C, V
-    top = head.approx(h).topk(head.k, -1).indices  # C, K
-    assert torch.allclose(two.gather(1, top), exact.gather(1, top), rtol=0, atol=1e-4)
-    assert torch.equal(two.argmax(-1), exact.argmax(-1))
-    assert float((two - exact).abs().max()) < 8.0  # int4 error elsewhere (measured max 4.3)
-    assert head.nbytes < 0.35 * exact.shape[1] * h.shape[1] * 2  # vs the fp16 matrix
+    model.forward(torch.tensor(tokens[:100]))
+    identical = same_top = 0
+    for t in tokens[100:]:
+        n = model.cache.n
+        fused = model.forward(torch.tensor([t]))
+        assert model.cache.truncate(n) == n
+        model.fused_decode = False
+        plain = model.forward(torch.tensor([t]))  # the cache continues from this one
+        model.fused_decode = True
+        identical += torch.equal(fused, plain)
+        same_top += int(fused.argmax()) == int(plain.argmax())
+        assert float((fused - plain).abs().max()) < 2.0
+    assert identical >= 5 and same_top >= 36, (identical, same_top)
+
+
+@pytest.mark.slow
+def test_pure_torch_path_agrees_with_the_kernels(model_path, torch_engine):
+    """Without the C++ kernels (no compiler) every product runs on weights dequantized by the
+    gguf package: the inputs are then not rounded to 8-bit blocks, so logits differ by that
+    rounding only (measured: mean |diff| 0.16 over 128 positions, the ~0.16 that separates
+    llama.cpp's own two attention paths; see test_logits_match_llama_cpp)."""
+    ref = TorchEngine(model_path, TEST_MODEL, context_length=CTX, threads=1, use_native=False)
+    try:
+        assert ref.info()["native_kernel"] == "off" and not ref.model.fused_decode
+        window = torch.tensor(torch_engine.tokenize(TEXT, special=False)[:128])
+        torch_engine.model.cache.reset()
+        fast = torch_engine.model.forward(window, True)
+        slow = ref.model.forward(window, True)
+    finally:
+        ref.close()
+    assert float((fast - slow).abs().mean()) < 0.25
+    assert float((fast.argmax(-1) == slow.argmax(-1)).float().mean()) >= 0.95
 
 
 @pytest.mark.slow
@@ -237,14 +246,15 @@ def test_next_chat_turn_reuses_the_cached_prefix(which, torch_engine, engine):
     fresh, done3 = run(eng, params, turn2)
     assert done3.stats.cached_tokens == 0 and fresh == reply
     if which == "torch":  # the best candidates' logits, reused vs fresh: the same up to how the
-        # tokens were split into forward passes (matmuls over other row counts round otherwise)
+        # tokens were split into forward passes (attention sums in another order, and the 8-bit
+        # input rounding of the products amplifies that: measured 0.1 apart at most)
         tokens = eng.tokenize(eng.apply_chat_template(turn2))
         eng.forget()
         ref = eng.prefill(tokens).topk(5)
         eng.prefill(tokens[:-5])
         again = eng.prefill(tokens).topk(5)
         assert eng.reused == len(tokens) - 5 and again.indices[0] == ref.indices[0]
-        assert torch.allclose(again.values, ref.values, atol=0.05), (again, ref)
+        assert torch.allclose(again.values, ref.values, atol=0.4), (again, ref)
 
 
 @pytest.mark.slow

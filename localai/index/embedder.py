@@ -51,7 +51,13 @@ class Embedder:
         if self.backend.startswith("torch"):
             import torch
 
-            from .bert import MiniLM
+            from .bert import MiniLM, bf16_is_native
+
+            if self.backend == "torch-bf16" and not bf16_is_native():
+                raise ValueError(
+                    "the torch-bf16 embedder needs a CPU that multiplies bf16 in hardware (AMX "
+                    "or AVX512-BF16); this one has neither: use backend 'auto'"
+                )
 
             bf16 = self.backend == "torch-bf16"
             self.model = MiniLM.load(Path(model_path).with_name(WEIGHTS), fused=bf16,

@@ -31,7 +31,7 @@ from .arch import Hparams
 from .kv import KVConfig
 from .model import Transformer
 from .sampler import sample
-from .weights import GGUFWeights, temporaries_returned
+from .weights import GGUFWeights
 
 # N tokens, C chunk, V vocabulary
 
@@ -55,7 +55,7 @@ class TorchEngine(TokenEngine):
         v_rotate: bool | None = None,
         prefill_chunk: int = 256,
         use_native: bool = True,
-        decode_threads: int = 1,
+        decode_threads: int | None = None,
         hparams: dict | None = None,
     ):
         super().__init__()
@@ -71,7 +71,7 @@ class TorchEngine(TokenEngine):
         except ValueError as e:
             raise EngineError(f"could not read the vocabulary of {self.path}: {e}") from e
         self.vocab = Vocab(llm)
-        weights = GGUFWeights(self.path)
+        weights = GGUFWeights(self.path, use_native)
         hp = Hparams.from_metadata(weights.metadata, llm.n_vocab())
         hp = dataclasses.replace(hp, **(hparams or {}))  # e.g. RoPE scaling the GGUF lacks
         self.hp = hp
@@ -85,12 +85,9 @@ class TorchEngine(TokenEngine):
         kv = KVConfig(
             k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim), kv_sink, v_clip, v_rotate
         )
-        with temporaries_returned():  # peak RSS while unpacking ~half (weights.py)
-            self.model = Transformer(weights, hp, kv, self.context_length)
-        self.model.use_native = use_native
-        if use_native:
-            native.load()
-        self.prefill_chunk, self.decode_threads = prefill_chunk, decode_threads
+        self.model = Transformer(weights, hp, kv, self.context_length)
+        self.prefill_chunk = prefill_chunk
+        self.decode_threads = decode_threads or self.threads
 
     # -- the loop ---------------------------------------------------------------------------
     def prefill(self, tokens: list[int]) -> torch.Tensor:
@@ -117,9 +114,6 @@ class TorchEngine(TokenEngine):
         history = list(tokens)
         self._threads(self.threads)
         logits = self.prefill(tokens)
-        # Decode matmuls are ~50 us each: a thread barrier per op costs more than it saves, and
-        # on a busy machine a descheduled worker stalls every op (measured 27 ms/token on one
-        # thread vs 790 ms on two while another process held a core).
         self._threads(self.decode_threads)
         while True:
             tok = sample(logits, params, gen, history)

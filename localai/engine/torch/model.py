@@ -4,8 +4,11 @@ in a router + expert store per layer through `make_ffn`); the output head is ano
 (head.py, `make_head`).
 
 Contract: `Transformer.forward(tokens)` runs the next `len(tokens)` positions of the sequence
-held in `self.cache` and returns logits [C, V] (or only the last row). Weights come from the GGUF
-per tensor; activations are fp32 except at the packed matmuls (bf16 in, fp32 out).
+held in `self.cache` and returns logits [C, V] (or only the last row). Weights stay in the GGUF's
+block formats (weights.QLinear); activations are fp32, rounded to 8-bit blocks inside each
+product as llama.cpp rounds them. Each half-block (Attention, DenseFFN) adds its output to the
+residual stream itself. One-token steps go through the same half-blocks fused in C++
+(native/decode.cpp), which tests hold to this Python definition.
 """
 
 from __future__ import annotations
@@ -89,16 +92,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 
 
 class DenseFFN:
-    """SwiGLU: down(silu(gate x) · up x), gate and up fused into one matmul."""
+    """x + down(silu(gate h) · up h), h = rms_norm(x); gate and up fused into one product."""
 
     def __init__(self, w: GGUFWeights, hp: Hparams, i: int):
+        self.norm, self.eps = w.dense(hp.name("ffn_norm", i)), hp.norm_eps
         self.gate_up = w.linear([hp.name("gate", i), hp.name("up", i)])
         self.down = w.linear(hp.name("down", i))
         self.f = hp.ffn_dim
+        kernel = w.kernel
+        self.fused = kernel and kernel.DecodeDenseFFN(
+            self.norm, self.eps, self.gate_up.native, self.down.native
+        )  # the same step in C++, for one token (native/decode.cpp)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gu = self.gate_up(x)  # C, 2F
-        return self.down(F.silu(gu[:, : self.f]) * gu[:, self.f :])
+        gu = self.gate_up(rms_norm(x, self.norm, self.eps))  # C, 2F
+        return x + self.down(F.silu(gu[:, : self.f]) * gu[:, self.f :])
+
+    def step(self, x: torch.Tensor) -> None:
+        """One token, x [1, E] updated in place (the fused step's contract)."""
+        if self.fused:
+            self.fused(x)
+        else:
+            x.copy_(self(x))
 
     @property
     def nbytes(self) -> int:
@@ -106,24 +121,38 @@ class DenseFFN:
 
 
 def make_ffn(w: GGUFWeights, hp: Hparams, i: int):
-    """The FFN of block i; MoE architectures plug their expert FFN in here."""
+    """The FFN half of block i; MoE architectures plug their expert FFN in here."""
     if hp.spec.ffn == "dense":
         return DenseFFN(w, hp, i)
     raise EngineError(f"the torch runner cannot run {hp.arch} experts yet; use --engine llama")
 
 
 class Attention:
+    """x + o(attend(rope(qkv(rms_norm(x))))) over the layer's KV cache."""
+
     def __init__(self, w: GGUFWeights, hp: Hparams, i: int):
         self.hp, self.layer = hp, i
+        self.norm, self.eps = w.dense(hp.name("attn_norm", i)), hp.norm_eps
         self.qkv = w.linear([hp.name("q", i), hp.name("k", i), hp.name("v", i)])
         self.o = w.linear(hp.name("o", i))
         biases = [hp.name(k, i) for k in ("q_bias", "k_bias", "v_bias")]
         self.bias = torch.cat([w.dense(b) for b in biases]) if hp.spec.qkv_bias else None
+        self.fused = None  # the decode step in C++, once the cache exists (`fuse`)
+
+    def fuse(self, kernel, cache: KVCache) -> None:
+        """Bind the C++ decode step (native/decode.cpp) to this layer's cache tensors."""
+        hp, cfg = self.hp, cache.cfg
+        bias = self.bias if self.bias is not None else torch.empty(0)
+        self.fused = kernel.DecodeAttention(
+            self.norm, self.eps, self.qkv.native, bias, self.o.native, hp.n_heads,
+            hp.n_kv_heads, hp.head_dim, hp.rope_dims, hp.spec.rope_style == "neox",
+            cache.layer_tensors(self.layer), [cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group],
+        )  # fmt: skip
 
     def __call__(self, x, cos, sin, cache: KVCache, use_native: bool) -> torch.Tensor:
         hp, c = self.hp, x.shape[0]
         hq, h, d = hp.n_heads, hp.n_kv_heads, hp.head_dim
-        qkv = self.qkv(x)  # C, (Hq + 2H)·D
+        qkv = self.qkv(rms_norm(x, self.norm, self.eps))  # C, (Hq + 2H)·D
         if self.bias is not None:
             qkv = qkv + self.bias
         q = qkv[:, : hq * d].view(c, hq, d)  # C, Hq, D
@@ -134,18 +163,15 @@ class Attention:
         kf, vf = cache.write(self.layer, k.transpose(0, 1), v.transpose(0, 1))  # H, M, D
         if c == 1:
             o = attention.decode(cache, self.layer, q[0], kf, vf, use_native)  # Hq, D
-            return self.o(o.reshape(1, hq * d))
+            return x + self.o(o.reshape(1, hq * d))
         o = attention.prefill(cache, self.layer, q.transpose(0, 1), kf, vf)  # Hq, C, D
-        return self.o(o.transpose(0, 1).reshape(c, hq * d))
+        return x + self.o(o.transpose(0, 1).reshape(c, hq * d))
 
 
 class Block:
     def __init__(self, w: GGUFWeights, hp: Hparams, i: int):
-        self.attn_norm = w.dense(hp.name("attn_norm", i))
-        self.ffn_norm = w.dense(hp.name("ffn_norm", i))
         self.attn = Attention(w, hp, i)
         self.ffn = make_ffn(w, hp, i)
-        self.eps = hp.norm_eps
 
 
 class Transformer:
@@ -157,7 +183,11 @@ class Transformer:
         self.cache = KVCache(kv, hp.n_layers, hp.n_kv_heads, hp.head_dim, capacity)
         factors = w.dense("rope_freqs.weight") if "rope_freqs.weight" in w else None
         self.cos, self.sin = rope_tables(hp, self.cache.T, factors)
-        self.use_native = True
+        # the C++ decode attention, and the fused C++ decode step; tests turn either off
+        self.use_native = self.fused_decode = w.kernel is not None
+        if w.kernel is not None:
+            for b in self.blocks:
+                b.attn.fuse(w.kernel, self.cache)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -177,9 +207,16 @@ class Transformer:
         cache.begin(c)
         cos, sin = self.cos[n : n + c], self.sin[n : n + c]  # C, rd/2
         x = self.w.rows(self.hp.name("embed"), tokens)  # C, E
-        for b in self.blocks:
-            x = x + b.attn(rms_norm(x, b.attn_norm, b.eps), cos, sin, cache, self.use_native)
-            x = x + b.ffn(rms_norm(x, b.ffn_norm, b.eps))
+        if c == 1 and self.fused_decode and cache.qend(n + 1) == cache.qend(n):
+            # one token whose K/V go to the fp16 buffer: the fused C++ step (decode.cpp)
+            nq = cache.qend(n)
+            for b in self.blocks:
+                b.attn.fused(x, cos[0], sin[0], nq, n - nq)
+                b.ffn.step(x)
+        else:
+            for b in self.blocks:
+                x = b.attn(x, cos, sin, cache, self.use_native)
+                x = b.ffn(x)
         cache.commit(tokens.tolist())
         if not all_positions:
             x = x[-1:]

@@ -1,19 +1,32 @@
-"""The optional C++ kernels in native/, built with torch's cpp_extension on first use.
+"""The optional C++ kernels in native/ (runner.h lists them), built with torch's cpp_extension
+into one module on first use: products with GGUF-block matrices as they are in the file, on
+ggml's own CPU kernels (bound at run time from the libggml-cpu.so that llama-cpp-python
+installs); fused decode attention over the quantized KV pages; a fused decode step per
+half-block.
 
-The build (g++ and ninja, ~1 minute on 2 cores) is cached by torch under its extensions
-directory and redone only when the source changes. Any failure (no compiler, no ninja, a
-read-only cache) is remembered and reported once; callers then use the pure-torch reference.
+The build (g++ and ninja, 1-2 minutes on 2 cores) is cached by torch under its extensions
+directory and redone only when a source or the flags change. Any failure (no compiler, no ninja, a
+read-only cache, no ggml library) is remembered and reported once; callers then use the
+pure-torch reference.
+
+Instruction set: our own C++ is compiled for AVX2 + FMA + F16C on x86-64 CPUs that have them,
+never for AVX-512 or AMX, so it runs the same code on a laptop and on a server; the quantized
+products' SIMD code is ggml's, which its build dispatches for the CPU (bench/torch_runner.py
+measures a ggml built with AVX2 only beside the native one).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import platform
 import shutil
 import threading
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parents[3] / "native" / "kv_attention.cpp"
+SOURCES = Path(__file__).resolve().parents[3] / "native"
+FILES = ["module.cpp", "qmatmul.cpp", "kv_attention.cpp", "decode.cpp"]
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
@@ -22,27 +35,55 @@ _state: dict[str, object] = {}  # "module" or "error", set once
 
 def load():
     """The built extension module, or None when it cannot be built here."""
-    if "module" in _state:
-        return _state["module"]
-    if "error" in _state:
+    state = _state
+    if "module" in state:
+        return state["module"]
+    if "error" in state:
         return None
     with _lock:
-        if not _state:
+        if not state:
             try:
-                from torch.utils.cpp_extension import load as build
-
-                _ninja_on_path()
-
-                _state["module"] = build(
-                    name="localai_kv_attention",
-                    sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-ffast-math"],
-                    verbose=False,
-                )
+                state["module"] = _build()
             except Exception as e:  # any build failure means: use the reference
-                _state["error"] = f"{type(e).__name__}: {e}"
-                log.warning("native KV attention unavailable, using torch: %s", _state["error"])
-    return _state.get("module")
+                state["error"] = f"{type(e).__name__}: {e}"
+                log.warning("native kernels unavailable, using torch: %s", state["error"])
+    return state.get("module")
+
+
+def _build():
+    from torch.utils.cpp_extension import load as build
+
+    _ninja_on_path()
+    # -fopenmp: at::parallel_for is inline OpenMP, serial without it (the soname is torch's own
+    # libgomp.so.1, so the process keeps one OpenMP runtime)
+    module = build(name="localai_runner", sources=[str(SOURCES / f) for f in FILES],
+                   extra_cflags=["-O3", "-ffast-math", "-fopenmp", *isa_flags()],
+                   extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
+    lib = ggml_lib_dir()
+    module.ggml_bind(str(lib / "libggml-cpu.so"), str(lib / "libggml-base.so"))
+    return module
+
+
+def ggml_lib_dir() -> Path:
+    """Where llama-cpp-python keeps ggml's shared libraries (no import of llama_cpp needed)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llama-cpp-python is not installed")
+    return Path(spec.submodule_search_locations[0]) / "lib"
+
+
+def isa_flags() -> list[str]:
+    """AVX2 + FMA + F16C where the CPU has them (x86-64), the CPU's own ISA elsewhere."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["-march=native"]
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ).split()  # fmt: skip
+    except (OSError, StopIteration):
+        return []
+    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= set(flags) else []
 
 
 def _ninja_on_path() -> None:
@@ -60,8 +101,9 @@ def _ninja_on_path() -> None:
 
 def status() -> str:
     """'built', 'failed: …' or 'not built yet'."""
-    if "module" in _state:
+    state = _state
+    if "module" in state:
         return "built"
-    if "error" in _state:
-        return f"failed: {str(_state['error'])[:200]}"
+    if "error" in state:
+        return f"failed: {str(state['error'])[:200]}"
     return "not built yet"

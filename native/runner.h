@@ -1,0 +1,92 @@
+// The torch runner's C++ kernels, built as one extension (localai/engine/torch/native.py):
+// qmatmul.cpp (products with GGUF-block matrices on ggml's kernels), kv_attention.cpp (decode
+// attention over the quantized KV pages), decode.cpp (one decode step of a layer, fused), and
+// module.cpp (the Python bindings). Each has a pure-torch reference that tests hold it to.
+#pragma once
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+// ---- qmatmul.cpp
+void ggml_bind(const std::string& cpu_lib, const std::string& base_lib);
+int64_t ggml_row_size(int64_t type, int64_t n);
+bool ggml_has_sgemm();
+int64_t ggml_dot_type(int64_t type);
+torch::Tensor ggml_dequantize(torch::Tensor raw, int64_t type, int64_t cols);
+torch::Tensor ggml_quantize(torch::Tensor x, int64_t type);
+
+// One or more GGUF matrices that read the same input, their outputs side by side.
+class QMatrices {
+  struct Mat {
+    const uint8_t* w;
+    int64_t rows, row_bytes, col0;  // col0: the first output column
+    void (*dot)(int, float*, size_t, const void*, size_t, const void*, size_t, int);
+    int dot_type, type;
+  };
+
+ public:
+  QMatrices(std::vector<torch::Tensor> rows, std::vector<int64_t> types);
+  // x: [N, I] fp32 -> [N, O] fp32
+  torch::Tensor forward(torch::Tensor x) const;
+  // y[n * O + o] = (x[n] . W[o]) for n < N; x is N rows of I floats
+  void apply(const float* x, int64_t N, float* y) const;
+  int64_t in_features() const { return in_; }
+  int64_t out_features() const { return out_; }
+
+ private:
+  std::vector<torch::Tensor> rows_;  // keeps the mapped rows alive
+  std::vector<Mat> mats_;
+  std::vector<int> dot_types_;  // distinct activation formats the matrices read
+  int64_t in_ = 0, out_ = 0;
+};
+
+// ---- kv_attention.cpp
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor ks,
+                               torch::Tensor km, torch::Tensor vc, torch::Tensor vs,
+                               torch::Tensor vm, torch::Tensor kbuf, torch::Tensor vbuf,
+                               torch::Tensor ksink, torch::Tensor vsink, torch::Tensor vrot,
+                               int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits, int64_t kg,
+                               int64_t vg, double sm_scale);
+
+// ---- decode.cpp
+// One decode step of a block's attention half: x += o(attend(rope(qkv(rms_norm(x))))), with the
+// new token's K and V appended to the layer's fp16 buffer.
+class DecodeAttention {
+ public:
+  DecodeAttention(torch::Tensor norm, double eps, std::shared_ptr<QMatrices> qkv,
+                  torch::Tensor bias, std::shared_ptr<QMatrices> o, int64_t n_heads,
+                  int64_t n_kv_heads, int64_t head_dim, int64_t rope_dims, bool neox,
+                  std::vector<torch::Tensor> kv, std::vector<int64_t> kv_cfg);
+  // x: [1, E] fp32, updated in place; cos, sin: [rope_dims / 2] at the token's position;
+  // nq quantized tokens, nb buffered ones before this token (which goes to buffer row nb)
+  void forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t nq,
+               int64_t nb) const;
+
+ private:
+  torch::Tensor norm_, bias_;
+  double eps_;
+  std::shared_ptr<QMatrices> qkv_, o_;
+  int64_t hq_, h_, d_, rd_;
+  bool neox_;
+  std::vector<torch::Tensor> kv_;  // kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink, vrot
+  std::vector<int64_t> cfg_;       // k_bits, v_bits, k_group, v_group
+};
+
+// One decode step of a dense SwiGLU FFN: x += down(silu(gate(h)) * up(h)), h = rms_norm(x).
+class DecodeDenseFFN {
+ public:
+  DecodeDenseFFN(torch::Tensor norm, double eps, std::shared_ptr<QMatrices> gate_up,
+                 std::shared_ptr<QMatrices> down);
+  void forward(torch::Tensor x) const;
+
+ private:
+  torch::Tensor norm_;
+  double eps_;
+  std::shared_ptr<QMatrices> gate_up_, down_;
+};
+
+// helpers shared by the fused steps
+void rms_norm_row(const float* x, const float* w, int64_t n, double eps, float* out);
