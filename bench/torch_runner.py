@@ -205,7 +205,8 @@ def speed_here(a, path) -> dict:
             med[f"{m}_torch_vs_llama"] = round(med["torch"][key] / med["llama"][key], 3)
         res["threads"][str(th)] = med
     res["rss_mb"] = {side: rss_probe(path, side, a) for side in ("torch", "llama")}
-    res["rss_torch_vs_llama"] = round(res["rss_mb"]["torch"] / res["rss_mb"]["llama"], 3)
+    rss = res["rss_mb"]
+    res["rss_torch_vs_llama"] = round(rss["torch"]["VmRSS"] / rss["llama"]["VmRSS"], 3)
     return res
 
 

@@ -11,7 +11,6 @@
 // back once per query head, which is exact since the sum is linear.
 // Packing is planar (see kvquant.py): channel p*R + r sits in byte r at bit offset p*bits.
 // The pure-torch definition is attention.decode_reference; tests hold the two to a tolerance.
-#include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -69,7 +68,8 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
                            vrot.size(0) == D && vrot.size(1) == D), "vrot must be [D, D] fp32");
   const float* rot = rotated ? vrot.data_ptr<float>() : nullptr;
 
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+  parallel_chunks(H, [&](int64_t h0) {
+    const int64_t h1 = h0 + 1;
     std::vector<float> s(static_cast<size_t>(rep) * N), row(D), qs(rep * D), qm(rep);
     std::vector<float> acc_rot(rotated ? rep * D : 0);
     for (int64_t h = h0; h < h1; ++h) {

@@ -9,14 +9,13 @@
 // instruction set, and the rounding of llama.cpp's own matrix-vector path. So the two runners
 // agree to the last bit on each product, and a CPU llama.cpp is fast on is fast here too.
 //
-// Threads split the output rows (at::parallel_for, torch's pool). Matrices that read the same
+// Threads split the output rows (pool.cpp: chunks claimed one at a time). Matrices that read the same
 // input (Q, K and V; gate and up) are one QMatrices: the input is rounded once per dot format
 // and their rows are one range to split, so no thread waits at a barrier between them. For a
 // batch (prefill) a block of weight rows stays in cache while every activation row passes.
 //
 // The pure-torch definition (the gguf package's dequantization, an fp32 product) is
 // weights.QLinear.dense; tests hold the two to a tolerance set by the activation rounding.
-#include <ATen/Parallel.h>
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -141,8 +140,9 @@ torch::Tensor ggml_dequantize(torch::Tensor raw, int64_t type, int64_t cols) {
   auto y = torch::empty({R, cols}, torch::kFloat32);
   const uint8_t* src = raw.data_ptr<uint8_t>();
   float* dst = y.data_ptr<float>();
-  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) f(src + r * stride, dst + r * cols, cols);
+  parallel_chunks((R + 63) / 64, [&](int64_t c) {
+    for (int64_t r = c * 64; r < std::min(R, c * 64 + 64); ++r)
+      f(src + r * stride, dst + r * cols, cols);
   });
   return y;
 }
@@ -203,8 +203,8 @@ void QMatrices::apply(const float* x, int64_t N, float* y) const {
     if (N == 1) {
       q(x, dst, I);
     } else {
-      at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n) q(x + n * I, dst + n * rb, I);
+      parallel_chunks((N + 7) / 8, [&](int64_t c) {
+        for (int64_t n = c * 8; n < std::min(N, c * 8 + 8); ++n) q(x + n * I, dst + n * rb, I);
       });
     }
   }
@@ -227,17 +227,16 @@ void QMatrices::apply(const float* x, int64_t N, float* y) const {
   for (size_t j = 0; j < mats_.size(); ++j) {
     const Mat& m = mats_[j];
     if (N >= 2 && g.sgemm && sgemm_type(m.type) && m.dot_type == GGML_TYPE_Q8_0) {
-      const int64_t blocks = I / 32, nth = at::get_num_threads();
+      // more shares than threads, claimed one at a time: a slow thread delays no one
+      const int64_t blocks = I / 32, nth = 4 * pool_threads();
       const int64_t lda = m.row_bytes / static_cast<int64_t>(g.traits(m.type)->type_size);
       const int64_t ldb = mat_act_bytes[j] / static_cast<int64_t>(g.traits(m.dot_type)->type_size);
       std::vector<char> ok(nth, 0);
-      at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          const ComputeParams p{static_cast<int>(t), static_cast<int>(nth), 0, nullptr, nullptr,
-                                false};
-          ok[t] = g.sgemm(&p, m.rows, N, blocks, m.w, lda, mat_act[j], ldb, y + m.col0, O,
-                          m.type, m.dot_type, GGML_TYPE_F32);
-        }
+      parallel_chunks(nth, [&](int64_t t) {
+        const ComputeParams p{static_cast<int>(t), static_cast<int>(nth), 0, nullptr, nullptr,
+                              false};
+        ok[t] = g.sgemm(&p, m.rows, N, blocks, m.w, lda, mat_act[j], ldb, y + m.col0, O, m.type,
+                        m.dot_type, GGML_TYPE_F32);
       });
       done[j] = std::all_of(ok.begin(), ok.end(), [](char c) { return c != 0; });
       TORCH_CHECK(done[j] || std::none_of(ok.begin(), ok.end(), [](char c) { return c != 0; }),
@@ -246,8 +245,11 @@ void QMatrices::apply(const float* x, int64_t N, float* y) const {
     all_done = all_done && done[j];
   }
   if (all_done) return;
-  // one range over every matrix's rows, in blocks of ROW_BLOCK
-  at::parallel_for(0, O, ROW_BLOCK, [&](int64_t r0, int64_t r1) {
+  // one range over every matrix's rows, in chunks of whole ROW_BLOCKs claimed one at a time
+  const int64_t per = std::max<int64_t>(
+      ROW_BLOCK, (O / (8 * pool_threads()) + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK);
+  parallel_chunks((O + per - 1) / per, [&](int64_t chunk) {
+    const int64_t r0 = chunk * per, r1 = std::min(O, r0 + per);
     size_t j = 0;
     for (int64_t b0 = r0; b0 < r1; b0 += ROW_BLOCK) {
       const int64_t b1 = std::min(r1, b0 + ROW_BLOCK);

@@ -1,14 +1,21 @@
 // The torch runner's C++ kernels, built as one extension (localai/engine/torch/native.py):
-// qmatmul.cpp (products with GGUF-block matrices on ggml's kernels), kv_attention.cpp (decode
+// pool.cpp (the threads they share), qmatmul.cpp (products with GGUF-block matrices on ggml's kernels), kv_attention.cpp (decode
 // attention over the quantized KV pages), decode.cpp (one decode step of a layer, fused), and
 // module.cpp (the Python bindings). Each has a pure-torch reference that tests hold it to.
 #pragma once
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
+
+// ---- pool.cpp
+// fn(0) .. fn(n - 1) on this thread and helpers; returns when all have run
+void parallel_chunks(int64_t n, const std::function<void(int64_t)>& fn);
+void set_threads(int64_t n);  // threads a job may use, the caller's included (default 1)
+int pool_threads();
 
 // ---- qmatmul.cpp
 void ggml_bind(const std::string& cpu_lib, const std::string& base_lib);

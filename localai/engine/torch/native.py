@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parents[3] / "native"
-FILES = ["module.cpp", "qmatmul.cpp", "kv_attention.cpp", "decode.cpp"]
+FILES = ["module.cpp", "pool.cpp", "qmatmul.cpp", "kv_attention.cpp", "decode.cpp"]
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
@@ -54,11 +54,8 @@ def _build():
     from torch.utils.cpp_extension import load as build
 
     _ninja_on_path()
-    # -fopenmp: at::parallel_for is inline OpenMP, serial without it (the soname is torch's own
-    # libgomp.so.1, so the process keeps one OpenMP runtime)
     module = build(name="localai_runner", sources=[str(SOURCES / f) for f in FILES],
-                   extra_cflags=["-O3", "-ffast-math", "-fopenmp", *isa_flags()],
-                   extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
+                   extra_cflags=["-O3", "-ffast-math", *isa_flags()], verbose=False)  # fmt: skip
     lib = ggml_lib_dir()
     module.ggml_bind(str(lib / "libggml-cpu.so"), str(lib / "libggml-base.so"))
     return module
