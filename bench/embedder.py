@@ -1,17 +1,20 @@
 """The embedder's backends side by side: speed and vector agreement on NFCorpus chunks.
 
-"new" is what `Embedder(backend="auto")` picks on this machine (torch-bf16 where bf16 is native),
-"old" the onnxruntime int8 path that was the only one before; "fp32" is the same safetensors in
-fp32 with plain torch ops (the reference model). Chunks are the index's own (the chunker over
-the first N NFCorpus documents), embedded in batches of 64 like the indexer does; runs alternate
-(old new old new) so machine noise hits both, and the best run of each counts.
+"new" is what `Embedder(backend="auto")` picks on this machine (torch-bf16 where bf16 is native,
+torch-fp32 elsewhere), "old" the onnxruntime int8 path that was the only one before; "fp32" is
+the same safetensors in fp32 with plain torch ops (the reference model). `--isa avx2` runs the
+whole bench again in a child process with torch and oneDNN capped to AVX2
+(ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), as on a laptop without AVX-512 or AMX.
+Chunks are the index's own (the chunker over the first N NFCorpus documents), embedded in
+batches of 64 like the indexer does; runs alternate (old new old new) so machine noise hits
+both, and the best run of each counts.
 
 Agreement: mean and minimum cosine between the backends' vectors of the same chunk, and for the
 NFCorpus test queries, recall@10 of exact search: the top 10 chunks with new vectors (queries and
 chunks) against the top 10 with old ones, and "mixed" = new query vectors against old chunk
 vectors (an index built before the switch, searched after it). Prints one JSON object.
 
-    python bench/embedder.py [--docs 300] [--runs 3] [--min-tokens 0]
+    python bench/embedder.py [--docs 300] [--runs 3] [--min-tokens 0] [--isa avx2]
 
 `--min-tokens 230` keeps only full-size chunks (the chunker's ~250-token target), the size the
 ingest goal is stated for.
@@ -81,7 +84,11 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=300)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--min-tokens", type=int, default=0)
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native")
     args = ap.parse_args()
+    if args.isa == "avx2" and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":
+        env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     models = os.environ.get("LOCALAI_MODELS", str(Path.home() / ".cache/localai-test/models"))
     settings = load_settings(tempfile.gettempdir(), models_dir=models)  # home is never written
     cat = Catalog(settings.models_dir)
@@ -90,7 +97,7 @@ def main() -> None:
     model, tok = cat.file(name, "model.onnx"), cat.file(name, "tokenizer.json")
     old = Embedder(model, tok, settings.threads, backend="onnx-int8")
     new = Embedder(model, tok, settings.threads)
-    fp32 = Embedder(model, tok, settings.threads, backend="torch-fp32")
+    fp32 = Embedder(model, tok, settings.threads, backend="reference")
 
     texts = corpus_chunks(old, args.docs)
     sizes = [len(e.ids) for e in old._truncating.encode_batch(texts)]  # as embedded (truncated)
@@ -117,6 +124,7 @@ def main() -> None:
         "bench": "embedder", "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "load_avg_1m": round(os.getloadavg()[0], 2), "threads": settings.threads,
+        "isa": args.isa,
         "backends": {"old": old.backend, "new": new.backend},
         "chunks": len(texts), "mean_tokens": round(tokens / len(texts), 1),
         "chunks_per_s": {k: round(v, 2) for k, v in best.items()},

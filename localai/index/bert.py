@@ -1,7 +1,8 @@
-"""MiniLM-L6-v2 (a 6-layer BERT) in plain torch: the embedder's fast path on CPUs with bf16 units.
+"""MiniLM-L6-v2 (a 6-layer BERT) in plain torch: the embedder's torch backends.
 
 The weights are the model's own fp32 safetensors, read directly (no framework). The forward
-runs in bfloat16: on a CPU with AMX or AVX512-BF16, oneDNN multiplies bf16 ~5x faster than fp32.
+runs in bfloat16 on a CPU with AMX or AVX512-BF16 (oneDNN multiplies bf16 ~5x faster than fp32
+there), in fp32 elsewhere.
 Bias, GELU and the residual add are fused into the matmul (`torch.ops.mkldnn._linear_pointwise`,
 the op torch's own compiler emits for CPU linears), which saves one pass over the activations
 each; attention is torch's fused SDPA, row by row (see `attention`). `fused=False` runs the same

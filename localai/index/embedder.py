@@ -4,10 +4,13 @@ The backends compute the same model into one vector space (an index embedded by 
 by another with recall@10 0.98, see BENCHMARKS.md); `backend` names the one in use:
 - "torch-bf16": the fp32 safetensors run in bf16 by bert.py; chosen when the weights are
   installed and the CPU multiplies bf16 in hardware (several times the ONNX path's speed on
-  the reference machine).
-- "onnx-int8": the int8 ONNX export on onnxruntime, everywhere else.
-- "torch-fp32": the safetensors in fp32 with plain torch ops: the reference model (tests,
-  bench), never picked by "auto".
+  AMX machines).
+- "torch-fp32": the same weights in fp32, bias/GELU/residual fused into oneDNN's matmuls;
+  chosen where bf16 is not native (AVX2 laptops): on a 2-core AVX2 CPU it ran 1.2x the int8
+  ONNX path (int8 buys nothing there: both run near the CPU's fp32 peak) with exact vectors.
+- "onnx-int8": the int8 ONNX export on onnxruntime, when the fp32 weights are not installed.
+- "reference": the fp32 weights with plain torch ops: the reference model (tests, bench),
+  never picked by "auto".
 
 Texts are sorted by length and batched so that padding (wasted work) stays small; vectors come
 back in input order. The shipped tokenizer.json pads and truncates to 128 tokens; we truncate at
@@ -29,7 +32,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 DIM = 384
-BACKENDS = ("auto", "torch-bf16", "torch-fp32", "onnx-int8")
+BACKENDS = ("auto", "torch-bf16", "torch-fp32", "onnx-int8", "reference")
 WEIGHTS = "model.safetensors"  # fp32 weights, next to model.onnx when the catalog installed them
 
 
@@ -48,7 +51,7 @@ class Embedder:
         self.model_path, self.tokenizer_path = Path(model_path), Path(tokenizer_path)
         self._pool: ThreadPoolExecutor | None = None  # torch backends: one batch per thread
         self.backend = pick_backend(Path(model_path), backend)
-        if self.backend.startswith("torch"):
+        if self.backend != "onnx-int8":
             import torch
 
             from .bert import MiniLM, bf16_is_native
@@ -60,7 +63,8 @@ class Embedder:
                 )
 
             bf16 = self.backend == "torch-bf16"
-            self.model = MiniLM.load(Path(model_path).with_name(WEIGHTS), fused=bf16,
+            self.model = MiniLM.load(Path(model_path).with_name(WEIGHTS),
+                                     fused=self.backend != "reference",
                                      dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
         else:
             import onnxruntime as ort
@@ -72,6 +76,11 @@ class Embedder:
                 str(model_path), opts, providers=["CPUExecutionProvider"]
             )
             self._inputs = {i.name for i in self.session.get_inputs()}
+
+    @property
+    def on_torch(self) -> bool:
+        """Whether a torch backend (one batch per worker thread) runs the model."""
+        return self.backend != "onnx-int8"
 
     def count_tokens(self, text: str) -> int:
         """Tokens the embedder sees for `text` (special tokens included, before truncation)."""
@@ -85,11 +94,11 @@ class Embedder:
         encs = self._truncating.encode_batch([encodable(t) for t in texts])
         order = np.argsort([len(e.ids) for e in encs], kind="stable")
         n = -(-len(order) // self.batch_size)  # batches of at most batch_size
-        if self.backend.startswith("torch"):  # and at least one per worker: every core works
+        if self.on_torch:  # and at least one per worker: every core works
             n = max(n, min(self.threads, len(order)))
         batches = np.array_split(order, n)
         padded = [self._pad([encs[i].ids for i in idx]) for idx in batches]
-        if self.backend.startswith("torch"):
+        if self.on_torch:
             pooled = self._workers().map(self._pool_torch, padded)
         else:
             pooled = (self._pool_onnx(*p) for p in padded)
@@ -141,12 +150,14 @@ def encodable(text: str) -> str:
 
 
 def pick_backend(model_path: Path, backend: str = "auto") -> str:
-    """The backend `auto` means here: torch-bf16 if its weights are installed and bf16 is native."""
+    """The backend `auto` means here: the fp32 weights in bf16 where bf16 is native, in fp32
+    elsewhere; the int8 ONNX model when the weights are not installed."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown embedder backend {backend!r}; one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
+    if not model_path.with_name(WEIGHTS).is_file():
+        return "onnx-int8"
     from .bert import bf16_is_native
 
-    fast = model_path.with_name(WEIGHTS).is_file() and bf16_is_native()
-    return "torch-bf16" if fast else "onnx-int8"
+    return "torch-bf16" if bf16_is_native() else "torch-fp32"
