@@ -14,7 +14,6 @@ from localai.catalog import Catalog
 
 TEST_MODEL = "smollm2-135m"
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 
 
 def _models_dir() -> Path:

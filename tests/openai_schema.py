@@ -1,19 +1,20 @@
-"""Validate bodies against the OpenAI OpenAPI document in shared/evals/openai-openapi/.
+"""Validate bodies against the OpenAI OpenAPI schemas shipped in tests/data/openai-openapi/ (the
+parts of the official document the tests use, MIT; see that folder's README).
 
 The document still carries old-style `nullable: true` keys; each such schema is rewritten as
-`anyOf: [schema, {type: null}]` before validating (see that folder's README)."""
+`anyOf: [schema, {type: null}]` before validating."""
 
 from __future__ import annotations
 
+import json
 from functools import cache, lru_cache
+from pathlib import Path
 
-import yaml
-from conftest import SHARED
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC = SHARED / "evals" / "openai-openapi" / "openapi.yaml"
+SPEC = Path(__file__).parent / "data" / "openai-openapi" / "schemas.json"
 URI = "urn:openai-openapi"
 
 
@@ -30,8 +31,7 @@ def _nullable_to_null(node):
 
 @lru_cache(maxsize=1)
 def _registry() -> Registry:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    doc = _nullable_to_null(yaml.load(SPEC.read_text(), Loader=loader))
+    doc = _nullable_to_null(json.loads(SPEC.read_text()))
     return Registry().with_resource(URI, Resource.from_contents(doc, DRAFT202012))
 
 

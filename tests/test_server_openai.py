@@ -1,6 +1,6 @@
 """The OpenAI-compatible API of a real `localai serve`, through the official `openai` client.
 
-Every body is also validated against the OpenAI OpenAPI schemas (shared/evals/openai-openapi),
+Every body is also validated against the OpenAI OpenAPI schemas (tests/data/openai-openapi),
 including each streamed chunk. Generations are short (a few tokens) to keep the suite fast.
 """
 
