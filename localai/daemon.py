@@ -24,6 +24,7 @@ from .runtime import open_catalog, open_engine
 from .server.app import build_app
 from .server.auth import ensure_token, is_loopback
 from .server.state import ServerState
+from .terminal import shown
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -174,11 +175,11 @@ class Watcher:
     def _idle(self, _stats=None) -> None:
         self.progress = dict(self.progress, running=False)
 
-    def _failed(self, e: Exception, retry_in: float) -> None:
+    def _failed(self, e: Exception, retry_in: float | None) -> None:
         from .index.watcher import failure
 
         self._idle()
-        self.log(f"[yellow]{escape(failure(e, retry_in))}[/yellow]")
+        self.log(f"[yellow]{escape(shown(failure(e, retry_in)))}[/yellow]")
 
     def start(self) -> None:
         self._stop = threading.Event()

@@ -25,6 +25,7 @@ from .. import __version__
 from ..catalog import CatalogError
 from ..config import KV_BITS, KV_TYPES, ConfigError, load_settings
 from ..engine import EngineError
+from ..private import private_dir
 from ..runtime import open_engine
 
 err = Console(stderr=True)
@@ -67,7 +68,9 @@ def log(msg: str) -> None:
 
 def settings_of(ctx: click.Context, **overrides):
     kv = ctx.obj.get("kv_bits", {}) if ctx.obj else {}
-    return load_settings(ctx.obj["home"], **(kv | overrides))
+    s = load_settings(ctx.obj["home"], **(kv | overrides))
+    private_dir(s.home)  # what localai keeps there is this user's only (see private.py)
+    return s
 
 
 def _kv_bits_flag(key: str):

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..index import MODES, UNITS
+from ..terminal import shown
 from .app import err, log, main, settings_of, user_errors
 
 
@@ -77,7 +78,7 @@ def _summary(st) -> None:
     if st.skipped:
         log(f"{len(st.skipped):,} skipped:")
         for s in st.skipped[:10]:
-            err.print(f"  {s['path']}: {s['reason']}", highlight=False)
+            err.print(f"  {shown(s['path'])}: {shown(s['reason'])}", markup=False, highlight=False)
         if len(st.skipped) > 10:
             err.print(f"  … and {len(st.skipped) - 10:,} more (--json lists all)")
 
@@ -147,16 +148,17 @@ def _upgrade(ix, as_json: bool) -> None:
 
 def _watch(ix) -> None:
     stop = threading.Event()
-    log("watching " + ", ".join(s["path"] for s in ix.sources()) + " (Ctrl-C to stop)")
+    names = ", ".join(escape(shown(s["path"])) for s in ix.sources())
+    log(f"watching {names} (Ctrl-C to stop)")
 
     def report(st) -> None:
         log(f"{st.changed} file(s) re-indexed, {st.removed} removed, "
             f"{st.embedded} chunks embedded ({st.seconds:.2f} s)")  # fmt: skip
 
-    def failed(e: Exception, retry_in: float) -> None:
+    def failed(e: Exception, retry_in: float | None) -> None:
         from ..index.watcher import failure
 
-        log(f"[yellow]{escape(failure(e, retry_in))}[/yellow]")
+        log(f"[yellow]{escape(shown(failure(e, retry_in)))}[/yellow]")
 
     try:
         ix.watch(stop, on_update=report, on_error=failed)
@@ -187,7 +189,7 @@ def sources_list(ctx, as_json=False):
         log("no sources yet: `localai index PATH` adds one")
     for r in rows:
         gone = "" if r["exists"] else "  (missing)"
-        click.echo(f"{r['path']}  {r['files']:,} files  {r['chunks']:,} chunks{gone}")
+        click.echo(f"{shown(r['path'])}  {r['files']:,} files  {r['chunks']:,} chunks{gone}")
 
 
 @sources.command("rm")
@@ -197,7 +199,7 @@ def sources_list(ctx, as_json=False):
 def sources_rm(ctx, path):
     """Forget a source and drop its files from the index (the files stay untouched)."""
     n = _open(ctx).remove_source(path)
-    log(f"removed {path}: {n:,} files dropped from the index")
+    log(f"removed {escape(shown(str(path)))}: {n:,} files dropped from the index")
 
 
 @main.command("search")
@@ -240,11 +242,12 @@ def search_cmd(ctx, query, k, unit, mode, as_json, under, queries, no_daemon):
         log("no matches" + (" (the index is empty)" if empty else ""))
     out = Console(highlight=False)
     for i, r in enumerate(rows, start=1):
-        out.print(f"[bold]{i}. {escape(r['where'])}[/bold]  [dim]score {r['score']:.4f}[/dim]")
+        where = escape(shown(r["where"]))
+        out.print(f"[bold]{i}. {where}[/bold]  [dim]score {r['score']:.4f}[/dim]")
         if not r["verified"]:
-            out.print(f"   [yellow]{escape(r['reason'])}[/yellow]")
+            out.print(f"   [yellow]{escape(shown(r['reason']))}[/yellow]")
         lines = [ln.strip() for ln in r["text"].splitlines() if ln.strip()]
-        snippet = " ".join(lines)[:300]
+        snippet = shown(" ".join(lines)[:300])  # a file's text may carry escape sequences too
         out.print(f"   {snippet}", markup=False)
 
 

@@ -8,7 +8,9 @@ For each file under the roots:
   before anything is embedded; only new content reaches the embedder.
 Files are embedded in batches across files (the embedder is fast only in batches) and then
 written one transaction per file: its old chunks, FTS rows and `files` row are replaced together.
-Deleted files are removed last, so a file moved within the roots finds its old chunks' codes.
+Deleted files are removed last, so a file moved within the roots finds its old chunks' codes,
+and so are files that stopped being indexable (now a FIFO, a device, over the size limit,
+unreadable): the walk or the read skips them with the reason, and their chunks are dropped.
 
 A kill at any point loses at most the files whose transaction had not committed; the next run
 sees them as changed and redoes them. Nothing is half-written.
@@ -30,7 +32,7 @@ from .chunker import Chunk, Counter, chunk
 from .fusion import fts_text
 from .loaders import Unreadable, load, loader_for
 from .vectors import Codec
-from .walk import Found, Skipped, walk
+from .walk import Found, NotIndexable, Skipped, bad_name, read_indexable, walk
 
 EMBED_BATCH = 64  # chunks gathered across files before one embedder call
 OPTIMIZE_AFTER = 1000  # chunks written in one run (and ≥ 1/4 of the index) → merge FTS segments
@@ -76,7 +78,8 @@ class Indexer:
         t0 = time.perf_counter()
         st = RunStats()
         rows = self._recorded(roots)
-        seen: set[str] = set()
+        walked: set[str] = set()  # every path the walks gave, once (sources may overlap)
+        seen: set[str] = set()  # those still indexable; recorded files not seen are removed
         todo: list[tuple[Found, tuple | None]] = []
         for root in roots:
             if not root.exists():
@@ -85,12 +88,13 @@ class Indexer:
                 continue
             for item in walk(root):
                 key = str(item.path)
-                if key in seen:
+                if key in walked:
                     continue
-                seen.add(key)
-                if isinstance(item, Skipped):
+                walked.add(key)
+                if isinstance(item, Skipped):  # not seen: if it was indexed, it is removed below
                     st.skipped.append({"path": key, "reason": item.reason})
                     continue
+                seen.add(key)
                 row = rows.get(key)
                 if row and row[1] == item.size and row[2] == item.mtime_ns:
                     st.unchanged += 1
@@ -101,17 +105,22 @@ class Indexer:
         self._process(todo, st, progress)
         for path, row in rows.items():
             if path not in seen:
-                with store.transaction(self.db):
-                    store.delete_file(self.db, row[0])
-                    store.bump_generation(self.db)
+                self._remove(row[0])
                 st.removed += 1
         self._totals(st)
         st.seconds = round(time.perf_counter() - t0, 3)
         return st
 
+    def _remove(self, file_id: int) -> None:
+        with store.transaction(self.db):
+            store.delete_file(self.db, file_id)
+            store.bump_generation(self.db)
+
     def _recorded(self, roots: list[Path]) -> dict[str, tuple]:
         out = {}
         for root in roots:
+            if bad_name(root):  # no file with such a name is recorded (the walk skips them)
+                continue
             prefix = str(root).rstrip("/") + "/"
             for r in self.db.execute(
                 "SELECT path, id, size, mtime_ns, sha256, skip_reason FROM files "
@@ -138,10 +147,12 @@ class Indexer:
         """Read, hash, load and chunk one changed file; None if nothing needs embedding."""
         file_id = row[0] if row else None
         try:
-            data = found.path.read_bytes()
-        except OSError as e:
-            reason = "permission denied" if isinstance(e, PermissionError) else str(e.strerror)
-            st.skipped.append({"path": str(found.path), "reason": reason})
+            data = read_indexable(found.path)
+        except NotIndexable as e:  # changed kind or size since the walk, or unreadable
+            st.skipped.append({"path": str(found.path), "reason": str(e)})
+            if file_id is not None:  # its old chunks can no longer be read back: drop them
+                self._remove(file_id)
+                st.removed += 1
             return None
         sha = hashlib.sha256(data).digest()
         if row and row[3] == sha:  # touched, not changed

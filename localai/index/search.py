@@ -28,9 +28,8 @@ The index keeps no copy of document text (see store.py); text is re-read from th
 
 from __future__ import annotations
 
-import contextlib
+import os
 import threading
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,14 +40,14 @@ from ..config import Settings
 from ..governor import Governor
 from . import MODES, UNITS, store
 from .bm25 import Scorer
-from .chunker import chunk
 from .fusion import fts_query, fts_text, query_words, rrf, to_files
 from .indexer import Indexer, Progress, RunStats
-from .loaders import Unreadable, load, loader_for
+from .readback import Passage, Reader, location
 from .vectors import DEFAULT_CODEC, VectorSet, codec
+from .walk import BAD_NAME, bad_name
 
 CANDIDATES = 100  # each list's depth before fusion
-READ_CACHE = 32  # re-chunked files kept for read-back
+__all__ = ["Hit", "Index", "IndexError_", "Passage", "db_path", "hit_row", "location", "user_path"]
 
 
 class IndexError_(ValueError):
@@ -70,27 +69,24 @@ class Hit:
     vector_rank: int | None = None
 
 
-@dataclass(frozen=True)
-class Passage:
-    text: str
-    verified: bool
-    reason: str  # "" when verified
-    path: str
-    start_line: int
-    end_line: int
-    pages: tuple[int, int] | None = None  # for paged documents (PDF)
-
-    @property
-    def where(self) -> str:
-        return location(self.path, self.start_line, self.end_line, self.pages)
+def user_path(raw: str | Path, what: str = "path") -> Path:
+    """`raw` as the index names paths: `~` expanded, absolute, `.` and `..` resolved by name as
+    the walk resolves them (symlinks kept), so `c/../c` is the source `c`. An unknown `~user`,
+    a NUL or a name that is not UTF-8 is an IndexError_ saying so, never a traceback."""
+    p = _normal(raw, what)
+    if bad_name(p):
+        raise IndexError_(f"{what}: {str(raw)!r}: {BAD_NAME}")
+    return p
 
 
-def location(path: str, start_line: int, end_line: int, pages=None) -> str:
-    """`path:lines`, or `path p.N` (`p.N-M`) for a paged document."""
-    if pages:
-        a, b = pages
-        return f"{path} p.{a}" + (f"-{b}" if b != a else "")
-    return f"{path}:{start_line}-{end_line}"
+def _normal(raw: str | Path, what: str) -> Path:
+    """user_path without the UTF-8 check, for paths the walk reports on (watched files)."""
+    if "\0" in str(raw):
+        raise IndexError_(f"{what}: {str(raw)!r}: a path cannot hold a NUL character")
+    try:
+        return Path(os.path.abspath(Path(raw).expanduser()))
+    except RuntimeError as e:  # "~someone" who is not a user here
+        raise IndexError_(f"{what}: cannot expand ~ in {str(raw)!r}: no such user") from e
 
 
 def db_path(settings: Settings) -> Path:
@@ -121,7 +117,7 @@ class Index:
         self._vectors_gen: str | None = None
         self._bm25: tuple[str, Scorer | None] | None = None  # (generation, scorer if layout tf)
         self._lock = threading.RLock()
-        self._read_cache: OrderedDict[tuple, tuple[bytes, list]] = OrderedDict()
+        self._reader = Reader(self.count_tokens)
 
     @classmethod
     def open(cls, settings: Settings, governor: Governor | None = None, embedder=None) -> Index:
@@ -137,7 +133,7 @@ class Index:
     # sources ------------------------------------------------------------------------------
 
     def add_source(self, path: str | Path) -> Path:
-        p = Path(path).expanduser().absolute()
+        p = user_path(path)
         if not p.exists():
             raise IndexError_(f"{p} does not exist; nothing was added")
         with self._lock, store.transaction(self.db):
@@ -160,7 +156,7 @@ class Index:
 
     def remove_source(self, path: str | Path) -> int:
         """Forget a source and every file under it; returns the number of files removed."""
-        p = str(Path(path).expanduser().absolute())
+        p = str(user_path(path))
         with self._lock:
             if not self.db.execute("SELECT 1 FROM sources WHERE path = ?", [p]).fetchone():
                 known = [s["path"] for s in self.sources()]
@@ -172,7 +168,9 @@ class Index:
 
     def forget(self, path: str | Path, keep_under: list[str] = ()) -> int:
         """Drop every indexed file at or under `path` (except those under `keep_under`)."""
-        p = str(Path(path).absolute()).rstrip("/")
+        p = str(_normal(path, "path")).rstrip("/")
+        if bad_name(p):  # no indexed path has such a name
+            return 0
         rows = self.db.execute(
             "SELECT id, path FROM files WHERE path = ? OR substr(path, 1, ?) = ?",
             [p, len(p) + 1, p + "/"],
@@ -227,7 +225,7 @@ class Index:
 
         `keep_missing=False` removes a path that no longer exists (the watcher's deletions);
         by default a missing source is kept, in case its disk is only unmounted."""
-        roots = [Path(p).expanduser().absolute() for p in paths] if paths else None
+        roots = [_normal(p, "path") for p in paths] if paths else None
         if roots is None:
             roots = [Path(s["path"]) for s in self.sources()]
         gone = [] if keep_missing else [r for r in roots if not r.exists()]
@@ -295,7 +293,7 @@ class Index:
     def _fed_texts(self, path: Path) -> dict[bytes, str]:
         """What FTS receives for each chunk the file holds now, by content hash ({} if it is
         gone or unreadable)."""
-        got = self._rechunk(path)
+        got = self._reader.rechunk(path)
         return {} if isinstance(got, str) else {c.hash: fts_text(c.text) for c in got[1]}
 
     def check(self) -> list[str]:
@@ -390,10 +388,7 @@ class Index:
         if k < 1:
             raise IndexError_(f"k must be at least 1, not {k}")
         depth = max(CANDIDATES, 3 * k) * (10 if under else 1)  # a folder filter thins lists
-        try:
-            prefix = str(Path(under).expanduser().absolute()).rstrip("/") + "/" if under else None
-        except (RuntimeError, ValueError) as e:  # "~someone" unknown, a NUL, a lone surrogate
-            raise IndexError_(f"under: {e}") from e
+        prefix = str(user_path(under, "under")).rstrip("/") + "/" if under else None
         lists = []
         if mode in ("hybrid", "bm25"):
             lists.append(self.bm25_chunks(query, depth))
@@ -457,44 +452,7 @@ class Index:
         return self.read_many([hit])[0]
 
     def read_many(self, hits: list[Hit]) -> list[Passage]:
-        chunks_of: dict[str, tuple[bytes, list] | str] = {}
-        out = []
-        for h in hits:
-            if h.path not in chunks_of:
-                chunks_of[h.path] = self._rechunk(Path(h.path))
-            got = chunks_of[h.path]
-            out.append(_passage(h, got))
-        return out
-
-    def _rechunk(self, path: Path) -> tuple[bytes, list] | str:
-        """The file's current text bytes (a derived Document's, for PDFs) and chunks.
-        Re-chunking a large HTML page costs ~0.1–1 s, so the last READ_CACHE files are kept,
-        keyed by (size, mtime_ns): any write to the file changes the key, and a changed file
-        is never served from the cache."""
-        try:
-            st = path.stat()
-            key = (str(path), st.st_size, st.st_mtime_ns)
-            with self._lock:
-                if key in self._read_cache:
-                    self._read_cache.move_to_end(key)
-                    return self._read_cache[key]
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return "the file is gone"
-        except OSError as e:
-            return f"the file cannot be read: {e.strerror}"
-        picked = loader_for(path, data[:4096])
-        got: tuple[bytes, list] = (data, [])
-        if picked is not None:
-            with contextlib.suppress(Unreadable):  # unreadable now: no chunk can match
-                blocks, text, paged = load(picked[1], data, path)
-                got = (text, chunk(blocks, text, self.count_tokens, paged))
-        if len(data) == st.st_size:  # not written to while we read it
-            with self._lock:
-                self._read_cache[key] = got
-                while len(self._read_cache) > READ_CACHE:
-                    self._read_cache.popitem(last=False)
-        return got
+        return self._reader.read_many(hits)
 
 
 def hit_row(h: Hit, p: Passage) -> dict:
@@ -509,21 +467,6 @@ def _hit(row: tuple, score: float = 0.0, bm25_rank: int | None = None,
     end_line, hash)."""
     c, fid, path, sb, eb, sl, el, h = row
     return Hit(c, fid, path, sl, el, sb, eb, score, h.hex(), bm25_rank, vector_rank)
-
-
-def _passage(h: Hit, got: tuple[bytes, list] | str) -> Passage:
-    if isinstance(got, str):
-        return Passage("", False, got, h.path, h.start_line, h.end_line)
-    data, chunks = got
-    want = bytes.fromhex(h.hash)
-    same = [c for c in chunks if c.hash == want]
-    if same:
-        c = min(same, key=lambda c: abs(c.start_byte - h.start_byte))
-        moved = "" if c.start_byte == h.start_byte else "moved within the file since indexing"
-        return Passage(c.text, True, moved, h.path, c.start_line, c.end_line, c.pages)
-    text = data[h.start_byte : h.end_byte].decode("utf-8", errors="replace")
-    why = "the file changed since it was indexed (run `localai index` to refresh)"
-    return Passage(text, False, why, h.path, h.start_line, h.end_line)
 
 
 def _rank(lst: list[int], item: int) -> int | None:

@@ -28,6 +28,7 @@ contentless FTS5 table without the original text, which the store does not keep.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from pathlib import Path
 import pysqlite3.dbapi2 as sqlite3
 import sqlite_utils
 
+from ..private import private_file, tighten
 from .bm25 import TF_TOKENIZER, TOKENIZER, tf_rows
 from .chunker import HASH_BYTES
 
@@ -99,10 +101,21 @@ def _m3_short_hashes(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE files SET sha256 = unhex(sha256) WHERE typeof(sha256) = 'text'")
 
 
+def _m4_normal_sources(db: sqlite_utils.Database) -> None:
+    """Sources named as the walk names files (`.` and `..` resolved, no trailing slash): one
+    added as `c/../c` was kept as given, so none of its files were counted under it."""
+    for path, added in db.execute("SELECT path, added_at FROM sources").fetchall():
+        normal = os.path.normpath(path)
+        if normal != path:
+            db.execute("DELETE FROM sources WHERE path = ?", [path])
+            db.execute("INSERT OR IGNORE INTO sources VALUES (?, ?)", [normal, added])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m1_base,
     _m2_fts_layout,
     _m3_short_hashes,
+    _m4_normal_sources,
 ]
 
 
@@ -129,7 +142,9 @@ def fts_layout(db: sqlite_utils.Database) -> str:
 
 def connect(path: Path) -> sqlite_utils.Database:
     """Open (creating if needed) and migrate the index database at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_file(path)  # the vocabulary and the paths are private; sqlite gives the WAL
+    for side in ("-wal", "-shm"):  # and shm files the database's mode (older ones: tightened)
+        tighten(path.with_name(path.name + side))
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
                            check_same_thread=False)  # fmt: skip
     # incremental auto-vacuum (takes effect on a new file only): pages freed by re-indexing go
@@ -158,10 +173,10 @@ def migrate(db: sqlite_utils.Database) -> list[int]:
     )
     applied = []
     for version, step in enumerate(MIGRATIONS, start=1):
-        if version <= schema_version(db):
+        if _migrated(db, version):
             continue
         with transaction(db):
-            if version <= schema_version(db):  # another process migrated meanwhile
+            if _migrated(db, version):  # another process migrated meanwhile
                 continue
             step(db)
             db.execute(
@@ -169,6 +184,12 @@ def migrate(db: sqlite_utils.Database) -> list[int]:
             )
         applied.append(version)
     return applied
+
+
+def _migrated(db: sqlite_utils.Database, version: int) -> bool:
+    """Each version is looked up, not compared with the highest: one recorded as missing (a
+    test, an interrupted upgrade) is applied even after later ones."""
+    return bool(db.execute("SELECT 1 FROM migrations WHERE version = ?", [version]).fetchone())
 
 
 @contextmanager

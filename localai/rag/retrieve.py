@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..index.search import Hit, Index, Passage
+from ..index.search import Hit, Index, Passage, user_path
 
 
 @dataclass
@@ -37,7 +37,7 @@ def _under(path: str, root: Path) -> bool:
 
 def retrieve(index: Index, question: str, k: int, source: str | Path | None = None) -> Retrieved:
     """Up to `k` fresh passages for `question`, best first (only under `source`, if given)."""
-    root = Path(source).expanduser().absolute() if source else None
+    root = user_path(source, "source") if source else None
     depth = k * 5 if root else k  # filtering by folder happens after ranking
     hits = index.search(question, k=depth)
     if root is not None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 import secrets
 import socket
-import stat
 from pathlib import Path
 
+from ..private import private_file
 from .errors import APIError, render
 
 OPEN_PATHS = frozenset({"/health"})
@@ -28,19 +27,13 @@ def token_path(home: Path) -> Path:
 def ensure_token(home: Path) -> str:
     """Read the token, creating it (0600) if absent; tighten a file others could read."""
     path = token_path(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        if stat.S_IMODE(path.stat().st_mode) & 0o077:
-            os.chmod(path, 0o600)  # a token others can read is no secret
-        token = path.read_text().strip()
-        if len(token) < 16:
-            raise OSError(f"{path} holds no usable token; delete it and start again") from None
+    if private_file(path):
+        token = secrets.token_urlsafe(32)
+        path.write_text(token + "\n")
         return token
-    token = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    token = path.read_text().strip()
+    if len(token) < 16:
+        raise OSError(f"{path} holds no usable token; delete it and start again")
     return token
 
 

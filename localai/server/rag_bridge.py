@@ -14,6 +14,7 @@ from contextlib import aclosing
 import anyio
 
 from ..engine import Delta, Done, Message, SamplingParams
+from ..index.search import IndexError_
 from ..rag.answer import DEFAULT_K, CitedDone, NoQuestion
 from ..rag.prompt import LAYOUTS
 from . import params as P
@@ -43,6 +44,8 @@ async def docs_events(
         )
     except NoQuestion as e:
         raise bad_request(str(e), param="messages") from e
+    except IndexError_ as e:  # docs.source: an unknown ~user, a NUL
+        raise bad_request(str(e), param="docs.source") from e
     engine = state.engine
     tokens = P.prompt_tokens(engine, P.chat_prompt(engine, prep.messages), params)
     inner = state.slot.stream(lambda cancel: engine.generate(tokens, params, cancel))

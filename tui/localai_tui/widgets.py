@@ -12,6 +12,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Markdown, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
+from localai.terminal import shown
+
 HELP = """\
 # localai — keys and commands
 
@@ -137,11 +139,10 @@ class SourcesPane(Vertical):
 def location(c: dict) -> str:
     """`path:lines`, or `path p.N` for a citation of a paged document (PDF)."""
     pages = c.get("pages")
+    path = shown(c.get("path", "?"))  # a name's escape sequences are shown, not acted on
     if pages:
-        return f"{c.get('path', '?')} p.{pages[0]}" + (
-            f"-{pages[1]}" if pages[1] != pages[0] else ""
-        )
-    return f"{c.get('path', '?')}:{c.get('start_line', '?')}-{c.get('end_line', '?')}"
+        return f"{path} p.{pages[0]}" + (f"-{pages[1]}" if pages[1] != pages[0] else "")
+    return f"{path}:{c.get('start_line', '?')}-{c.get('end_line', '?')}"
 
 
 class IndexPane(Vertical):
