@@ -2,23 +2,72 @@
 
 When `localai serve` runs, `localai run` sends its request there instead of loading a second
 copy of the model, and `localai search` asks the daemon's index (whose embedder is loaded)
-instead of paying ~1-2 s to start one. The daemon is used only when it is ours (our home's
-token is accepted) and, for generation, serves the model asked for; otherwise callers fall back
-to running in-process. Standard library only (http.client), so the CLI does not pay for an HTTP
-stack it rarely needs.
+instead of paying ~1-2 s to start one. The daemon is used only when it is ours and, for
+generation, serves the model asked for; otherwise callers fall back to running in-process.
+Standard library only (http.client), so the CLI does not pay for an HTTP stack it rarely needs.
+
+Whatever listens on the configured port may not be our daemon: another user can take the port
+first and wait for our token and queries. So every connection starts with a challenge that
+sends nothing of ours: GET /localai/proof with 32 fresh random bytes, answered by HMAC(token,
+challenge, the address reached) (server/auth.proof). Only a process that can read this home's
+token (mode 0600) can answer; an answer relayed from a daemon on another port does not match.
+The token and the request follow on that same connection, which is never reopened unchecked.
+This keeps one TCP port for every client (editors, Ollama and OpenAI clients need one) where a
+per-home Unix socket would need a second listener, and it holds across users on one machine.
 """
 
 from __future__ import annotations
 
+import hmac
 import http.client
 import json
+import re
+import secrets
 from collections.abc import Iterator
 
 from .config import Settings
 from .engine import Delta, Done, EngineError, GenerationStats, Message, SamplingParams
-from .server.auth import read_token
+from .server.auth import PROOF_PATH, proof, read_token
 
 PROBE_TIMEOUT_S = 0.5
+
+
+class NotOurDaemon(Exception):
+    """Something answers on the daemon's port but could not prove it holds this home's token;
+    nothing of ours was sent to it."""
+
+
+def verified_connection(host: str, port: int, token: str,
+                        timeout: float | None) -> http.client.HTTPConnection:  # fmt: skip
+    """A connection to host:port whose server has proven it holds `token` (see the module's
+    docstring); raises NotOurDaemon, or OSError when nothing listens there."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.connect()
+        peer_host, peer_port = conn.sock.getpeername()[:2]
+        challenge = secrets.token_hex(32)
+        conn.request("GET", f"{PROOF_PATH}?challenge={challenge}")
+        resp = conn.getresponse()
+        got = _proof_of(resp.status, resp.read())
+        expected = proof(token, challenge, peer_host, peer_port)
+        if conn.sock is None or not hmac.compare_digest(got, expected):
+            raise NotOurDaemon(
+                f"something is listening on {host}:{port}, but it is not localai's daemon for "
+                "this home (it could not prove it holds the token); nothing was sent to it"
+            )
+    except BaseException:
+        conn.close()
+        raise
+    conn.auto_open = 0  # a dropped connection is an error, never silently reopened unchecked
+    return conn
+
+
+def _proof_of(status: int, raw: bytes) -> str:
+    try:
+        got = json.loads(raw)["proof"] if status == 200 else ""
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return got if isinstance(got, str) and re.fullmatch("[0-9a-f]{64}", got) else ""
 
 
 class Daemon:
@@ -27,23 +76,23 @@ class Daemon:
 
     @classmethod
     def find(cls, settings: Settings) -> Daemon | None:
-        """The daemon on the configured host/port if one answers and takes our token."""
+        """The daemon of this home on the configured host/port, or None when none answers;
+        raises NotOurDaemon when something else holds the port."""
         token = read_token(settings.home)
         if token is None:
             return None
         d = cls(settings.host, settings.port, token, "")
         try:
             status, health = d._get("/health")
-            if status != 200:
-                return None
-            d.model = health.get("model", "")
-            status, _ = d._get("/v1/models")  # proves the token is the one this daemon uses
         except (OSError, ValueError, http.client.HTTPException):
             return None
-        return d if status == 200 else None
+        if status != 200:
+            return None
+        d.model = health.get("model", "")
+        return d
 
     def _conn(self, timeout: float | None) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        return verified_connection(self.host, self.port, self.token, timeout)
 
     def _headers(self) -> dict:
         return {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}

@@ -23,6 +23,8 @@ from .governor import Governor
 from .runtime import open_catalog, open_engine
 from .server.app import build_app
 from .server.auth import ensure_token, is_loopback
+from .server.guard import HostNames
+from .server.protocol import KEEP_ALIVE_S, MAX_HEAD_BYTES, connection_budget, limited_protocol
 from .server.state import ServerState
 from .terminal import shown
 
@@ -93,7 +95,8 @@ def serve(
         )
     sock = bind(host, port)
     try:
-        token = ensure_token(settings.home) if auth else None
+        key = ensure_token(settings.home)  # with or without auth, the daemon proves itself by it
+        token = key if auth else None
         governor = Governor(settings.ram_budget_bytes)
         engine = open_engine(settings, model, progress=progress, log=log, governor=governor)
     except BaseException:
@@ -101,11 +104,15 @@ def serve(
         raise
     state = ServerState(engine, settings.embed_model, _embedder_loader(settings))
     state.governor = governor
+    state.proof_key = key
     state.model_meta[engine.name] = _model_meta(settings, engine.info())
     watcher = _open_docs(state, settings, governor, log)
-    app = build_app(state, token)
+    app = build_app(state, token, HostNames(host, port))
     config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="off",
-                            timeout_graceful_shutdown=5)  # fmt: skip
+                            timeout_graceful_shutdown=5, ws="none",
+                            http=limited_protocol(connection_budget()),
+                            timeout_keep_alive=KEEP_ALIVE_S,
+                            h11_max_incomplete_event_size=MAX_HEAD_BYTES)  # fmt: skip
     where = f"http://{host}:{port}"
     log(
         f"serving {engine.name} on {where} (OpenAI: {where}/v1, Ollama: {where}); "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -108,9 +109,11 @@ def write_docs(root: Path) -> Path:
 
 
 @contextmanager
-def start_daemon(home: Path, models_dir: Path, model: str, *args: str, docs: Path | None = None):
+def start_daemon(home: Path, models_dir: Path, model: str, *args: str, docs: Path | None = None,
+                 fd_limit: int | None = None):  # fmt: skip
     """Run `localai serve` until the block ends; the process is always killed at the end.
-    With `docs`, that folder is indexed first (the daemon's watcher then follows it)."""
+    With `docs`, that folder is indexed first (the daemon's watcher then follows it); with
+    `fd_limit`, the daemon may open at most that many files (soft and hard limit)."""
     port = free_port()
     env = dict(os.environ, LOCALAI_HOME=str(home), LOCALAI_MODELS=str(models_dir))
     for var in ("LOCALAI_MODEL", "LOCALAI_ENGINE", "LOCALAI_CONTEXT_LENGTH", "LOCALAI_HOST",
@@ -124,8 +127,14 @@ def start_daemon(home: Path, models_dir: Path, model: str, *args: str, docs: Pat
         assert r.returncode == 0, r.stderr
     cmd = [sys.executable, "-m", "localai", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--model", model, "--ctx", str(TEST_CTX), "--threads", "2", *args]  # fmt: skip
+
+    def limit() -> None:
+        if fd_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=limit)  # fmt: skip
     try:
         _wait_ready(proc, f"http://127.0.0.1:{port}", log)
         token = (home / "token").read_text().strip() if "--no-auth" not in args else ""

@@ -66,6 +66,18 @@ def log(msg: str) -> None:
     err.print(f"[cyan]localai[/cyan] {msg}", highlight=False)
 
 
+def find_daemon(settings, instead: str):
+    """This home's running daemon, or None; when something else holds its port, says so and
+    what the command does `instead` (it is never sent the token or the request)."""
+    from ..client import Daemon, NotOurDaemon
+
+    try:
+        return Daemon.find(settings)
+    except NotOurDaemon as e:
+        err.print(f"[yellow]localai: {e}; {instead}[/yellow]", highlight=False)
+        return None
+
+
 def settings_of(ctx: click.Context, **overrides):
     kv = ctx.obj.get("kv_bits", {}) if ctx.obj else {}
     s = load_settings(ctx.obj["home"], **(kv | overrides))

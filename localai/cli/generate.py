@@ -12,6 +12,7 @@ from .app import (
     engine_from_flags,
     engine_options,
     err,
+    find_daemon,
     main,
     sampling_options,
     settings_of,
@@ -73,9 +74,7 @@ def run(ctx, prompt, model, engine, context_length, threads, type_k, type_v, sys
 
 def _daemon_for(ctx, model):
     """The running daemon if it serves `model` (or no model was named), else None."""
-    from ..client import Daemon
-
-    d = Daemon.find(settings_of(ctx))
+    d = find_daemon(settings_of(ctx), "running the model here instead")
     return d if d is not None and model in (None, d.model) else None
 
 

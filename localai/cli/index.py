@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..index import MODES, UNITS
 from ..terminal import shown
-from .app import err, log, main, settings_of, user_errors
+from .app import err, find_daemon, log, main, settings_of, user_errors
 
 
 def index_errors(fn):
@@ -254,10 +254,9 @@ def search_cmd(ctx, query, k, unit, mode, as_json, under, queries, no_daemon):
 def _daemon_search(ctx, query, k, unit, mode, under) -> list[dict] | None:
     """The running daemon's answer, or None to search in-process (no daemon of ours, or it
     has no index)."""
-    from ..client import Daemon
     from ..engine import EngineError
 
-    d = Daemon.find(settings_of(ctx))
+    d = find_daemon(settings_of(ctx), "searching here instead")
     if d is None:
         return None
     body = {"query": query, "k": k, "unit": unit, "mode": mode}

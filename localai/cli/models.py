@@ -11,7 +11,7 @@ from rich.table import Table
 from .. import __version__
 from ..governor import Governor
 from ..runtime import open_catalog
-from .app import log, main, progress_bars, settings_of, user_errors
+from .app import find_daemon, log, main, progress_bars, settings_of, user_errors
 
 
 @main.group()
@@ -128,7 +128,5 @@ def status(ctx, as_json):
 
 
 def _daemon_info(settings) -> dict | None:
-    from ..client import Daemon
-
-    d = Daemon.find(settings)
+    d = find_daemon(settings, "shown as not running")
     return {"url": f"http://{d.host}:{d.port}", "model": d.model} if d else None

@@ -12,7 +12,15 @@ from ..engine import Message
 from ..rag.prompt import LAYOUTS
 from ..runtime import open_engine
 from ..server.auth import ensure_token
-from .app import engine_options, log, main, progress_bars, settings_of, user_errors
+from .app import (
+    engine_options,
+    find_daemon,
+    log,
+    main,
+    progress_bars,
+    settings_of,
+    user_errors,
+)
 
 
 @main.command()
@@ -98,10 +106,8 @@ def _user_facing(events, errors):
 def _ask_events(ctx, question, params, docs, model, no_daemon):
     """(events, close): through the daemon when it runs, else in-process; `docs` is the request's
     "docs" object ({"k", "source", "layout"}), read the same way in both."""
-    from ..client import Daemon
-
     s = settings_of(ctx, model=model)
-    d = None if no_daemon else Daemon.find(s)
+    d = None if no_daemon else find_daemon(s, "answering here instead")
     if d is not None and model in (None, d.model):
         msgs = [Message("user", question)]
         return d.generate(msgs, None, params, docs=docs), lambda: None

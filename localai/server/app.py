@@ -1,8 +1,10 @@
 """The ASGI app: routes of both APIs, auth, a body-size limit, and errors as JSON.
 
-Layers, outermost first: BearerAuth (401 before anything is read) → BodyLimit (413) → starlette
-routing → handlers, which raise APIError for anything the client got wrong. Any other exception is
-a bug: it is logged and answered with a 500 in the OpenAI error shape, never a traceback.
+Layers, outermost first: WebPageGuard (403 for a foreign Host or a web page's Origin, 415 for
+a body that is not application/json) → BearerAuth (401 before anything is read) → BodyLimit
+(413) → starlette routing → handlers, which raise APIError for anything the client got wrong.
+A client that leaves mid-body is no error; any other exception is a bug: it is logged and
+answered with a 500 in the OpenAI error shape, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import logging
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import native, ollama, openai
 from .auth import BearerAuth
 from .errors import APIError, render
+from .guard import HostNames, WebPageGuard
 from .openapi import openapi_document
 from .state import ServerState
 
@@ -112,6 +115,7 @@ ROUTES = [
     Route("/api/ps", ollama.ps, methods=["GET"]),
     Route("/api/show", ollama.show, methods=["POST"]),
     Route("/api/version", ollama.version, methods=["GET"]),
+    Route("/localai/proof", native.prove, methods=["GET"]),
     Route("/localai/status", native.status, methods=["GET"]),
     Route("/localai/index", native.index_status, methods=["GET"]),
     Route("/localai/index", native.add_source, methods=["POST"]),
@@ -122,15 +126,23 @@ ROUTES = [
 ]
 
 
-def build_app(state: ServerState, token: str | None):
-    """The whole ASGI app; `token` None turns auth off (loopback only, checked by the daemon)."""
+async def on_disconnect(request: Request, exc: Exception) -> Response:
+    """A client that left mid-body (or was cut off for sending too slowly): nobody to answer,
+    nothing to log; the empty response is never sent."""
+    return Response(status_code=400)
+
+
+def build_app(state: ServerState, token: str | None, names: HostNames):
+    """The whole ASGI app; `token` None turns auth off (loopback only, checked by the daemon);
+    `names` are the Host values it answers to (guard.py)."""
     app = Starlette(
         routes=ROUTES,
         exception_handlers={
             APIError: on_api_error,
             HTTPException: on_http_error,
+            ClientDisconnect: on_disconnect,
             Exception: on_bug,
         },  # fmt: skip
     )
     app.state.server = state
-    return BearerAuth(BodyLimit(app), token)
+    return WebPageGuard(BearerAuth(BodyLimit(app), token), names)

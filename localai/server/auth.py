@@ -8,6 +8,7 @@ reach the model; other local users and web pages cannot. Every route but /health
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import secrets
@@ -17,7 +18,8 @@ from pathlib import Path
 from ..private import private_file
 from .errors import APIError, render
 
-OPEN_PATHS = frozenset({"/health"})
+PROOF_PATH = "/localai/proof"
+OPEN_PATHS = frozenset({"/health", PROOF_PATH})
 
 
 def token_path(home: Path) -> Path:
@@ -43,6 +45,15 @@ def read_token(home: Path) -> str | None:
         return token_path(home).read_text().strip() or None
     except OSError:
         return None
+
+
+def proof(key: str, challenge: str, host: str, port: int) -> str:
+    """What the daemon answers to a client's challenge: HMAC-SHA256 keyed with this home's
+    token, over the challenge and the address the connection reached (the daemon's end of it,
+    the client's peer). Only a process that can read the token can answer, and an answer
+    relayed from a daemon on another address or port does not match the one asked."""
+    msg = f"localai daemon proof\n{challenge}\n{host}\n{port}".encode()
+    return hmac.new(key.encode(), msg, hashlib.sha256).hexdigest()
 
 
 def is_loopback(host: str) -> bool:

@@ -1,8 +1,11 @@
 """localai's own routes (not part of either compatible API), used by the TUI, `status` and
 `search`: GET /localai/status, GET /localai/index, POST /localai/index {"path": ...},
-POST /localai/search {"query": ..., "k", "mode", "unit", "under"}."""
+POST /localai/search {"query": ..., "k", "mode", "unit", "under"}, and GET /localai/proof, how
+a client checks that the daemon on the port is the one of its home before it sends anything."""
 
 from __future__ import annotations
+
+import re
 
 import anyio
 from starlette.requests import Request
@@ -10,12 +13,24 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from . import params as P
+from .auth import proof
 from .errors import APIError, bad_request
 from .schemas import LOCALAI_SEARCH, validate
 from .state import ServerState
 
 ADD_SOURCE = {"type": "object", "required": ["path"],
               "properties": {"path": {"type": "string", "minLength": 1}}}  # fmt: skip
+
+
+async def prove(request: Request) -> Response:
+    """GET /localai/proof?challenge=HEX: the daemon shows it holds this home's token without
+    the client sending it (no auth: the client checks the answer before sending anything)."""
+    state: ServerState = request.app.state.server
+    challenge = request.query_params.get("challenge", "")
+    if not re.fullmatch("[0-9a-f]{32,128}", challenge) or not state.proof_key:
+        raise bad_request("challenge must be 32 to 128 lowercase hex digits", param="challenge")
+    host, port = request.scope["server"]
+    return JSONResponse({"proof": proof(state.proof_key, challenge, host, port)})
 
 
 async def status(request: Request) -> Response:

@@ -27,6 +27,7 @@ class ServerState:
     model_meta: dict = field(default_factory=dict)  # name -> size, digest, details (Ollama)
     index: object | None = None  # the document index (localai.index.search.Index)
     governor: object | None = None
+    proof_key: str = ""  # this home's token: the daemon proves itself with it (auth.proof)
     on_source_added: Callable[[object], None] | None = None  # re-index and watch a new source
     index_progress: Callable[[], dict] | None = None  # the watcher's run in progress
     slot: Slot = field(default_factory=Slot)

@@ -2,7 +2,11 @@
 
 The TUI never loads a model: it talks to `localai serve`. A daemon it starts keeps running after
 the TUI quits (like Ollama's server), so the next start is instant; its log is
-$LOCALAI_HOME/logs/daemon.log.
+$LOCALAI_HOME/logs/daemon.log (0600, in a 0700 folder).
+
+Before the token goes anywhere, the daemon on the port must prove it holds this home's token
+(`localai.client.verified_connection`, the check the CLI makes): a process of another user that
+took the port first gets neither the token nor a question.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from pathlib import Path
 
 import httpx
 
+from localai.client import NotOurDaemon, verified_connection
 from localai.config import Settings
+from localai.private import private_dir, private_file
 
 
 @dataclass
@@ -48,7 +54,8 @@ def find_or_start(
     health = _health(url)
     if health is None:
         log = settings.home / "logs" / "daemon.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.home)
+        private_file(log)
         cmd = [sys.executable, "-m", "localai", "--home", str(settings.home), "serve",
                "--host", settings.host, "--port", str(settings.port)]  # fmt: skip
         if model:
@@ -68,4 +75,17 @@ def find_or_start(
     token = _token(settings.home)
     if token is None:
         raise RuntimeError(f"a daemon answers at {url} but {settings.home}/token is missing")
+    _verify(settings, token)
     return Endpoint(url, token, str(health.get("model", "")))
+
+
+def _verify(settings: Settings, token: str) -> None:
+    """Raise unless the daemon on the port proves it is this home's (nothing is sent first)."""
+    try:
+        verified_connection(settings.host, settings.port, token, timeout=10).close()
+    except NotOurDaemon as e:
+        raise RuntimeError(f"{e}. Stop it, or give localai another port (`port` in "
+                           f"{settings.config_file})") from e  # fmt: skip
+    except OSError as e:
+        raise RuntimeError(f"the daemon at {settings.host}:{settings.port} stopped "
+                           f"answering ({e})") from e  # fmt: skip
