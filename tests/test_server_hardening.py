@@ -87,7 +87,8 @@ def test_no_auth_daemon_cannot_be_driven_by_a_web_page(open_daemon, tmp_path):
     preflight = own | {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
     status, head, _ = raw(d, "OPTIONS", "/localai/index", preflight)
     assert status == 403 and "access-control-allow-origin" not in head
-    for host in (f"localhost:{d.port}", f"127.0.0.1:{d.port}"):  # this server's own names
+    own_names = (f"localhost:{d.port}", f"127.0.0.1:{d.port}", "127.0.0.1", "localhost:9000")
+    for host in own_names:  # this server's names, on any port (a tunnel may forward another)
         assert raw(d, "GET", "/health", {"Host": host})[0] == 200, host
     same = own | {"Origin": f"http://127.0.0.1:{d.port}", "Content-Type": "application/json"}
     assert raw(d, "POST", "/localai/search", same, q)[0] == 200

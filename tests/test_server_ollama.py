@@ -49,7 +49,7 @@ def test_generate(client, daemon):
     # the raw NDJSON: one object per line, the last one done
     req = urllib.request.Request(daemon.url + "/api/generate", json.dumps(
         {"model": TEST_MODEL, "prompt": "Hi", "options": {"num_predict": 2}}).encode(),
-        daemon.headers())  # fmt: skip
+        daemon.headers() | {"Content-Type": "application/json"})  # fmt: skip
     with urllib.request.urlopen(req, timeout=300) as resp:
         assert resp.headers["Content-Type"].startswith("application/x-ndjson")
         lines = [json.loads(x) for x in resp.read().decode().splitlines()]

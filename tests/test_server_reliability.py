@@ -86,7 +86,8 @@ def test_routes_methods_and_body_size(daemon):
 def _status_of(daemon, path: str, rest: bytes) -> int:
     """Send a POST whose headers end with `rest` (the server may hang up mid-body); the status."""
     sock = socket.create_connection((daemon.host, daemon.port), timeout=120)
-    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {daemon.token}\r\n"
+    head = (f"POST {path} HTTP/1.1\r\nHost: {daemon.host}\r\n"
+            f"Authorization: Bearer {daemon.token}\r\n"
             "Content-Type: application/json\r\n")  # fmt: skip
     with contextlib.suppress(OSError):  # the server may answer before reading it all
         sock.sendall(head.encode() + rest)
@@ -149,7 +150,9 @@ def test_client_that_leaves_cancels_its_generation(daemon, stream):
     if stream:  # wait for the first content chunk, then hang up
         seen = b""
         while seen.count(b"data: ") < 3:
-            seen += sock.recv(4096)
+            chunk = sock.recv(4096)
+            assert chunk, seen  # closed before streaming: fail, never spin
+            seen += chunk
     else:  # wait until the generation holds the slot, then hang up
         for _ in range(600):
             if daemon.health()["busy"]:

@@ -388,7 +388,7 @@ class Index:
         if k < 1:
             raise IndexError_(f"k must be at least 1, not {k}")
         depth = max(CANDIDATES, 3 * k) * (10 if under else 1)  # a folder filter thins lists
-        prefix = str(user_path(under, "under")).rstrip("/") + "/" if under else None
+        prefix = str(_normal(under, "under")).rstrip("/") + "/" if under else None
         lists = []
         if mode in ("hybrid", "bm25"):
             lists.append(self.bm25_chunks(query, depth))

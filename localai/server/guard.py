@@ -6,16 +6,20 @@ POST whose body is `text/plain` or has no type needs no CORS preflight, and afte
 the page's own host name points at 127.0.0.1, so even reading answers is same-origin to the
 browser. Bearer auth stops both only while it is on, and /health is always open. So, for every
 route, auth on or off:
-- `Host` must name this server: localhost, 127.0.0.1 or [::1], or the address it is bound to, with
-  its port (a rebinding page's requests carry the attacker's host name). Served on every address
-  (0.0.0.0, ::), an IP literal or this machine's host name is accepted too, so other machines can
-  reach it by address; no rebinding page can send either as its own host name.
+- `Host` must name this server: localhost, 127.0.0.1 or [::1], or the address it is bound to (a
+  rebinding page's requests carry the attacker's host name). Its port is not checked: a browser
+  names the port the page's URL reached, ours, and a tunnel (ssh -L 9000:localhost:8765) may
+  name another. Served on every address (0.0.0.0, ::), an IP literal or this machine's host name
+  is accepted too, so other machines can reach it by address; no rebinding page can send either
+  as its own host name.
 - A request with an `Origin` (browsers send it on every POST and cross-origin fetch) must come
-  from this server itself, and `Sec-Fetch-Site` must not be cross-site or same-site.
+  from this server itself, port included (a page on another local port is another site), and
+  `Sec-Fetch-Site` must not be cross-site or same-site.
 - A body must be `Content-Type: application/json`, which a page can send to another origin only
   after a preflight, and this server answers none: it sends no CORS headers at all.
-OpenAI and Ollama clients, curl and editors send neither Origin nor Sec-Fetch-Site, and their
-JSON as application/json, so they pass unchanged.
+OpenAI and Ollama clients and editors send neither Origin nor Sec-Fetch-Site, and their JSON
+as application/json, so they pass unchanged; `curl -d` needs `-H 'Content-Type:
+application/json'` (its default is the form type a web page's form posts too).
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ class HostNames:
         if self.wildcard:
             self.names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
 
-    def accepts(self, host: str) -> bool:
-        """Whether a `Host` (or an Origin's host:port) names this server."""
+    def accepts(self, host: str, port_too: bool = False) -> bool:
+        """Whether a `Host` names this server; `port_too`: an Origin's host:port, whose port
+        must be this server's (no port: 80)."""
         if not _HOST.fullmatch(host):  # no user@, path or spaces for urlsplit to read past
             return False
         try:
@@ -52,7 +57,7 @@ class HostNames:
             name, port = parts.hostname, parts.port or 80
         except ValueError:  # a port that is not a number, a bracket left open
             return False
-        if not name or port != self.port:
+        if not name or (port_too and port != self.port):
             return False
         return name in self.names or (self.wildcard and _is_ip(name))
 
@@ -82,13 +87,15 @@ def refusal(scope, names: HostNames) -> APIError | None:
     if scope["method"] in BODY_METHODS and _has_body(headers) and not _is_json(headers):
         kind = headers.get(b"content-type", b"none").decode("latin-1")
         return APIError(415, f"the body must be JSON sent as Content-Type: application/json, "
-                        f"not {kind}", code="unsupported_media_type")  # fmt: skip
+                        f"not {kind} (curl: add -H 'Content-Type: application/json'); forms "
+                        "and text/plain are refused so that web pages cannot post here",
+                        code="unsupported_media_type")  # fmt: skip
     return None
 
 
 def _own_origin(origin: str, names: HostNames) -> bool:
     parts = urlsplit(origin)
-    return parts.scheme == "http" and names.accepts(parts.netloc)
+    return parts.scheme == "http" and names.accepts(parts.netloc, port_too=True)
 
 
 def _has_body(headers: dict) -> bool:
