@@ -19,8 +19,17 @@ class ArchSpec:
     # llama's Q/K rows for it), "neox" rotates the first half against the second half.
     rope_style: str = "norm"
     qkv_bias: bool = False
-    ffn: str = "dense"  # "dense" (SwiGLU) or "moe" (router + stacked experts)
+    # "dense" (SwiGLU); "moe" (router + stacked experts); "auto": MoE when the GGUF names
+    # experts (`expert_count`, Mixtral-style llama), dense otherwise
+    ffn: str = "dense"
     tensors: dict[str, str] = field(default_factory=dict)
+    # RMSNorm of Q and K before RoPE: "head" (one [D] weight per head: Qwen3), "flat" (over all
+    # heads at once, a [Hq·D] weight: OLMoE), or "none"
+    qk_norm: str = "none"
+    # MoE routing as llama.cpp does it per arch: softmax over all experts, top-k, then the k
+    # weights renormalised to sum to 1 (`norm_topk`) or used as they are
+    norm_topk: bool = False
+    shared_expert: bool = False  # Qwen2-MoE: a dense expert every token uses, sigmoid-gated
 
 
 # Per-block names use {i} for the block index; llama.cpp's names for all of these archs.
@@ -46,15 +55,21 @@ MOE_TENSORS = DENSE_TENSORS | {
     "gate_exps": "blk.{i}.ffn_gate_exps.weight",
     "up_exps": "blk.{i}.ffn_up_exps.weight",
     "down_exps": "blk.{i}.ffn_down_exps.weight",
+    "q_norm": "blk.{i}.attn_q_norm.weight",
+    "k_norm": "blk.{i}.attn_k_norm.weight",
+    "shared_router": "blk.{i}.ffn_gate_inp_shexp.weight",
+    "shared_gate": "blk.{i}.ffn_gate_shexp.weight",
+    "shared_up": "blk.{i}.ffn_up_shexp.weight",
+    "shared_down": "blk.{i}.ffn_down_shexp.weight",
 }
 
 ARCHS: dict[str, ArchSpec] = {
-    "llama": ArchSpec("norm", False, "dense", DENSE_TENSORS),
+    # Llama, and Mixtral (a llama whose GGUF has experts: top-k weights renormalised)
+    "llama": ArchSpec("norm", False, "auto", MOE_TENSORS, norm_topk=True),
     "qwen2": ArchSpec("neox", True, "dense", DENSE_TENSORS),
-    # MoE entries the expert-offload work fills in (model.py raises until an FFN exists for them)
-    "qwen2moe": ArchSpec("neox", True, "moe", MOE_TENSORS),
-    "qwen3moe": ArchSpec("neox", False, "moe", MOE_TENSORS),
-    "olmoe": ArchSpec("neox", False, "moe", MOE_TENSORS),
+    "qwen2moe": ArchSpec("neox", True, "moe", MOE_TENSORS, shared_expert=True),
+    "qwen3moe": ArchSpec("neox", False, "moe", MOE_TENSORS, qk_norm="head", norm_topk=True),
+    "olmoe": ArchSpec("neox", False, "moe", MOE_TENSORS, qk_norm="flat"),
 }
 
 
@@ -75,6 +90,8 @@ class Hparams:
     rope_scale: float  # the context extension factor (linear: positions are divided by it)
     n_experts: int = 0
     n_experts_used: int = 0
+    expert_ffn_dim: int = 0  # one expert's hidden size
+    shared_ffn_dim: int = 0  # Qwen2-MoE's shared expert
     rope_scaling: str = "none"  # "none", "linear" or "yarn"
     rope_orig_ctx: int = 0  # YaRN: the context the model was trained with
     yarn_ext_factor: float = 1.0  # YaRN: how much of the ramp between the two regimes to apply
@@ -85,6 +102,11 @@ class Hparams:
     @property
     def spec(self) -> ArchSpec:
         return ARCHS[self.arch]
+
+    @property
+    def is_moe(self) -> bool:
+        ffn = self.spec.ffn
+        return ffn == "moe" or (ffn == "auto" and self.n_experts > 0)
 
     def name(self, key: str, layer: int | None = None) -> str:
         return self.spec.tensors[key].format(i=layer)
@@ -131,10 +153,14 @@ class Hparams:
             rope_scale=factor,
             n_experts=int(get("expert_count", 0)),
             n_experts_used=int(get("expert_used_count", 0)),
+            expert_ffn_dim=int(get("expert_feed_forward_length", 0)),
+            shared_ffn_dim=int(get("expert_shared_feed_forward_length", 0)),
             rope_scaling=scaling,
             rope_orig_ctx=orig,
             yarn_attn_factor=float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0) or 1.0),
         )
+        if hp.is_moe and not 0 < hp.n_experts_used <= hp.n_experts:
+            raise EngineError(f"{arch}: {hp.n_experts_used} of {hp.n_experts} experts per token")
         assert hp.n_heads % hp.n_kv_heads == 0, "GQA needs whole query groups per KV head"
         assert hp.rope_dims <= hp.head_dim and hp.rope_dims % 2 == 0
         return hp

@@ -170,6 +170,11 @@ class TorchEngine(TokenEngine):
             "weights_bytes": self.model.weight_bytes,
             "kv_bytes_allocated": self.model.cache.nbytes,
             "kv_bytes_per_token": round(self.model.cache.bytes_per_token(), 1),
+            **(
+                {"experts": self.hp.n_experts, "experts_used": self.hp.n_experts_used}
+                if self.hp.is_moe
+                else {}
+            ),  # fmt: skip
         }
 
     def close(self) -> None:

@@ -18,7 +18,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..base import EngineError
 from . import attention
 from .arch import Hparams
 from .head import make_head
@@ -121,10 +120,12 @@ class DenseFFN:
 
 
 def make_ffn(w: GGUFWeights, hp: Hparams, i: int):
-    """The FFN half of block i; MoE architectures plug their expert FFN in here."""
-    if hp.spec.ffn == "dense":
+    """The FFN half of block i: dense SwiGLU, or routed experts (moe.py)."""
+    if not hp.is_moe:
         return DenseFFN(w, hp, i)
-    raise EngineError(f"the torch runner cannot run {hp.arch} experts yet; use --engine llama")
+    from .moe import MoEFFN
+
+    return MoEFFN(w, hp, i)
 
 
 class Attention:
@@ -137,7 +138,15 @@ class Attention:
         self.o = w.linear(hp.name("o", i))
         biases = [hp.name(k, i) for k in ("q_bias", "k_bias", "v_bias")]
         self.bias = torch.cat([w.dense(b) for b in biases]) if hp.spec.qkv_bias else None
+        qk = hp.spec.qk_norm != "none"
+        self.q_norm = w.dense(hp.name("q_norm", i)) if qk else None  # [D] or [Hq·D]
+        self.k_norm = w.dense(hp.name("k_norm", i)) if qk else None
         self.fused = None  # the decode step in C++, once the cache exists (`fuse`)
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the C++ decode step computes this layer (it has no Q/K norm)."""
+        return self.q_norm is None
 
     def fuse(self, kernel, cache: KVCache) -> None:
         """Bind the C++ decode step (native/decode.cpp) to this layer's cache tensors."""
@@ -155,8 +164,12 @@ class Attention:
         qkv = self.qkv(rms_norm(x, self.norm, self.eps))  # C, (Hq + 2H)·D
         if self.bias is not None:
             qkv = qkv + self.bias
-        q = qkv[:, : hq * d].view(c, hq, d)  # C, Hq, D
-        k = qkv[:, hq * d : (hq + h) * d].view(c, h, d)  # C, H, D
+        q, k = qkv[:, : hq * d], qkv[:, hq * d : (hq + h) * d]  # C, Hq·D; C, H·D
+        if hp.spec.qk_norm == "flat":
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        q, k = q.reshape(c, hq, d), k.reshape(c, h, d)  # C, Hq, D; C, H, D
+        if hp.spec.qk_norm == "head":
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
         v = qkv[:, (hq + h) * d :].view(c, h, d)  # C, H, D
         q = apply_rope(q, cos, sin, hp.spec.rope_style)
         k = apply_rope(k, cos, sin, hp.spec.rope_style)
@@ -184,8 +197,9 @@ class Transformer:
         factors = w.dense("rope_freqs.weight") if "rope_freqs.weight" in w else None
         self.cos, self.sin = rope_tables(hp, self.cache.T, factors)
         # the C++ decode attention, and the fused C++ decode step; tests turn either off
-        self.use_native = self.fused_decode = w.kernel is not None
-        if w.kernel is not None:
+        self.use_native = w.kernel is not None
+        self.fused_decode = self.use_native and all(b.attn.fusable for b in self.blocks)
+        if self.fused_decode:
             for b in self.blocks:
                 b.attn.fuse(w.kernel, self.cache)
 

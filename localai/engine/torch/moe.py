@@ -1,0 +1,116 @@
+"""The mixture-of-experts FFN: a router picks k of X experts per token, and the token's output is
+the weighted sum of those experts' SwiGLU FFNs (plus, in Qwen2-MoE, a shared expert every token
+uses, scaled by a sigmoid gate).
+
+Routing is llama.cpp's for these architectures (llm_graph_context::build_moe_ffn): softmax over
+all X router logits in fp32, the k largest probabilities, their weights renormalised to sum to
+1 where the architecture does (`ArchSpec.norm_topk`: Mixtral, Qwen3-MoE) and used as they are
+otherwise (Qwen2-MoE, OLMoE). An expert's matrices are rows of the stacked `ffn_*_exps`
+tensors, multiplied in their GGUF block format by the same kernels as the dense layers
+(weights.QLinear), so the experts compute what llama.cpp computes.
+
+Contract: `MoEFFN(x [C, E])` → x + FFN output [C, E] (the residual included, as DenseFFN);
+`step(x [1, E])` updates x in place. Experts come from an `Experts` store by index; this one
+reads them in place from the memory map, all resident.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .arch import Hparams
+from .gguf_header import Tensor
+from .model import rms_norm
+from .weights import GGUFWeights, QLinear
+
+# C tokens, E model dim, X experts, K experts per token, F expert hidden size
+
+# llama.cpp clamps the sum of the top-k weights to fp16's smallest normal before dividing
+MIN_WEIGHT_SUM = 6.103515625e-5
+
+
+class Experts:
+    """One layer's experts as (gate and up fused, down) QLinear pairs, made on first use from
+    slices of the stacked tensors (no copy: rows of the memory map)."""
+
+    def __init__(self, w: GGUFWeights, hp: Hparams, i: int):
+        self.gate, self.up, self.down = (
+            w.tensors[hp.name(k, i)] for k in ("gate_exps", "up_exps", "down_exps")
+        )  # X, F, E; X, F, E; X, E, F
+        self.count, self.ffn_dim = self.gate.shape[0], self.gate.shape[1]
+        self.kernel = w.kernel
+        self._made: dict[int, tuple[QLinear, QLinear]] = {}
+
+    def __getitem__(self, e: int) -> tuple[QLinear, QLinear]:
+        pair = self._made.get(e)
+        if pair is None:
+            parts = [_expert(t, e) for t in (self.gate, self.up)]
+            down = QLinear([_expert(self.down, e)], self.kernel)
+            pair = self._made[e] = (QLinear(parts, self.kernel), down)
+        return pair
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.data.nbytes) for t in (self.gate, self.up, self.down))
+
+
+def _expert(t: Tensor, e: int) -> Tensor:
+    """Expert e's matrix of a stacked [X, O, I] tensor: its O rows, contiguous in the file."""
+    o = t.shape[1]
+    return Tensor(t.qtype, t.shape[1:], t.data[e * o : (e + 1) * o])
+
+
+class MoEFFN:
+    """x + Σ_k w_k · expert_k(h) (+ σ(g·h) · shared(h)), h = rms_norm(x)."""
+
+    def __init__(self, w: GGUFWeights, hp: Hparams, i: int):
+        self.norm, self.eps = w.dense(hp.name("ffn_norm", i)), hp.norm_eps
+        self.router = w.linear(hp.name("router", i))  # X, E
+        self.experts = Experts(w, hp, i)
+        self.k, self.norm_topk = hp.n_experts_used, hp.spec.norm_topk
+        self.shared = None
+        if hp.spec.shared_expert:
+            names = [hp.name(k, i) for k in ("shared_router", "shared_gate", "shared_up")]
+            self.shared_gate = w.dense(names[0])  # E
+            self.shared = (w.linear(names[1:]), w.linear(hp.name("shared_down", i)))
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's experts and their weights: ids [C, K] (most probable first), w [C, K]."""
+        probs = torch.softmax(self.router(h), dim=-1)  # C, X
+        w, ids = probs.topk(self.k, dim=-1)  # C, K
+        if self.norm_topk:
+            w = w / w.sum(-1, keepdim=True).clamp_min(MIN_WEIGHT_SUM)
+        return ids, w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(x, self.norm, self.eps)  # C, E
+        ids, w = self.route(h)
+        out = torch.zeros_like(x)  # C, E
+        for e in ids.unique().tolist():  # each expert once, over the tokens that chose it
+            rows, slot = (ids == e).nonzero(as_tuple=True)
+            gate_up, down = self.experts[e]
+            y = swiglu(gate_up, down, h[rows])  # n, E
+            out.index_add_(0, rows, y * w[rows, slot, None])
+        if self.shared is not None:
+            gate = torch.sigmoid(h @ self.shared_gate)[:, None]  # C, 1
+            out += swiglu(*self.shared, h) * gate  # C, E
+        return x + out
+
+    def step(self, x: torch.Tensor) -> None:
+        """One token, x [1, E] updated in place."""
+        x.copy_(self(x))
+
+    @property
+    def nbytes(self) -> int:
+        total = self.router.nbytes + self.experts.nbytes
+        if self.shared is not None:
+            total += self.shared_gate.nbytes + sum(m.nbytes for m in self.shared)  # fp32 gate
+        return total
+
+
+def swiglu(gate_up: QLinear, down: QLinear, h: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate h) · up h), gate and up one product: [N, E] → [N, E]."""
+    gu = gate_up(h)  # N, 2F
+    f = gu.shape[1] // 2
+    return down(F.silu(gu[:, :f]) * gu[:, f:])
