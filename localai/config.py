@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
 KV_BITS = (16, 8, 4, 2)  # the torch runner's KV cache (K per channel, V per token)
+_BUDGET = re.compile(r"(\d+(\.\d+)?)\s*(%|[KMGT]?(I?B)?)", re.IGNORECASE)
 ENGINES = ("llama", "torch")
 # = localai.index.vectors.CODECS (a test checks)
 INDEX_CODECS = ("int8", "q4r", "int4", "bin1", "f32")
@@ -64,6 +66,9 @@ class Settings:
     type_v: str = "f16"
     k_bits: int = 16  # torch runner only; llama.cpp uses type_k / type_v
     v_bits: int = 16
+    # torch runner, MoE models: RAM for the experts, read from disk on demand (bytes such as
+    # 4G, or a share of all expert bytes such as 40%); empty: all in place in the memory map
+    expert_budget: str = ""
     ram_budget_bytes: int | None = None  # default: 75% of physical RAM
     host: str = "127.0.0.1"
     port: int = 8765
@@ -80,6 +85,10 @@ class Settings:
         for name in ("k_bits", "v_bits"):
             if getattr(self, name) not in KV_BITS:
                 raise ConfigError(f"{name} must be one of {KV_BITS}, not {getattr(self, name)!r}")
+        if self.expert_budget and not _BUDGET.fullmatch(self.expert_budget.strip()):
+            raise ConfigError(
+                f"expert_budget is bytes (4G, 512M) or a share (40%), not {self.expert_budget!r}"
+            )
         if self.index_codec not in INDEX_CODECS:
             raise ConfigError(
                 f"index_codec must be one of {INDEX_CODECS}, not {self.index_codec!r}"

@@ -49,6 +49,7 @@ def open_engine(
         settings.type_v,
         k_bits=settings.k_bits,
         v_bits=settings.v_bits,
+        expert_budget=settings.expert_budget,
     )
     if governor is not None:
         info = engine.info()

@@ -1,6 +1,7 @@
 """Mixture-of-experts architectures in the torch runner, against llama.cpp on the same tiny GGUFs
 (moe_gguf.py: random weights in Q4_K/Q6_K/Q8_0/F16/F32, the test model's tokenizer)."""
 
+import json
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -8,10 +9,12 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
+from conftest import localai
 from moe_gguf import ARCHS, build
 
 from localai.engine import Done, Message, SamplingParams, chat
 from localai.engine.torch import TorchEngine
+from localai.engine.torch.experts import parse_budget
 
 N = 512
 TEXT = "\n\n".join(topics[k] for k in sorted(topics))[:20000]
@@ -83,3 +86,75 @@ def test_moe_chat_streams_through_the_engine(moe_files):
         assert eng.info()["experts"] == 8 and eng.info()["experts_used"] == 2
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2moe", "llama"])
+def test_every_expert_budget_computes_the_all_resident_result(arch, moe_files):
+    """Experts read on demand into 10%, 25%, 50% or 100% of their bytes give logits identical to
+    the all-resident run, prompt and greedy steps alike (the same bytes, the same kernels); the
+    cache stays within its budget and reads each expert once when everything fits."""
+    eng = TorchEngine(moe_files[arch], context_length=N, threads=1)
+    prompt = eng.tokenize(TEXT, special=False)[:48]
+    eng.close()
+
+    def run(budget):
+        eng = TorchEngine(moe_files[arch], context_length=N, threads=1, expert_budget=budget)
+        try:
+            model = eng.model
+            out = [model.forward(torch.tensor(prompt), True)]  # 48, V
+            for _ in range(16):
+                out.append(model.forward(out[-1][-1:].argmax(-1), True))  # 1, V
+            return torch.cat(out), eng.info()["expert_cache"]
+        finally:
+            eng.close()
+
+    ref, none = run(None)
+    assert none is None
+    n_experts = 2 * 8  # layers × experts in moe_gguf's defaults
+    for budget in ("10%", "25%", "50%", "100%"):
+        out, cache = run(budget)
+        assert torch.equal(out, ref), budget
+        assert 0 < cache["used_bytes"] <= cache["budget_bytes"] and cache["bytes_read"] > 0
+        if budget == "10%":
+            assert cache["evictions"] > 0 and cache["misses"] > n_experts
+        if budget == "100%":
+            assert cache["evictions"] == 0 and cache["misses"] <= n_experts
+
+
+def test_expert_budget_is_bytes_or_a_share():
+    assert parse_budget(None, 1000) is None and parse_budget("40%", 1000) == 400
+    assert parse_budget(0.25, 1000) == 250 and parse_budget(5000, 1000) == 5000
+    assert parse_budget("2G", 1) == 2 << 30 and parse_budget("512MiB", 1) == 512 << 20
+    assert parse_budget("1.5gb", 1) == 3 << 29 and parse_budget("4096", 1) == 4096
+    for bad in ("150%", "0%", "lots", "G"):
+        with pytest.raises(ValueError, match="expert budget"):
+            parse_budget(bad, 1000)
+
+
+def test_a_request_reports_its_expert_traffic(moe_files):
+    eng = TorchEngine(moe_files["qwen2moe"], context_length=N, threads=1, expert_budget="25%")
+    try:
+        params = SamplingParams(max_tokens=6, temperature=0.0)
+        done = list(chat(eng, [Message("user", "Hello there")], params))[-1]
+        stats = done.stats.as_dict()
+        assert 0 <= stats["expert_hit_rate"] < 1 and stats["expert_bytes_read"] > 0
+        assert "extra" not in stats and stats["completion_tokens"] == 6
+    finally:
+        eng.close()
+
+
+def test_run_a_moe_gguf_at_a_budget_streams_the_all_resident_text(moe_files, home):
+    """`localai run --engine torch --model X.gguf --expert-budget 40% --json`: the same text as
+    with every expert resident, and the expert traffic in the stats; llama.cpp refuses a budget
+    with a one-line reason."""
+    base = ("run", "Name a colour.", "--model", str(moe_files["olmoe"]), "--engine", "torch",
+            "-t", "0", "--max-tokens", "8", "--ctx", "512", "--json", "--no-daemon")  # fmt: skip
+    full = localai(*base)
+    part = localai(*base, "--expert-budget", "40%")
+    assert full.returncode == 0 and part.returncode == 0, (full.stderr, part.stderr)
+    full, part = json.loads(full.stdout), json.loads(part.stdout)
+    assert part["text"] == full["text"] and part["stats"]["completion_tokens"] == 8
+    assert "expert_hit_rate" not in full["stats"]
+    assert 0 < part["stats"]["expert_hit_rate"] < 1 and part["stats"]["expert_bytes_read"] > 0
+    r = localai(*base[:5], "llama", *base[6:], "--expert-budget", "40%")
+    assert r.returncode == 1 and "needs --engine torch" in r.stderr and "Traceback" not in r.stderr

@@ -3,6 +3,9 @@ reference: the gguf package's own dequantization (numpy, independent of ggml) an
 product. The kernel rounds each input row to 8-bit blocks as llama.cpp does, so the two differ by
 that rounding (~0.5% of the output's scale), and no more."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +80,16 @@ def test_rows_keep_their_file_bytes_and_bad_shapes_are_refused(kernel):
     with pytest.raises(RuntimeError, match="share the input size"):
         kernel.QMatrices([torch.from_numpy(t.data), torch.zeros(4, 18, dtype=torch.uint8)],
                          [int(QT.Q4_K), int(QT.Q4_0)])  # fmt: skip
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_load(kernel):
+    """torch's build lock is a plain file: a build killed mid-way (a timeout, Ctrl-C) left it,
+    and every later start waited on it forever. The build folder is ours, held by an flock
+    that dies with its process, so a lock file found under it is stale and removed."""
+    with native.build_dir([native.SOURCES / f for f in native.FILES], native.build_flags()) as d:
+        where = d
+    (where / "lock").touch()
+    code = "from localai.engine.torch import native; assert native.load(), native.status()"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert not (where / "lock").exists()

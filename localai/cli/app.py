@@ -101,6 +101,17 @@ def _kv_bits_flag(key: str):
     return store
 
 
+def _setting_flag(name: str):
+    """A flag that lands in ctx.obj like the KV bits: every command with engine flags has it."""
+
+    def store(ctx: click.Context, param, value):
+        if value is not None:
+            ctx.obj.setdefault("kv_bits", {})[name] = value
+        return value
+
+    return store
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="localai")
 @click.option(
@@ -133,6 +144,13 @@ def engine_options(fn):
                 help=f"Torch runner: {what} cache bits (16 = fp16).",
             )
             for key, what in (("k", "K"), ("v", "V"), ("kv", "K and V"))
+        ),  # fmt: skip
+        click.option(
+            "--expert-budget",
+            expose_value=False,
+            callback=_setting_flag("expert_budget"),
+            help="Torch runner, MoE models: RAM for experts read from disk on demand "
+            "(bytes such as 4G, or a share of the expert bytes such as 40%).",
         ),  # fmt: skip
     ]
     for opt in reversed(opts):

@@ -40,14 +40,20 @@ def load_engine(
     type_v: str = "f16",
     k_bits: int = 16,
     v_bits: int = 16,
+    expert_budget: str | None = None,
 ) -> Engine:
     """Load `path` with the named backend; the caller resolved the model (catalog.resolve_model)."""
     if backend == "llama":
         from .llamacpp import LlamaCppEngine
 
+        if expert_budget:
+            raise EngineError(
+                "an expert budget needs --engine torch (llama.cpp leaves experts to the page cache)"
+            )
         return LlamaCppEngine(path, name, context_length, threads, type_k, type_v)
     if backend == "torch":
         from .torch import TorchEngine
 
-        return TorchEngine(path, name, context_length, threads, k_bits=k_bits, v_bits=v_bits)
+        return TorchEngine(path, name, context_length, threads, k_bits=k_bits, v_bits=v_bits,
+                           expert_budget=expert_budget or None)  # fmt: skip
     raise EngineError(f"unknown engine {backend!r}; choose llama or torch")

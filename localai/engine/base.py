@@ -81,9 +81,13 @@ class GenerationStats:
     kv_bytes: int = 0
     peak_rss_bytes: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV was reused from the previous request
+    # what only some engines measure, flat in as_dict (the torch runner's MoE expert cache:
+    # expert_hit_rate, expert_bytes_read, ...)
+    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        return d | d.pop("extra")
 
 
 @dataclass

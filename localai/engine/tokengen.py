@@ -98,6 +98,11 @@ class TokenEngine:
     def _kv_bytes(self, n_tokens: int) -> int:
         raise NotImplementedError
 
+    def _extra_stats(self, since: dict | None) -> dict:
+        """Engine-specific stats of one request (GenerationStats.extra); `since` is what
+        `_extra_stats(None)` returned when the request began."""
+        return {}
+
     def forget(self) -> None:
         """Drop the cached KV: the next prompt is computed from its first token."""
         raise NotImplementedError
@@ -140,6 +145,7 @@ class TokenEngine:
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens)
         clock, streamer = Clock(), TextStreamer(params.stop)  # the clock includes prefill
+        before = self._extra_stats(None)
         n_out, finish = 0, "length"
         self.reused = 0  # the stream sets it when it prefills
         stream = self._token_stream(tokens, params, seed)
@@ -172,5 +178,6 @@ class TokenEngine:
             finish,
             kv_bytes=self._kv_bytes(len(tokens) + n_out),
             cached_tokens=self.reused,
+            extra=self._extra_stats(before),
         )
         yield Done(streamer.text, stats)

@@ -16,6 +16,7 @@ state (not normalised); padded positions never change an unpadded row.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -30,8 +31,13 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
 
 
 def bf16_is_native() -> bool:
-    """True when this CPU multiplies bf16 in hardware (AMX or AVX512-BF16); elsewhere oneDNN
-    emulates it and the fp32 ONNX path is as fast."""
+    """True when this CPU multiplies bf16 in hardware (AMX or AVX512-BF16) and oneDNN may use it;
+    elsewhere oneDNN emulates bf16 and fp32 is faster. A run capped to AVX2
+    (ONEDNN_MAX_CPU_ISA=AVX2 or ATEN_CPU_CAPABILITY=avx2, as on a laptop) reports it absent."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if isa == "AVX" or isa.startswith(("SSE", "AVX2")) or aten in ("avx2", "default"):
+        return False
     cpu = torch.cpu
     return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
 

@@ -57,6 +57,7 @@ class TorchEngine(TokenEngine):
         use_native: bool = True,
         decode_threads: int | None = None,
         hparams: dict | None = None,
+        expert_budget: int | float | str | None = None,
     ):
         super().__init__()
         self.path = Path(path)
@@ -84,7 +85,10 @@ class TorchEngine(TokenEngine):
         kv = KVConfig(
             k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim), kv_sink, v_clip, v_rotate
         )
-        self.model = Transformer(weights, hp, kv, self.context_length)
+        try:  # a MoE model's experts: all in place (None), or read into a budget (experts.py)
+            self.model = Transformer(weights, hp, kv, self.context_length, expert_budget)
+        except ValueError as e:
+            raise EngineError(str(e)) from e
         self.prefill_chunk = prefill_chunk
         self.decode_threads = decode_threads or self.threads
 
@@ -170,14 +174,30 @@ class TorchEngine(TokenEngine):
             "weights_bytes": self.model.weight_bytes,
             "kv_bytes_allocated": self.model.cache.nbytes,
             "kv_bytes_per_token": round(self.model.cache.bytes_per_token(), 1),
-            **(
-                {"experts": self.hp.n_experts, "experts_used": self.hp.n_experts_used}
-                if self.hp.is_moe
-                else {}
-            ),  # fmt: skip
+            **(self._moe_info() if self.hp.is_moe else {}),
         }
 
+    def _moe_info(self) -> dict:
+        cache = self.model.expert_cache
+        return {"experts": self.hp.n_experts, "experts_used": self.hp.n_experts_used,
+                "expert_cache": cache.info() if cache else None}  # fmt: skip
+
+    def _extra_stats(self, since: dict | None) -> dict:
+        """A MoE request's expert cache traffic: hit rate and bytes read from disk."""
+        cache = self.model.expert_cache
+        if cache is None:
+            return {}
+        now = dataclasses.asdict(cache.stats)
+        if since is None:
+            return now
+        d = {k: now[k] - since.get(k, 0) for k in now}
+        return {"expert_hit_rate": round(d["hits"] / max(1, d["hits"] + d["misses"]), 4),
+                "expert_bytes_read": d["bytes_read"], "expert_cache_bytes": cache.used}  # fmt: skip
+
     def close(self) -> None:
+        model = getattr(self, "model", None)
+        if model is not None and model.expert_cache is not None:
+            model.expert_cache.close()
         vocab = getattr(self, "vocab", None)
         if vocab is not None:
             vocab.llm.close()

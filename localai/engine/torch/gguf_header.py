@@ -25,6 +25,7 @@ class Tensor:
     qtype: GGMLQuantizationType
     shape: tuple[int, ...]  # outer first, as torch orders it
     data: np.ndarray  # [rows, row bytes] uint8 view of the memory map (float types: raw bytes)
+    offset: int = -1  # where data[0] starts in the file (-1: not from a file)
 
 
 class _Cursor:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import attention
 from .arch import Hparams
+from .experts import ExpertCache
 from .head import make_head
 from .kv import KVCache, KVConfig
 from .weights import GGUFWeights
@@ -119,13 +120,14 @@ class DenseFFN:
         return self.gate_up.nbytes + self.down.nbytes
 
 
-def make_ffn(w: GGUFWeights, hp: Hparams, i: int):
-    """The FFN half of block i: dense SwiGLU, or routed experts (moe.py)."""
+def make_ffn(w: GGUFWeights, hp: Hparams, i: int, experts=None):
+    """The FFN half of block i: dense SwiGLU, or routed experts (moe.py) from `experts`, a
+    store (experts.py; default: in place from the memory map)."""
     if not hp.is_moe:
         return DenseFFN(w, hp, i)
     from .moe import MoEFFN
 
-    return MoEFFN(w, hp, i)
+    return MoEFFN(w, hp, i, experts)
 
 
 class Attention:
@@ -182,15 +184,23 @@ class Attention:
 
 
 class Block:
-    def __init__(self, w: GGUFWeights, hp: Hparams, i: int):
+    def __init__(self, w: GGUFWeights, hp: Hparams, i: int, experts=None):
         self.attn = Attention(w, hp, i)
-        self.ffn = make_ffn(w, hp, i)
+        self.ffn = make_ffn(w, hp, i, experts)
 
 
 class Transformer:
-    def __init__(self, w: GGUFWeights, hp: Hparams, kv: KVConfig, capacity: int):
+    def __init__(self, w: GGUFWeights, hp: Hparams, kv: KVConfig, capacity: int,
+                 expert_budget: int | float | str | None = None):  # fmt: skip
+        """`expert_budget`: RAM for a MoE model's experts, read on demand (experts.ExpertCache;
+        bytes or a share of all expert bytes, see experts.parse_budget); None keeps them all in
+        place in the memory map."""
         self.w, self.hp = w, hp
-        self.blocks = [Block(w, hp, i) for i in range(hp.n_layers)]
+        self.expert_cache = None
+        if hp.is_moe and expert_budget is not None:
+            self.expert_cache = ExpertCache(w, hp, expert_budget)
+        cache = self.expert_cache
+        self.blocks = [Block(w, hp, i, cache and cache.for_layer(i)) for i in range(hp.n_layers)]
         self.norm = w.dense(hp.name("output_norm"))
         self.head = make_head(w, hp)
         self.cache = KVCache(kv, hp.n_layers, hp.n_kv_heads, hp.head_dim, capacity)

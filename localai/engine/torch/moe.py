@@ -10,8 +10,8 @@ tensors, multiplied in their GGUF block format by the same kernels as the dense 
 (weights.QLinear), so the experts compute what llama.cpp computes.
 
 Contract: `MoEFFN(x [C, E])` → x + FFN output [C, E] (the residual included, as DenseFFN);
-`step(x [1, E])` updates x in place. Experts come from an `Experts` store by index; this one
-reads them in place from the memory map, all resident.
+`step(x [1, E])` updates x in place. Experts come from a store by index (experts.py): in place
+from the memory map, or read into a RAM budget; both give the same bytes, so the same result.
 """
 
 from __future__ import annotations
@@ -20,54 +20,22 @@ import torch
 import torch.nn.functional as F
 
 from .arch import Hparams
-from .gguf_header import Tensor
+from .experts import ResidentExperts
 from .model import rms_norm
 from .weights import GGUFWeights, QLinear
 
 # C tokens, E model dim, X experts, K experts per token, F expert hidden size
-
 # llama.cpp clamps the sum of the top-k weights to fp16's smallest normal before dividing
 MIN_WEIGHT_SUM = 6.103515625e-5
-
-
-class Experts:
-    """One layer's experts as (gate and up fused, down) QLinear pairs, made on first use from
-    slices of the stacked tensors (no copy: rows of the memory map)."""
-
-    def __init__(self, w: GGUFWeights, hp: Hparams, i: int):
-        self.gate, self.up, self.down = (
-            w.tensors[hp.name(k, i)] for k in ("gate_exps", "up_exps", "down_exps")
-        )  # X, F, E; X, F, E; X, E, F
-        self.count, self.ffn_dim = self.gate.shape[0], self.gate.shape[1]
-        self.kernel = w.kernel
-        self._made: dict[int, tuple[QLinear, QLinear]] = {}
-
-    def __getitem__(self, e: int) -> tuple[QLinear, QLinear]:
-        pair = self._made.get(e)
-        if pair is None:
-            parts = [_expert(t, e) for t in (self.gate, self.up)]
-            down = QLinear([_expert(self.down, e)], self.kernel)
-            pair = self._made[e] = (QLinear(parts, self.kernel), down)
-        return pair
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(t.data.nbytes) for t in (self.gate, self.up, self.down))
-
-
-def _expert(t: Tensor, e: int) -> Tensor:
-    """Expert e's matrix of a stacked [X, O, I] tensor: its O rows, contiguous in the file."""
-    o = t.shape[1]
-    return Tensor(t.qtype, t.shape[1:], t.data[e * o : (e + 1) * o])
 
 
 class MoEFFN:
     """x + Σ_k w_k · expert_k(h) (+ σ(g·h) · shared(h)), h = rms_norm(x)."""
 
-    def __init__(self, w: GGUFWeights, hp: Hparams, i: int):
+    def __init__(self, w: GGUFWeights, hp: Hparams, i: int, experts=None):
         self.norm, self.eps = w.dense(hp.name("ffn_norm", i)), hp.norm_eps
         self.router = w.linear(hp.name("router", i))  # X, E
-        self.experts = Experts(w, hp, i)
+        self.experts = experts or ResidentExperts(w, hp, i)  # experts.py: e → (gate_up, down)
         self.k, self.norm_topk = hp.n_experts_used, hp.spec.norm_topk
         self.shared = None
         if hp.spec.shared_expert:

@@ -4,10 +4,11 @@ ggml's own CPU kernels (bound at run time from the libggml-cpu.so that llama-cpp
 installs); fused decode attention over the quantized KV pages; a fused decode step per
 half-block.
 
-The build (g++ and ninja, 1-2 minutes on 2 cores) is cached by torch under its extensions
-directory and redone only when a source or the flags change. Any failure (no compiler, no ninja, a
-read-only cache, no ggml library) is remembered and reported once; callers then use the
-pure-torch reference.
+The build (g++ and ninja, 1-2 minutes on 2 cores) is cached under torch's extensions directory,
+in a folder named by a hash of the sources and flags (`build_dir`), so it is redone only when
+one of them changes and two checkouts never rebuild over each other. Any failure (no compiler,
+no ninja, a read-only cache, no ggml library) is remembered and reported once; callers then use
+the pure-torch reference.
 
 Instruction set: our own C++ is compiled for AVX2 + FMA + F16C on x86-64 CPUs that have them,
 never for AVX-512 or AMX, so it runs the same code on a laptop and on a server; the quantized
@@ -17,6 +18,9 @@ measures a ggml built with AVX2 only beside the native one).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import importlib.util
 import logging
 import os
@@ -54,11 +58,39 @@ def _build():
     from torch.utils.cpp_extension import load as build
 
     _ninja_on_path()
-    module = build(name="localai_runner", sources=[str(SOURCES / f) for f in FILES],
-                   extra_cflags=["-O3", "-ffast-math", *isa_flags()], verbose=False)  # fmt: skip
+    sources, flags = [SOURCES / f for f in FILES], build_flags()
+    with build_dir(sources, flags) as where:
+        module = build(name="localai_runner", sources=[str(f) for f in sources],
+                       extra_cflags=flags, build_directory=str(where), verbose=False)  # fmt: skip
     lib = ggml_lib_dir()
     module.ggml_bind(str(lib / "libggml-cpu.so"), str(lib / "libggml-base.so"))
     return module
+
+
+def build_flags() -> list[str]:
+    return ["-O3", "-ffast-math", *isa_flags()]
+
+
+@contextlib.contextmanager
+def build_dir(sources: list[Path], flags: list[str]):
+    """The build's own folder, named by a hash of its sources, flags and torch version (two
+    checkouts, or two versions, never rebuild over each other), held under an flock while
+    torch builds or loads there. torch's own build lock is a file that a killed build leaves
+    behind, after which every later load waits forever; the flock dies with its process, so
+    under it a leftover lock file is known stale and removed."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    digest = hashlib.sha256(" ".join([torch.__version__, *flags]).encode())
+    for f in sources:
+        digest.update(f.read_bytes())
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    where = root / f"localai_runner-{digest.hexdigest()[:16]}"
+    where.mkdir(parents=True, exist_ok=True)
+    with open(where / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        (where / "lock").unlink(missing_ok=True)
+        yield where
 
 
 def ggml_lib_dir() -> Path:

@@ -83,7 +83,7 @@ class GGUFWeights:
             row_bytes = dims[0] // block * size
             start = data_start + offset
             raw = self._map[start : start + rows * row_bytes].reshape(rows, row_bytes)
-            self.tensors[name] = Tensor(qtype, tuple(reversed(dims)), raw)
+            self.tensors[name] = Tensor(qtype, tuple(reversed(dims)), raw, start)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
