@@ -53,6 +53,10 @@ def open_engine(
     )
     if governor is not None:
         info = engine.info()
-        governor.reserve("weights", info.get("weights_bytes", 0))
+        weights, cache = info.get("weights_bytes", 0), info.get("expert_cache")
+        if cache:  # experts read on demand: the cache's budget is what they hold, not their size
+            weights -= info["expert_bytes"]
+            governor.reserve("expert_cache", cache["budget_bytes"])
+        governor.reserve("weights", weights)
         governor.reserve("kv_cache", info.get("kv_bytes_allocated", 0))
     return engine

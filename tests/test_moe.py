@@ -158,3 +158,22 @@ def test_run_a_moe_gguf_at_a_budget_streams_the_all_resident_text(moe_files, hom
     assert 0 < part["stats"]["expert_hit_rate"] < 1 and part["stats"]["expert_bytes_read"] > 0
     r = localai(*base[:5], "llama", *base[6:], "--expert-budget", "40%")
     assert r.returncode == 1 and "needs --engine torch" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_expert_cache_is_held_in_the_ram_budget(moe_files, home):
+    """Loaded with a budget, a MoE model's experts count in the governor as the cache's budget,
+    not as weights."""
+    from localai.config import load_settings
+    from localai.governor import Governor
+    from localai.runtime import open_engine
+
+    settings = load_settings(home, engine="torch", expert_budget="25%", context_length=512)
+    gov = Governor()
+    eng = open_engine(settings, str(moe_files["qwen3moe"]), log=lambda m: None, governor=gov)
+    try:
+        held, info = gov.snapshot()["holders"], eng.info()
+        assert held["expert_cache"] == info["expert_cache"]["budget_bytes"] > 0
+        assert held["weights"] == info["weights_bytes"] - info["expert_bytes"]
+        assert info["expert_cache"]["budget_bytes"] == info["expert_bytes"] // 4
+    finally:
+        eng.close()

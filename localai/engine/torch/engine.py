@@ -179,8 +179,12 @@ class TorchEngine(TokenEngine):
 
     def _moe_info(self) -> dict:
         cache = self.model.expert_cache
-        return {"experts": self.hp.n_experts, "experts_used": self.hp.n_experts_used,
-                "expert_cache": cache.info() if cache else None}  # fmt: skip
+        return {
+            "experts": self.hp.n_experts,
+            "experts_used": self.hp.n_experts_used,
+            "expert_bytes": sum(b.ffn.experts.nbytes for b in self.model.blocks),
+            "expert_cache": cache.info() if cache else None,
+        }
 
     def _extra_stats(self, since: dict | None) -> dict:
         """A MoE request's expert cache traffic: hit rate and bytes read from disk."""
