@@ -69,6 +69,7 @@ class Settings:
     # torch runner, MoE models: RAM for the experts, read from disk on demand (bytes such as
     # 4G, or a share of all expert bytes such as 40%); empty: all in place in the memory map
     expert_budget: str = ""
+    trace_routing: str = ""  # torch runner, MoE models: write each layer's routing here (JSONL)
     ram_budget_bytes: int | None = None  # default: 75% of physical RAM
     host: str = "127.0.0.1"
     port: int = 8765

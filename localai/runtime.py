@@ -50,6 +50,7 @@ def open_engine(
         k_bits=settings.k_bits,
         v_bits=settings.v_bits,
         expert_budget=settings.expert_budget,
+        trace_routing=settings.trace_routing,
     )
     if governor is not None:
         info = engine.info()

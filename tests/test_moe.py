@@ -15,6 +15,7 @@ from moe_gguf import ARCHS, build
 from localai.engine import Done, Message, SamplingParams, chat
 from localai.engine.torch import TorchEngine
 from localai.engine.torch.experts import parse_budget
+from localai.engine.torch.routing import curve, read_trace, replay
 
 N = 512
 TEXT = "\n\n".join(topics[k] for k in sorted(topics))[:20000]
@@ -158,6 +159,14 @@ def test_run_a_moe_gguf_at_a_budget_streams_the_all_resident_text(moe_files, hom
     assert 0 < part["stats"]["expert_hit_rate"] < 1 and part["stats"]["expert_bytes_read"] > 0
     r = localai(*base[:5], "llama", *base[6:], "--expert-budget", "40%")
     assert r.returncode == 1 and "needs --engine torch" in r.stderr and "Traceback" not in r.stderr
+    trace = home.parent / "routing.jsonl"  # `moe curve` over a trace `run` recorded
+    assert localai(*base, "--trace-routing", str(trace)).returncode == 0
+    r = localai("moe", "curve", str(trace), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["total_experts"] == 16 and out["curve"][-1]["lru"] > 0
+    r = localai("moe", "curve", str(moe_files["olmoe"]))  # not a trace: one line, no traceback
+    assert r.returncode == 1 and "not a routing trace" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_the_expert_cache_is_held_in_the_ram_budget(moe_files, home):
@@ -177,3 +186,27 @@ def test_the_expert_cache_is_held_in_the_ram_budget(moe_files, home):
         assert info["expert_cache"]["budget_bytes"] == info["expert_bytes"] // 4
     finally:
         eng.close()
+
+
+def test_replaying_a_routing_trace_predicts_the_live_cache(moe_files, tmp_path):
+    """A trace recorded while the cache served at 25% replays through LRU at the same size to
+    the live hits and misses exactly; LRU's curve rises with the size and at 100% misses each
+    expert once."""
+    trace = tmp_path / "routing.jsonl"
+    eng = TorchEngine(moe_files["olmoe"], context_length=N, threads=1, expert_budget="25%",
+                      trace_routing=trace)  # fmt: skip
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0.0)
+        list(chat(eng, [Message("user", "Write about the sea.")], params))
+        live, info = eng.model.expert_cache.stats, eng.info()
+    finally:
+        eng.close()
+    header, lookups = read_trace(trace)
+    assert header["layers"] == 2 and header["experts"] == 8 and len(lookups) > 0
+    capacity = info["expert_cache"]["budget_bytes"] // header["expert_bytes"]
+    again = replay(lookups, capacity, "lru")
+    assert (again["hits"], again["misses"]) == (live.hits, live.misses)
+    rows = curve(trace)["curve"]
+    rates = [r["lru"] for r in rows]
+    assert rates == sorted(rates) and all(0 <= r["lfu"] <= 1 for r in rows)
+    assert replay(lookups, 16, "lru")["misses"] == len(set(lookups))

@@ -151,7 +151,15 @@ def engine_options(fn):
             callback=_setting_flag("expert_budget"),
             help="Torch runner, MoE models: RAM for experts read from disk on demand "
             "(bytes such as 4G, or a share of the expert bytes such as 40%).",
-        ),  # fmt: skip
+        ),
+        click.option(
+            "--trace-routing",
+            metavar="FILE",
+            expose_value=False,
+            callback=_setting_flag("trace_routing"),
+            help="Torch runner, MoE models: record each layer's experts to FILE (JSON lines; "
+            "`localai moe curve FILE` replays it).",
+        ),
     ]
     for opt in reversed(opts):
         fn = opt(fn)

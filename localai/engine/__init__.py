@@ -41,19 +41,22 @@ def load_engine(
     k_bits: int = 16,
     v_bits: int = 16,
     expert_budget: str | None = None,
+    trace_routing: str | None = None,
 ) -> Engine:
     """Load `path` with the named backend; the caller resolved the model (catalog.resolve_model)."""
     if backend == "llama":
         from .llamacpp import LlamaCppEngine
 
-        if expert_budget:
+        if expert_budget or trace_routing:
             raise EngineError(
-                "an expert budget needs --engine torch (llama.cpp leaves experts to the page cache)"
+                "an expert budget or a routing trace needs --engine torch (llama.cpp leaves "
+                "experts to the page cache)"
             )
         return LlamaCppEngine(path, name, context_length, threads, type_k, type_v)
     if backend == "torch":
         from .torch import TorchEngine
 
         return TorchEngine(path, name, context_length, threads, k_bits=k_bits, v_bits=v_bits,
-                           expert_budget=expert_budget or None)  # fmt: skip
+                           expert_budget=expert_budget or None,
+                           trace_routing=trace_routing or None)  # fmt: skip
     raise EngineError(f"unknown engine {backend!r}; choose llama or torch")

@@ -30,6 +30,7 @@ from . import native
 from .arch import Hparams
 from .kv import KVConfig
 from .model import Transformer
+from .routing import TraceWriter
 from .sampler import sample
 from .weights import GGUFWeights
 
@@ -58,6 +59,7 @@ class TorchEngine(TokenEngine):
         decode_threads: int | None = None,
         hparams: dict | None = None,
         expert_budget: int | float | str | None = None,
+        trace_routing: Path | None = None,
     ):
         super().__init__()
         self.path = Path(path)
@@ -91,6 +93,7 @@ class TorchEngine(TokenEngine):
             raise EngineError(str(e)) from e
         self.prefill_chunk = prefill_chunk
         self.decode_threads = decode_threads or self.threads
+        self.trace = self._trace_to(Path(trace_routing)) if trace_routing else None
 
     # -- the loop ---------------------------------------------------------------------------
     def prefill(self, tokens: list[int]) -> torch.Tensor:
@@ -177,6 +180,19 @@ class TorchEngine(TokenEngine):
             **(self._moe_info() if self.hp.is_moe else {}),
         }
 
+    def _trace_to(self, path: Path) -> TraceWriter:
+        """Record every MoE layer's routing to `path` (routing.py)."""
+        if not self.hp.is_moe:
+            raise EngineError(f"{self.name} has no experts: there is no routing to trace")
+        hp = self.hp
+        per_expert = self._moe_info()["expert_bytes"] // (hp.n_layers * hp.n_experts)
+        header = {"model": self.name, "layers": hp.n_layers, "experts": hp.n_experts,
+                  "experts_used": hp.n_experts_used, "expert_bytes": per_expert}  # fmt: skip
+        trace = TraceWriter(path, header)
+        for b in self.model.blocks:
+            b.ffn.trace = trace
+        return trace
+
     def _moe_info(self) -> dict:
         cache = self.model.expert_cache
         return {
@@ -199,6 +215,8 @@ class TorchEngine(TokenEngine):
                 "expert_bytes_read": d["bytes_read"], "expert_cache_bytes": cache.used}  # fmt: skip
 
     def close(self) -> None:
+        if getattr(self, "trace", None) is not None:
+            self.trace.close()
         model = getattr(self, "model", None)
         if model is not None and model.expert_cache is not None:
             model.expert_cache.close()

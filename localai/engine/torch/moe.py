@@ -36,6 +36,7 @@ class MoEFFN:
         self.norm, self.eps = w.dense(hp.name("ffn_norm", i)), hp.norm_eps
         self.router = w.linear(hp.name("router", i))  # X, E
         self.experts = experts or ResidentExperts(w, hp, i)  # experts.py: e → (gate_up, down)
+        self.layer, self.trace = i, None  # trace: a routing.TraceWriter, when recording
         self.k, self.norm_topk = hp.n_experts_used, hp.spec.norm_topk
         self.shared = None
         if hp.spec.shared_expert:
@@ -54,6 +55,8 @@ class MoEFFN:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, self.norm, self.eps)  # C, E
         ids, w = self.route(h)
+        if self.trace is not None:
+            self.trace.record(self.layer, ids)
         out = torch.zeros_like(x)  # C, E
         for e in ids.unique().tolist():  # each expert once, over the tokens that chose it
             rows, slot = (ids == e).nonzero(as_tuple=True)
