@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .loaders import Block, _Bytes
+from .blocks import Block, ByteOffsets
 
 MAX_TOKENS = 250  # + [CLS] [SEP] stays inside MiniLM's 256
 MIN_TOKENS = 100
@@ -71,7 +71,7 @@ def _split(text: str, start: int, end: int, exact: bool, kind: str, count: Count
             pos = m.end()
         if pos < len(text):
             units.append((pos, len(text)))
-    to_byte = _Bytes(text)
+    to_byte = ByteOffsets(text)
 
     def piece(a: int, b: int, n: int) -> _Piece:
         if exact:

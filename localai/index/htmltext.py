@@ -11,7 +11,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-from .loaders import Block, _Bytes, decode
+from .blocks import Block, ByteOffsets, decode
 
 BLOCK_TAGS = {"p", "div", "section", "article", "main", "li", "dt", "dd", "pre", "blockquote",
               "table", "tr", "td", "th", "ul", "ol", "dl", "h1", "h2", "h3", "h4", "h5", "h6",
@@ -26,7 +26,7 @@ _WS = re.compile(r"\s+")
 class _Extractor(HTMLParser):
     def __init__(self, text: str):
         super().__init__(convert_charrefs=True)
-        self.to_byte = _Bytes(text)
+        self.to_byte = ByteOffsets(text)
         self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
         self.blocks: list[Block] = []
         self.parts: list[str] = []

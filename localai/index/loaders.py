@@ -1,16 +1,10 @@
-"""Loaders: a file's bytes → text blocks that point back into those bytes.
+"""Loaders: which loader reads a file, and localai's own loaders of text formats.
 
-A loader is a function `(data: bytes, path: Path) -> list[Block]`, registered for file suffixes
-(or exact file names) with `register()`; plugins extend the same registry. Each block is one
-structural unit (heading, paragraph, code block, list item) with the byte range it came from.
-When `exact` is true the block's text is exactly the UTF-8 decoding of `data[start:end]`, so the
-chunker may split it at any character and still compute byte offsets; markup loaders (HTML)
-produce inexact blocks whose text is derived from the range.
-
-Loaders of binary formats return a `Document` instead: the text they derived, pages separated
-by form feeds, with blocks pointing into that text; its chunks then carry page numbers.
-localai's own loaders register through the plugin hook like any plugin's (`register_builtins`),
-and a plugin registered for the same suffix takes over from them.
+A loader is a function `(data: bytes, path: Path) -> list[Block] | Document` (the contract, and
+the helpers loaders share, are in blocks.py), registered for file suffixes (or exact file names)
+with `register()`; plugins extend the same registry. localai's own loaders register through the
+plugin hook like any plugin's (`register_builtins`), and a plugin registered for the same suffix
+takes over from them.
 
 A loader raises `Unreadable(reason)` for a file it cannot use (broken JSON, not UTF-8 ...); the
 walker records the reason and moves on. Loaders are pure and deterministic: reading a chunk back
@@ -23,39 +17,17 @@ import json
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-
-class Unreadable(ValueError):
-    """The file cannot be indexed; the message is the reason shown to the user."""
-
-
-@dataclass(frozen=True)
-class Block:
-    text: str
-    start: int  # byte offset in the file
-    end: int
-    kind: str = "text"  # "heading", "text" or "code"
-    exact: bool = True
-
-
-@dataclass(frozen=True)
-class Document:
-    """What a loader of a binary format (PDF, ...) returns: the text it derived from the file,
-    pages separated by form feeds, and exact blocks whose offsets point into that text's UTF-8
-    bytes. Lines and quotes then refer to the derived text, and citations name pages."""
-
-    text: str
-    blocks: list[Block]
-    paged: bool = True
-
-
-def pages(texts: list[str]) -> Document:
-    """A Document from the text of each page, split into paragraphs."""
-    text = "\f".join(t.replace("\f", " ") for t in texts)
-    return Document(text, paragraphs(text))
-
+from .blocks import (
+    Block,
+    ByteOffsets,
+    Document,
+    Unreadable,
+    decode,
+    pages,  # noqa: F401  (plugins written before blocks.py import it from here)
+    paragraphs,
+)
 
 Loader = Callable[[bytes, Path], "list[Block] | Document"]
 _BY_SUFFIX: dict[str, tuple[str, Loader]] = {}
@@ -114,59 +86,6 @@ def looks_textual(head: bytes) -> bool:
     return True
 
 
-def decode(data: bytes) -> str:
-    if b"\0" in data[:8192]:
-        raise Unreadable("binary file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise Unreadable(f"not UTF-8 text (byte {e.start})") from None
-
-
-class _Bytes:
-    """Character offset → byte offset in a decoded text, computed incrementally per line."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.ascii = text.isascii()
-        self._line_chars = [0]
-        self._line_bytes = [0]
-        if not self.ascii:
-            for m in re.finditer("\n", text):
-                c = m.end()
-                b = self._line_bytes[-1] + len(text[self._line_chars[-1] : c].encode())
-                self._line_chars.append(c)
-                self._line_bytes.append(b)
-
-    def __call__(self, i: int) -> int:
-        if self.ascii:
-            return i
-        import bisect
-
-        k = bisect.bisect_right(self._line_chars, i) - 1
-        c0 = self._line_chars[k]
-        return self._line_bytes[k] + len(self.text[c0:i].encode())
-
-
-_PARA = re.compile(r"\n[ \t]*\n|\f")  # a blank line, or a page break
-
-
-def paragraphs(text: str, kind: str = "text") -> list[Block]:
-    """Blank-line separated paragraphs as exact blocks."""
-    to_byte = _Bytes(text)
-    out, pos = [], 0
-    for m in [*_PARA.finditer(text), None]:
-        end = m.start() if m else len(text)
-        piece = text[pos:end]
-        if piece.strip():
-            lead = len(piece) - len(piece.lstrip())
-            s, e = pos + lead, pos + len(piece.rstrip())
-            out.append(Block(text[s:e], to_byte(s), to_byte(e), kind))
-        if m:
-            pos = m.end()
-    return out
-
-
 def load_text(data: bytes, path: Path) -> list[Block]:
     return paragraphs(decode(data))
 
@@ -178,7 +97,7 @@ _MD_HEADING = re.compile(r"^#{1,6}\s")
 def load_markdown(data: bytes, path: Path) -> list[Block]:
     """Headings and fenced code blocks are their own blocks; the rest splits into paragraphs."""
     text = decode(data)
-    to_byte = _Bytes(text)
+    to_byte = ByteOffsets(text)
     out: list[Block] = []
     lines = text.splitlines(keepends=True)
     pos, buf_start, fence, fence_start = 0, 0, None, 0
@@ -268,7 +187,7 @@ def load_data(data: bytes, path: Path) -> list[Block]:
 
 
 def _line_groups(text: str, n: int) -> list[Block]:
-    to_byte = _Bytes(text)
+    to_byte = ByteOffsets(text)
     lines = text.splitlines(keepends=True)
     out, pos = [], 0
     for i in range(0, len(lines), n):

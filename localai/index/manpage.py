@@ -17,7 +17,7 @@ import re
 import zlib
 from pathlib import Path
 
-from .loaders import Block, Document, Unreadable, load_text, paragraphs
+from .blocks import Block, Document, Unreadable, decode, paragraphs
 
 MAX_UNPACKED = 16 << 20  # a man page is kilobytes; more than this is not one
 _SECTION = re.compile(r"\.[1-9n][a-z]*$")
@@ -76,7 +76,7 @@ def load_man(data: bytes, path: Path):
         source = raw.decode("latin-1")  # older pages are Latin-1
     if not is_roff(source):
         if raw is data:
-            return load_text(data, path)  # `app.log.1`: a text file with a number
+            return paragraphs(decode(data))  # `app.log.1`: plain text (as loaders.load_text)
         raise Unreadable("compressed file that is not a man page")
     return _render(source)
 

@@ -21,7 +21,7 @@ MAX_PAGES = 5000  # beyond this a "document" is a data dump; skipped with the re
 def load_pdf(data: bytes, path: Path):
     from pypdf import PdfReader
 
-    from localai.index.loaders import Unreadable, pages
+    from localai.index.blocks import Unreadable, pages
 
     try:
         reader = PdfReader(io.BytesIO(data))
