@@ -27,9 +27,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from index_nfcorpus import EVALS, load_qrels, ndcg10, recall100  # noqa: E402
 
 from localai.config import load_settings  # noqa: E402
+from localai.index.facade import Index  # noqa: E402
 from localai.index.fusion import fts_query, rrf  # noqa: E402
-from localai.index.search import Index  # noqa: E402
 from localai.index.vectors import CODECS, VectorSet  # noqa: E402
+from localai.runtime import open_index  # noqa: E402
 
 DEPTH = 300
 
@@ -54,7 +55,7 @@ def doc_lists(ix: Index, text: str, doc_of: dict[int, str], vs: VectorSet | None
     bm = ix.db.execute("SELECT rowid, -bm25(fts) FROM fts WHERE fts MATCH ? ORDER BY rank LIMIT ?",
                        [q, DEPTH]).fetchall() if q else []  # fmt: skip
     qv = ix.embedder.embed([text])[0] if qv is None else qv
-    ids, scores = (vs or ix._vector_set()).search(qv, DEPTH)
+    ids, scores = (vs or ix.searcher.vector_set()).search(qv, DEPTH)
     best_b: dict[str, float] = {}
     for c, s in bm:
         best_b.setdefault(doc_of[c], s)
@@ -81,7 +82,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/localai-bench/nfcorpus"))
     args = ap.parse_args()
     models = os.environ.get("LOCALAI_MODELS", str(Path.home() / ".cache/localai-test/models"))
-    ix = Index.open(load_settings(args.work / "home", models_dir=models))
+    ix = open_index(load_settings(args.work / "home", models_dir=models))
     doc_of = {c: Path(p).stem for c, p in ix.db.execute(
         "SELECT c.id, f.path FROM chunks c JOIN files f ON f.id = c.file_id")}  # fmt: skip
     qrels = load_qrels()

@@ -33,8 +33,8 @@ from localai.catalog import Catalog  # noqa: E402
 from localai.config import load_settings  # noqa: E402
 from localai.index.chunker import chunk  # noqa: E402
 from localai.index.embedder import Embedder  # noqa: E402
+from localai.index.facade import Index  # noqa: E402
 from localai.index.loaders import load_text  # noqa: E402
-from localai.index.search import Index  # noqa: E402
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from localai.catalog import Catalog  # noqa: E402
 from localai.config import load_settings  # noqa: E402
 from localai.index.embedder import Embedder  # noqa: E402
-from localai.index.search import Index  # noqa: E402
+from localai.index.facade import Index  # noqa: E402
 
 EVALS = ROOT.parent / "shared" / "evals" / "nfcorpus"
 BASELINES = {

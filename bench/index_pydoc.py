@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from localai.config import load_settings  # noqa: E402
-from localai.index.search import Index  # noqa: E402
+from localai.index.facade import Index  # noqa: E402
+from localai.runtime import open_index  # noqa: E402
 
 DOC = Path("/usr/share/doc/python3-doc/html")
 QUESTIONS = [
@@ -153,7 +154,7 @@ def main() -> None:
     env = {**os.environ, "LOCALAI_HOME": str(home), "LOCALAI_MODELS": models}
     first = json.loads(cli(env, "index", str(docs), "--json").stdout)
     noop = json.loads(cli(env, "index", "--json").stdout)
-    ix = Index.open(load_settings(home, models_dir=models))
+    ix = open_index(load_settings(home, models_dir=models))
     comp = components(ix)
     tb = first["text_bytes"]
     result = {

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from index_nfcorpus import EVALS, write_corpus  # noqa: E402
 
 from localai.config import load_settings  # noqa: E402
-from localai.index.search import Index  # noqa: E402
+from localai.runtime import open_index  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     write_corpus(args.work / "docs", None)
     models = Path(os.environ.get("LOCALAI_MODELS", Path.home() / ".cache/localai-test/models"))
     settings = load_settings(args.work / "home", models_dir=models, index_codec=args.codec)
-    ix = Index.open(settings)
+    ix = open_index(settings)
     ix.add_source(args.work / "docs")
     st = ix.update()
     ids = [r[0] for r in ix.db.execute("SELECT id FROM chunks ORDER BY id")]

@@ -34,9 +34,10 @@ from index_vectors import scale_up  # noqa: E402
 from localai.config import load_settings  # noqa: E402
 from localai.index import store  # noqa: E402
 from localai.index.chunker import HASH_BYTES  # noqa: E402
+from localai.index.facade import db_path  # noqa: E402
 from localai.index.fusion import fts_text  # noqa: E402
-from localai.index.search import Index, db_path  # noqa: E402
 from localai.index.vectors import DEFAULT_CODEC, codec  # noqa: E402
+from localai.runtime import open_index  # noqa: E402
 
 
 def build(home: Path, n: int, vecs: np.ndarray) -> None:
@@ -79,7 +80,7 @@ def main() -> None:
         t = time.perf_counter()
         build(home, args.chunks, vecs)
         print(f"built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    ix = Index.open(load_settings(home, models_dir=models))
+    ix = open_index(load_settings(home, models_dir=models))
     queries = [json.loads(x)["text"] for x in (EVALS / "queries.jsonl").read_text().splitlines()]
     ix.search("warm up", k=10)  # loads the model and the vectors once
     out = {}
@@ -97,7 +98,7 @@ def main() -> None:
     print(json.dumps({"bench": "index_scale", "machine": machine,
                       "date": time.strftime("%Y-%m-%d"), "chunks": st["chunks"],
                       "codec": st["codec"], "index_bytes": st["index_bytes"],
-                      "vectors_ram_mb": round(ix._vector_set().nbytes / 1e6, 1),
+                      "vectors_ram_mb": round(ix.searcher.vector_set().nbytes / 1e6, 1),
                       "queries": len(queries), "modes": out}))  # fmt: skip
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from index_pydoc import save_to_searchable  # noqa: E402
 
 from localai.config import load_settings  # noqa: E402
-from localai.index.search import Index  # noqa: E402
+from localai.runtime import open_index  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     home = args.work / "home"
     models = os.environ.get("LOCALAI_MODELS", str(Path.home() / ".cache/localai-test/models"))
     env = {**os.environ, "LOCALAI_HOME": str(home), "LOCALAI_MODELS": models}
-    ix = Index.open(load_settings(home, models_dir=models))
+    ix = open_index(load_settings(home, models_dir=models))
     source = Path(ix.sources()[0]["path"])
     took = save_to_searchable(env, ix, source)
     print(json.dumps({"bench": "index_watch", "machine": f"{platform.machine()} {os.cpu_count()}"

@@ -38,18 +38,18 @@ from index_pydoc import DOC, QUESTIONS, ensure_docs  # noqa: E402
 
 from localai.config import load_settings  # noqa: E402
 from localai.engine import Done, Message, SamplingParams, chat  # noqa: E402
-from localai.index.search import Index  # noqa: E402
-from localai.rag.answer import Answerer, model_layout  # noqa: E402
+from localai.index.facade import Index  # noqa: E402
+from localai.rag.answer import Answerer  # noqa: E402
 from localai.rag.prompt import LAYOUTS, Layout  # noqa: E402
 from localai.rag.rerank import rerank  # noqa: E402
-from localai.runtime import open_engine  # noqa: E402
+from localai.runtime import model_layout, open_engine, open_index  # noqa: E402
 
 MODELS = os.environ.get("LOCALAI_MODELS", str(Path.home() / ".cache/localai-test/models"))
 
 
 def rerank_part(engine, work: Path, n_queries: int) -> dict:
     ids = write_corpus(work / "docs", None)
-    ix = Index.open(load_settings(work / "home", models_dir=MODELS))
+    ix = open_index(load_settings(work / "home", models_dir=MODELS))
     if not ix.stats()["chunks"]:
         ix.add_source(work / "docs")
         ix.update()
@@ -84,7 +84,7 @@ def pydoc_index(work: Path, pages: int) -> Index:
             dest = docs / p.relative_to(DOC)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(p, dest)
-    ix = Index.open(load_settings(work / "home", models_dir=MODELS))
+    ix = open_index(load_settings(work / "home", models_dir=MODELS))
     if not ix.stats()["chunks"]:
         ix.add_source(docs)
         ix.update()
@@ -134,7 +134,7 @@ def rag_part(engine, ix: Index, layouts: list[Layout], k: int, max_tokens: int,
             rows[layout.name].append(row)
             print(json.dumps({"time": time.strftime("%H:%M:%S"), "layout": layout.name,
                               "question": i, **row}), file=sys.stderr, flush=True)  # fmt: skip
-    own = model_layout(engine).name
+    own = model_layout(engine.name).name
     return [summary(name, got, k, name == own) for name, got in rows.items()]
 
 
@@ -164,7 +164,9 @@ def main() -> None:
         out["rerank_nfcorpus"] = rerank_part(engine, a.work / "nfcorpus", a.queries)
     if a.part in ("rag", "both"):
         ix = pydoc_index(a.work / f"pydoc-{a.pages or 'all'}", a.pages)
-        named = [model_layout(engine) if n == "model" else LAYOUTS[n] for n in a.layouts.split(",")]
+        named = [
+            model_layout(engine.name) if n == "model" else LAYOUTS[n] for n in a.layouts.split(",")
+        ]
         layouts = list({layout.name: layout for layout in named}.values())  # model,oneshot: once
         out["rag_pydoc"] = rag_part(engine, ix, layouts, a.k, a.max_tokens, a.questions)
         ix.close()

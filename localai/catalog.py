@@ -10,9 +10,9 @@ Invariant: `models_dir/NAME/manifest.json` exists only if every file it lists ha
 sha256 when it was written. `locate` re-hashes a file whose size or mtime moved since then.
 
 A spec also says how the model is prompted where that differs between models (`rag_layout`:
-where answers from documents put the passages, localai/rag/prompt.py); a spec that names a
-layout that does not exist is refused when it is built, so a typo fails at start, not at the
-first question.
+where answers from documents put the passages). The catalog keeps it as a name and knows nothing
+of prompts: RAG owns the layouts (localai/rag/prompt.py), and runtime.model_specs has RAG check
+every spec's name, so a typo fails at start, not at the first question.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rag.prompt import DEFAULT_LAYOUT, LAYOUTS
-
 GGUF_MAGIC = b"GGUF"
+DEFAULT_RAG_LAYOUT = "system"  # = rag.prompt.DEFAULT_LAYOUT.name (a test checks)
 CHUNK = 8 << 20
 
 
@@ -57,14 +56,7 @@ class ModelSpec:
     license: str
     packages: tuple[str, ...]
     files: tuple[ModelFile, ...]
-    rag_layout: str = DEFAULT_LAYOUT.name  # a name in rag.prompt.LAYOUTS
-
-    def __post_init__(self) -> None:
-        if self.rag_layout not in LAYOUTS:
-            raise CatalogError(
-                f"model {self.name}: unknown rag_layout {self.rag_layout!r}; "
-                f"choose one of: {', '.join(LAYOUTS)}"
-            )
+    rag_layout: str = DEFAULT_RAG_LAYOUT  # a name in rag.prompt.LAYOUTS (runtime has it checked)
 
     @property
     def size(self) -> int:
@@ -99,7 +91,7 @@ def load_catalog(path: Path | None = None) -> dict[str, ModelSpec]:
             license=m["license"],
             packages=tuple(m["packages"]),
             files=files,
-            rag_layout=m.get("rag_layout", DEFAULT_LAYOUT.name),
+            rag_layout=m.get("rag_layout", DEFAULT_RAG_LAYOUT),
         )
     return specs
 

@@ -17,10 +17,9 @@ from pathlib import Path
 import uvicorn
 from rich.markup import escape
 
-from .catalog import Catalog
 from .config import ConfigError, Settings
 from .governor import Governor
-from .runtime import open_catalog, open_engine
+from .runtime import model_layout, open_catalog, open_embedder, open_engine, open_index
 from .server.app import build_app
 from .server.auth import ensure_token, is_loopback
 from .server.guard import HostNames
@@ -64,19 +63,6 @@ def _model_meta(settings: Settings, info: dict) -> dict:
             "details": details}  # fmt: skip
 
 
-def _embedder_loader(settings: Settings):
-    def load():
-        from .index.embedder import Embedder
-
-        cat = Catalog(settings.models_dir)
-        name = settings.embed_model
-        cat.ensure(name, log=lambda _m: None)
-        return Embedder(cat.file(name, "model.onnx"), cat.file(name, "tokenizer.json"),
-                        threads=settings.threads)  # fmt: skip
-
-    return load
-
-
 def serve(
     settings: Settings,
     host: str,
@@ -102,7 +88,7 @@ def serve(
     except BaseException:
         sock.close()
         raise
-    state = ServerState(engine, settings.embed_model, _embedder_loader(settings))
+    state = ServerState(engine, settings.embed_model, lambda: open_embedder(settings))
     state.governor = governor
     state.proof_key = key
     state.model_meta[engine.name] = _model_meta(settings, engine.info())
@@ -146,17 +132,16 @@ class _Server(uvicorn.Server):
 def _open_docs(state: ServerState, settings: Settings, governor: Governor, log):
     """Open the index, the RAG answerer and the watcher; without them the API still serves."""
     try:
-        from .index.search import Index
         from .rag.answer import Answerer
 
-        index = Index.open(settings, governor=governor)
+        index = open_index(settings, governor)
     except Exception as e:  # noqa: BLE001  (a broken index must not take the API down)
         state.rag_missing = f"the document index could not be opened: {e}"
         log(f"[yellow]{state.rag_missing}[/yellow]")
         return None
     state.index = index
     state.load_embedder = lambda: index.embedder  # one MiniLM for the index and /v1/embeddings
-    state.rag = Answerer(index, state.engine)
+    state.rag = Answerer(index, state.engine, model_layout(state.engine.name))
     watcher = Watcher(index, log)
     state.on_source_added = lambda _path: watcher.restart()
     state.index_progress = lambda: dict(watcher.progress)

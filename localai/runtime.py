@@ -1,27 +1,67 @@
-"""Wiring shared by the CLI and (later) the daemon: settings + model name → a loaded engine."""
+"""Wiring shared by the CLI and the daemon: settings → a loaded engine, embedder, index.
+
+The layers below know nothing of each other's parts: the engine is handed a resolved model
+file, the index its settings and an embedder. This module is where the catalog, the settings and
+the plugins meet them.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from . import plugins
-from .catalog import Catalog, ModelSpec, ProgressFactory, load_catalog, resolve_model
+from .catalog import (
+    Catalog,
+    CatalogError,
+    ModelSpec,
+    ProgressFactory,
+    load_catalog,
+    resolve_model,
+)
 from .config import Settings
 from .engine import Engine, load_engine
 from .governor import Governor
+from .rag.prompt import DEFAULT_LAYOUT, Layout, UnknownLayout, layout_named
+
+if TYPE_CHECKING:
+    from .index.embedder import Embedder
+    from .index.facade import Index
 
 
-def model_specs() -> dict[str, ModelSpec]:
-    """The catalog's models plus those that plugins register (catalog names win)."""
-    specs = load_catalog()
+def model_specs(path: Path | None = None) -> dict[str, ModelSpec]:
+    """The catalog's models (models/catalog.toml, or `path`) plus those that plugins register
+    (catalog names win); each is checked by check_rag_layout."""
+    specs = {name: check_rag_layout(spec) for name, spec in load_catalog(path).items()}
     plugins.get().call_each(
-        "localai_register_models", register=lambda spec: specs.setdefault(spec.name, spec)
+        "localai_register_models",
+        register=lambda spec: specs.setdefault(spec.name, check_rag_layout(spec)),
     )
     return specs
+
+
+def check_rag_layout(spec: ModelSpec) -> ModelSpec:
+    """`spec`, if RAG has the layout it names; a spec that names none is refused (a plugin's is
+    recorded as that plugin's error), so a typo fails at start, not at the first question."""
+    try:
+        layout_named(spec.rag_layout)
+    except UnknownLayout as e:
+        raise CatalogError(f"model {spec.name}: {e}") from None
+    return spec
 
 
 def model_spec(name: str) -> ModelSpec | None:
     """The spec of a loaded engine's model (`engine.name`); None for a model loaded from a .gguf
     path, which has no catalog entry."""
     return model_specs().get(name)
+
+
+def model_layout(name: str) -> Layout:
+    """How answers from documents are laid out for the model `name` (an engine's name): as its
+    catalog entry says; the default for a model loaded from a .gguf path (no entry, so nothing
+    known about how it follows an example)."""
+    spec = model_spec(name)
+    return layout_named(spec.rag_layout) if spec else DEFAULT_LAYOUT
 
 
 def open_catalog(settings: Settings) -> Catalog:
@@ -61,3 +101,22 @@ def open_engine(
         governor.reserve("weights", weights)
         governor.reserve("kv_cache", info.get("kv_bytes_allocated", 0))
     return engine
+
+
+def open_embedder(settings: Settings) -> Embedder:
+    """The embedding model settings.embed_model, pulled first if it is missing or damaged."""
+    from .index.embedder import Embedder
+
+    cat = Catalog(settings.models_dir)
+    name = settings.embed_model
+    cat.ensure(name, log=lambda _m: None)
+    return Embedder(cat.file(name, "model.onnx"), cat.file(name, "tokenizer.json"),
+                    threads=settings.threads)  # fmt: skip
+
+
+def open_index(settings: Settings, governor: Governor | None = None) -> Index:
+    """The document index under settings.home; its embedder is loaded on first use, so commands
+    that embed nothing (`localai sources`) never load it."""
+    from .index.facade import Index  # the index stays out of commands that do not use it
+
+    return Index.open(settings, embedder=lambda: open_embedder(settings), governor=governor)

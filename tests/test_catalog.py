@@ -5,6 +5,8 @@ import pytest
 from conftest import TEST_MODEL
 
 from localai.catalog import Catalog, CatalogError, load_catalog, resolve_model, sha256_file
+from localai.rag.prompt import DEFAULT_LAYOUT
+from localai.runtime import check_rag_layout, model_specs
 
 
 def test_catalog_entries_are_complete():
@@ -115,13 +117,16 @@ parts = ["x/m.gguf"]
 
 
 def test_rag_layout_defaults_to_system_and_unknown_names_are_refused(tmp_path):
+    """The catalog keeps the name; RAG's layouts decide, when the models are listed (runtime),
+    so a typo fails at start, not at the first question."""
     toml = tmp_path / "catalog.toml"
     toml.write_text(entry("plain"))
-    assert load_catalog(toml)["plain"].rag_layout == "system"
+    assert model_specs(toml)["plain"].rag_layout == "system" == DEFAULT_LAYOUT.name
     toml.write_text(entry("plain") + entry("typo", 'rag_layout = "one-shot"'))
+    assert load_catalog(toml)["typo"].rag_layout == "one-shot"  # the catalog does not judge it
     with pytest.raises(CatalogError, match=r"model typo: unknown rag_layout 'one-shot'; "
                        r"choose one of: system, oneshot"):  # fmt: skip
-        load_catalog(toml)
-    # a plugin's spec is checked the same way when it is built
+        model_specs(toml)
+    # a plugin's spec is checked the same way when it registers it
     with pytest.raises(CatalogError, match="choose one of"):
-        dataclasses.replace(load_catalog()[TEST_MODEL], rag_layout="sideways")
+        check_rag_layout(dataclasses.replace(load_catalog()[TEST_MODEL], rag_layout="sideways"))

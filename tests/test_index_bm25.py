@@ -15,8 +15,8 @@ from test_index import TOPICS, write_docs
 from localai.config import load_settings
 from localai.index import store
 from localai.index.bm25 import TOKENIZER, Scorer, docsize_lengths
+from localai.index.facade import Index
 from localai.index.fusion import fts_query, fts_text, query_words
-from localai.index.search import Index
 
 OLD_FTS = (  # the FTS table every index had before migration 2, as it was created then
     "CREATE VIRTUAL TABLE fts USING fts5(text, content='', contentless_delete=1, "

@@ -12,7 +12,7 @@ import pytest
 
 from localai.config import load_settings
 from localai.index import store
-from localai.index.search import db_path
+from localai.index.facade import db_path
 from localai.index.vectors import DEFAULT_CODEC, codec
 
 _NATO = """alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november

@@ -18,7 +18,9 @@ from conftest import localai
 from test_index import TOPICS, section
 
 from localai.config import load_settings
-from localai.index.search import Index, IndexError_, user_path
+from localai.index import IndexError_
+from localai.index.facade import Index
+from localai.index.paths import user_path
 from localai.index.walk import BAD_NAME, MAX_FILE_BYTES, Found, NotIndexable, read_indexable, walk
 
 

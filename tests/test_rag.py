@@ -10,7 +10,7 @@ import pytest
 
 from localai.config import load_settings
 from localai.engine import GenerationStats, Message
-from localai.index.search import Index
+from localai.index.facade import Index
 from localai.rag.answer import Answerer, NoQuestion, sources_text
 from localai.rag.cite import SUPPORT, best_support, cite, claims_by_number
 from localai.rag.prompt import (
@@ -174,10 +174,10 @@ def test_the_layout_is_the_loaded_models(index, engine, home, models_dir):
     which copies the example: the system message); the same GGUF loaded from its path has no
     entry and gets the default; a layout given to the Answerer or the question wins."""
     from localai.catalog import Catalog
-    from localai.runtime import open_engine
+    from localai.runtime import model_layout, open_engine
 
     q = [Message("user", "When was the lighthouse built?")]
-    small = Answerer(index, engine)
+    small = Answerer(index, engine, model_layout(engine.name))
     assert small.layout is LAYOUTS["system"] and not shows_the_example(small.prepare(q).messages)
 
     qwen = "qwen2.5-coder-0.5b"  # the smallest catalog model whose entry says "oneshot"
@@ -185,7 +185,7 @@ def test_the_layout_is_the_loaded_models(index, engine, home, models_dir):
     settings = load_settings(home, context_length=2048, threads=2)
     named = open_engine(settings, qwen, log=lambda m: None)
     try:
-        rag = Answerer(index, named)
+        rag = Answerer(index, named, model_layout(named.name))
         assert rag.layout is LAYOUTS["oneshot"]
         msgs = rag.prepare(q, k=3).messages
         assert shows_the_example(msgs) and msgs[-1].content.startswith("Sources:\n\n[")
@@ -199,7 +199,7 @@ def test_the_layout_is_the_loaded_models(index, engine, home, models_dir):
         named.close()
     bare = open_engine(settings, str(path), log=lambda m: None)  # how `--model FILE.gguf` loads
     try:
-        assert bare.name == str(path) and Answerer(index, bare).layout is DEFAULT_LAYOUT
+        assert bare.name == str(path) and model_layout(bare.name) is DEFAULT_LAYOUT
     finally:
         bare.close()
 

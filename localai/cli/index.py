@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..index import MODES, UNITS
+from ..index import MODES, UNITS, IndexError_
 from ..terminal import shown
 from .app import err, find_daemon, log, main, settings_of, user_errors
 
@@ -29,7 +29,7 @@ def index_errors(fn):
     def wrapper(*args, **kwargs):
         import pysqlite3.dbapi2 as sqlite3
 
-        from ..index.search import IndexError_, db_path
+        from ..index.facade import db_path
 
         try:
             return fn(*args, **kwargs)
@@ -47,9 +47,9 @@ def index_errors(fn):
 
 
 def _open(ctx):
-    from ..index.search import Index  # loaded only when an index command runs
+    from ..runtime import open_index  # the index is loaded only when an index command runs
 
-    return Index.open(settings_of(ctx))
+    return open_index(settings_of(ctx))
 
 
 def _run_with_progress(index, paths, show: bool):

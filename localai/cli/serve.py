@@ -73,7 +73,7 @@ def ask(ctx, question, as_json, k, source, layout, model, temperature, seed, max
 
     params = SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens)
     source = str(Path(source).absolute()) if source else None
-    from ..index.search import IndexError_
+    from ..index import IndexError_
     from ..rag.answer import NoQuestion
 
     docs = {"k": k, "source": source, "layout": layout}
@@ -111,11 +111,11 @@ def _ask_events(ctx, question, params, docs, model, no_daemon):
     if d is not None and model in (None, d.model):
         msgs = [Message("user", question)]
         return d.generate(msgs, None, params, docs=docs), lambda: None
-    from ..index.search import Index
     from ..rag.answer import Answerer
     from ..rag.answer import ask as ask_local
+    from ..runtime import model_layout, open_index
 
-    index = Index.open(s)
+    index = open_index(s)
     with progress_bars() as bars:
         engine = open_engine(s, progress=bars, log=log)
 
@@ -123,6 +123,6 @@ def _ask_events(ctx, question, params, docs, model, no_daemon):
         engine.close()
         index.close()
 
-    layout = LAYOUTS[docs["layout"]] if "layout" in docs else None
+    layout = LAYOUTS[docs["layout"]] if "layout" in docs else model_layout(engine.name)
     rag = Answerer(index, engine, layout)
     return ask_local(rag, question, params, docs["k"], docs.get("source")), close

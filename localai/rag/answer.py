@@ -6,8 +6,9 @@
     done = rag.finish(prep, answer_text, stats)                       # cite + verify
 
 `finish` returns a CitedDone: the answer followed by a readable "Sources" list, the checked
-citations, and what retrieval kept and dropped (and why). The prompt layout is the loaded
-model's (its catalog entry's `rag_layout`) unless the Answerer or the request names one.
+citations, and what retrieval kept and dropped (and why). The prompt layout is the one the
+Answerer is given (the daemon and `localai ask` give the loaded model's: runtime.model_layout),
+unless the request names one.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine import Delta, Done, Engine, GenerationStats, Message, SamplingParams, chat
-from ..index.search import Index
-from ..runtime import model_spec
+from ..index.facade import Index
 from .cite import Citation, cite
-from .prompt import DEFAULT_LAYOUT, LAYOUTS, Layout, Packed, pack
+from .prompt import DEFAULT_LAYOUT, Layout, Packed, pack
 from .retrieve import Retrieved, retrieve
 
 DEFAULT_K = 8
@@ -55,17 +55,9 @@ class CitedDone(Done):
     answer: str = ""  # the model's text without the Sources list
 
 
-def model_layout(engine: Engine) -> Layout:
-    """The layout the loaded model's catalog entry names; the default for a model loaded from a
-    .gguf path (no entry, so nothing known about how it follows an example)."""
-    spec = model_spec(engine.name)
-    return LAYOUTS[spec.rag_layout] if spec else DEFAULT_LAYOUT
-
-
 class Answerer:
-    def __init__(self, index: Index, engine: Engine, layout: Layout | None = None):
-        self.index, self.engine = index, engine
-        self.layout = layout or model_layout(engine)
+    def __init__(self, index: Index, engine: Engine, layout: Layout = DEFAULT_LAYOUT):
+        self.index, self.engine, self.layout = index, engine, layout
 
     def prepare(
         self,

@@ -17,7 +17,8 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
-from ..index.search import Hit, Passage, location
+from ..index.readback import Passage, location
+from ..index.search import Hit
 from .retrieve import Source
 
 CITE = re.compile(r"\[(\d{1,3})\]")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..engine import Engine, Message
 
-if TYPE_CHECKING:  # the catalog reads the layout names: keep this module free of the index
+if TYPE_CHECKING:  # every command's wiring (runtime) checks layout names: keep the index out
     from .retrieve import Source
 
 DEFAULT_ANSWER_TOKENS = 512  # room kept for the answer when the request sets no max_tokens
@@ -88,6 +88,17 @@ LAYOUTS = {
     )
 }
 DEFAULT_LAYOUT = LAYOUTS["system"]
+
+
+class UnknownLayout(ValueError):
+    """A layout name (a model's catalog `rag_layout`) that is not one of LAYOUTS."""
+
+
+def layout_named(name: str) -> Layout:
+    """The layout called `name`; a name that is not one is refused, listing those that are."""
+    if name not in LAYOUTS:
+        raise UnknownLayout(f"unknown rag_layout {name!r}; choose one of: {', '.join(LAYOUTS)}")
+    return LAYOUTS[name]
 
 
 @dataclass

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..index.search import Hit, Index, Passage, user_path
+from ..index.facade import Index
+from ..index.paths import user_path
+from ..index.readback import Passage
+from ..index.search import Hit
 
 
 @dataclass

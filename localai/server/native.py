@@ -79,7 +79,8 @@ async def add_source(request: Request) -> Response:
 async def search(request: Request) -> Response:
     """The index's best passages for a query, read back from their files and checked, as
     `localai search --json` prints them: {"hits": [...]}."""
-    from ..index.search import IndexError_, hit_row
+    from ..index import IndexError_
+    from ..index.search import hit_row
 
     index = _index(request.app.state.server)
     body = validate(LOCALAI_SEARCH, await P.read_json(request))

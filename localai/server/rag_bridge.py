@@ -14,7 +14,7 @@ from contextlib import aclosing
 import anyio
 
 from ..engine import Delta, Done, Message, SamplingParams
-from ..index.search import IndexError_
+from ..index import IndexError_
 from ..rag.answer import DEFAULT_K, CitedDone, NoQuestion
 from ..rag.prompt import LAYOUTS
 from . import params as P

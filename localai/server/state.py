@@ -25,7 +25,7 @@ class ServerState:
     rag: object | None = None  # the RAG answerer, when the document index is available
     rag_missing: str = "answers from documents are not built yet"
     model_meta: dict = field(default_factory=dict)  # name -> size, digest, details (Ollama)
-    index: object | None = None  # the document index (localai.index.search.Index)
+    index: object | None = None  # the document index (localai.index.facade.Index)
     governor: object | None = None
     proof_key: str = ""  # this home's token: the daemon proves itself with it (auth.proof)
     on_source_added: Callable[[object], None] | None = None  # re-index and watch a new source
