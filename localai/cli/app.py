@@ -69,7 +69,7 @@ def log(msg: str) -> None:
 def find_daemon(settings, instead: str):
     """This home's running daemon, or None; when something else holds its port, says so and
     what the command does `instead` (it is never sent the token or the request)."""
-    from ..client import Daemon, NotOurDaemon
+    from ..daemon_client import Daemon, NotOurDaemon
 
     try:
         return Daemon.find(settings)

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from . import native, ollama, openai
+from . import localai_routes, ollama, openai
 from .auth import BearerAuth
 from .errors import APIError, render
 from .guard import HostNames, WebPageGuard
@@ -115,11 +115,11 @@ ROUTES = [
     Route("/api/ps", ollama.ps, methods=["GET"]),
     Route("/api/show", ollama.show, methods=["POST"]),
     Route("/api/version", ollama.version, methods=["GET"]),
-    Route("/localai/proof", native.prove, methods=["GET"]),
-    Route("/localai/status", native.status, methods=["GET"]),
-    Route("/localai/index", native.index_status, methods=["GET"]),
-    Route("/localai/index", native.add_source, methods=["POST"]),
-    Route("/localai/search", native.search, methods=["POST"]),
+    Route("/localai/proof", localai_routes.prove, methods=["GET"]),
+    Route("/localai/status", localai_routes.status, methods=["GET"]),
+    Route("/localai/index", localai_routes.index_status, methods=["GET"]),
+    Route("/localai/index", localai_routes.add_source, methods=["POST"]),
+    Route("/localai/search", localai_routes.search, methods=["POST"]),
 ] + [
     Route(f"/api/{verb}", ollama.unsupported_model_route, methods=["POST", "DELETE"])
     for verb in ("pull", "push", "create", "copy", "delete")

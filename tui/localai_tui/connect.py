@@ -5,8 +5,8 @@ the TUI quits (like Ollama's server), so the next start is instant; its log is
 $LOCALAI_HOME/logs/daemon.log (0600, in a 0700 folder).
 
 Before the token goes anywhere, the daemon on the port must prove it holds this home's token
-(`localai.client.verified_connection`, the check the CLI makes): a process of another user that
-took the port first gets neither the token nor a question.
+(`localai.daemon_client.verified_connection`, the check the CLI makes): a process of another
+user that took the port first gets neither the token nor a question.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from localai.client import NotOurDaemon, verified_connection
 from localai.config import Settings
+from localai.daemon_client import NotOurDaemon, verified_connection
 from localai.private import private_dir, private_file
 
 
