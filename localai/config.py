@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .durations import parse_duration
+
 KV_TYPES = ("f16", "q8_0", "q4_0")
 KV_BITS = (16, 8, 4, 2)  # the torch runner's KV cache (K per channel, V per token)
 _BUDGET = re.compile(r"(\d+(\.\d+)?)\s*(%|[KMGT]?(I?B)?)", re.IGNORECASE)
@@ -73,6 +75,14 @@ class Settings:
     ram_budget_bytes: int | None = None  # default: 75% of physical RAM
     host: str = "127.0.0.1"
     port: int = 8765
+    # memory that gives itself back (keepalive.py, pressure.py); durations as Ollama writes them
+    keep_alive: str = "5m"  # a loaded model unloads after this long without requests; -1 never
+    daemon_idle_exit: str = "30m"  # a daemon the TUI started exits after this long unasked
+    pressure_interval: str = "2s"  # how often available memory is checked
+    pressure_min_available_bytes: int | None = None  # default: 10% of RAM, 256 MiB .. 2 GiB
+    pressure_psi_avg10: float = 10.0  # % of the last 10 s some task stalled on memory (PSI)
+    meminfo_path: Path = Path("/proc/meminfo")  # tests point these at files they write
+    psi_path: Path = Path("/proc/pressure/memory")
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser()
@@ -102,6 +112,27 @@ class Settings:
             raise ConfigError(f"threads must be at least 1, not {self.threads}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, not {self.port}")
+        for name in ("keep_alive", "daemon_idle_exit", "pressure_interval"):
+            try:
+                parse_duration(getattr(self, name))
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from e
+        if not self.pressure_interval_s:
+            raise ConfigError("pressure_interval must be a positive duration, e.g. 2s")
+        self.meminfo_path, self.psi_path = Path(self.meminfo_path), Path(self.psi_path)
+
+    @property
+    def keep_alive_s(self) -> float | None:
+        """Seconds a model stays loaded after its last request; None: forever."""
+        return parse_duration(self.keep_alive)
+
+    @property
+    def daemon_idle_exit_s(self) -> float | None:
+        return parse_duration(self.daemon_idle_exit)
+
+    @property
+    def pressure_interval_s(self) -> float | None:
+        return parse_duration(self.pressure_interval)
 
     @property
     def config_file(self) -> Path:
@@ -123,6 +154,8 @@ def _coerce(name: str, value: object, source: str) -> object:
     try:
         if "int" in kind and not isinstance(value, int):
             return int(str(value).replace("_", ""))
+        if "float" in kind and not isinstance(value, float):
+            return float(str(value))
         if "Path" in kind:
             return Path(str(value))
         if kind == "str":

@@ -4,6 +4,11 @@ its watcher) and serves the OpenAI- and Ollama-compatible HTTP API.
 Order of start: refuse an unsafe bind → bind the port (fail fast if taken, before a slow model
 load) → token → engine → app → uvicorn on the bound socket. On shutdown running generations are
 cancelled and waited for before the engine is closed, so the engine is never freed mid-token.
+
+The model is held by a ResidentEngine (keepalive.py): loaded at start, unloaded after
+`keep_alive` without requests and reloaded by the next one. Two background threads give memory
+back: the keeper (idle unloads; with `idle_exit_s`, the exit of a daemon nobody uses, for one
+the TUI started) and the pressure watch (pressure.py).
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ import uvicorn
 from rich.markup import escape
 
 from .config import ConfigError, Settings
-from .governor import Governor
-from .runtime import model_layout, open_catalog, open_embedder, open_engine, open_index
+from .durations import describe
+from .governor import Governor, Shrinkable
+from .keepalive import ResidentEngine
+from .pressure import PressureWatch
+from .runtime import engine_loader, model_layout, open_catalog, open_embedder, open_index
 from .server.app import build_app
 from .server.auth import ensure_token, is_loopback
 from .server.guard import HostNames
 from .server.protocol import KEEP_ALIVE_S, MAX_HEAD_BYTES, connection_budget, limited_protocol
+from .server.residency import Keeper
 from .server.state import ServerState
 from .terminal import shown
 
@@ -72,8 +81,10 @@ def serve(
     log=print,
     progress=None,
     access_log: bool = False,
+    idle_exit_s: float | None = None,
 ) -> None:
-    """Run the daemon until interrupted (Ctrl-C / SIGTERM)."""
+    """Run the daemon until interrupted (Ctrl-C / SIGTERM, `localai stop`), or until no request
+    came for `idle_exit_s` (None: never; the TUI starts its daemon with one)."""
     if not auth and not is_loopback(host):
         raise ConfigError(
             f"refusing to serve on {host} without a token: anyone who can reach this address "
@@ -84,12 +95,14 @@ def serve(
         key = ensure_token(settings.home)  # with or without auth, the daemon proves itself by it
         token = key if auth else None
         governor = Governor(settings.ram_budget_bytes)
-        engine = open_engine(settings, model, progress=progress, log=log, governor=governor)
+        loader = engine_loader(settings, model, progress=progress, log=log)
+        engine = ResidentEngine(loader, settings.keep_alive_s, governor, log)
     except BaseException:
         sock.close()
         raise
     state = ServerState(engine, settings.embed_model, lambda: open_embedder(settings))
     state.governor = governor
+    state.keeper = keeper = Keeper(engine, idle_exit_s, None, log)
     state.proof_key = key
     state.model_meta[engine.name] = _model_meta(settings, engine.info())
     watcher = _open_docs(state, settings, governor, log)
@@ -103,10 +116,19 @@ def serve(
     log(
         f"serving {engine.name} on {where} (OpenAI: {where}/v1, Ollama: {where}); "
         + ("token in " + str(settings.home / "token") if token else "auth OFF (loopback only)")
+        + f"; the model unloads after {describe(settings.keep_alive_s)} without requests"
+        + (f", the daemon exits after {describe(idle_exit_s)}" if idle_exit_s is not None else "")
     )
+    server = _Server(config, on_exit=state.slot.cancel_all)
+    keeper.request_exit = server.stop
+    pressure = PressureWatch(governor, settings, log)
+    keeper.start()
+    pressure.start()
     try:
-        _Server(config, on_exit=state.slot.cancel_all).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
+        keeper.stop()
+        pressure.stop()
         if watcher is not None:
             watcher.stop()
         state.slot.close()
@@ -128,6 +150,12 @@ class _Server(uvicorn.Server):
         self._on_exit()
         super().handle_exit(sig, frame)
 
+    def stop(self) -> None:
+        """Exit as on SIGTERM, from any thread, but with status 0: uvicorn re-raises a signal
+        it handled once it has shut down."""
+        self._on_exit()
+        self.should_exit = True
+
 
 def _open_docs(state: ServerState, settings: Settings, governor: Governor, log):
     """Open the index, the RAG answerer and the watcher; without them the API still serves."""
@@ -140,6 +168,7 @@ def _open_docs(state: ServerState, settings: Settings, governor: Governor, log):
         log(f"[yellow]{state.rag_missing}[/yellow]")
         return None
     state.index = index
+    governor.register(Shrinkable("passage_cache", "caches", index.drop_caches, index.cache_bytes))
     state.load_embedder = lambda: index.embedder  # one MiniLM for the index and /v1/embeddings
     state.rag = Answerer(index, state.engine, model_layout(state.engine.name))
     watcher = Watcher(index, log)

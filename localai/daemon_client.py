@@ -106,6 +106,18 @@ class Daemon:
         finally:
             conn.close()
 
+    def call(self, method: str, path: str, body: dict | None = None,
+             timeout: float = PROBE_TIMEOUT_S * 20) -> tuple[int, dict]:  # fmt: skip
+        """(status, JSON body) of one request to a localai or Ollama route."""
+        conn = self._conn(timeout)
+        try:
+            data = json.dumps(body) if body is not None else None
+            conn.request(method, path, data, headers=self._headers())
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read() or b"{}")
+        finally:
+            conn.close()
+
     def generate(
         self,
         messages: list[Message] | None,

@@ -7,6 +7,7 @@ the plugins meet them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,25 @@ def open_catalog(settings: Settings) -> Catalog:
     return Catalog(settings.models_dir, model_specs())
 
 
+def engine_loader(
+    settings: Settings, model: str | None = None, progress: ProgressFactory | None = None, log=print
+) -> Callable[[], Engine]:
+    """Resolve (pulling if needed) `model` once; the function that loads it, as often as the
+    daemon reloads it after an idle unload (keepalive.py)."""
+    name = model or settings.model
+    kw = {"progress": progress} if progress else {}
+    path = resolve_model(open_catalog(settings), name, log=log, **kw)
+
+    def load() -> Engine:
+        return load_engine(settings.engine, path, name, settings.context_length,
+                           settings.threads, settings.type_k, settings.type_v,
+                           k_bits=settings.k_bits, v_bits=settings.v_bits,
+                           expert_budget=settings.expert_budget,
+                           trace_routing=settings.trace_routing)  # fmt: skip
+
+    return load
+
+
 def open_engine(
     settings: Settings,
     model: str | None = None,
@@ -76,31 +96,23 @@ def open_engine(
     governor: Governor | None = None,
 ) -> Engine:
     """Resolve (pulling if needed) and load `model` (default: settings.model)."""
-    name = model or settings.model
-    kw = {"progress": progress} if progress else {}
-    path = resolve_model(open_catalog(settings), name, log=log, **kw)
-    engine = load_engine(
-        settings.engine,
-        path,
-        name,
-        settings.context_length,
-        settings.threads,
-        settings.type_k,
-        settings.type_v,
-        k_bits=settings.k_bits,
-        v_bits=settings.v_bits,
-        expert_budget=settings.expert_budget,
-        trace_routing=settings.trace_routing,
-    )
+    engine = engine_loader(settings, model, progress, log)()
     if governor is not None:
-        info = engine.info()
-        weights, cache = info.get("weights_bytes", 0), info.get("expert_cache")
-        if cache:  # experts read on demand: the cache's budget is what they hold, not their size
-            weights -= info["expert_bytes"]
-            governor.reserve("expert_cache", cache["budget_bytes"])
-        governor.reserve("weights", weights)
-        governor.reserve("kv_cache", info.get("kv_bytes_allocated", 0))
+        reserve_engine(governor, engine.info())
     return engine
+
+
+def reserve_engine(governor: Governor, info: dict) -> None:
+    """Reserve a loaded engine's bytes by holder (`info` is its Engine.info())."""
+    weights, cache = info.get("weights_bytes", 0), info.get("expert_cache")
+    if cache:  # experts read on demand: the cache's budget is what they hold, not their size
+        weights -= info["expert_bytes"]
+        governor.reserve("expert_cache", cache["budget_bytes"])
+    governor.reserve("weights", weights)
+    governor.reserve("kv_cache", info.get("kv_bytes_allocated", 0))
+
+
+ENGINE_HOLDERS = ("weights", "kv_cache", "expert_cache")
 
 
 def open_embedder(settings: Settings) -> Embedder:

@@ -86,5 +86,6 @@ def daemon(models_dir, tmp_path_factory):
     Catalog(models_dir).ensure(EMBED_MODEL, log=lambda m: print(m, file=sys.stderr))
     root = tmp_path_factory.mktemp("daemon")
     docs = write_docs(root / "docs")
-    with start_daemon(root / "home", models_dir, TEST_MODEL, docs=docs) as d:
+    # kept loaded for the session: tests of idle unloads start their own (test_server_memory)
+    with start_daemon(root / "home", models_dir, TEST_MODEL, "--keep-alive=-1", docs=docs) as d:
         yield d

@@ -33,10 +33,11 @@ PACKAGE = ROOT / "localai"
 
 LAYERS = [  # lowest first
     ("base", ["localai", "localai.config", "localai.governor", "localai.private",
-              "localai.terminal", "localai.tools", "localai.hookspecs", "localai.plugins"]),
+              "localai.terminal", "localai.tools", "localai.hookspecs", "localai.plugins",
+              "localai.durations", "localai.pressure"]),
     ("parts", ["localai.index", "localai.engine"]),
     ("rag", ["localai.rag"]),
-    ("wiring", ["localai.runtime", "localai.catalog"]),
+    ("wiring", ["localai.runtime", "localai.catalog", "localai.keepalive"]),
     ("http", ["localai.server"]),
     ("processes", ["localai.daemon", "localai.daemon_client", "localai.repl",
                    "localai.builtin_plugins"]),

@@ -93,9 +93,13 @@ def models_path(ctx, name):
 @click.pass_context
 @user_errors
 def status(ctx, as_json):
-    """What is installed, where data lives, and the RAM budget."""
+    """What is installed, where data lives, and the RAM budget (a running daemon's: who holds
+    it, when the model unloads, the last memory pressure)."""
+    from .ps import daemon_status, mib
+
     s = settings_of(ctx)
     cat = open_catalog(s)
+    live = daemon_status(s) or {}
     info = {
         "version": __version__,
         "home": str(s.home),
@@ -104,8 +108,9 @@ def status(ctx, as_json):
         "config_file_exists": s.config_file.is_file(),
         "settings": s.as_dict(),
         "models": [r["name"] for r in cat.rows() if r["installed"]],
-        "memory": Governor(s.ram_budget_bytes).snapshot(),
-        "daemon": _daemon_info(s),  # None: commands load the model in-process
+        "memory": live.get("memory") or Governor(s.ram_budget_bytes).snapshot(),
+        "residency": live.get("residency"),
+        "daemon": _daemon_info(s) if live else None,  # None: commands load the model here
     }
     if as_json:
         click.echo(json.dumps(info))
@@ -125,6 +130,24 @@ def status(ctx, as_json):
               f"{s.threads} threads, KV {s.type_k}/{s.type_v})")  # fmt: skip
     out.print(f"RAM budget  {mem['budget_bytes'] / 2**30:.1f} GiB of "
               f"{mem['total_ram_bytes'] / 2**30:.1f} GiB")  # fmt: skip
+    for name, n in sorted((mem.get("holders") or {}).items(), key=lambda kv: -kv[1]):
+        out.print(f"  {name:<16} {mib(n):>10}")
+    for m in (info["residency"] or {}).get("models", []):
+        out.print(f"model       {m['model']} {_residency_line(m)}")
+    last = mem.get("last_pressure")
+    if last:
+        out.print(f"pressure    {last['reason']}: freed {mib(last['freed_bytes'])}")
+
+
+def _residency_line(m: dict) -> str:
+    from ..durations import describe, until
+
+    if not m["loaded"]:
+        return "not loaded (the next request loads it)"
+    left = m["unloads_in_s"]
+    return f"loaded, unloads {until(left).lower()}" + (
+        f" (keep_alive {describe(m['keep_alive_s'])})" if left is not None else ""
+    )
 
 
 def _daemon_info(settings) -> dict | None:

@@ -84,6 +84,7 @@ class GenerationStats:
     # what only some engines measure, flat in as_dict (the torch runner's MoE expert cache:
     # expert_hit_rate, expert_bytes_read, ...)
     extra: dict = field(default_factory=dict)
+    load_s: float = 0.0  # loading the model for this request (after an idle unload)
 
     def as_dict(self) -> dict:
         d = asdict(self)

@@ -121,6 +121,18 @@ class Index:
             if self.governor:
                 self.governor.release("index_vectors")
 
+    def drop_caches(self) -> int:
+        """Give back what searching keeps in RAM (the vectors, re-chunked files); the bytes
+        freed. The next search rebuilds them (the governor asks under memory pressure)."""
+        freed = self.searcher.drop_vectors()
+        if self.governor:
+            self.governor.release("index_vectors")
+        return freed + self._reader.clear()
+
+    def cache_bytes(self) -> int:
+        """RAM held by re-chunked files kept for read-back (the vectors reserve their own)."""
+        return self._reader.nbytes()
+
     # sources ------------------------------------------------------------------------------
 
     def add_source(self, path: str | Path) -> Path:

@@ -64,6 +64,18 @@ class Reader:
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, tuple[bytes, list]] = OrderedDict()
 
+    def nbytes(self) -> int:
+        """Text bytes of the files kept for read-back (their chunk lists add a little more)."""
+        with self._lock:
+            return sum(len(v[0]) for v in self._cache.values())
+
+    def clear(self) -> int:
+        """Forget the kept files; the bytes freed."""
+        with self._lock:
+            freed = sum(len(v[0]) for v in self._cache.values())
+            self._cache.clear()
+        return freed
+
     def read_many(self, hits: list[Hit]) -> list[Passage]:
         chunks_of: dict[str, Rechunked] = {}
         out = []

@@ -76,6 +76,13 @@ class Searcher:
                 self.on_vectors(self._vectors.nbytes)
         return self._vectors
 
+    def drop_vectors(self) -> int:
+        """Forget the vector set (the next vector search reloads it); the bytes freed."""
+        with self._lock:
+            freed = self._vectors.nbytes if self._vectors is not None else 0
+            self._vectors = self._vectors_gen = None
+        return freed
+
     def _bm25_scorer(self) -> Scorer | None:
         """The current generation's scorer in layout "tf", None in layout "full" (an upgrade
         in another process bumps the generation, so this sees the new layout)."""

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from . import localai_routes, ollama, openai
+from . import localai_routes, ollama, openai, residency
 from .auth import BearerAuth
 from .errors import APIError, render
 from .guard import HostNames, WebPageGuard
@@ -120,6 +120,7 @@ ROUTES = [
     Route("/localai/index", localai_routes.index_status, methods=["GET"]),
     Route("/localai/index", localai_routes.add_source, methods=["POST"]),
     Route("/localai/search", localai_routes.search, methods=["POST"]),
+    Route("/localai/stop", residency.stop, methods=["POST"]),
 ] + [
     Route(f"/api/{verb}", ollama.unsupported_model_route, methods=["POST", "DELETE"])
     for verb in ("pull", "push", "create", "copy", "delete")
@@ -145,4 +146,4 @@ def build_app(state: ServerState, token: str | None, names: HostNames):
         },  # fmt: skip
     )
     app.state.server = state
-    return WebPageGuard(BearerAuth(BodyLimit(app), token), names)
+    return WebPageGuard(BearerAuth(BodyLimit(residency.Activity(app, state)), token), names)

@@ -41,10 +41,20 @@ async def status(request: Request) -> Response:
     return JSONResponse({
         "version": __version__, "model": state.engine.info(),
         "memory": state.governor.snapshot() if state.governor else None,
+        "residency": _residency(state),
         "slot": {"busy": slot.busy, "waiting": slot.waiting, "served": slot.served,
                  "cancelled": slot.cancelled},
         "index": stats, "docs": state.rag is not None or state.rag_missing,
     })  # fmt: skip
+
+
+def _residency(state: ServerState) -> dict | None:
+    """Whether the model is loaded and until when; the daemon's idle exit (keepalive.py)."""
+    model = getattr(state.engine, "residency", None)
+    keeper = getattr(state, "keeper", None)
+    if model is None:
+        return None
+    return {"models": [model()], "daemon": keeper.snapshot() if keeper else None}
 
 
 def _index(state: ServerState):

@@ -3,7 +3,8 @@
 
 Ollama streams by default (NDJSON, one object a line, the last with `done: true` and the timing
 counters in nanoseconds); errors are `{"error": "..."}`. An empty chat or generate request loads
-the model in Ollama; here the model is always loaded, so it answers `done_reason: "load"` at once.
+the model (`done_reason: "load"`), or with `keep_alive: 0` unloads it (`"unload"`: how `ollama
+stop` asks); `keep_alive` on any request sets how long the model stays loaded (residency.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from .. import __version__
 from ..engine import Delta, Done, Message
 from . import params as P
+from . import residency
 from .errors import APIError, bad_request, model_not_found
 from .openai import embed_texts
 from .rag_bridge import citations_of, docs_events
@@ -52,8 +54,8 @@ def _done_fields(done: Done) -> dict:
     return {
         "done": True,
         "done_reason": "length" if s.finish_reason == "length" else "stop",
-        "total_duration": int(s.total_s * NS),
-        "load_duration": 0,
+        "total_duration": int((s.total_s + s.load_s) * NS),
+        "load_duration": int(s.load_s * NS),
         "prompt_eval_count": s.prompt_tokens,
         "prompt_eval_duration": int(s.ttft_s * NS),
         "eval_count": s.completion_tokens,
@@ -91,9 +93,16 @@ async def _respond(request, state: ServerState, events, stream: bool, piece) -> 
     return JSONResponse(base | {"created_at": _now()} | final)
 
 
-def _loaded(state: ServerState, piece: dict) -> Response:
+async def _load_or_unload(state: ServerState, body: dict, piece: dict) -> Response:
+    """A request with nothing to generate: Ollama's "load the model", or with keep_alive 0 its
+    "unload it" (`ollama stop`)."""
+    if residency.wants_unload(body):
+        await residency.unload_now(state)
+        reason, load_s = "unload", 0.0
+    else:
+        reason, load_s = "load", await residency.ready(state, body)
     return JSONResponse({"model": state.model, "created_at": _now(), **piece, "done": True,
-                         "done_reason": "load"})  # fmt: skip
+                         "done_reason": reason, "load_duration": int(load_s * NS)})  # fmt: skip
 
 
 async def chat(request: Request) -> Response:
@@ -103,7 +112,8 @@ async def chat(request: Request) -> Response:
     _refuse_unsupported(body)
     msgs = P.to_messages(body.get("messages") or [])
     if not msgs:
-        return _loaded(state, {"message": {"role": "assistant", "content": ""}})
+        return await _load_or_unload(state, body, {"message": {"role": "assistant", "content": ""}})
+    await residency.ready(state, body)
     params = _sampling(body)
     stream = body.get("stream") is not False
     tools = body.get("tools") or None
@@ -137,7 +147,8 @@ async def generate(request: Request) -> Response:
         raise bad_request("answers from documents are served on /api/chat", "model")
     prompt, suffix = body.get("prompt") or "", body.get("suffix")
     if not prompt and not suffix:
-        return _loaded(state, {"response": ""})
+        return await _load_or_unload(state, body, {"response": ""})
+    await residency.ready(state, body)
     params = _sampling(body)
     if suffix:
         text = P.completion_prompt(state.engine, prompt, suffix)
@@ -185,11 +196,9 @@ async def tags(request: Request) -> Response:
 
 
 async def ps(request: Request) -> Response:
+    """Loaded models, their bytes and when each unloads (empty after an idle unload)."""
     state: ServerState = request.app.state.server
-    card = _card(state, state.model)
-    card |= {"expires_at": "2999-01-01T00:00:00Z", "size_vram": 0,
-             "context_length": state.engine.context_length}  # fmt: skip
-    return JSONResponse({"models": [card]})
+    return JSONResponse({"models": residency.ps_entries(state, _card(state, state.model))})
 
 
 def _capabilities(state: ServerState) -> list[str]:

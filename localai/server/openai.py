@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import Delta, Done
 from . import params as P
+from . import residency
 from .errors import APIError, bad_request, model_not_found
 from .rag_bridge import citations_of, docs_events
 from .schemas import CHAT_COMPLETION, COMPLETION, EMBEDDING, validate
@@ -86,6 +87,7 @@ async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.server
     body = validate(CHAT_COMPLETION, await P.read_json(request))
     target = P.resolve_model(state.engine, body["model"], body.get("docs"))
+    await residency.ready(state, body)
     msgs = P.to_messages(body["messages"])
     params = _sampling(body, None)
     tools, prefix = offered(body)
@@ -155,6 +157,7 @@ async def completions(request: Request) -> Response:
     target = P.resolve_model(state.engine, body["model"], body.get("docs"))
     if target.docs:
         raise bad_request("answers from documents are served on /v1/chat/completions", "model")
+    await residency.ready(state, body)
     prompt = body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0]
     params = _sampling(body, COMPLETION_DEFAULT_MAX_TOKENS)
     text = P.completion_prompt(state.engine, prompt, body.get("suffix"))
@@ -185,7 +188,8 @@ async def completions(request: Request) -> Response:
     done = await collect(request, events)
     if done is None:
         return Response(status_code=499)
-    return JSONResponse(card(echo + done.text, _finish(done), done))
+    stats = _stats_of(done) if body.get("stats") else {}
+    return JSONResponse(card(echo + done.text, _finish(done), done) | stats)
 
 
 async def embed_texts(state: ServerState, model: object, texts: list[str]):

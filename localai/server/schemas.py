@@ -61,6 +61,7 @@ SAMPLING = {
     "user": STR,
     "docs": DOCS,
     "stats": BOOL,  # our extension: the engine's GenerationStats on the last chunk
+    "keep_alive": {"type": ["string", "number", "null"]},  # our extension, as Ollama's
 }
 TEXT_PART = {
     "type": "object",

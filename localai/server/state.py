@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # types only: the routes import this module, and only some us
     from ..index.embedder import Embedder
     from ..index.facade import Index
     from ..rag.answer import Answerer
+    from .residency import Keeper
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ServerState:
     model_meta: dict = field(default_factory=dict)  # name -> size, digest, details (Ollama)
     index: Index | None = None
     governor: Governor | None = None
+    keeper: Keeper | None = None  # idle unload and idle exit (residency.py)
     proof_key: str = ""  # this home's token: the daemon proves itself with it (auth.proof)
     on_source_added: Callable[[Path], None] | None = None  # re-index and watch a new source
     index_progress: Callable[[], dict] | None = None  # the watcher's run in progress

@@ -1,8 +1,11 @@
 """Find the daemon for this LOCALAI_HOME, or start one in the background and wait for it.
 
 The TUI never loads a model: it talks to `localai serve`. A daemon it starts keeps running after
-the TUI quits (like Ollama's server), so the next start is instant; its log is
-$LOCALAI_HOME/logs/daemon.log (0600, in a 0700 folder).
+the TUI quits (like Ollama's server), so the next start is instant, but not forever: its model
+unloads after `keep_alive` without requests, and the daemon itself exits after
+`daemon_idle_exit` with no request at all (`--idle-exit`; a daemon the user started with
+`localai serve` runs until stopped). Its log is $LOCALAI_HOME/logs/daemon.log (0600, in a 0700
+folder).
 
 Before the token goes anywhere, the daemon on the port must prove it holds this home's token
 (`localai.daemon_client.verified_connection`, the check the CLI makes): a process of another
@@ -57,7 +60,8 @@ def find_or_start(
         private_dir(settings.home)
         private_file(log)
         cmd = [sys.executable, "-m", "localai", "--home", str(settings.home), "serve",
-               "--host", settings.host, "--port", str(settings.port)]  # fmt: skip
+               "--host", settings.host, "--port", str(settings.port),
+               "--idle-exit", settings.daemon_idle_exit]  # fmt: skip
         if model:
             cmd += ["--model", model]
         cmd += serve_args or []

@@ -27,7 +27,7 @@ HELP = """\
 | Ctrl+E | open the selected source in `$EDITOR` at its line |
 | Tab | move between the chat, the answers and the panes |
 | F1 or `/help` | this screen |
-| Ctrl+Q | quit (the daemon keeps running) |
+| Ctrl+Q | quit (a daemon the TUI started exits when unused) |
 
 | command | does |
 | --- | --- |
@@ -161,8 +161,9 @@ def gib(n: int | float | None) -> str:
 
 
 def memory_text(status: dict | None, ps: dict | None, last_stats: dict) -> str:
-    """What the Memory pane shows: the RAM budget and who holds it, and the last speed."""
-    lines = []
+    """What the Memory pane shows: the model and when it unloads, the RAM budget and who holds
+    it, the last memory pressure, and the last speed."""
+    lines = residency_lines((status or {}).get("residency"))
     mem = (status or {}).get("memory")
     if mem:
         lines.append(f"RAM budget  {gib(mem['budget_bytes'])} of {gib(mem['total_ram_bytes'])}")
@@ -182,7 +183,35 @@ def memory_text(status: dict | None, ps: dict | None, last_stats: dict) -> str:
     experts = (status or {}).get("experts")
     if experts:
         lines.append(f"expert cache hit rate  {experts.get('hit_rate', 0):.0%}")
+    last = (mem or {}).get("last_pressure")
+    if last:
+        lines.append(f"memory pressure  {last.get('reason')}: freed {gib(last.get('freed_bytes'))}")
     return "\n".join(lines)
+
+
+def residency_lines(residency: dict | None) -> list[str]:
+    """Each model's state and its unload countdown, then the daemon's own idle exit."""
+    if not residency:
+        return []
+    lines = []
+    for m in residency.get("models", []):
+        if not m.get("loaded"):
+            lines.append(f"{m.get('model')}  unloaded (loads again on the next question)")
+        elif m.get("in_flight"):
+            lines.append(f"{m.get('model')}  loaded, answering")
+        elif m.get("unloads_in_s") is None:
+            lines.append(f"{m.get('model')}  loaded, kept (keep_alive -1)")
+        else:
+            lines.append(f"{m.get('model')}  loaded, unloads in {countdown(m['unloads_in_s'])}")
+    daemon = residency.get("daemon") or {}
+    if daemon.get("idle_exit_s") is not None:
+        lines.append(f"daemon exits after {countdown(daemon['idle_exit_s'])} unused")
+    return lines + [""] if lines else []
+
+
+def countdown(seconds: float) -> str:
+    s = max(0, round(seconds))
+    return f"{s // 60}:{s % 60:02d}" if s >= 60 else f"{s}s"
 
 
 def index_text(index: dict | None) -> str:
