@@ -51,3 +51,19 @@ def test_bad_config_is_a_clear_error(clean_env, text, words):
     (clean_env / "config.toml").write_text(text)
     with pytest.raises(ConfigError, match=words):
         load_settings(clean_env)
+
+
+def test_memory_settings_take_ollama_durations(clean_env, monkeypatch):
+    s = load_settings(clean_env)
+    assert s.keep_alive_s == 300 and s.daemon_idle_exit_s == 1800 and s.pressure_interval_s == 2
+    (clean_env / "config.toml").write_text("keep_alive = -1\npressure_psi_avg10 = 5\n")
+    s = load_settings(clean_env)
+    assert s.keep_alive_s is None and s.pressure_psi_avg10 == 5.0
+    monkeypatch.setenv("LOCALAI_KEEP_ALIVE", "90s")
+    assert load_settings(clean_env).keep_alive_s == 90
+    monkeypatch.setenv("LOCALAI_KEEP_ALIVE", "soon")
+    with pytest.raises(ConfigError, match="keep_alive"):
+        load_settings(clean_env)
+    monkeypatch.delenv("LOCALAI_KEEP_ALIVE")
+    with pytest.raises(ConfigError, match="pressure_interval"):
+        load_settings(clean_env, pressure_interval="0")

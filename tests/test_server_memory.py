@@ -164,3 +164,30 @@ def test_pressure_shrinks_caches_while_a_stream_completes(home, models_dir, tmp_
         meminfo.write_text(PLENTY)
         r = oc.generate(model=TEST_MODEL, prompt="Say hello.", options={"num_predict": 3})
         assert r.response and r.load_duration > 0
+
+
+def test_a_daemon_the_tui_starts_exits_once_unused(home, models_dir, monkeypatch):
+    """After the TUI quits, its daemon unloads the model (keep_alive), then exits (idle exit);
+    what holds the port afterwards is nothing."""
+    from daemon_helpers import free_port
+    from localai_tui.connect import find_or_start
+
+    from localai.config import load_settings
+
+    port = free_port()
+    monkeypatch.setenv("LOCALAI_PORT", str(port))
+    monkeypatch.setenv("LOCALAI_KEEP_ALIVE", "1s")
+    monkeypatch.setenv("LOCALAI_DAEMON_IDLE_EXIT", "4s")
+    ep = find_or_start(load_settings(), TEST_MODEL, ["--ctx", "1024", "--threads", "2"])
+    assert ep.model == TEST_MODEL
+
+    def port_free() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return False
+        except OSError:
+            return True
+
+    wait_for(port_free, "the idle daemon to exit", tries=600)
+    log = (home / "logs" / "daemon.log").read_text()
+    assert "unloaded smollm2-135m (idle for 1s)" in log and "no requests for 4s: exiting" in log
