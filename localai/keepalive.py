@@ -185,9 +185,8 @@ class ResidentEngine:
     # the Engine protocol, on the loaded engine ------------------------------------------
 
     def _engine_now(self) -> Engine:
-        self.ensure()
-        engine = self._engine
-        assert engine is not None  # only an unload with nothing in flight clears it
+        while (engine := self._engine) is None:  # an unload between the two: load again
+            self.ensure()
         return engine
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:

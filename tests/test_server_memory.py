@@ -124,7 +124,8 @@ def test_localai_ps_and_stop(home, models_dir):
         r = localai("stop", env=env)
         assert r.returncode == 0 and "stopped" in r.stdout, r.stderr
         assert d.proc.wait(timeout=30) == 0
-        with socket.socket() as s:  # the port is free again
+        with socket.socket() as s:  # the port is free again, for a new `localai serve`
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as daemon.bind does
             s.bind((d.host, d.port))
         assert "no localai daemon" in localai("stop", env=env).stdout
 
@@ -191,3 +192,29 @@ def test_a_daemon_the_tui_starts_exits_once_unused(home, models_dir, monkeypatch
     wait_for(port_free, "the idle daemon to exit", tries=600)
     log = (home / "logs" / "daemon.log").read_text()
     assert "unloaded smollm2-135m (idle for 1s)" in log and "no requests for 4s: exiting" in log
+
+
+def test_the_tui_memory_pane_counts_down_to_the_unload(home, models_dir, tmp_path):
+    import asyncio
+
+    from localai_tui.app import LocalaiApp
+    from localai_tui.client import DaemonClient
+    from localai_tui.store import Store
+
+    with start_daemon(home, models_dir, TEST_MODEL, "--keep-alive", "4s") as d:
+
+        async def go():
+            app = LocalaiApp(DaemonClient(d.url, d.token), Store(tmp_path / "c.db"), d.model)
+            async with app.run_test(size=(120, 40)) as pilot:
+                seen = []
+                for _ in range(300):  # bounded: the pane refreshes every 2 s
+                    await pilot.pause(0.1)
+                    text = str(app.query_one("#memory-text").render())
+                    if not seen or seen[-1] != text:
+                        seen.append(text)
+                    if "unloaded (loads again" in text:
+                        break
+                assert any(f"{TEST_MODEL}  loaded, unloads in " in t for t in seen), seen
+                assert "unloaded (loads again" in seen[-1], seen
+
+        asyncio.run(go())

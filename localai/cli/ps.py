@@ -9,14 +9,15 @@ back now — the daemon's counterparts of `ollama ps` and `ollama stop`.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
+from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from ..durations import until
+from ..server.auth import is_loopback
 from .app import find_daemon, main, settings_of, user_errors
 
 STOP_WAIT_S = 30  # the daemon ends running answers at once; closing takes a moment
@@ -58,29 +59,28 @@ def ps(ctx, as_json):
                "memory": memory, "residency": status.get("residency")}  # fmt: skip
         click.echo(json.dumps(out))
         return
-    t = Table(box=None, pad_edge=False)
-    for col in ("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"):
-        t.add_column(col, no_wrap=True)
+    rows = [("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL")]
     for m in loaded.get("models", []):
         left = (m.get("localai") or {}).get("unloads_in_s")
-        t.add_row(m["name"], (m.get("digest") or "")[:12], mib(m.get("size")), "100% CPU",
-                  str(m.get("context_length", "")), until(left))  # fmt: skip
-    out = Console()
-    if t.row_count:
-        out.print(t)
+        rows.append((m["name"], (m.get("digest") or "")[:12], mib(m.get("size")), "100% CPU",
+                     str(m.get("context_length", "")), until(left)))  # fmt: skip
+    if len(rows) > 1:  # columns as `ollama ps` prints them, never cut to the terminal's width
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            click.echo("    ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     else:
-        out.print(f"no model loaded (the daemon at http://{d.host}:{d.port} loads one on the "
-                  "next request)")  # fmt: skip
+        click.echo(f"no model loaded (the daemon at http://{d.host}:{d.port} loads one on the "
+                   "next request)")  # fmt: skip
     holders = {k: v for k, v in (memory.get("holders") or {}).items() if v}
     if holders:
-        out.print(f"\nRAM by holder ({mib(memory.get('held_bytes'))} of the "
-                  f"{mib(memory.get('budget_bytes'))} budget):")  # fmt: skip
+        click.echo(f"\nRAM by holder ({mib(memory.get('held_bytes'))} of the "
+                   f"{mib(memory.get('budget_bytes'))} budget):")  # fmt: skip
         for name, n in sorted(holders.items(), key=lambda kv: -kv[1]):
-            out.print(f"  {name:<16} {mib(n):>10}")
+            click.echo(f"  {name:<16} {mib(n):>10}")
     last = memory.get("last_pressure")
     if last:
-        out.print(f"\nlast memory pressure {_ago(last['at'])}: {last['reason']}; "
-                  f"freed {mib(last['freed_bytes'])}")  # fmt: skip
+        click.echo(f"\nlast memory pressure {_ago(last['at'])}: {last['reason']}; "
+                   f"freed {mib(last['freed_bytes'])}")  # fmt: skip
 
 
 def _ago(t: float) -> str:
@@ -109,9 +109,13 @@ def stop(ctx, model):
     code, body = d.call("POST", "/localai/stop", {})
     if code != 200:
         raise click.ClickException(_message(body) or f"the daemon answered {code}")
-    if not _wait_port_free(d.host, d.port, STOP_WAIT_S):
+    deadline = time.monotonic() + STOP_WAIT_S
+    if not _wait(lambda: _port_free(d.host, d.port), deadline):
         raise click.ClickException(f"the daemon was asked to stop but {d.host}:{d.port} is still "
                                    f"taken after {STOP_WAIT_S}s")  # fmt: skip
+    pid = body.get("pid")
+    if isinstance(pid, int) and is_loopback(d.host):  # and its memory is given back
+        _wait(lambda: _gone(pid), deadline)
     click.echo(f"stopped the daemon at http://{d.host}:{d.port}")
 
 
@@ -120,13 +124,28 @@ def _message(body: dict) -> str:
     return err.get("message", "") if isinstance(err, dict) else str(err or "")
 
 
-def _wait_port_free(host: str, port: int, wait_s: float) -> bool:
-    deadline = time.monotonic() + wait_s
+def _wait(done, deadline: float) -> bool:
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                pass
-        except OSError:
+        if done():
             return True
         time.sleep(0.1)
     return False
+
+
+def _port_free(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return False
+    except OSError:
+        return True
+
+
+def _gone(pid: int) -> bool:
+    """True once process `pid` has exited (a zombie holds no memory; its parent reaps it), or
+    when it cannot be seen from here (another user's, another PID namespace)."""
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"

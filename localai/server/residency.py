@@ -10,6 +10,7 @@ status polls) only keeps the daemon itself alive. /health and the proof route ke
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,9 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..durations import describe, parse_duration
+from ..engine import EngineError
 from ..keepalive import ResidentEngine
 from .auth import OPEN_PATHS
-from .errors import bad_request
+from .errors import APIError, bad_request
 from .state import ServerState
 
 MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate"})
@@ -74,7 +76,11 @@ async def ready(state: ServerState, body: dict) -> float:
         return 0.0
     seconds, given = keep_alive_of(body)
     model.request_keep_alive(seconds, given)
-    return await anyio.to_thread.run_sync(model.ensure)
+    try:
+        return await anyio.to_thread.run_sync(model.ensure)
+    except (EngineError, OSError, MemoryError) as e:  # file gone, over the RAM budget
+        raise APIError(503, f"the model {model.name} could not be loaded again: {e}",
+                       type="server_error", code="model_unavailable") from e  # fmt: skip
 
 
 def wants_unload(body: dict) -> bool:
@@ -118,7 +124,7 @@ async def stop(request: Request) -> Response:
         raise bad_request("this daemon cannot be stopped over HTTP; send it SIGTERM")
     keeper.log("stopping: asked by `localai stop`")
     keeper.request_exit()
-    return JSONResponse({"stopping": True})
+    return JSONResponse({"stopping": True, "pid": os.getpid()})
 
 
 class Keeper:
