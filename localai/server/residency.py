@@ -30,6 +30,7 @@ from .state import ServerState
 MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate"})
 TICK_S = 0.25  # how often the keeper looks at the countdowns
 FOREVER_AT = "2999-01-01T00:00:00Z"  # `expires_at` of a model kept forever
+FOREVER_TS = datetime(2999, 1, 1, tzinfo=UTC).timestamp()
 
 
 def resident(state: ServerState) -> ResidentEngine | None:
@@ -99,7 +100,9 @@ async def unload_now(state: ServerState) -> bool:
     return await anyio.to_thread.run_sync(model.unload, "asked to stop", 1)
 
 
-def _iso(t: float) -> str:
+def _iso(t: float | None) -> str:
+    if t is None or t >= FOREVER_TS:  # keep_alive: -1, or so long it may as well be
+        return FOREVER_AT
     return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -109,7 +112,7 @@ def ps_entries(state: ServerState, card: dict) -> list[dict]:
     if model is not None and not model.loaded:
         return []
     res = model.residency() if model is not None else {"expires_at": None}
-    expires = FOREVER_AT if res["expires_at"] is None else _iso(res["expires_at"])
+    expires = _iso(res["expires_at"])
     size = res.get("bytes") or card.get("size", 0)
     return [card | {"size": size, "expires_at": expires, "size_vram": 0,
                     "context_length": state.engine.context_length,
