@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -160,11 +161,21 @@ def _watch(ix) -> None:
 
         log(f"[yellow]{escape(shown(failure(e, retry_in)))}[/yellow]")
 
+    # Ctrl-C and SIGTERM stop the loop. Handlers set here, not Python's default: a process
+    # started in the background by a non-interactive shell inherits SIGINT ignored, and then
+    # Ctrl-C (or a supervisor's SIGINT) would never reach the default handler.
+    def interrupted(signum, frame) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         ix.watch(stop, on_update=report, on_error=failed)
     except KeyboardInterrupt:
         stop.set()
-        log("stopped watching")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    log("stopped watching")
 
 
 @main.group("sources", invoke_without_command=True)
