@@ -11,7 +11,8 @@ TESTS = Path(__file__).resolve().parent
 
 
 def test_openai_schemas_ship_with_the_tests(tmp_path):
-    """The tests validate bodies against schemas kept in tests/data (no ../shared folder)."""
+    """The tests validate bodies against schemas kept in tests/data, with no folder beside the
+    clone."""
     clone = tmp_path / "clone"
     shutil.copytree(TESTS, clone / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     code = (
