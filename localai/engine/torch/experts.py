@@ -29,12 +29,13 @@ from .weights import GGUFWeights, QLinear
 MATRICES = ("gate_exps", "up_exps", "down_exps")
 
 
-def expert_slice(t: Tensor, e: int, data: np.ndarray | None = None) -> Tensor:
-    """Expert e's matrix of a stacked [X, O, I] tensor: its O rows (`data`: them, read from the
-    file; else the memory map's)."""
+def expert_slice(t: Tensor, e: int) -> Tensor:
+    """Expert e's matrix of a stacked [X, O, I] tensor: its O rows, a view of the memory map
+    (no page is read until used), with their offset in the file."""
     o = t.shape[1]
-    rows = t.data[e * o : (e + 1) * o] if data is None else data
-    return Tensor(t.qtype, t.shape[1:], rows, t.offset + e * o * t.data.shape[1])
+    return Tensor(
+        t.qtype, t.shape[1:], t.data[e * o : (e + 1) * o], t.offset + e * o * t.data.shape[1]
+    )
 
 
 def pair(mats: list[Tensor], kernel) -> tuple[QLinear, QLinear]:
@@ -110,16 +111,17 @@ class ExpertCache:
         return loaded
 
     def _read(self, t: Tensor, e: int) -> Tensor:
-        o, row = t.shape[1], t.data.shape[1]
-        buf = np.empty((o, row), dtype=np.uint8)
-        start = t.offset + e * o * row
-        got = os.preadv(self._fd, [buf], start)
+        """Expert e's rows of `t` read from the file into memory of their own (the memory map's
+        view only says where they are)."""
+        where = expert_slice(t, e)
+        buf = np.empty(where.data.shape, dtype=np.uint8)
+        got = os.preadv(self._fd, [buf], where.offset)
         if got != buf.nbytes:
             raise OSError(f"{self.w.path}: short read of an expert ({got} of {buf.nbytes} bytes)")
         if hasattr(os, "posix_fadvise"):  # the budget, not the page cache, holds experts
-            os.posix_fadvise(self._fd, start, buf.nbytes, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._fd, where.offset, buf.nbytes, os.POSIX_FADV_DONTNEED)
         self.stats.bytes_read += buf.nbytes
-        return expert_slice(t, e, buf)
+        return Tensor(where.qtype, where.shape, buf, where.offset)
 
     @property
     def total_bytes(self) -> int:

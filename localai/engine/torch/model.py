@@ -23,7 +23,7 @@ from .arch import Hparams
 from .experts import ExpertCache
 from .head import make_head
 from .kv import KVCache, KVConfig
-from .weights import GGUFWeights
+from .weights import GGUFWeights, QLinear
 
 # C tokens in this forward, E model dim, Hq query heads, H KV heads, D head dim, F ffn dim,
 # V vocabulary
@@ -31,6 +31,14 @@ from .weights import GGUFWeights
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def swiglu(gate_up: QLinear, down: QLinear, h: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate h) · up h), gate and up one product: [N, E] → [N, E] (dense FFNs and
+    each MoE expert)."""
+    gu = gate_up(h)  # N, 2F
+    f = gu.shape[1] // 2
+    return down(F.silu(gu[:, :f]) * gu[:, f:])
 
 
 def rope_tables(
@@ -98,15 +106,13 @@ class DenseFFN:
         self.norm, self.eps = w.dense(hp.name("ffn_norm", i)), hp.norm_eps
         self.gate_up = w.linear([hp.name("gate", i), hp.name("up", i)])
         self.down = w.linear(hp.name("down", i))
-        self.f = hp.ffn_dim
         kernel = w.kernel
         self.fused = kernel and kernel.DecodeDenseFFN(
             self.norm, self.eps, self.gate_up.native, self.down.native
         )  # the same step in C++, for one token (native/decode.cpp)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gu = self.gate_up(rms_norm(x, self.norm, self.eps))  # C, 2F
-        return x + self.down(F.silu(gu[:, : self.f]) * gu[:, self.f :])
+        return x + swiglu(self.gate_up, self.down, rms_norm(x, self.norm, self.eps))
 
     def step(self, x: torch.Tensor) -> None:
         """One token, x [1, E] updated in place (the fused step's contract)."""

@@ -17,12 +17,11 @@ from the memory map, or read into a RAM budget; both give the same bytes, so the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .arch import Hparams
 from .experts import ResidentExperts
-from .model import rms_norm
-from .weights import GGUFWeights, QLinear
+from .model import rms_norm, swiglu
+from .weights import GGUFWeights
 
 # C tokens, E model dim, X experts, K experts per token, F expert hidden size
 # llama.cpp clamps the sum of the top-k weights to fp16's smallest normal before dividing
@@ -78,10 +77,3 @@ class MoEFFN:
         if self.shared is not None:
             total += self.shared_gate.nbytes + sum(m.nbytes for m in self.shared)  # fp32 gate
         return total
-
-
-def swiglu(gate_up: QLinear, down: QLinear, h: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate h) · up h), gate and up one product: [N, E] → [N, E]."""
-    gu = gate_up(h)  # N, 2F
-    f = gu.shape[1] // 2
-    return down(F.silu(gu[:, :f]) * gu[:, f:])
