@@ -98,8 +98,9 @@ def test_every_expert_budget_computes_the_all_resident_result(arch, moe_files):
     prompt = eng.tokenize(TEXT, special=False)[:48]
     eng.close()
 
-    def run(budget):
-        eng = TorchEngine(moe_files[arch], context_length=N, threads=1, expert_budget=budget)
+    def run(budget, prefetch=True):
+        eng = TorchEngine(moe_files[arch], context_length=N, threads=1, expert_budget=budget,
+                          expert_prefetch=prefetch)  # fmt: skip
         try:
             model = eng.model
             out = [model.forward(torch.tensor(prompt), True)]  # 48, V
@@ -120,6 +121,11 @@ def test_every_expert_budget_computes_the_all_resident_result(arch, moe_files):
             assert cache["evictions"] > 0 and cache["misses"] > n_experts
         if budget == "100%":
             assert cache["evictions"] == 0 and cache["misses"] <= n_experts
+        if budget == "25%":  # reading ahead changes when experts arrive, not what they compute
+            # 16 one-token steps, a guess of top-2 for layer 1 from layer 0's input in each
+            assert cache["prefetched"] > 0 and cache["predicted"] == 16 * 2
+            out, cache = run(budget, prefetch=False)
+            assert torch.equal(out, ref) and cache["prefetched"] == cache["predicted"] == 0
 
 
 def test_expert_budget_is_bytes_or_a_share():
@@ -140,6 +146,8 @@ def test_a_request_reports_its_expert_traffic(moe_files):
         stats = done.stats.as_dict()
         assert 0 <= stats["expert_hit_rate"] < 1 and stats["expert_bytes_read"] > 0
         assert "extra" not in stats and stats["completion_tokens"] == 6
+        # the next layer's experts guessed a layer early, scored against where it routed
+        assert 0 <= stats["prefetch_precision"] <= 1 and 0 <= stats["prefetch_recall"] <= 1
     finally:
         eng.close()
 
@@ -189,12 +197,12 @@ def test_the_expert_cache_is_held_in_the_ram_budget(moe_files, home):
 
 
 def test_replaying_a_routing_trace_predicts_the_live_cache(moe_files, tmp_path):
-    """A trace recorded while the cache served at 25% replays through LRU at the same size to
-    the live hits and misses exactly; LRU's curve rises with the size and at 100% misses each
+    """A trace recorded while the cache served at 25% (no reading ahead, which a replay does not
+    model) replays through LRU at the same size to the live hits and misses exactly; LRU's curve rises with the size and at 100% misses each
     expert once."""
     trace = tmp_path / "routing.jsonl"
     eng = TorchEngine(moe_files["olmoe"], context_length=N, threads=1, expert_budget="25%",
-                      trace_routing=trace)  # fmt: skip
+                      expert_prefetch=False, trace_routing=trace)  # fmt: skip
     try:
         params = SamplingParams(max_tokens=12, temperature=0.0)
         list(chat(eng, [Message("user", "Write about the sea.")], params))

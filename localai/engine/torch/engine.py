@@ -28,6 +28,7 @@ from ..base import EngineError, SamplingParams
 from ..tokengen import TokenEngine, Vocab, shared_prefix
 from . import native
 from .arch import Hparams
+from .experts import prediction_scores
 from .kv import KVConfig
 from .model import Transformer
 from .routing import TraceWriter
@@ -59,6 +60,7 @@ class TorchEngine(TokenEngine):
         decode_threads: int | None = None,
         hparams: dict | None = None,
         expert_budget: int | float | str | None = None,
+        expert_prefetch: bool = True,
         trace_routing: Path | None = None,
     ):
         super().__init__()
@@ -88,7 +90,9 @@ class TorchEngine(TokenEngine):
             k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim), kv_sink, v_clip, v_rotate
         )
         try:  # a MoE model's experts: all in place (None), or read into a budget (experts.py)
-            self.model = Transformer(weights, hp, kv, self.context_length, expert_budget)
+            self.model = Transformer(
+                weights, hp, kv, self.context_length, expert_budget, expert_prefetch
+            )
         except ValueError as e:
             raise EngineError(str(e)) from e
         self.prefill_chunk = prefill_chunk
@@ -212,7 +216,8 @@ class TorchEngine(TokenEngine):
             return now
         d = {k: now[k] - since.get(k, 0) for k in now}
         return {"expert_hit_rate": round(d["hits"] / max(1, d["hits"] + d["misses"]), 4),
-                "expert_bytes_read": d["bytes_read"], "expert_cache_bytes": cache.used}  # fmt: skip
+                "expert_bytes_read": d["bytes_read"], "expert_cache_bytes": cache.used,
+                **(prediction_scores(d) if d["predicted"] else {})}  # fmt: skip
 
     def close(self) -> None:
         if getattr(self, "trace", None) is not None:

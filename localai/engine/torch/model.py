@@ -197,16 +197,21 @@ class Block:
 
 class Transformer:
     def __init__(self, w: GGUFWeights, hp: Hparams, kv: KVConfig, capacity: int,
-                 expert_budget: int | float | str | None = None):  # fmt: skip
+                 expert_budget: int | float | str | None = None,
+                 expert_prefetch: bool = True):  # fmt: skip
         """`expert_budget`: RAM for a MoE model's experts, read on demand (experts.ExpertCache;
         bytes or a share of all expert bytes, see experts.parse_budget); None keeps them all in
-        place in the memory map."""
+        place in the memory map. `expert_prefetch`: read each layer's likely experts while the
+        layer before computes (moe.MoEFFN.predict)."""
         self.w, self.hp = w, hp
         self.expert_cache = None
         if hp.is_moe and expert_budget is not None:
             self.expert_cache = ExpertCache(w, hp, expert_budget)
         cache = self.expert_cache
         self.blocks = [Block(w, hp, i, cache and cache.for_layer(i)) for i in range(hp.n_layers)]
+        if cache is not None and expert_prefetch:
+            for b, after in zip(self.blocks, self.blocks[1:], strict=False):
+                b.ffn.next = after.ffn
         self.norm = w.dense(hp.name("output_norm"))
         self.head = make_head(w, hp)
         self.cache = KVCache(kv, hp.n_layers, hp.n_kv_heads, hp.head_dim, capacity)

@@ -36,6 +36,7 @@ class MoEFFN:
         self.router = w.linear(hp.name("router", i))  # X, E
         self.experts = experts or ResidentExperts(w, hp, i)  # experts.py: e → (gate_up, down)
         self.layer, self.trace = i, None  # trace: a routing.TraceWriter, when recording
+        self.next: MoEFFN | None = None  # the next layer, when its experts are prefetched
         self.k, self.norm_topk = hp.n_experts_used, hp.spec.norm_topk
         self.shared = None
         if hp.spec.shared_expert:
@@ -51,15 +52,26 @@ class MoEFFN:
             w = w / w.sum(-1, keepdim=True).clamp_min(MIN_WEIGHT_SUM)
         return ids, w
 
+    def predict(self, x: torch.Tensor) -> list[int]:
+        """The experts this layer would choose for one token if its input were `x` [1, E]: the
+        previous layer's input is close enough to guess which to read ahead."""
+        return self.route(rms_norm(x, self.norm, self.eps))[0][0].tolist()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, self.norm, self.eps)  # C, E
         ids, w = self.route(h)
         if self.trace is not None:
             self.trace.record(self.layer, ids)
+        chosen = ids.unique().tolist()
+        loads = self.experts.fetch(chosen)  # misses read in parallel, while the lines below run
+        if x.shape[0] == 1:  # one-token steps are where a guess can run ahead of the reads
+            self.experts.score_prediction(chosen)
+            if self.next is not None:  # read the next layer's while this one computes
+                self.next.experts.prefetch(self.next.predict(x))
         out = torch.zeros_like(x)  # C, E
-        for e in ids.unique().tolist():  # each expert once, over the tokens that chose it
+        for e in chosen:  # each expert once, over the tokens that chose it
             rows, slot = (ids == e).nonzero(as_tuple=True)
-            gate_up, down = self.experts[e]
+            gate_up, down = loads[e].result()
             y = swiglu(gate_up, down, h[rows])  # n, E
             out.index_add_(0, rows, y * w[rows, slot, None])
         if self.shared is not None:
