@@ -71,6 +71,8 @@ class Settings:
     # torch runner, MoE models: RAM for the experts, read from disk on demand (bytes such as
     # 4G, or a share of all expert bytes such as 40%); empty: all in place in the memory map
     expert_budget: str = ""
+    # read each layer's likely experts while the layer before computes (off: only on demand)
+    expert_prefetch: bool = True
     trace_routing: str = ""  # torch runner, MoE models: write each layer's routing here (JSONL)
     ram_budget_bytes: int | None = None  # default: 75% of physical RAM
     host: str = "127.0.0.1"
@@ -149,9 +151,18 @@ _ENV = {name: f"LOCALAI_{name.upper()}" for name in _FIELDS}
 _ENV["models_dir"] = "LOCALAI_MODELS"
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}  # fmt: skip
+
+
 def _coerce(name: str, value: object, source: str) -> object:
     kind = _FIELDS[name].type
     try:
+        if kind == "bool" and not isinstance(value, bool):
+            word = str(value).strip().lower()
+            if word not in _BOOLS:
+                raise ValueError(word)
+            return _BOOLS[word]
         if "int" in kind and not isinstance(value, int):
             return int(str(value).replace("_", ""))
         if "float" in kind and not isinstance(value, float):

@@ -83,7 +83,8 @@ def engine_loader(
                            settings.threads, settings.type_k, settings.type_v,
                            k_bits=settings.k_bits, v_bits=settings.v_bits,
                            expert_budget=settings.expert_budget,
-                           trace_routing=settings.trace_routing)  # fmt: skip
+                           trace_routing=settings.trace_routing,
+                           expert_prefetch=settings.expert_prefetch)  # fmt: skip
 
     return load
 

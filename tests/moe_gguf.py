@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from localai.engine.torch import native
 
@@ -43,8 +44,14 @@ def tokenizer_keys(src: Path) -> list[tuple]:
 
 def build(path: Path, arch: str, tokenizer_src: Path, *, layers: int = 2, dim: int = 256,
           heads: int = 4, kv_heads: int = 2, experts: int = 8, used: int = 2, ffn: int = 256,
-          shared_ffn: int = 512, seed: int = 0) -> Path:  # fmt: skip
-    """Write a tiny `arch` MoE GGUF to `path`; dims are multiples of 256 (K-quant blocks)."""
+          shared_ffn: int = 512, seed: int = 0, expert_type: Q = Q.Q4_K,
+          expert_rows=None) -> Path:  # fmt: skip
+    """Write a tiny `arch` MoE GGUF to `path`; dims are multiples of 256 (K-quant blocks).
+
+    The file is written one tensor at a time, so a shape-faithful file of many GB (bench/moe.py)
+    never sits in memory. `expert_rows(qtype, rows, cols, std)`, if given, makes the stacked
+    expert tensors' raw rows (e.g. drawn from a pool quantized once: random rows are random
+    rows, and quantizing billions of them would take hours)."""
     spec = ARCHS[arch]
     kernel = native.load()
     assert kernel is not None, native.status()
@@ -76,55 +83,72 @@ def build(path: Path, arch: str, tokenizer_src: Path, *, layers: int = 2, dim: i
         len(v) for k, v, *_ in tokenizer_keys(tokenizer_src) if k == "tokenizer.ggml.tokens"
     )
 
-    def rand(*shape, std):
-        return torch.randn(*shape, generator=gen) * std
-
-    def norm_w(n):  # RMSNorm weights near 1
-        return 1 + rand(n, std=0.1)
-
-    def add(name, x, qtype):
-        x = x.float().contiguous()
+    def quantized(shape, std, qtype):  # random rows in `qtype`: raw bytes, or floats
+        x = (torch.randn(*shape, generator=gen) * std).contiguous()
         if qtype == Q.F32:
-            out.add_tensor(name, x.numpy())
-        elif qtype == Q.F16:
-            out.add_tensor(name, x.half().numpy())
-        else:
-            rows = kernel.quantize(x.reshape(-1, x.shape[-1]), int(qtype))
-            raw = rows.numpy().reshape(*x.shape[:-1], rows.shape[-1])
-            out.add_tensor(name, raw, raw_dtype=qtype)
+            return x.numpy()
+        if qtype == Q.F16:
+            return x.half().numpy()
+        rows = kernel.quantize(x.reshape(-1, x.shape[-1]), int(qtype))
+        return rows.numpy().reshape(*x.shape[:-1], rows.shape[-1])
+
+    plan = []  # (name, shape, qtype, make raw data); written after the header, in order
+
+    def add(name, shape, std, qtype, mean=0.0):
+        def make():
+            if expert_rows is not None and "_exps." in name:
+                raw = expert_rows(qtype, shape[0] * shape[1], shape[2], std)
+                return raw.reshape(shape[0], shape[1], -1)
+            raw = quantized(shape, std, qtype)
+            return raw + np.float32(mean) if mean else raw
+
+        plan.append((name, shape, qtype, make))
+
+    def norm_w(name, n):  # RMSNorm weights near 1
+        add(name, (n,), 0.1, Q.F32, mean=1.0)
 
     s = dim**-0.5
-    add("token_embd.weight", rand(vocab, dim, std=1.0), Q.Q8_0)
-    add("output_norm.weight", norm_w(dim), Q.F32)
-    add("output.weight", rand(vocab, dim, std=3 * s), Q.Q6_K)
+    add("token_embd.weight", (vocab, dim), 1.0, Q.Q8_0)
+    norm_w("output_norm.weight", dim)
+    add("output.weight", (vocab, dim), 3 * s, Q.Q6_K)
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
     for i in range(layers):
         b = f"blk.{i}."
-        add(b + "attn_norm.weight", norm_w(dim), Q.F32)
-        add(b + "attn_q.weight", rand(q_out, dim, std=s), Q.Q4_K)
-        add(b + "attn_k.weight", rand(kv_out, dim, std=s), Q.Q4_K)
-        add(b + "attn_v.weight", rand(kv_out, dim, std=s), Q.Q6_K)
+        norm_w(b + "attn_norm.weight", dim)
+        add(b + "attn_q.weight", (q_out, dim), s, Q.Q4_K)
+        add(b + "attn_k.weight", (kv_out, dim), s, Q.Q4_K)
+        add(b + "attn_v.weight", (kv_out, dim), s, Q.Q6_K)
         if spec["bias"]:
             for n, o in (("q", q_out), ("k", kv_out), ("v", kv_out)):
-                add(b + f"attn_{n}.bias", rand(o, std=0.1), Q.F32)
+                add(b + f"attn_{n}.bias", (o,), 0.1, Q.F32)
         if spec["qk_norm"]:
             qn, kn = (head_dim, head_dim) if spec["qk_norm"] == "head" else (q_out, kv_out)
-            add(b + "attn_q_norm.weight", norm_w(qn), Q.F32)
-            add(b + "attn_k_norm.weight", norm_w(kn), Q.F32)
-        add(b + "attn_output.weight", rand(dim, q_out, std=0.5 * q_out**-0.5), Q.Q4_K)
-        add(b + "ffn_norm.weight", norm_w(dim), Q.F32)
-        add(b + "ffn_gate_inp.weight", rand(experts, dim, std=2 * s), Q.F32)
-        add(b + "ffn_gate_exps.weight", rand(experts, ffn, dim, std=s), Q.Q4_K)
-        add(b + "ffn_up_exps.weight", rand(experts, ffn, dim, std=s), Q.Q4_K)
-        add(b + "ffn_down_exps.weight", rand(experts, dim, ffn, std=0.5 * ffn**-0.5), Q.Q6_K)
+            norm_w(b + "attn_q_norm.weight", qn)
+            norm_w(b + "attn_k_norm.weight", kn)
+        add(b + "attn_output.weight", (dim, q_out), 0.5 * q_out**-0.5, Q.Q4_K)
+        norm_w(b + "ffn_norm.weight", dim)
+        add(b + "ffn_gate_inp.weight", (experts, dim), 2 * s, Q.F32)
+        add(b + "ffn_gate_exps.weight", (experts, ffn, dim), s, expert_type)
+        add(b + "ffn_up_exps.weight", (experts, ffn, dim), s, expert_type)
+        add(b + "ffn_down_exps.weight", (experts, dim, ffn), 0.5 * ffn**-0.5, Q.Q6_K)
         if spec["shared"]:
-            add(b + "ffn_gate_inp_shexp.weight", rand(dim, std=s), Q.F32)
-            add(b + "ffn_gate_shexp.weight", rand(shared_ffn, dim, std=s), Q.Q8_0)
-            add(b + "ffn_up_shexp.weight", rand(shared_ffn, dim, std=s), Q.Q8_0)
-            add(b + "ffn_down_shexp.weight", rand(dim, shared_ffn, std=0.5 * shared_ffn**-0.5),
-                Q.F16)  # fmt: skip
+            add(b + "ffn_gate_inp_shexp.weight", (dim,), s, Q.F32)
+            add(b + "ffn_gate_shexp.weight", (shared_ffn, dim), s, Q.Q8_0)
+            add(b + "ffn_up_shexp.weight", (shared_ffn, dim), s, Q.Q8_0)
+            add(b + "ffn_down_shexp.weight", (dim, shared_ffn), 0.5 * shared_ffn**-0.5, Q.F16)
+    for name, shape, qtype, _ in plan:
+        if qtype in (Q.F32, Q.F16):
+            dtype = np.float32 if qtype == Q.F32 else np.float16
+            out.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * dtype().nbytes)
+        else:
+            block, size = GGML_QUANT_SIZES[qtype]
+            raw_shape = (*shape[:-1], shape[-1] // block * size)
+            out.add_tensor_info(name, raw_shape, np.dtype(np.uint8), int(np.prod(raw_shape)),
+                                raw_dtype=qtype)  # fmt: skip
     out.write_header_to_file()
     out.write_kv_data_to_file()
-    out.write_tensors_to_file()
+    out.write_ti_data_to_file()
+    for *_, make in plan:
+        out.write_tensor_data(np.ascontiguousarray(make()))
     out.close()
     return path

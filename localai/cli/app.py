@@ -153,6 +153,14 @@ def engine_options(fn):
             "(bytes such as 4G, or a share of the expert bytes such as 40%).",
         ),
         click.option(
+            "--expert-prefetch/--no-expert-prefetch",
+            default=None,
+            expose_value=False,
+            callback=_setting_flag("expert_prefetch"),
+            help="Torch runner, MoE models with a budget: read each layer's likely experts "
+            "while the layer before computes (default: on).",
+        ),
+        click.option(
             "--trace-routing",
             metavar="FILE",
             expose_value=False,

@@ -42,6 +42,7 @@ def load_engine(
     v_bits: int = 16,
     expert_budget: str | None = None,
     trace_routing: str | None = None,
+    expert_prefetch: bool = True,
 ) -> Engine:
     """Load `path` with the named backend; the caller resolved the model (catalog.resolve_model)."""
     if backend == "llama":
@@ -58,5 +59,6 @@ def load_engine(
 
         return TorchEngine(path, name, context_length, threads, k_bits=k_bits, v_bits=v_bits,
                            expert_budget=expert_budget or None,
+                           expert_prefetch=expert_prefetch,
                            trace_routing=trace_routing or None)  # fmt: skip
     raise EngineError(f"unknown engine {backend!r}; choose llama or torch")
