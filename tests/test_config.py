@@ -44,6 +44,7 @@ def test_home_from_env(clean_env, monkeypatch):
         ("engine = 'gpu'\n", "engine must be"),
         ("type_k = 'q3'\n", "type_k must be"),
         ("threads = 'many'\n", "not a valid"),
+        ("expert_prefetch = 'maybe'\n", "not a valid bool"),
         ("model = \n", "config.toml"),
     ],
 )
@@ -67,3 +68,11 @@ def test_memory_settings_take_ollama_durations(clean_env, monkeypatch):
     monkeypatch.delenv("LOCALAI_KEEP_ALIVE")
     with pytest.raises(ConfigError, match="pressure_interval"):
         load_settings(clean_env, pressure_interval="0")
+
+
+def test_switches_take_the_usual_words(clean_env, monkeypatch):
+    assert load_settings(clean_env).expert_prefetch is True
+    (clean_env / "config.toml").write_text("expert_prefetch = false\n")
+    assert load_settings(clean_env).expert_prefetch is False
+    monkeypatch.setenv("LOCALAI_EXPERT_PREFETCH", "on")
+    assert load_settings(clean_env).expert_prefetch is True
