@@ -77,6 +77,8 @@ class ResidentEngine:
                     self._release()
                     engine.close()
                     raise
+            if self.governor is not None and info.get("expert_cache"):
+                self.governor.register(Shrinkable("expert_cache", "experts", self.shrink_experts))
             self.name, self.context_length, self._info = engine.name, engine.context_length, info
             self._tools = engine.supports_tools()
             self._engine = engine
@@ -116,6 +118,18 @@ class ResidentEngine:
         """The governor's "idle model" stage: unload now if no request is in flight."""
         held = self.bytes_held()
         return held if self.unload("memory pressure") else 0
+
+    def shrink_experts(self) -> int:
+        """The governor's "experts" stage: the MoE expert cache down to its floor, a request in
+        flight or not (it reads what it lacks again); the ledger keeps the lower budget."""
+        engine = self._engine
+        if engine is None or not hasattr(engine, "shrink_experts"):
+            return 0
+        freed = engine.shrink_experts()
+        cache = engine.info().get("expert_cache")
+        if cache and self.governor is not None:
+            self.governor.reserve("expert_cache", cache["budget_bytes"])
+        return freed
 
     def bytes_held(self) -> int:
         if self._engine is None:

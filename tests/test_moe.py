@@ -196,10 +196,37 @@ def test_the_expert_cache_is_held_in_the_ram_budget(moe_files, home):
         eng.close()
 
 
+def test_memory_pressure_shrinks_the_expert_cache_to_its_floor(moe_files, home):
+    """The daemon's model registers its expert cache as the governor's "experts" stage: under
+    pressure it drops to one token's experts per layer (and the model stays loaded when that
+    was enough), the ledger keeps the lower budget, and the next answer is the same text."""
+    from localai.config import load_settings
+    from localai.governor import Governor
+    from localai.keepalive import ResidentEngine
+    from localai.runtime import engine_loader
+
+    settings = load_settings(home, engine="torch", expert_budget="100%", context_length=512)
+    gov = Governor()
+    model = ResidentEngine(engine_loader(settings, str(moe_files["olmoe"]), log=lambda m: None),
+                           None, gov, log=lambda m: None)  # fmt: skip
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    try:
+        first = list(chat(model, [Message("user", "Hello")], params))[-1].text
+        held = gov.snapshot()["holders"]["expert_cache"]
+        event = gov.shrink(1, "test", log=lambda m: None)
+        assert event["freed"]["expert_cache"] > 0 and model.loaded
+        budget = model.info()["expert_cache"]["budget_bytes"]
+        assert budget == held // 4  # top-2 of 8 experts in each layer
+        assert gov.snapshot()["holders"]["expert_cache"] == budget
+        assert list(chat(model, [Message("user", "Hello")], params))[-1].text == first
+    finally:
+        model.close()
+
+
 def test_replaying_a_routing_trace_predicts_the_live_cache(moe_files, tmp_path):
-    """A trace recorded while the cache served at 25% (no reading ahead, which a replay does not
-    model) replays through LRU at the same size to the live hits and misses exactly; LRU's curve rises with the size and at 100% misses each
-    expert once."""
+    """A trace recorded while the cache served at 25% (no reading ahead, which a replay does
+    not model) replays through LRU at the same size to the live hits and misses exactly; LRU's
+    curve rises with the size and at 100% misses each expert once."""
     trace = tmp_path / "routing.jsonl"
     eng = TorchEngine(moe_files["olmoe"], context_length=N, threads=1, expert_budget="25%",
                       expert_prefetch=False, trace_routing=trace)  # fmt: skip

@@ -37,9 +37,9 @@ async def status(request: Request) -> Response:
     state: ServerState = request.app.state.server
     index = state.index
     stats = await anyio.to_thread.run_sync(index.stats) if index is not None else None
-    slot = state.slot
+    slot, info = state.slot, state.engine.info()
     return JSONResponse({
-        "version": __version__, "model": state.engine.info(),
+        "version": __version__, "model": info, "experts": info.get("expert_cache"),
         "memory": state.governor.snapshot() if state.governor else None,
         "residency": _residency(state),
         "slot": {"busy": slot.busy, "waiting": slot.waiting, "served": slot.served,

@@ -219,6 +219,12 @@ class TorchEngine(TokenEngine):
                 "expert_bytes_read": d["bytes_read"], "expert_cache_bytes": cache.used,
                 **(prediction_scores(d) if d["predicted"] else {})}  # fmt: skip
 
+    def shrink_experts(self) -> int:
+        """Memory pressure: the expert cache down to its floor (one token's experts per layer);
+        the bytes given back (0 without a cache). Later steps read more from disk, same result."""
+        cache = self.model.expert_cache if self.model is not None else None
+        return cache.shrink(cache.floor) if cache is not None else 0
+
     def close(self) -> None:
         if getattr(self, "trace", None) is not None:
             self.trace.close()

@@ -116,6 +116,7 @@ class ExpertCache:
         self.layers = [[w.tensors[hp.name(k, i)] for k in MATRICES] for i in range(hp.n_layers)]
         self.expert_bytes = [sum(t.data.nbytes // t.shape[0] for t in m) for m in self.layers]
         self.budget = parse_budget(budget, self.total_bytes)
+        self.k = hp.n_experts_used
         self.used = 0
         self.stats = CacheStats()
         # (layer, e) → a future of (gate + up, down): read, or being read
@@ -224,6 +225,24 @@ class ExpertCache:
     def total_bytes(self) -> int:
         """All experts of all layers: what a budget of 100% holds."""
         return sum(b * m[0].shape[0] for b, m in zip(self.expert_bytes, self.layers, strict=True))
+
+    def shrink(self, budget: int) -> int:
+        """Lower the budget to `budget` bytes (memory pressure), evicting least recent first;
+        the bytes given back. Safe while a step runs: a layer holds the experts it computes
+        with, and an expert evicted mid-step is read again when next asked for."""
+        with self._lock:
+            before, self.budget = self.used, min(self.budget, max(0, budget))
+            while self._lru and self.used > self.budget:
+                old, _ = self._lru.popitem(last=False)
+                self.used -= self.expert_bytes[old[0]]
+                self.stats.evictions += 1
+                self._ahead.discard(old)
+            return before - self.used
+
+    @property
+    def floor(self) -> int:
+        """The smallest useful budget: one token's experts in every layer (k per layer)."""
+        return sum(b * self.k for b in self.expert_bytes)
 
     def info(self) -> dict:
         with self._lock:

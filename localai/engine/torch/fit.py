@@ -35,9 +35,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from .experts import parse_budget
 from .gguf_header import read_header
 
-# what the runner holds besides weights and KV: the interpreter, torch, buffers (RSS of the
-# runner with smollm2-135m loaded minus its weights and KV, measured here: ~0.45 GB)
-RUNTIME_BYTES = 512 << 20
+# what the runner holds besides weights and KV: the interpreter, torch, buffers (peak RSS of
+# the runner on bench/moe.py's OLMoE shape minus its dense weights, measured here: ~0.42 GB)
+RUNTIME_BYTES = 448 << 20
 PROBE_READ = 2 << 20  # one expert-sized read
 PROBE_READS = 96
 
@@ -132,6 +132,16 @@ class Shape:
     active_dense_bytes: int  # read per token: everything but experts and the embedding table
     kv_bytes_per_token: int  # fp16 K and V of every layer
 
+    @property
+    def active_expert_bytes(self) -> float:
+        """The experts one token reads: k per layer."""
+        per_expert = self.expert_bytes / max(1, self.layers * self.experts)
+        return self.layers * self.experts_used * per_expert
+
+    @property
+    def active_bytes(self) -> float:
+        return self.active_dense_bytes + self.active_expert_bytes
+
 
 def tensor_bytes(qtype, dims) -> int:
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
@@ -170,9 +180,8 @@ def forecast(shape: Shape, rates: Probe, ram_budget: int, context: int,
         cache = max(0, min(room, shape.expert_bytes))
     cache = min(cache, shape.expert_bytes)
     hit = cache / shape.expert_bytes if shape.expert_bytes else 1.0
-    per_expert = shape.expert_bytes / max(1, shape.layers * shape.experts)
-    active_experts = shape.layers * shape.experts_used * per_expert
-    compute = (shape.active_dense_bytes + active_experts) / rates.matvec_bytes_per_s
+    active_experts = shape.active_expert_bytes
+    compute = shape.active_bytes / rates.matvec_bytes_per_s
     reads = (1 - hit) * active_experts / rates.disk_bytes_per_s
     runs = resident + kv + cache <= ram_budget and (shape.expert_bytes == 0 or cache > 0)
     return {
