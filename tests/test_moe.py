@@ -2,6 +2,7 @@
 (moe_gguf.py: random weights in Q4_K/Q6_K/Q8_0/F16/F32, the test model's tokenizer)."""
 
 import json
+import os
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -245,3 +246,24 @@ def test_replaying_a_routing_trace_predicts_the_live_cache(moe_files, tmp_path):
     rates = [r["lru"] for r in rows]
     assert rates == sorted(rates) and all(0 <= r["lfu"] <= 1 for r in rows)
     assert replay(lookups, 16, "lru")["misses"] == len(set(lookups))
+
+
+def test_status_and_the_memory_pane_show_the_expert_cache(moe_files, models_dir, tmp_path):
+    """A daemon serving a MoE model at a budget reports its expert cache in /localai/status;
+    `localai status` and the TUI's memory pane show it."""
+    from daemon_helpers import start_daemon
+    from localai_tui.widgets import memory_text
+
+    home = tmp_path / "home"
+    with start_daemon(home, models_dir, str(moe_files["qwen3moe"]), "--engine", "torch",
+                      "--expert-budget", "50%", "--ctx", "512") as d:  # fmt: skip
+        body = {"model": d.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        assert d.request("POST", "/v1/chat/completions", body)[0] == 200
+        status, info = d.request("GET", "/localai/status")
+        assert status == 200 and info["memory"]["holders"]["expert_cache"] > 0
+        ex = info["experts"]
+        assert 0 < ex["used_bytes"] <= ex["budget_bytes"] and ex["misses"] > 0
+        assert "expert cache" in memory_text(info, None, {})
+        env = dict(os.environ, LOCALAI_HOME=str(home), LOCALAI_PORT=str(d.port))
+        r = localai("status", env=env)
+        assert r.returncode == 0 and "experts     cache" in r.stdout, r.stdout + r.stderr

@@ -110,6 +110,7 @@ def status(ctx, as_json):
         "models": [r["name"] for r in cat.rows() if r["installed"]],
         "memory": live.get("memory") or Governor(s.ram_budget_bytes).snapshot(),
         "residency": live.get("residency"),
+        "experts": live.get("experts"),  # the loaded MoE model's expert cache
         "daemon": _daemon_info(s) if live else None,  # None: commands load the model here
     }
     if as_json:
@@ -134,6 +135,11 @@ def status(ctx, as_json):
         out.print(f"  {name:<16} {mib(n):>10}")
     for m in (info["residency"] or {}).get("models", []):
         out.print(f"model       {m['model']} {_residency_line(m)}")
+    ex = info["experts"]
+    if ex:
+        out.print(f"experts     cache {mib(ex['used_bytes'])} of {mib(ex['budget_bytes'])}, "
+                  f"hit rate {ex['hit_rate']:.0%}, prefetch precision "
+                  f"{ex['prefetch_precision']:.0%} recall {ex['prefetch_recall']:.0%}")  # fmt: skip
     last = mem.get("last_pressure")
     if last:
         out.print(f"pressure    {last['reason']}: freed {mib(last['freed_bytes'])}")

@@ -182,7 +182,10 @@ def memory_text(status: dict | None, ps: dict | None, last_stats: dict) -> str:
                      f"{last_stats.get('prompt_tokens', 0)} prompt tokens")  # fmt: skip
     experts = (status or {}).get("experts")
     if experts:
-        lines.append(f"expert cache hit rate  {experts.get('hit_rate', 0):.0%}")
+        lines.append(f"expert cache  {gib(experts.get('used_bytes'))} of "
+                     f"{gib(experts.get('budget_bytes'))}, hit rate "
+                     f"{experts.get('hit_rate', 0):.0%}, prefetch precision "
+                     f"{experts.get('prefetch_precision', 0):.0%}")  # fmt: skip
     last = (mem or {}).get("last_pressure")
     if last:
         lines.append(f"memory pressure  {last.get('reason')}: freed {gib(last.get('freed_bytes'))}")
