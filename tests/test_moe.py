@@ -257,8 +257,11 @@ def test_status_and_the_memory_pane_show_the_expert_cache(moe_files, models_dir,
     home = tmp_path / "home"
     with start_daemon(home, models_dir, str(moe_files["qwen3moe"]), "--engine", "torch",
                       "--expert-budget", "50%", "--ctx", "512") as d:  # fmt: skip
-        body = {"model": d.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-        assert d.request("POST", "/v1/chat/completions", body)[0] == 200
+        body = {"model": d.model, "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 4, "stats": True}  # fmt: skip
+        status, out = d.request("POST", "/v1/chat/completions", body)
+        assert status == 200 and out["stats"]["expert_bytes_read"] > 0  # per answer, over HTTP
+        assert 0 <= out["stats"]["prefetch_recall"] <= 1
         status, info = d.request("GET", "/localai/status")
         assert status == 200 and info["memory"]["holders"]["expert_cache"] > 0
         ex = info["experts"]

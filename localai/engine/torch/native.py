@@ -73,8 +73,9 @@ def build_flags() -> list[str]:
 
 @contextlib.contextmanager
 def build_dir(sources: list[Path], flags: list[str]):
-    """The build's own folder, named by a hash of its sources, flags and torch version (two
-    checkouts, or two versions, never rebuild over each other), held under an flock while
+    """The build's own folder, named by a hash of its sources, their folder, flags and torch
+    version (two checkouts, or two versions, never rebuild over each other: ninja rebuilds
+    whenever the sources' paths change, even to identical files), held under an flock while
     torch builds or loads there. torch's own build lock is a file that a killed build leaves
     behind, after which every later load waits forever; the flock dies with its process, so
     under it a leftover lock file is known stale and removed."""
@@ -82,6 +83,7 @@ def build_dir(sources: list[Path], flags: list[str]):
     from torch.utils.cpp_extension import get_default_build_root
 
     digest = hashlib.sha256(" ".join([torch.__version__, *flags]).encode())
+    digest.update(str(sources[0].resolve().parent).encode())
     for f in sources:
         digest.update(f.read_bytes())
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
