@@ -55,7 +55,7 @@ def doc_lists(ix: Index, text: str, doc_of: dict[int, str], vs: VectorSet | None
     bm = ix.db.execute("SELECT rowid, -bm25(fts) FROM fts WHERE fts MATCH ? ORDER BY rank LIMIT ?",
                        [q, DEPTH]).fetchall() if q else []  # fmt: skip
     qv = ix.embedder.embed([text])[0] if qv is None else qv
-    ids, scores = (vs or ix.searcher.vector_set()).search(qv, DEPTH)
+    ids, scores = (vs or ix.store.vector_set()).search(qv, DEPTH)
     best_b: dict[str, float] = {}
     for c, s in bm:
         best_b.setdefault(doc_of[c], s)

@@ -98,7 +98,7 @@ def main() -> None:
     print(json.dumps({"bench": "index_scale", "machine": machine,
                       "date": time.strftime("%Y-%m-%d"), "chunks": st["chunks"],
                       "codec": st["codec"], "index_bytes": st["index_bytes"],
-                      "vectors_ram_mb": round(ix.searcher.vector_set().nbytes / 1e6, 1),
+                      "vectors_ram_mb": round(ix.store.vector_set().nbytes / 1e6, 1),
                       "queries": len(queries), "modes": out}))  # fmt: skip
 
 

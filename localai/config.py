@@ -61,6 +61,10 @@ class Settings:
     # re-score the vector search's top N with embeddings recomputed from the files' text (exact
     # cosine from approximate codes at ~8 ms a chunk; what makes 48-byte bin1 codes usable)
     vector_rescore: int = 0
+    # where the document index lives: "" is index.db under home; a libpq URI
+    # (postgresql://user@host/db, or ?host=/socket/dir) keeps it in a PostgreSQL database that
+    # several machines share (needs the postgres extra: pip install 'localai[postgres]')
+    index_store: str = ""
     engine: str = "llama"
     context_length: int = 8192  # capped at the model's trained context
     threads: int = field(default_factory=physical_cores)
@@ -105,6 +109,11 @@ class Settings:
         if self.index_codec not in INDEX_CODECS:
             raise ConfigError(
                 f"index_codec must be one of {INDEX_CODECS}, not {self.index_codec!r}"
+            )
+        if self.index_store and not self.index_store.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(
+                f"index_store is empty (index.db under home) or a postgresql:// URI, not "
+                f"{self.index_store!r}"
             )
         if not 0 <= self.vector_rescore <= 1000:
             raise ConfigError(f"vector_rescore must be in 0..1000, not {self.vector_rescore}")

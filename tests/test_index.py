@@ -383,7 +383,7 @@ def test_vector_rescore_ranks_by_recomputed_embeddings(home, docs, embedder):
         want = [ids[i] for i in np.argsort(-(exact @ qv), kind="stable")]
         got = ix.vector_chunks(q, len(ids))
         assert got == want, q
-        plain = ix.searcher.vector_set().search(qv, len(ids))[0].tolist()
+        plain = ix.store.nearest(qv, len(ids))
         checked += plain != want  # bin1 alone gets some of these orders wrong
     assert checked, "every query was already exact without re-scoring: the test proves nothing"
     path = max(h.path for h in hits)  # one file changes after indexing

@@ -61,6 +61,28 @@ def _terms(texts: list[str]) -> list[dict[str, int]]:
         return out
 
 
+def term_counts(texts: list[str]) -> list[dict[str, int]]:
+    """Each text's FTS5 terms and their counts: what any store's BM25 ranks by."""
+    return _terms(texts)
+
+
+def query_terms(words: list[str]) -> list[tuple[str, str]]:
+    """(piece, term) for each distinct FTS5 token of the query words (fts_query's). A piece
+    that is not one token for FTS5 either is left out: no detail=none query can say it."""
+    pieces = list(dict.fromkeys(p for w in words for p in _PIECE.findall(w)))
+    if not pieces:
+        return []
+    return [(p, next(iter(c))) for p, c in zip(pieces, _terms(pieces), strict=True)
+            if len(c) == 1]  # fmt: skip
+
+
+def bm25_term(tf: np.ndarray, df: int, n: int, norm: np.ndarray) -> np.ndarray:
+    """One query term's share of FTS5's bm25() for the chunks holding it: tf its counts there,
+    df how many chunks hold it, n chunks in all, norm K1 * (1 - B + B * dl / avgdl)."""
+    idf = max(math.log((n - df + 0.5) / (df + 0.5)), IDF_FLOOR)
+    return idf * tf * (K1 + 1) / (tf + norm)
+
+
 def tf_rows(texts: list[str]) -> list[str]:
     """What `fts_tf` receives for each chunk's FTS text ("" when no term repeats)."""
     rows = []
@@ -99,25 +121,19 @@ class Scorer:
     def search(self, db, words: list[str], n: int) -> list[int]:
         """The n best chunk ids for query words (fts_query's), best first; ties: smaller id.
         Each distinct word is one query term, as each is one phrase of bm25()'s OR query."""
-        pieces = list(dict.fromkeys(p for w in words for p in _PIECE.findall(w)))
-        if not pieces or not self.n:
+        if not self.n:
             return []
         score = np.zeros(self.n)
-        for piece, counts in zip(pieces, _terms(pieces), strict=True):
-            if len(counts) != 1:  # not one token for FTS5 either: no detail=none query can say it
-                continue
-            (term,) = counts
+        for piece, term in query_terms(words):
             pos = self._positions(_postings(db, "fts", f'"{piece}"'))
             if not len(pos):
                 continue
-            df = len(pos)
-            idf = max(math.log((self.n - df + 0.5) / (df + 0.5)), IDF_FLOOR)
-            tf = np.zeros(df)
+            tf = np.zeros(len(pos))
             for b in TF_BITS:
                 hit = self._positions(_postings(db, "fts_tf", f'"{term}={b}"'))
                 tf[np.isin(pos, hit, assume_unique=True)] += b
             tf[tf == 0] = 1  # not in the side table: the term occurs once
-            score[pos] += idf * tf * (K1 + 1) / (tf + self.norm[pos])
+            score[pos] += bm25_term(tf, len(pos), self.n, self.norm[pos])
         cand = np.flatnonzero(score)
         if len(cand) > n:  # keep every tie of the n-th score, so ties go to the smaller id
             cand = cand[score[cand] >= np.partition(score[cand], len(cand) - n)[len(cand) - n]]

@@ -36,17 +36,17 @@ store.py); text is re-read from the files.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from . import IndexError_, fts_upgrade, store
+from . import IndexError_, fts_upgrade
 from .indexer import Indexer, Progress, RunStats
 from .paths import normal_path, user_path
 from .readback import Passage, Reader
+from .seam import open_store
 from .search import CANDIDATES, Hit, Searcher
 from .vectors import codec
 from .walk import bad_name
@@ -58,7 +58,8 @@ if TYPE_CHECKING:
 class IndexSettings(Protocol):
     """What the index reads of the settings (localai.config.Settings has all of it)."""
 
-    home: Path  # the index is home / "index.db"
+    home: Path  # the index is home / "index.db", unless index_store names a PostgreSQL URI
+    index_store: str  # "" (sqlite under home) or a libpq URI: postgresql://…
     index_codec: str  # vector codes of a new index (an existing one keeps its own)
     embed_model: str  # must be the model whose vectors the index holds
     vector_rescore: int  # vector search re-scores its top N by exact cosine (0: off)
@@ -81,32 +82,38 @@ class Index:
                  embedder: Embedder | Callable[[], Embedder] | None = None,
                  governor: Ledger | None = None):  # fmt: skip
         self.settings = settings
-        self.path = db_path(settings)
-        self.db = store.connect(self.path)
         self.governor = governor
-        name = store.get_meta(self.db, "codec")
-        if name is None:  # a new index takes the configured codec; an existing one keeps its own
-            name = settings.index_codec
-            with store.transaction(self.db):
-                store.set_meta(self.db, "codec", name)
-        self.codec = codec(name)
-        # the model whose vectors the index holds; an index from before this key was recorded
-        # was embedded by minilm-l6-int8, the only embedding model then (and still the default)
-        self.embed_model = store.get_meta(self.db, "embed_model")
-        if self.embed_model is None:
-            self.embed_model = settings.embed_model
-            with store.transaction(self.db):
-                store.set_meta(self.db, "embed_model", self.embed_model)
+        on_vectors = (lambda n: governor.reserve("index_vectors", n)) if governor else None
+        self.store = open_store(settings.home, getattr(settings, "index_store", ""), on_vectors)
+        # what messages name: the sqlite file, or the URI (without its password)
+        self.path = getattr(self.store, "path", self.store.where)
+        self.db = getattr(self.store, "db", None)  # the sqlite store's connection (tests, tools)
+        # a new index takes the configured codec and embedding model; an existing one keeps its
+        # own. One without the model recorded was embedded by minilm-l6-int8, the only embedding
+        # model then (and still the default)
+        self.codec = codec(self._meta_once("codec", settings.index_codec))
+        self.store.codec = self.codec
+        self.embed_model = self._meta_once("embed_model", settings.embed_model)
         # a loaded embedder is used as it is (shared: the daemon, tests); a function loading one
         # is called on first use
         self._embedder = None if callable(embedder) else embedder
         self._load_embedder = embedder if callable(embedder) else None
         self._lock = threading.RLock()
         self._reader = Reader(self.count_tokens)
-        on_vectors = (lambda n: governor.reserve("index_vectors", n)) if governor else None
-        self.searcher = Searcher(self.db, self._lock, self.codec,
-                                 lambda texts: self.embedder.embed(texts),
-                                 self.read_many, on_vectors)  # fmt: skip
+        self.searcher = Searcher(self.store, self._lock, lambda texts: self.embedder.embed(texts),
+                                 self.read_many)  # fmt: skip
+
+    def _meta_once(self, key: str, value: str) -> str:
+        """The recorded value of `key`, recording `value` if there is none yet (a second
+        process doing the same at once keeps whichever committed first)."""
+        got = self.store.get_meta(key)
+        if got is None:
+            with self.store.transaction():
+                got = self.store.get_meta(key)
+                if got is None:
+                    self.store.set_meta(key, value)
+                    got = value
+        return got
 
     @classmethod
     def open(cls, settings: IndexSettings,
@@ -117,7 +124,7 @@ class Index:
 
     def close(self) -> None:
         with self._lock:
-            self.db.conn.close()
+            self.store.close()
             if self.governor:
                 self.governor.release("index_vectors")
 
@@ -139,21 +146,15 @@ class Index:
         p = user_path(path)
         if not p.exists():
             raise IndexError_(f"{p} does not exist; nothing was added")
-        with self._lock, store.transaction(self.db):
-            self.db.execute("INSERT OR IGNORE INTO sources VALUES (?, ?)", [str(p), time.time()])
+        with self._lock, self.store.transaction():
+            self.store.add_source(str(p))
         return p
 
     def sources(self) -> list[dict]:
         out = []
         with self._lock:
-            for (path,) in self.db.execute("SELECT path FROM sources ORDER BY path"):
-                prefix = path.rstrip("/") + "/"
-                n, c = self.db.execute(
-                    "SELECT count(DISTINCT f.id), count(c.id) "
-                    "FROM files f LEFT JOIN chunks c ON c.file_id = f.id "
-                    "WHERE f.skip_reason IS NULL AND (f.path = ? OR substr(f.path, 1, ?) = ?)",
-                    [path, len(prefix), prefix],
-                ).fetchone()
+            for path in self.store.source_paths():
+                n, c = self.store.counts_under(path)
                 out.append({"path": path, "files": n, "chunks": c, "exists": Path(path).exists()})
         return out
 
@@ -161,11 +162,11 @@ class Index:
         """Forget a source and every file under it; returns the number of files removed."""
         p = str(user_path(path))
         with self._lock:
-            if not self.db.execute("SELECT 1 FROM sources WHERE path = ?", [p]).fetchone():
+            with self.store.transaction():
+                removed = self.store.delete_source(p)
+            if not removed:
                 known = [s["path"] for s in self.sources()]
                 raise IndexError_(f"{p} is not a source; sources: {', '.join(known) or 'none'}")
-            with store.transaction(self.db):
-                self.db.execute("DELETE FROM sources WHERE path = ?", [p])
             others = [s["path"] for s in self.sources()]
             return self.forget(p, keep_under=others)
 
@@ -174,17 +175,15 @@ class Index:
         p = str(normal_path(path, "path")).rstrip("/")
         if bad_name(p):  # no indexed path has such a name
             return 0
-        rows = self.db.execute(
-            "SELECT id, path FROM files WHERE path = ? OR substr(path, 1, ?) = ?",
-            [p, len(p) + 1, p + "/"],
-        ).fetchall()
+        with self._lock:
+            rows = self.store.files_under(p)
         n = 0
-        for fid, fpath in rows:
+        for fpath, row in rows.items():
             if any(fpath == k or fpath.startswith(k.rstrip("/") + "/") for k in keep_under):
                 continue
-            with self._lock, store.transaction(self.db):
-                store.delete_file(self.db, fid)
-                store.bump_generation(self.db)
+            with self._lock, self.store.transaction():
+                self.store.delete_file(row[0])
+                self.store.bump_generation()
             n += 1
         return n
 
@@ -229,12 +228,12 @@ class Index:
             roots = [Path(s["path"]) for s in self.sources()]
         gone = [] if keep_missing else [r for r in roots if not r.exists()]
         roots = [r for r in roots if r not in gone]
-        writer = store.connect(self.path)  # own connection: searches go on while this writes
+        embed = self.embedder.embed  # before connecting: a wrong model is said first
+        writer = self.store.writer()  # own connection: searches go on while this writes
         try:
-            ix = Indexer(writer, self.path, self.codec, self.embedder.embed, self.count_tokens)
-            stats = ix.run(roots, progress)
+            stats = Indexer(writer, self.codec, embed, self.count_tokens).run(roots, progress)
         finally:
-            writer.conn.close()
+            writer.close()
         # forgotten after indexing, so that a moved file's new path finds its old chunks' codes
         removed = sum(self.forget(r) for r in gone)
         if removed:
@@ -245,27 +244,40 @@ class Index:
     def refeed_fts(self) -> int:
         """Rewrite every chunk's FTS rows from its file (after a change to what FTS is fed);
         see fts_upgrade.refeed. Returns chunks rewritten."""
-        return fts_upgrade.refeed(self.db, self._lock, self._reader)
+        return fts_upgrade.refeed(self.store, self._lock, self._reader)
 
     def upgrade_fts(self) -> dict:
         """Rebuild an older index's FTS (layout "full") in the current, smaller layout ("tf");
         see fts_upgrade.upgrade. Returns {"chunks", "stale_files"}."""
+        if self.store.kind != "sqlite":  # its terms have always been kept with their tf
+            return {"chunks": 0, "stale_files": 0}
         return fts_upgrade.upgrade(self.db, self._lock, self._reader)
+
+    def export(self, uri: str, progress=None) -> dict:
+        """Copy this sqlite index into the PostgreSQL database at `uri` without re-embedding
+        (see export.py); returns {"files", "chunks", "skipped_same"}."""
+        from .export import export
+        from .pg_store import PgStore
+
+        if self.store.kind != "sqlite":
+            raise IndexError_(f"--export copies a sqlite index; this one is in {self.path}")
+        dest = PgStore(uri, self.codec)
+        try:
+            with self._lock:
+                return export(self.store, dest, progress)
+        finally:
+            dest.close()
 
     def check(self) -> list[str]:
         with self._lock:
-            return store.problems(self.db, self.codec.nbytes)
+            return self.store.problems(self.codec.nbytes)
 
     def stats(self) -> dict:
         with self._lock:
-            f, tb = self.db.execute(
-                "SELECT count(*), coalesce(sum(text_bytes), 0) FROM files WHERE skip_reason IS NULL"
-            ).fetchone()
-            c = self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
-            layout = store.fts_layout(self.db)
-        return {"files": f, "chunks": c, "text_bytes": tb,
-                "index_bytes": store.disk_bytes(self.path), "codec": self.codec.name,
-                "fts_layout": layout}  # fmt: skip
+            f, tb, c = self.store.totals()
+            layout, nbytes = self.store.fts_layout(), self.store.disk_bytes()
+        return {"files": f, "chunks": c, "text_bytes": tb, "index_bytes": nbytes,
+                "codec": self.codec.name, "fts_layout": layout}  # fmt: skip
 
     def watch(self, stop: threading.Event, on_update=None, debounce: float = 0.2,
               progress: Progress | None = None, on_error=None) -> None:  # fmt: skip

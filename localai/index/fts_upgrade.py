@@ -13,6 +13,7 @@ from pathlib import Path
 from . import store
 from .fusion import fts_text
 from .readback import Reader
+from .seam import Store
 
 
 def fed_texts(reader: Reader, path: Path) -> dict[bytes, str]:
@@ -22,21 +23,18 @@ def fed_texts(reader: Reader, path: Path) -> dict[bytes, str]:
     return {} if isinstance(got, str) else {c.hash: fts_text(c.text) for c in got[1]}
 
 
-def refeed(db, lock: threading.RLock, reader: Reader) -> int:
+def refeed(db: Store, lock: threading.RLock, reader: Reader) -> int:
     """Rewrite every chunk's FTS rows from its file, one transaction per file; chunks whose file
     changed are left for the next update. Returns chunks rewritten."""
     n = 0
-    files = db.execute("SELECT id, path FROM files WHERE skip_reason IS NULL").fetchall()
-    for fid, path in files:
+    for fid, path in db.live_files():
         fed = fed_texts(reader, Path(path))
-        rows = db.execute("SELECT id, hash FROM chunks WHERE file_id = ?", [fid])
-        pairs = [(cid, fed[h]) for cid, h in rows.fetchall() if h in fed]
-        with lock, store.transaction(db):
-            store.delete_fts(db, [cid for cid, _ in pairs])
-            store.write_fts(db, pairs)
-            store.bump_generation(db)  # chunk lengths may have changed
+        pairs = [(cid, fed[h]) for cid, h in db.file_chunks(fid) if h in fed]
+        with lock, db.transaction():
+            db.rewrite_fts(pairs)
+            db.bump_generation()  # chunk lengths may have changed
         n += len(pairs)
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.after_run(optimize=False)
     return n
 
 

@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import sqlite_utils
 
-from . import store
 from .chunker import Chunk, Counter, chunk
 from .fusion import fts_text
 from .loaders import Unreadable, load, loader_for
+from .seam import Store
 from .vectors import Codec
-from .walk import Found, NotIndexable, Skipped, bad_name, read_indexable, walk
+from .walk import Found, NotIndexable, Skipped, read_indexable, walk
 
 EMBED_BATCH = 64  # chunks gathered across files before one embedder call
 OPTIMIZE_AFTER = 1000  # chunks written in one run (and ≥ 1/4 of the index) → merge FTS segments
@@ -69,9 +68,9 @@ class _Pending:
 
 
 class Indexer:
-    def __init__(self, db: sqlite_utils.Database, db_path: Path, codec: Codec,
-                 embed: Callable[[list[str]], np.ndarray], count: Counter):  # fmt: skip
-        self.db, self.db_path, self.codec = db, db_path, codec
+    def __init__(self, db: Store, codec: Codec, embed: Callable[[list[str]], np.ndarray],
+                 count: Counter):  # fmt: skip
+        self.db, self.codec = db, codec
         self.embed, self.count = embed, count
 
     def run(self, roots: list[Path], progress: Progress | None = None) -> RunStats:
@@ -112,22 +111,14 @@ class Indexer:
         return st
 
     def _remove(self, file_id: int) -> None:
-        with store.transaction(self.db):
-            store.delete_file(self.db, file_id)
-            store.bump_generation(self.db)
+        with self.db.transaction():
+            self.db.delete_file(file_id)
+            self.db.bump_generation()
 
     def _recorded(self, roots: list[Path]) -> dict[str, tuple]:
         out = {}
         for root in roots:
-            if bad_name(root):  # no file with such a name is recorded (the walk skips them)
-                continue
-            prefix = str(root).rstrip("/") + "/"
-            for r in self.db.execute(
-                "SELECT path, id, size, mtime_ns, sha256, skip_reason FROM files "
-                "WHERE path = ? OR substr(path, 1, ?) = ?",
-                [str(root), len(prefix), prefix],
-            ):
-                out[r[0]] = (r[1], r[2], r[3], r[4], r[5])
+            out.update(self.db.files_under(str(root)))
         return out
 
     def _process(self, todo, st: RunStats, progress: Progress | None) -> None:
@@ -156,11 +147,8 @@ class Indexer:
             return None
         sha = hashlib.sha256(data).digest()
         if row and row[3] == sha:  # touched, not changed
-            with store.transaction(self.db):
-                self.db.execute(
-                    "UPDATE files SET size = ?, mtime_ns = ? WHERE id = ?",
-                    [len(data), found.mtime_ns, file_id],
-                )
+            with self.db.transaction():
+                self.db.touch_file(file_id, len(data), found.mtime_ns)
             st.unchanged += 1
             if row[4]:
                 st.skipped.append({"path": str(found.path), "reason": row[4]})
@@ -187,16 +175,7 @@ class Indexer:
         return _Pending(found, file_id, sha, name, chunks, text_bytes, codes)
 
     def _known_codes(self, hashes: list[bytes]) -> list[bytes | None]:
-        known: dict[bytes, bytes] = {}
-        uniq = list(set(hashes))
-        for i in range(0, len(uniq), 500):
-            part = uniq[i : i + 500]
-            marks = ",".join("?" * len(part))
-            for h, code in self.db.execute(
-                f"SELECT hash, code FROM chunks WHERE hash IN ({marks})", part
-            ):
-                if len(code) == self.codec.nbytes:
-                    known[h] = code
+        known = self.db.known_codes(hashes, self.codec.nbytes)
         return [known.get(h) for h in hashes]
 
     def _flush(self, batch: list[_Pending], st: RunStats) -> None:
@@ -214,59 +193,35 @@ class Indexer:
 
     def _write(self, p: _Pending) -> None:
         """One transaction: the file's row, its chunks, their FTS rows and codes."""
-        with store.transaction(self.db):
-            file_id = self._upsert_file(p.found, p.file_id, p.sha, p.loader, p.text_bytes, None)
-            store.delete_file_chunks(self.db, file_id)
-            rows = [
-                (i, c.start_byte, c.end_byte, c.start_line, c.end_line, c.hash, p.codes[i])
-                for i, c in enumerate(p.chunks)
-            ]
-            store.insert_chunks(self.db, file_id, rows, [fts_text(c.text) for c in p.chunks])
-            store.bump_generation(self.db)
+        rows = [(i, c.start_byte, c.end_byte, c.start_line, c.end_line, c.hash, p.codes[i])
+                for i, c in enumerate(p.chunks)]  # fmt: skip
+        texts = [fts_text(c.text) for c in p.chunks]
+        with self.db.transaction():
+            file_id = self._upsert_file(p.found, p.sha, p.loader, p.text_bytes, None)
+            self.db.replace_chunks(file_id, rows, texts)
+            self.db.bump_generation()
 
     def _write_skip(self, found: Found, file_id: int | None, sha: bytes, reason: str) -> None:
-        with store.transaction(self.db):
-            file_id = self._upsert_file(found, file_id, sha, None, 0, reason)
-            if store.delete_file_chunks(self.db, file_id):
-                store.bump_generation(self.db)
+        with self.db.transaction():
+            file_id = self._upsert_file(found, sha, None, 0, reason)
+            if self.db.delete_file_chunks(file_id):
+                self.db.bump_generation()
 
-    def _upsert_file(self, found: Found, file_id, sha, loader, text_bytes, reason) -> int:
+    def _upsert_file(self, found: Found, sha, loader, text_bytes, reason) -> int:
+        """By path, not by the id read at the start of the run: another writer (a second
+        process or machine) may have removed or re-added the file meanwhile."""
         # whole seconds: sqlite keeps a REAL without a fraction as a 4-byte integer
         values = [found.size, found.mtime_ns, sha, loader, text_bytes, reason, int(time.time())]
-        if file_id is not None:
-            cur = self.db.execute(
-                "UPDATE files SET size=?, mtime_ns=?, sha256=?, loader=?, text_bytes=?, "
-                "skip_reason=?, indexed_at=? WHERE id = ?",
-                [*values, file_id],
-            )
-            if cur.rowcount:
-                return file_id
-        cur = self.db.execute(
-            "INSERT INTO files (path, size, mtime_ns, sha256, loader, text_bytes, skip_reason,"
-            " indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET "
-            "size=excluded.size, mtime_ns=excluded.mtime_ns, sha256=excluded.sha256, "
-            "loader=excluded.loader, text_bytes=excluded.text_bytes, "
-            "skip_reason=excluded.skip_reason, indexed_at=excluded.indexed_at RETURNING id",
-            [str(found.path), *values],
-        )
-        return cur.fetchone()[0]
+        return self.db.upsert_file(str(found.path), values)
 
     def _totals(self, st: RunStats) -> None:
-        chunks = self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
         written = st.embedded + st.reused
-        if written >= OPTIMIZE_AFTER and 4 * written >= chunks:
-            # a bulk load leaves FTS5 many small segments; merging them is ~9% of the index's
-            # bytes on NFCorpus (0.737 → 0.674 of the text) for well under a second there
-            with store.transaction(self.db):
-                store.optimize_fts(self.db)
-        store.reclaim_free_pages(self.db)
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # so index_bytes is the real size
-        f, tb = self.db.execute(
-            "SELECT count(*), coalesce(sum(text_bytes), 0) FROM files WHERE skip_reason IS NULL"
-        ).fetchone()
-        st.files, st.text_bytes = f, tb
-        st.chunks = chunks
-        st.index_bytes = store.disk_bytes(self.db_path)
+        chunks = self.db.totals()[2]
+        # a bulk load leaves FTS5 many small segments; merging them is ~9% of the index's
+        # bytes on NFCorpus (0.737 → 0.674 of the text) for well under a second there
+        self.db.after_run(optimize=written >= OPTIMIZE_AFTER and 4 * written >= chunks)
+        st.files, st.text_bytes, st.chunks = self.db.totals()
+        st.index_bytes = self.db.disk_bytes()
 
 
 def _under(path: str, root: Path) -> bool:

@@ -1,12 +1,12 @@
 """Searching: a query → the best chunks (or files) of the index, as Hits.
 
 Two ranked lists, each CANDIDATES deep (deeper under a folder filter, which thins them): BM25
-over the FTS tables (bm25.py's scorer in layout "tf", FTS5's own rank in an older "full" index)
-and the nearest vector codes (vectors.py), optionally re-scored by exact cosine from embeddings
-recomputed from the files' text. Hybrid mode fuses them by reciprocal rank (fusion.py).
+(bm25.py's ranking, which either store reproduces) and the nearest vector codes (vectors.py),
+optionally re-scored by exact cosine from embeddings recomputed from the files' text. Hybrid mode
+fuses them by reciprocal rank (fusion.py). The store (seam.py) makes each list.
 
-The Searcher shares the facade's connection and lock; the vector set and the BM25 scorer are
-rebuilt when the index's generation moves (any write, in this process or another). Embedding
+The Searcher shares the facade's store and lock; what a store caches for searching is rebuilt
+when the index's generation moves (any write, in this process or another). Embedding
 (the query, and the candidates when re-scoring) runs outside the lock, so other searches do
 not wait for it.
 """
@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import MODES, UNITS, IndexError_, store
-from .bm25 import Scorer
-from .fusion import fts_query, query_words, rrf, to_files
+from . import MODES, UNITS, IndexError_
+from .fusion import rrf, to_files
 from .paths import normal_path
 from .readback import Passage
-from .vectors import Codec, VectorSet
+from .seam import Store
 
 CANDIDATES = 100  # each list's depth before fusion
 
@@ -52,58 +51,23 @@ def hit_row(h: Hit, p: Passage) -> dict:
 
 
 class Searcher:
-    """Ranks the chunks of one index. `embed(texts)` → unit vectors (called only for vector
-    search); `read_many(hits)` re-reads passages (for re-scoring); `on_vectors(nbytes)` is told
-    the vector set's size whenever it is loaded (the RAM budget)."""
+    """Ranks the chunks of one index through its store (seam.py). `embed(texts)` → unit vectors
+    (called only for vector search); `read_many(hits)` re-reads passages (for re-scoring)."""
 
-    def __init__(self, db, lock: threading.RLock, codec: Codec,
+    def __init__(self, db: Store, lock: threading.RLock,
                  embed: Callable[[list[str]], np.ndarray],
-                 read_many: Callable[[list[Hit]], list[Passage]],
-                 on_vectors: Callable[[int], None] | None = None):  # fmt: skip
-        self.db, self._lock, self.codec = db, lock, codec
-        self.embed, self.read_many, self.on_vectors = embed, read_many, on_vectors
-        self._vectors: VectorSet | None = None
-        self._vectors_gen: str | None = None
-        self._bm25: tuple[str, Scorer | None] | None = None  # (generation, scorer if layout tf)
-
-    def vector_set(self) -> VectorSet:
-        gen = store.get_meta(self.db, "generation", "0")
-        if self._vectors is None or gen != self._vectors_gen:
-            rows = self.db.execute("SELECT id, code FROM chunks ORDER BY id").fetchall()
-            self._vectors = VectorSet.from_rows(self.codec, rows)
-            self._vectors_gen = gen
-            if self.on_vectors:
-                self.on_vectors(self._vectors.nbytes)
-        return self._vectors
+                 read_many: Callable[[list[Hit]], list[Passage]]):  # fmt: skip
+        self.db, self._lock = db, lock
+        self.embed, self.read_many = embed, read_many
 
     def drop_vectors(self) -> int:
-        """Forget the vector set (the next vector search reloads it); the bytes freed."""
+        """Forget what the store keeps in RAM for searching; the bytes freed."""
         with self._lock:
-            freed = self._vectors.nbytes if self._vectors is not None else 0
-            self._vectors = self._vectors_gen = None
-        return freed
-
-    def _bm25_scorer(self) -> Scorer | None:
-        """The current generation's scorer in layout "tf", None in layout "full" (an upgrade
-        in another process bumps the generation, so this sees the new layout)."""
-        gen = store.get_meta(self.db, "generation", "0")
-        if self._bm25 is None or self._bm25[0] != gen:
-            tf = store.fts_layout(self.db) == "tf"
-            self._bm25 = (gen, Scorer(self.db) if tf else None)
-        return self._bm25[1]
+            return self.db.drop_caches()
 
     def bm25_chunks(self, query: str, n: int = CANDIDATES) -> list[int]:
-        q = fts_query(query)
         with self._lock:
-            scorer = self._bm25_scorer()
-            if scorer is not None:
-                return scorer.search(self.db, query_words(query), n)
-            if q is None:
-                return []
-            rows = self.db.execute(
-                "SELECT rowid FROM fts WHERE fts MATCH ? ORDER BY rank LIMIT ?", [q, n]
-            )
-            return [r[0] for r in rows]
+            return self.db.bm25(query, n)
 
     def vector_chunks(self, query: str | np.ndarray, n: int = CANDIDATES,
                       rescore: int = 0) -> list[int]:  # fmt: skip
@@ -111,7 +75,7 @@ class Searcher:
         Embedding runs outside the index lock, so other searches do not wait for it."""
         qv = self.embed([query])[0] if isinstance(query, str) else query
         with self._lock:
-            ids = self.vector_set().search(qv, n)[0].tolist()
+            ids = self.db.nearest(qv, n)
         depth = min(rescore, len(ids))
         return self._rescored(ids[:depth], qv) + ids[depth:] if depth else ids
 
@@ -183,19 +147,7 @@ class Searcher:
         return [_hit(rows[c]) for c in ids if c in rows]
 
     def _chunk_rows(self, ids: set[int]) -> dict[int, tuple]:
-        out = {}
-        ids_l = list(ids)
-        for i in range(0, len(ids_l), 500):
-            part = ids_l[i : i + 500]
-            marks = ",".join("?" * len(part))
-            for row in self.db.execute(
-                "SELECT c.id, c.file_id, f.path, c.start_byte, c.end_byte, c.start_line, "
-                f"c.end_line, c.hash FROM chunks c JOIN files f ON f.id = c.file_id "
-                f"WHERE c.id IN ({marks})",
-                part,
-            ):
-                out[row[0]] = row
-        return out
+        return self.db.chunk_rows(ids)
 
 
 def _hit(row: tuple, score: float = 0.0, bm25_rank: int | None = None,
