@@ -90,11 +90,20 @@ def _summary(st) -> None:
 @click.option("--watch", is_flag=True, help="Keep watching the sources until Ctrl-C.")
 @click.option("--check", is_flag=True, help="Verify the index's integrity and exit.")
 @click.option("--upgrade", is_flag=True, help="Rebuild an older index's FTS in the smaller layout.")
+@click.option(
+    "--export",
+    "export_to",
+    metavar="URI",
+    help="Copy this sqlite index into PostgreSQL (postgresql://…), no re-embedding.",
+)
 @click.pass_context
 @index_errors
-def index_cmd(ctx, paths, as_json, watch, check, upgrade):
+def index_cmd(ctx, paths, as_json, watch, check, upgrade, export_to):
     """Add PATHS as sources and index them; with no PATHS, re-index every source."""
     ix = _open(ctx)
+    if export_to:
+        _export(ix, export_to, as_json)
+        return
     if check:
         found = ix.check()
         info = {"ok": not found, "problems": found, **ix.stats()}
@@ -126,6 +135,21 @@ def index_cmd(ctx, paths, as_json, watch, check, upgrade):
         _summary(st)
     if watch:
         _watch(ix)
+
+
+def _export(ix, uri: str, as_json: bool) -> None:
+    from ..index.pg_store import shown_uri
+
+    if not uri.startswith(("postgresql://", "postgres://")):
+        raise click.ClickException(f"--export takes a postgresql:// URI, not {uri!r}")
+    got = ix.export(uri)
+    if as_json:
+        click.echo(json.dumps(got))
+        return
+    log(f"exported {got['files']:,} files, {got['chunks']:,} chunks to {shown(shown_uri(uri))} "
+        f"({got['skipped_same']:,} already there); nothing was re-embedded")  # fmt: skip
+    log(f"search it with index_store = \"{shown(shown_uri(uri))}\" in config.toml "
+        "(or LOCALAI_INDEX_STORE)")  # fmt: skip
 
 
 def _upgrade(ix, as_json: bool) -> None:
