@@ -43,6 +43,14 @@ def index_errors(fn):
                 f"the index at {where} cannot be used ({e}); your documents are untouched: move "
                 "that file away and run `localai index PATH` to build a new index"
             ) from e
+        except Exception as e:
+            if not type(e).__module__.startswith("psycopg"):
+                raise
+            # the PostgreSQL server went away, or refused a query mid-command
+            raise click.ClickException(
+                f"the PostgreSQL index failed: {str(e).strip().splitlines()[0]}; nothing was "
+                "half-written (each file is one transaction): check the server and run it again"
+            ) from e
 
     return user_errors(wrapper)
 
