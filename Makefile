@@ -75,6 +75,7 @@ bench-index: install
 	$(BIN)/python bench/index_scale.py
 	$(BIN)/python bench/index_watch.py
 	$(BIN)/python bench/index_pydoc.py
+	$(BIN)/python bench/index_postgres.py
 
 clean-venv:
 	rm -rf $(VENV)
