@@ -293,3 +293,15 @@ def test_index_layer_does_not_reach_up():
                 if up or name.startswith("localai."):
                     top = name.lstrip(".").removeprefix("localai.").split(".")[0]
                     assert top not in ("engine", "server", "rag"), (path.name, name)
+
+
+def test_codec_scores_equal_the_decoded_vectors_products():
+    """Codec.scores (the PostgreSQL store ranks candidates with it) is decode(codes) @ query;
+    q4r computes it from a per-query table instead of decoding."""
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((64, 384)).astype(np.float32)  # (N, 384)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    for c in CODECS.values():
+        codes = c.encode(vecs)
+        want = c.decode(codes) @ vecs[0]
+        assert np.allclose(c.scores(codes, vecs[0]), want, atol=1e-5), c.name

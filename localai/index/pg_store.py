@@ -307,7 +307,7 @@ class PgStore:
             return []
         ids = np.array([r[0] for r in rows], np.int64)
         codes = np.frombuffer(b"".join(r[1] for r in rows), np.uint8)
-        scores = self.codec.decode(codes.reshape(len(rows), self.codec.nbytes)) @ q  # (M,)
+        scores = self.codec.scores(codes.reshape(len(rows), self.codec.nbytes), q)  # (M,)
         order = np.lexsort((ids, -scores))[:n]
         return ids[order].tolist()
 
