@@ -139,7 +139,7 @@ def test_concurrent_writers_neither_duplicate_nor_lose_chunks(home, tmp_path, on
 @pytest.mark.slow
 def test_kill_9_mid_run_leaves_whole_files_and_the_next_run_finishes(home, tmp_path, on_postgres):
     root = tmp_path / "notes"
-    write_files(root, 60)
+    write_files(root, 40)
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "localai", "index", str(root), "--json"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -160,12 +160,12 @@ def test_kill_9_mid_run_leaves_whole_files_and_the_next_run_finishes(home, tmp_p
             "SELECT count(*), count(*) FILTER (WHERE n = 1 + mx) FROM (SELECT f.id, "
             "count(c.id) AS n, max(c.ord) AS mx FROM files f JOIN chunks c ON c.file_id = f.id "
             "GROUP BY f.id) t").fetchone()  # fmt: skip
-        assert 0 < files < 60 and whole == files  # every committed file has all its chunks
+        assert 0 < files < 40 and whole == files  # every committed file has all its chunks
     finally:
         conn.close()
     r = localai("index", str(root), "--json", env=env)
     st = json.loads(r.stdout)
-    assert st["files"] == 60 and st["changed"] == 60 - files  # committed files are not redone
+    assert st["files"] == 40 and st["changed"] == 40 - files  # committed files are not redone
     assert json.loads(localai("index", "--check", "--json", env=env).stdout)["ok"] is True
 
 

@@ -248,6 +248,9 @@ class PgStore:
             "WHERE dl > 0 AND length(terms) = 0",
             "chunks with a wrong-length hash": "SELECT count(*) FROM chunks "
             f"WHERE length(hash) != {HASH_BYTES}",
+            # a file's chunks are written whole, so their ords are 0..n-1 without a gap
+            "files with a gap in their chunks": "SELECT count(*) FROM (SELECT file_id FROM "
+            "chunks GROUP BY file_id HAVING max(ord) + 1 != count(*)) t",
         }
         if code_bytes is not None:
             q["chunks with a wrong-size vector"] = (
