@@ -52,17 +52,20 @@ class Memo:
     """The real embedder, remembering every text's vector: later ingests reuse them (and a
     later run of this script, through `save`/`load`)."""
 
-    def __init__(self, emb: Embedder):
-        self.emb, self.seen = emb, {}
+    def __init__(self, emb: Embedder, path: Path):
+        self.emb, self.seen, self.path, self.saved = emb, {}, path, 0
 
-    def load(self, path: Path) -> None:
-        if path.exists():
-            got = np.load(path, allow_pickle=False)
+    def load(self) -> None:
+        if self.path.exists():
+            got = np.load(self.path, allow_pickle=False)
             self.seen.update(zip(got["texts"].tolist(), got["vecs"], strict=True))
+        self.saved = len(self.seen)
 
-    def save(self, path: Path) -> None:
+    def save(self) -> None:
+        """Every few hundred new vectors, so an interrupted run's embedding is not lost."""
         texts = list(self.seen)
-        np.savez(path, texts=np.array(texts), vecs=np.stack([self.seen[t] for t in texts]))
+        np.savez(self.path, texts=np.array(texts), vecs=np.stack([self.seen[t] for t in texts]))
+        self.saved = len(texts)
 
     def __getattr__(self, name):
         return getattr(self.emb, name)
@@ -71,6 +74,8 @@ class Memo:
         todo = [t for t in dict.fromkeys(texts) if t not in self.seen]
         if todo:
             self.seen.update(zip(todo, self.emb.embed(todo), strict=True))
+            if len(self.seen) - self.saved >= 256:
+                self.save()
         return np.stack([self.seen[t] for t in texts]) if texts else np.zeros((0, 384))
 
 
@@ -179,7 +184,8 @@ def main() -> None:
     cat = Catalog(base.models_dir)
     cat.ensure(base.embed_model)
     memo = Memo(Embedder(cat.file(base.embed_model, "model.onnx"),
-                         cat.file(base.embed_model, "tokenizer.json"), base.threads))  # fmt: skip
+                         cat.file(base.embed_model, "tokenizer.json"), base.threads),
+                args.work / "vectors.npz")  # fmt: skip
     server = pg_server.start(args.work / "pghome")
 
     out = {"bench": "index_postgres", "date": time.strftime("%Y-%m-%d"),
@@ -187,11 +193,11 @@ def main() -> None:
            "queries": len(queries)}  # fmt: skip
     for home in ("sqlite-embed", "sqlite"):  # the first embeds (fills the memo), the second not
         shutil.rmtree(args.work / home, ignore_errors=True)
-    memo.load(args.work / "vectors.npz")
+    memo.load()
     cached = bool(memo.seen)
     ix, first = ingest(load_settings(args.work / "sqlite-embed", models_dir=models), memo, docs)
     ix.close()
-    memo.save(args.work / "vectors.npz")
+    memo.save()
     sq, info = ingest(load_settings(args.work / "sqlite", models_dir=models), memo, docs)
     out["embedding_bound_ingest"] = "vectors from a previous run" if cached else first
     memo.seen.update(zip([q["text"] for q in queries],
