@@ -8,8 +8,9 @@ What the tables hold, and why:
 - `files.path` is `COLLATE "C"`: "files under this folder" is then a range of the unique index
   (path >= 'dir/' AND path < 'dir0'), byte order, whatever the database's locale;
 - `chunks.terms` is a tsvector of the chunk's FTS5 terms (bm25.term_counts: the same porter
-  stemmer and unicode61 folding as the sqlite index), each with one position whose value is the
-  term's count in the chunk, capped at 31 as the sqlite side table caps it. PostgreSQL's own
+  stemmer and unicode61 folding as the sqlite index), a repeated one with one position whose
+  value is the term's count in the chunk, capped at 31 as the sqlite side table caps it (a term
+  without a position occurs once). PostgreSQL's own
   parser and ts_rank are not used: bm25() over FTS5's terms is what the index ranks by, and a
   GIN index over the tsvector finds the chunks holding a term. `dl` is the chunk's token count;
 - `chunks.code` is the codec's vector code, byte for byte what the sqlite index holds (export

@@ -71,8 +71,11 @@ def connect(uri: str):
 
 
 def tsvector(counts: dict[str, int]) -> str:
-    """A tsvector literal holding each term once, its position the count (capped)."""
-    return " ".join("'" + t.replace("\\", "\\\\").replace("'", "''") + f"':{min(n, TF_CAP)}"
+    """A tsvector literal holding each term once, its one position the count (capped). Most
+    terms occur once in a chunk: those get no position at all (4 bytes less each), and read
+    back as 1."""
+    return " ".join("'" + t.replace("\\", "\\\\").replace("'", "''") + "'"
+                    + (f":{min(n, TF_CAP)}" if n > 1 else "")
                     for t, n in counts.items())  # fmt: skip
 
 
@@ -281,7 +284,8 @@ class PgStore:
             return []
         tsq = " | ".join("'" + t.replace("\\", "\\\\").replace("'", "''") + "'" for t in terms)
         rows = self._all(
-            "SELECT c.id, c.dl, u.lexeme, u.positions[1] FROM chunks c, unnest(c.terms) u "
+            "SELECT c.id, c.dl, u.lexeme, coalesce(u.positions[1], 1) "
+            "FROM chunks c, unnest(c.terms) u "
             "WHERE c.terms @@ %s::tsquery AND u.lexeme = ANY(%s)",
             [tsq, terms],
         )
