@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/localai-bench/pg"))
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args()
-    docs = args.work / "docs"
+    docs = args.work / (f"docs-{args.limit}" if args.limit else "docs")  # only those files
     ids = write_corpus(docs, args.limit)
     qrels = load_qrels()
     queries = [json.loads(x) for x in (EVALS / "queries.jsonl").read_text().splitlines()]
