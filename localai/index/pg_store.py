@@ -34,13 +34,14 @@ from . import IndexError_
 from .bm25 import K1, B, bm25_term, query_terms, term_counts
 from .chunker import HASH_BYTES
 from .fusion import query_words
-from .pg_schema import SCHEMA, migrate
+from .pg_schema import LOCK_KEY, SCHEMA, migrate
 from .seam import ChunkRow, FileRow
 from .vectors import CODECS, Codec
 
 TF_CAP = 31  # as the sqlite side table (bm25.TF_BITS) caps a term's count
 RERANK = 8  # Hamming candidates per vector hit asked for, ranked again by the codes
 MAX_CANDIDATES = 4000
+REINDEX_KEY = LOCK_KEY + 1  # the advisory lock held while rebuilding the terms' index
 
 
 def shown_uri(uri: str) -> str:
@@ -210,7 +211,20 @@ class PgStore:
         return {h: c for h, c in rows if len(c) == nbytes}
 
     def after_run(self, optimize: bool) -> None:
-        """Nothing to compact by hand: autovacuum gives deleted rows' space back."""
+        """After a bulk load (the indexer's `optimize`, as for sqlite's FTS5 merge), rebuild
+        the terms' GIN index: grown one file at a time it is ~3.7x the size of one built in a
+        single pass (3.9 MB vs 1.0 MB for 1,980 NFCorpus chunks). CONCURRENTLY, so searches
+        and other writers go on; one process at a time (a try-lock: the others skip it).
+        Deleted rows' space is autovacuum's to give back."""
+        if not optimize:
+            return
+        got = self._one("SELECT pg_try_advisory_lock(%s)", [REINDEX_KEY])[0]
+        if not got:
+            return
+        try:
+            self.conn.execute("REINDEX INDEX CONCURRENTLY chunks_terms")
+        finally:
+            self.conn.execute("SELECT pg_advisory_unlock(%s)", [REINDEX_KEY])
 
     def live_files(self) -> list[tuple[int, str]]:
         return self._all("SELECT id, path FROM files WHERE skip_reason IS NULL")
@@ -259,6 +273,11 @@ class PgStore:
             q["chunks with a wrong-size vector"] = (
                 f"SELECT count(*) FROM chunks WHERE length(code) != {int(code_bytes)}"
             )
+        q["invalid indexes (an interrupted rebuild; DROP INDEX them)"] = (
+            "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            f"JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = '{SCHEMA}' "
+            "AND NOT i.indisvalid"
+        )
         found = []
         for what, sql in q.items():
             n = self._one(sql)[0]
