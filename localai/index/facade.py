@@ -104,15 +104,13 @@ class Index:
                                  self.read_many)  # fmt: skip
 
     def _meta_once(self, key: str, value: str) -> str:
-        """The recorded value of `key`, recording `value` if there is none yet (a second
-        process doing the same at once keeps whichever committed first)."""
+        """The recorded value of `key`, recording `value` if there is none yet; when two
+        processes create an index at once, both get the value that was recorded first. Read
+        first: an open that writes nothing takes no write lock (searches while indexing)."""
         got = self.store.get_meta(key)
         if got is None:
             with self.store.transaction():
-                got = self.store.get_meta(key)
-                if got is None:
-                    self.store.set_meta(key, value)
-                    got = value
+                got = self.store.setdefault_meta(key, value)
         return got
 
     @classmethod

@@ -125,6 +125,11 @@ class PgStore:
         self.conn.execute("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE "
                           "SET value = excluded.value", [key, value])  # fmt: skip
 
+    def setdefault_meta(self, key: str, value: str) -> str:
+        self.conn.execute("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
+                          [key, value])  # fmt: skip
+        return self.get_meta(key)
+
     def bump_generation(self) -> None:
         self.conn.execute("UPDATE meta SET value = (value::bigint + 1)::text "
                           "WHERE key = 'generation'")  # fmt: skip

@@ -48,6 +48,10 @@ class SqliteStore:
     def set_meta(self, key: str, value: str) -> None:
         store.set_meta(self.db, key, value)
 
+    def setdefault_meta(self, key: str, value: str) -> str:
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", [key, value])
+        return store.get_meta(self.db, key)
+
     def bump_generation(self) -> None:
         store.bump_generation(self.db)
 
