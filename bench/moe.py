@@ -213,7 +213,10 @@ def main() -> None:
         return
     from localai.engine.torch.fit import forecast, probe, read_shape
 
+    from localai.engine.torch import native
+
     t0 = time.time()
+    assert native.load() is not None, native.status()  # built here, not inside a capped worker
     model = make_model(a.shape, a.dir)
     shape = read_shape(model)
     drop_caches()
