@@ -211,9 +211,8 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker))))
         return
-    from localai.engine.torch.fit import forecast, probe, read_shape
-
     from localai.engine.torch import native
+    from localai.engine.torch.fit import forecast, probe, read_shape
 
     t0 = time.time()
     assert native.load() is not None, native.status()  # built here, not inside a capped worker

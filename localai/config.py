@@ -75,8 +75,9 @@ class Settings:
     # torch runner, MoE models: RAM for the experts, read from disk on demand (bytes such as
     # 4G, or a share of all expert bytes such as 40%); empty: all in place in the memory map
     expert_budget: str = ""
-    # read each layer's likely experts while the layer before computes (off: only on demand)
-    expert_prefetch: bool = True
+    # read each layer's likely experts while the layer before computes; off by default: on a
+    # 2-core machine with a slow disk it read 17-30% more and lost 0-13% (BENCHMARKS.md)
+    expert_prefetch: bool = False
     trace_routing: str = ""  # torch runner, MoE models: write each layer's routing here (JSONL)
     ram_budget_bytes: int | None = None  # default: 75% of physical RAM
     host: str = "127.0.0.1"

@@ -71,8 +71,8 @@ def test_memory_settings_take_ollama_durations(clean_env, monkeypatch):
 
 
 def test_switches_take_the_usual_words(clean_env, monkeypatch):
-    assert load_settings(clean_env).expert_prefetch is True
-    (clean_env / "config.toml").write_text("expert_prefetch = false\n")
     assert load_settings(clean_env).expert_prefetch is False
-    monkeypatch.setenv("LOCALAI_EXPERT_PREFETCH", "on")
+    (clean_env / "config.toml").write_text("expert_prefetch = true\n")
     assert load_settings(clean_env).expert_prefetch is True
+    monkeypatch.setenv("LOCALAI_EXPERT_PREFETCH", "off")
+    assert load_settings(clean_env).expert_prefetch is False

@@ -158,7 +158,7 @@ def engine_options(fn):
             expose_value=False,
             callback=_setting_flag("expert_prefetch"),
             help="Torch runner, MoE models with a budget: read each layer's likely experts "
-            "while the layer before computes (default: on).",
+            "while the layer before computes (default: off; see BENCHMARKS.md).",
         ),
         click.option(
             "--trace-routing",

@@ -42,7 +42,7 @@ def load_engine(
     v_bits: int = 16,
     expert_budget: str | None = None,
     trace_routing: str | None = None,
-    expert_prefetch: bool = True,
+    expert_prefetch: bool = False,
 ) -> Engine:
     """Load `path` with the named backend; the caller resolved the model (catalog.resolve_model)."""
     if backend == "llama":

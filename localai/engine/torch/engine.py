@@ -60,7 +60,7 @@ class TorchEngine(TokenEngine):
         decode_threads: int | None = None,
         hparams: dict | None = None,
         expert_budget: int | float | str | None = None,
-        expert_prefetch: bool = True,
+        expert_prefetch: bool = False,
         trace_routing: Path | None = None,
     ):
         super().__init__()

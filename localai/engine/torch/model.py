@@ -198,7 +198,7 @@ class Block:
 class Transformer:
     def __init__(self, w: GGUFWeights, hp: Hparams, kv: KVConfig, capacity: int,
                  expert_budget: int | float | str | None = None,
-                 expert_prefetch: bool = True):  # fmt: skip
+                 expert_prefetch: bool = False):  # fmt: skip
         """`expert_budget`: RAM for a MoE model's experts, read on demand (experts.ExpertCache;
         bytes or a share of all expert bytes, see experts.parse_budget); None keeps them all in
         place in the memory map. `expert_prefetch`: read each layer's likely experts while the
