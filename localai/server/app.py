@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from . import localai_routes, ollama, openai, residency
+from . import localai_routes, ollama, openai, residency, tokenizer_routes
 from .auth import BearerAuth
 from .errors import APIError, render
 from .guard import HostNames, WebPageGuard
@@ -107,6 +107,8 @@ ROUTES = [
     Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
     Route("/v1/completions", openai.completions, methods=["POST"]),
     Route("/v1/embeddings", openai.embeddings, methods=["POST"]),
+    Route("/tokenize", tokenizer_routes.tokenize, methods=["POST"]),
+    Route("/apply-template", tokenizer_routes.apply_template, methods=["POST"]),
     Route("/api/chat", ollama.chat, methods=["POST"]),
     Route("/api/generate", ollama.generate, methods=["POST"]),
     Route("/api/embed", ollama.embed, methods=["POST"]),
