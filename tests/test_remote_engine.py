@@ -183,14 +183,15 @@ def tool_front(models_dir, tmp_path_factory):
         (home / "config.toml").write_text(f'remote_url = "{up.url}"\n'
                                           f'remote_api_key = "{up.token}"\n')  # fmt: skip
         with start_daemon(home, models_dir, TOOL_MODEL, "--engine", "remote") as front:
-            yield front
+            yield front, up
 
 
 @pytest.mark.slow
-def test_a_daemon_in_front_passes_tool_calls_through(tool_front):
+def test_a_daemon_in_front_passes_tool_calls_and_says_when_its_remote_is_gone(tool_front):
     import openai
 
-    client = openai.OpenAI(base_url=tool_front.url + "/v1", api_key=tool_front.token)
+    front, up = tool_front
+    client = openai.OpenAI(base_url=front.url + "/v1", api_key=front.token, max_retries=0)
     msgs = [{"role": "user", "content": "What is 1234 * 5678? Use the calculator."}]
     for choice in ("auto", {"type": "function", "function": {"name": "calculator"}}):
         r = client.chat.completions.create(
@@ -205,6 +206,12 @@ def test_a_daemon_in_front_passes_tool_calls_through(tool_front):
         call = r.choices[0].message.tool_calls[0]
         assert call.function.name == "calculator"
         assert "1234" in json.loads(call.function.arguments)["expression"]
+    up.proc.terminate()
+    up.proc.wait(timeout=20)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model=TOOL_MODEL, messages=msgs, max_tokens=4)
+    assert e.value.status_code == 502
+    assert f"cannot reach the model server at {up.url}" in e.value.message
 
 
 def test_status_and_ps_show_the_remote_never_its_key(front, daemon, models_dir):

@@ -196,10 +196,11 @@ class RemoteEngine:
                 notes.append(f"token counts are estimates: {self.http.url} offers no tokenizer")
             elif estimated:
                 notes.append("counted on an estimate of the server's chat template")
-            if not self.context_from.startswith("server"):
+            if self.context_from.startswith("server"):
+                notes.append(f"the context is the server's: raise it at {self.http.url}")
+            else:
                 notes.append(f"the context length is from {self.context_from}")
-            if notes:
-                e.args = (f"{e} ({'; '.join(notes)})",)
+            e.args = (f"{e} ({'; '.join(notes)})",)
             raise
         return n, prompt
 
