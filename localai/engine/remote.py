@@ -119,6 +119,8 @@ class RemoteEngine:
     # the Engine protocol ----------------------------------------------------------------
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
+        if isinstance(text, ChatPrompt) and text.ids is not None and special:
+            return PromptTokens(text.ids, text, estimated=False)  # counted when rendered
         estimated = isinstance(text, ChatPrompt) and not self._server_template
         if self._tokenize_path is None:
             return PromptTokens([0] * estimate_tokens(text), text, estimated=True)
@@ -145,8 +147,11 @@ class RemoteEngine:
         if not self._server_template:
             return ChatPrompt(rough_render(msgs, tools), msgs, tools)
         body = {"messages": msgs} | ({"tools": tools} if tools else {})
-        text = self.http.post("/apply-template", body, idempotent=True)["prompt"]
-        return ChatPrompt(text, msgs, tools)
+        rendered = self.http.post("/apply-template", body, idempotent=True)
+        ids = rendered.get("tokens")  # localai's daemon counts it too: one round trip less
+        return ChatPrompt(
+            rendered["prompt"], msgs, tools, ids=ids if isinstance(ids, list) else None
+        )
 
     def supports_tools(self) -> bool:
         return True  # OpenAI-compatible servers take `tools`; the server's template places them

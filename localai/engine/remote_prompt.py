@@ -28,10 +28,11 @@ class ChatPrompt(str):
     messages: list[dict]
     tools: list[dict] | None
     prefix: str
+    ids: list[int] | None  # its tokens, when the server sent them with its rendering
 
-    def __new__(cls, text: str, messages: list[dict], tools=None, prefix: str = ""):
+    def __new__(cls, text: str, messages: list[dict], tools=None, prefix: str = "", ids=None):
         self = super().__new__(cls, text)
-        self.messages, self.tools, self.prefix = messages, tools, prefix
+        self.messages, self.tools, self.prefix, self.ids = messages, tools, prefix, ids
         return self
 
     def __add__(self, other):  # the daemon appends a forced prefix to the rendered prompt

@@ -1,7 +1,8 @@
 """The tokenizer routes llama.cpp's llama-server has, in its shapes, so that a client counting
 tokens for a remote model (localai's remote engine, engine/remote.py) counts them as this daemon
 will: POST /tokenize {"content", "add_special"} → {"tokens"}, and POST /apply-template
-{"messages", "tools"} → {"prompt"}: the chat as the model's own template renders it.
+{"messages", "tools"} → {"prompt", "tokens"}: the chat as the model's own template renders it,
+and (beyond llama-server's answer) its tokens, so a client counts a chat in one round trip.
 
 `add_special` (default true) both parses control tokens and adds BOS where the model wants one:
 localai's tokenizer takes the two together (Engine.tokenize's `special`)."""
@@ -32,7 +33,7 @@ async def apply_template(request: Request) -> Response:
     body = validate(APPLY_TEMPLATE, await P.read_json(request))
     await _loaded(state)
     prompt = P.chat_prompt(state.engine, P.to_messages(body["messages"]), body.get("tools"))
-    return JSONResponse({"prompt": str(prompt)})
+    return JSONResponse({"prompt": str(prompt), "tokens": list(state.engine.tokenize(prompt))})
 
 
 async def _loaded(state: ServerState) -> None:
