@@ -41,7 +41,7 @@ def via_http(port: int, token: str, a, prompt: str) -> dict:
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
     first = last = None
@@ -57,14 +57,14 @@ def via_http(port: int, token: str, a, prompt: str) -> dict:
             first = first or last
         usage = chunk.get("usage") or usage
     conn.close()
-    return _row(usage["completion_tokens"], t0, first, last)
+    return _row(usage["completion_tokens"], t0, first, last, cpu0)
 
 
 def via_engine(engine: RemoteEngine, a, prompt: str) -> dict:
     """As `chat(engine, ...)`, with the template step timed apart: `prepare_s` is what the
     engine adds before its request is sent, a number the machine's noise barely moves."""
     params = SamplingParams(temperature=0, max_tokens=a.max_tokens)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     rendered = engine.apply_chat_template([Message("user", prompt)])
     prepare_s = time.perf_counter() - t0
     first = last = None
@@ -74,12 +74,16 @@ def via_engine(engine: RemoteEngine, a, prompt: str) -> dict:
             first = first or last
         elif isinstance(ev, Done):
             k = ev.stats.completion_tokens
-    return _row(k, t0, first, last) | {"prepare_s": round(prepare_s, 5)}
+    return _row(k, t0, first, last, cpu0) | {"prepare_s": round(prepare_s, 5)}
 
 
-def _row(k: int, t0: float, first: float, last: float) -> dict:
+def _row(k: int, t0: float, first: float, last: float, cpu0: float) -> dict:
+    """One request's numbers; `client_cpu_ms_per_token`: this process's CPU time per token
+    (the client's own work: HTTP, SSE, and in the engine path everything the engine does)."""
+    cpu_ms = (time.process_time() - cpu0) * 1000 / k
     return {"completion_tokens": k, "ttft_s": round(first - t0, 4),
-            "tokens_per_s": round((k - 1) / (last - first), 2)}  # fmt: skip
+            "tokens_per_s": round((k - 1) / (last - first), 2),
+            "client_cpu_ms_per_token": round(cpu_ms, 3)}  # fmt: skip
 
 
 def median(rows: list[dict], key: str) -> float:
@@ -134,6 +138,8 @@ def report(a, rows: dict[str, list[dict]]) -> dict:
     med = {k: {"ttft_s": median(v, "ttft_s"), "tokens_per_s": median(v, "tokens_per_s")}
            for k, v in rows.items()}  # fmt: skip
     med["engine"]["prepare_s"] = median(rows["engine"], "prepare_s")
+    for k in ("direct", "engine"):  # the front's work is in another process
+        med[k]["client_cpu_ms_per_token"] = median(rows[k], "client_cpu_ms_per_token")
     d = med["direct"]
     ratios = {k: {"tokens_per_s": round(m["tokens_per_s"] / d["tokens_per_s"], 3),
                   "ttft": round(d["ttft_s"] / m["ttft_s"], 3)}
