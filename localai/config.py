@@ -19,7 +19,7 @@ from .durations import parse_duration
 KV_TYPES = ("f16", "q8_0", "q4_0")
 KV_BITS = (16, 8, 4, 2)  # the torch runner's KV cache (K per channel, V per token)
 _BUDGET = re.compile(r"(\d+(\.\d+)?)\s*(%|[KMGT]?(I?B)?)", re.IGNORECASE)
-ENGINES = ("llama", "torch")
+ENGINES = ("llama", "torch", "remote")
 # = localai.index.vectors.CODECS (a test checks)
 INDEX_CODECS = ("int8", "q4r", "int4", "bin1", "f32")
 
@@ -79,6 +79,9 @@ class Settings:
     # 2-core machine with a slow disk it read 17-30% more and lost 0-13% (BENCHMARKS.md)
     expert_prefetch: bool = False
     trace_routing: str = ""  # torch runner, MoE models: write each layer's routing here (JSONL)
+    # engine "remote": an OpenAI-compatible server (another localai, llama-server, vLLM, ...)
+    remote_url: str = ""  # e.g. http://gpu-box:8765 (a trailing /v1 is fine)
+    remote_api_key: str = field(default="", repr=False)  # its bearer token; never printed
     ram_budget_bytes: int | None = None  # default: 75% of physical RAM
     host: str = "127.0.0.1"
     port: int = 8765
@@ -97,6 +100,7 @@ class Settings:
         self.models_dir = self.models_dir or self.home / "models"
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {ENGINES}, not {self.engine!r}")
+        self._check_remote()
         for name in ("type_k", "type_v"):
             if getattr(self, name) not in KV_TYPES:
                 raise ConfigError(f"{name} must be one of {KV_TYPES}, not {getattr(self, name)!r}")
@@ -133,6 +137,17 @@ class Settings:
             raise ConfigError("pressure_interval must be a positive duration, e.g. 2s")
         self.meminfo_path, self.psi_path = Path(self.meminfo_path), Path(self.psi_path)
 
+    def _check_remote(self) -> None:
+        url = self.remote_url.strip()
+        if url and not re.match(r"https?://[^/\s]+", url):
+            raise ConfigError(f"remote_url must be an http:// or https:// URL, not {url!r}")
+        if self.engine == "remote" and not url:
+            raise ConfigError(
+                "engine remote needs remote_url (config.toml, $LOCALAI_REMOTE_URL or "
+                "--remote-url): the address of an OpenAI-compatible server, "
+                "e.g. http://gpu-box:8765"
+            )
+
     @property
     def keep_alive_s(self) -> float | None:
         """Seconds a model stays loaded after its last request; None: forever."""
@@ -151,9 +166,10 @@ class Settings:
         return self.home / "config.toml"
 
     def as_dict(self) -> dict:
-        return {
-            k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()
-        }
+        """The settings for display (`localai status --json`): the API key only as set or not."""
+        d = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        d["remote_api_key"] = "(set)" if self.remote_api_key else ""
+        return d
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

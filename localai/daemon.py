@@ -56,6 +56,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 def _model_meta(settings: Settings, info: dict) -> dict:
     """Size, digest and details of the loaded model, as Ollama's /api/tags reports them."""
+    if info.get("backend") == "remote":  # nothing here: the server holds the model
+        details = {"parent_model": "", "format": "remote", "family": "", "families": [],
+                   "parameter_size": "", "quantization_level": ""}  # fmt: skip
+        return {"size": 0, "digest": "", "details": details}
     path = Path(info["path"])
     quant = re.search(r"(I?Q\d_K_[SML]|I?Q\d_K|Q\d_\d|BF16|F16|F32)", path.name, re.I)
     digest = ""

@@ -18,6 +18,7 @@ per-home Unix socket would need a second listener, and it holds across users on 
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import http.client
 import json
@@ -190,7 +191,7 @@ def _events(resp) -> Iterator[Delta | Done]:
             text.append(piece)
             yield Delta(piece)
         if choice.get("finish_reason") is not None:
-            stats = GenerationStats(**obj.get("stats", {}))
+            stats = _stats(obj.get("stats", {}))
             if "citations" not in obj:
                 yield Done("".join(text), stats)
                 return
@@ -202,3 +203,11 @@ def _events(resp) -> Iterator[Delta | Done]:
             yield CitedDone("".join(text), stats, cits, obj.get("sources", {}), "".join(text[:-1]))
             return
     raise EngineError("the daemon closed the stream before the answer ended")
+
+
+def _stats(d: dict) -> GenerationStats:
+    """Stats as the daemon sent them (as_dict: what only some engines measure is flat beside
+    the fields; it goes back into `extra`)."""
+    known = {f.name for f in dataclasses.fields(GenerationStats)} - {"extra"}
+    return GenerationStats(**{k: v for k, v in d.items() if k in known},
+                           extra={k: v for k, v in d.items() if k not in known})  # fmt: skip

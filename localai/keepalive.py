@@ -194,7 +194,12 @@ class ResidentEngine:
                 "keep_alive_s": self.keep_alive, "unloads_in_s": left,
                 "expires_at": None if left is None else time.time() + left,
                 "bytes": self.bytes_held(), "loads": self.loads, "unloads": self.unloads,
-                "last_unload": self.last_unload}  # fmt: skip
+                "last_unload": self.last_unload} | self._remote()  # fmt: skip
+
+    def _remote(self) -> dict:
+        """Where a remote engine's model runs (`ps` and `status` show it; never its key)."""
+        url = self._info.get("url") if self._info.get("backend") == "remote" else None
+        return {"remote_url": url} if url else {}
 
     # the Engine protocol, on the loaded engine ------------------------------------------
 

@@ -75,6 +75,11 @@ def engine_loader(
     """Resolve (pulling if needed) `model` once; the function that loads it, as often as the
     daemon reloads it after an idle unload (keepalive.py)."""
     name = model or settings.model
+    if settings.engine == "remote":  # the server holds the model: nothing to resolve or pull
+        from .engine.remote import RemoteEngine
+
+        return lambda: RemoteEngine(settings.remote_url, settings.remote_api_key, name,
+                                    settings.context_length, log=log)  # fmt: skip
     kw = {"progress": progress} if progress else {}
     path = resolve_model(open_catalog(settings), name, log=log, **kw)
 

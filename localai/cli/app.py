@@ -130,7 +130,19 @@ def engine_options(fn):
     """Flags that pick and configure the engine; they override config.toml and LOCALAI_*."""
     opts = [
         click.option("-m", "--model", help="Catalog name or path to a .gguf file."),
-        click.option("--engine", type=click.Choice(["llama", "torch"]), help="Backend."),
+        click.option(
+            "--engine",
+            type=click.Choice(["llama", "torch", "remote"]),
+            help="Backend; remote: an OpenAI-compatible server at --remote-url.",
+        ),
+        click.option(
+            "--remote-url",
+            metavar="URL",
+            expose_value=False,
+            callback=_setting_flag("remote_url"),
+            help="--engine remote: the server, e.g. http://gpu-box:8765 (its key: "
+            "remote_api_key in config.toml or $LOCALAI_REMOTE_API_KEY).",
+        ),
         click.option("--ctx", "context_length", type=int, help="Context length in tokens."),
         click.option("--threads", type=int, help="CPU threads (default: physical cores)."),
         click.option("--type-k", type=click.Choice(KV_TYPES), help="KV cache type for K."),

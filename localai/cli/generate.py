@@ -93,6 +93,7 @@ def chat_cmd(ctx, model, engine, context_length, threads, type_k, type_v, system
 
         flags = {"--engine": engine, "--ctx": context_length, "--threads": threads,
                  "--type-k": type_k, "--type-v": type_v}  # fmt: skip
+        flags["--remote-url"] = ctx.obj.get("kv_bits", {}).get("remote_url")
         serve_args = [str(x) for k, v in flags.items() if v is not None for x in (k, v)]
         params = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
                   "max_tokens": max_tokens, "stop": list(stop)}  # fmt: skip

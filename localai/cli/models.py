@@ -127,14 +127,19 @@ def status(ctx, as_json):
     out.print(f"models      {', '.join(info['models']) or 'none installed'}")
     d = info["daemon"]
     out.print(f"daemon      {d['url']} serving {d['model']}" if d else "daemon      not running")
-    out.print(f"default     {s.model} (engine {s.engine}, ctx {s.context_length}, "
-              f"{s.threads} threads, KV {s.type_k}/{s.type_v})")  # fmt: skip
+    if s.engine == "remote":
+        out.print(f"default     {s.model} (engine remote at {s.remote_url})")
+    else:
+        out.print(f"default     {s.model} (engine {s.engine}, ctx {s.context_length}, "
+                  f"{s.threads} threads, KV {s.type_k}/{s.type_v})")  # fmt: skip
     out.print(f"RAM budget  {mem['budget_bytes'] / 2**30:.1f} GiB of "
               f"{mem['total_ram_bytes'] / 2**30:.1f} GiB")  # fmt: skip
     for name, n in sorted((mem.get("holders") or {}).items(), key=lambda kv: -kv[1]):
         out.print(f"  {name:<16} {mib(n):>10}")
     for m in (info["residency"] or {}).get("models", []):
         out.print(f"model       {m['model']} {_residency_line(m)}")
+        if m.get("remote_url"):
+            out.print(f"            engine remote at {m['remote_url']}")
     ex = info["experts"]
     if ex:
         out.print(f"experts     cache {mib(ex['used_bytes'])} of {mib(ex['budget_bytes'])}, "

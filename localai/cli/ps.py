@@ -62,7 +62,9 @@ def ps(ctx, as_json):
     rows = [("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL")]
     for m in loaded.get("models", []):
         left = (m.get("localai") or {}).get("unloads_in_s")
-        rows.append((m["name"], (m.get("digest") or "")[:12], mib(m.get("size")), "100% CPU",
+        remote = (m.get("localai") or {}).get("remote_url")
+        where = f"remote {remote}" if remote else "100% CPU"
+        rows.append((m["name"], (m.get("digest") or "")[:12], mib(m.get("size")), where,
                      str(m.get("context_length", "")), until(left)))  # fmt: skip
     if len(rows) > 1:  # columns as `ollama ps` prints them, never cut to the terminal's width
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -17,7 +17,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from . import localai_routes, ollama, openai, residency
+from ..engine.remote_http import RemoteError
+from . import localai_routes, ollama, openai, residency, tokenizer_routes
 from .auth import BearerAuth
 from .errors import APIError, render
 from .guard import HostNames, WebPageGuard
@@ -92,6 +93,12 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     return render(err, request.url.path)
 
 
+async def on_remote_error(request: Request, exc: Exception) -> Response:
+    """The remote engine's server failed (down, or refused): a gateway's 502, its message."""
+    err = APIError(502, str(exc), type="server_error", code="remote_model_server")
+    return render(err, request.url.path)
+
+
 async def on_bug(request: Request, exc: Exception) -> Response:
     log.exception("internal error on %s %s", request.method, request.url.path)
     err = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
@@ -107,6 +114,8 @@ ROUTES = [
     Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
     Route("/v1/completions", openai.completions, methods=["POST"]),
     Route("/v1/embeddings", openai.embeddings, methods=["POST"]),
+    Route("/tokenize", tokenizer_routes.tokenize, methods=["POST"]),
+    Route("/apply-template", tokenizer_routes.apply_template, methods=["POST"]),
     Route("/api/chat", ollama.chat, methods=["POST"]),
     Route("/api/generate", ollama.generate, methods=["POST"]),
     Route("/api/embed", ollama.embed, methods=["POST"]),
@@ -142,6 +151,7 @@ def build_app(state: ServerState, token: str | None, names: HostNames):
             APIError: on_api_error,
             HTTPException: on_http_error,
             ClientDisconnect: on_disconnect,
+            RemoteError: on_remote_error,
             Exception: on_bug,
         },  # fmt: skip
     )

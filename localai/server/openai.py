@@ -58,10 +58,17 @@ def served_models(state: ServerState) -> list[str]:
     return names + [state.embed_model]
 
 
+def _cards(state: ServerState) -> list[dict]:
+    """The served models; chat models say their context length (as vLLM's `max_model_len`
+    and llama-server's `meta` do), so that remote clients can check prompts against it."""
+    created, ctx = int(state.started_at), state.engine.context_length
+    return [_model_card(n, created) | ({} if n == state.embed_model else {"context_length": ctx})
+            for n in served_models(state)]  # fmt: skip
+
+
 async def list_models(request: Request) -> Response:
     state: ServerState = request.app.state.server
-    created = int(state.started_at)
-    data = [_model_card(n, created) for n in served_models(state)]
+    data = _cards(state)
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -70,7 +77,7 @@ async def get_model(request: Request) -> Response:
     name = request.path_params["model"]
     if name not in served_models(state):
         raise model_not_found(name, served_models(state))
-    return JSONResponse(_model_card(name, int(state.started_at)))
+    return JSONResponse(next(c for c in _cards(state) if c["id"] == name))
 
 
 def _sampling(body: dict, default_max: int | None):

@@ -81,6 +81,9 @@ def openapi_document(chat: tuple[str, ...], embed: tuple[str, ...]) -> dict:
         "/v1/completions": _post("text completion, fill-in-the-middle with suffix (OpenAI)",
                                  S.COMPLETION, sse),
         "/v1/embeddings": _post("embeddings (OpenAI)", S.EMBEDDING),
+        "/tokenize": _post("token ids of a text (llama-server's shape)", schemas.TOKENIZE),
+        "/apply-template": _post("a chat rendered by the model's template (llama-server's "
+                                 "shape)", schemas.APPLY_TEMPLATE),
         "/api/chat": _post("chat (Ollama)", S.OLLAMA_CHAT, nd),
         "/api/generate": _post("generate, fill-in-the-middle with suffix (Ollama)",
                                S.OLLAMA_GENERATE, nd),

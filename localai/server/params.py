@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..engine import ContextOverflowError, Engine, EngineError, Message, SamplingParams
 from ..engine.base import check_fits
 from ..engine.fim import fim_prompt, fim_stops
+from ..engine.remote_http import RemoteError
 from .errors import APIError, bad_request, model_not_found
 from .tool_bridge import calls_of, tool_name
 
@@ -94,6 +95,8 @@ def sampling(
 def chat_prompt(engine: Engine, messages: list[Message], tools: list[dict] | None = None) -> str:
     try:
         return engine.apply_chat_template(messages, tools=tools)
+    except RemoteError:
+        raise  # the model's server failed, not the request: a 502 (app.py)
     except EngineError as e:
         raise bad_request(str(e), param="messages") from e
 
@@ -104,6 +107,8 @@ def completion_prompt(engine: Engine, prompt: str, suffix: str | None) -> str:
         return prompt
     try:
         return fim_prompt(engine, prompt, suffix)
+    except RemoteError:
+        raise
     except EngineError as e:
         raise bad_request(str(e), param="suffix", code="fim_unsupported") from e
 

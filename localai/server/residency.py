@@ -27,7 +27,8 @@ from .auth import OPEN_PATHS
 from .errors import APIError, bad_request
 from .state import ServerState
 
-MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate"})
+MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate",
+                         "/tokenize", "/apply-template"})  # fmt: skip
 TICK_S = 0.25  # how often the keeper looks at the countdowns
 FOREVER_AT = "2999-01-01T00:00:00Z"  # `expires_at` of a model kept forever
 FOREVER_TS = datetime(2999, 1, 1, tzinfo=UTC).timestamp()

@@ -298,3 +298,16 @@ LOCALAI_SEARCH = {  # POST /localai/search: our own route, not part of either co
         "under": {"type": "string", "minLength": 1},
     },
 }
+
+# llama-server's tokenizer routes, which remote engines (localai's among them) count with
+TOKENIZE = {
+    "type": "object",
+    "required": ["content"],
+    "properties": {"content": {"type": "string"}, "add_special": BOOL, "parse_special": BOOL,
+                   "with_pieces": {"type": ["boolean", "null"], "enum": [False, None]}},
+}  # fmt: skip
+APPLY_TEMPLATE = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {"messages": CHAT_COMPLETION["properties"]["messages"], "tools": TOOLS},
+}
