@@ -79,14 +79,28 @@ def engine_loader(
     path = resolve_model(open_catalog(settings), name, log=log, **kw)
 
     def load() -> Engine:
-        return load_engine(settings.engine, path, name, settings.context_length,
-                           settings.threads, settings.type_k, settings.type_v,
-                           k_bits=settings.k_bits, v_bits=settings.v_bits,
-                           expert_budget=settings.expert_budget,
-                           trace_routing=settings.trace_routing,
-                           expert_prefetch=settings.expert_prefetch)  # fmt: skip
+        engine = load_engine(settings.engine, path, name, settings.context_length,
+                             settings.threads, settings.type_k, settings.type_v,
+                             k_bits=settings.k_bits, v_bits=settings.v_bits,
+                             expert_budget=settings.expert_budget,
+                             trace_routing=settings.trace_routing,
+                             expert_prefetch=settings.expert_prefetch)  # fmt: skip
+        keep_prefixes_on_disk(engine, settings)
+        return engine
 
     return load
+
+
+def keep_prefixes_on_disk(engine: Engine, settings: Settings) -> None:
+    """Give an engine that keeps fixed prompt prefixes a folder to keep them in across
+    processes ($LOCALAI_HOME/kv, engine/prefix.py)."""
+    identity = getattr(engine, "prefix_identity", None)
+    if identity is None:
+        return
+    from .engine.prefix import DiskStore, model_digest
+
+    ident = identity() | {"model": model_digest(Path(engine.path))}
+    engine.prefixes.disk = DiskStore(settings.home / "kv", engine.name, ident)
 
 
 def open_engine(
