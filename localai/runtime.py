@@ -65,6 +65,13 @@ def model_layout(name: str) -> Layout:
     return layout_named(spec.rag_layout) if spec else DEFAULT_LAYOUT
 
 
+def model_passage_tokens(name: str) -> int:
+    """How long a passage may be for the model `name` (its catalog `rag_passage_tokens`, see
+    rag/trim.py); 0, whole passages, for a model with no entry."""
+    spec = model_spec(name)
+    return spec.rag_passage_tokens if spec else 0
+
+
 def open_catalog(settings: Settings) -> Catalog:
     return Catalog(settings.models_dir, model_specs())
 

@@ -27,6 +27,7 @@ from ..index.facade import Index
 from .cite import Citation, cite
 from .prompt import DEFAULT_LAYOUT, Layout, Packed, pack
 from .retrieve import Retrieved, retrieve
+from .trim import trim
 
 DEFAULT_K = 8
 
@@ -78,9 +79,10 @@ class CitedDone(Done):
 
 class Answerer:
     def __init__(self, index: Index, engine: Engine, layout: Layout = DEFAULT_LAYOUT,
-                 keep_head: bool = True):  # fmt: skip
+                 keep_head: bool = True, passage_tokens: int = 0):  # fmt: skip
         self.index, self.engine, self.layout = index, engine, layout
         self.keep_head = keep_head  # False: every question computes its whole prompt (bench)
+        self.passage_tokens = passage_tokens  # each passage cut to its best span (trim.py)
 
     def prepare(
         self,
@@ -97,10 +99,14 @@ class Answerer:
         if not self.index.stats()["chunks"]:
             raise NoQuestion("no documents are indexed yet: run `localai index PATH` first")
         found = retrieve(self.index, question, k, source)
+        found.sources = trim(found.sources, question, self.passage_tokens, self._count)
         packed = pack(self.engine, history, found.sources, answer_tokens, layout or self.layout)
         if self.keep_head:
             self._keep_head(packed)
         return Prepared(question, found, packed)
+
+    def _count(self, text: str) -> int:
+        return len(self.engine.tokenize(text, special=False))
 
     def _keep_head(self, packed: Packed) -> None:
         """Register the head's tokens as the full prompt spells them (a merge across the
