@@ -161,7 +161,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--trims", default="64",
-                    help="ttft: passage budgets to compare, tokens each: 64, or 48k3 for 3")  # fmt: skip
+                    help="ttft: passage budgets (tokens): 64, or 48k3 for 3 passages")  # fmt: skip
     a = ap.parse_args()
     threads = {"threads": a.threads} if a.threads else {}
     settings = load_settings(a.work / "rag-home", models_dir=MODELS, model=a.model,
