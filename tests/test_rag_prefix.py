@@ -116,3 +116,33 @@ def test_a_file_of_another_identity_or_damaged_is_never_restored(tmp_path):
     q = new.path(tokens)
     q.write_bytes(q.read_bytes()[:10])  # cut short
     assert new.load(tokens) is None and not q.exists()
+
+
+def test_the_torch_runner_restores_a_kept_prefix_exactly(model_path):
+    """A head long enough to reach the 4-bit pages (window 128 + one K group) comes back from
+    its snapshot, after another prompt filled the cache, and the answer is unchanged."""
+    from localai.engine.tokengen import shared_prefix
+    from localai.engine.torch import TorchEngine
+
+    eng = TorchEngine(model_path, context_length=1024, threads=2, k_bits=4, v_bits=4)
+    try:
+        head_text = "<|im_start|>system\n" + "Answer briefly and cite your sources. " * 40
+        tokens = eng.tokenize(head_text + "<|im_end|>\n<|im_start|>user\nName a colour."
+                              "<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+        head = tokens[: shared_prefix(eng.tokenize(head_text), tokens)]
+        assert len(head) > 256
+
+        def run() -> Done:
+            return next(ev for ev in eng.generate(tokens, GREEDY) if isinstance(ev, Done))
+
+        eng.keep_prefix(head)
+        eng.forget()
+        computed = run()
+        assert computed.stats.extra["prefix_source"] == "computed"
+        list(eng.generate(eng.tokenize("Something else entirely."), GREEDY))
+        restored = run()
+        assert restored.stats.extra["prefix_source"] == "memory"
+        assert restored.stats.cached_tokens >= len(head)
+        assert restored.text == computed.text
+    finally:
+        eng.close()
