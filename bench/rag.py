@@ -11,6 +11,8 @@ rag: python3-doc (the question → page set of bench/index_pydoc.py; the expecte
    (not inferred by the checker). --layouts compares prompt layouts (localai/rag/prompt.py) on
    the same questions with the same loaded model, one result object each; the default, `model`,
    is the layout the model's catalog entry names (what `localai ask` uses).
+tokens: the same variants' prompt tokens to compute (first and new question), over all questions,
+   from the model's vocabulary alone (no weights, minutes faster than ttft).
 ttft: time to first token of `localai ask`'s path, today's against each change (bench/rag_ttft.py:
    first question, repeated question, new question over the same pages), with the same
    citation check; --trims lists the passage budgets (tokens) to compare.
@@ -39,6 +41,7 @@ sys.path.insert(0, str(HERE))
 
 from index_nfcorpus import EVALS, load_qrels, ndcg10, write_corpus  # noqa: E402
 from index_pydoc import DOC, QUESTIONS, ensure_docs  # noqa: E402
+from rag_ttft import Counter, tokens_only  # noqa: E402
 from rag_ttft import run as ttft_run  # noqa: E402
 
 from localai.config import load_settings  # noqa: E402
@@ -145,7 +148,7 @@ def rag_part(engine, ix: Index, layouts: list[Layout], k: int, max_tokens: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["rerank", "rag", "both", "ttft"], default="both")
+    ap.add_argument("--part", choices=["rerank", "rag", "both", "ttft", "tokens"], default="both")
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--questions", type=int, default=0, help="rag: the first N questions (0: all)")
     ap.add_argument("--model", default="smollm2-135m")
@@ -166,6 +169,18 @@ def main() -> None:
     threads = {"threads": a.threads} if a.threads else {}
     settings = load_settings(a.work / "rag-home", models_dir=MODELS, model=a.model,
                              context_length=4096, **threads)  # fmt: skip
+    if a.part == "tokens":  # prompt tokens only: the model's vocabulary, no weights loaded
+        from localai.catalog import Catalog
+
+        path = Catalog(settings.models_dir).locate(a.model)
+        counter = Counter(path, a.model, settings.context_length)
+        ix = pydoc_index(a.work / f"pydoc-{a.pages or 'all'}", a.pages)
+        asked = QUESTIONS[: a.questions or None]
+        got = tokens_only(counter, ix, model_layout(a.model), a.k, a.max_tokens, asked,
+                          [n for n in a.trims.split(",") if n])  # fmt: skip
+        print(json.dumps({"bench": "rag-tokens", "model": a.model, "k": a.k,
+                          "questions": len(asked), "variants": got}))  # fmt: skip
+        return
     engine = open_engine(settings, log=lambda m: None)
     out = {"bench": "rag", "model": a.model, "machine": f"{platform.machine()} "
            f"{os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d")}  # fmt: skip

@@ -52,6 +52,14 @@ def quantile(xs: list[float], q: float) -> float:
     return round(xs[min(len(xs) - 1, int(q * len(xs)))], 2)
 
 
+def variant_name(spec: str) -> str:
+    """"64" → head+trim64, "48k3" → head+trim48+k3; "today" and "head" as they are."""
+    if spec in ("today", "head"):
+        return spec
+    n, _, fewer = spec.partition("k")
+    return f"head+trim{n}" + (f"+k{fewer}" if fewer else "")
+
+
 def share(flags: list[bool]) -> float:
     return round(sum(flags) / len(flags), 3)
 
@@ -80,8 +88,8 @@ def run(engine, ix: Index, layout, k: int, max_tokens: int, questions: list[tupl
     variants["head"] = (Answerer(ix, engine, layout), k)
     for spec in trims:  # "64": k passages of at most 64 tokens; "48k3": 3 passages of 48
         n, _, fewer = spec.partition("k")
-        name = f"head+trim{n}" + (f"+k{fewer}" if fewer else "")
-        variants[name] = (Answerer(ix, engine, layout, passage_tokens=int(n)), int(fewer or k))
+        rag = Answerer(ix, engine, layout, passage_tokens=int(n))
+        variants[variant_name(spec)] = (rag, int(fewer or k))
     shutil.rmtree(kv_dir, ignore_errors=True)  # the first question pays for the head once
     rows: dict[str, list[dict]] = {name: [] for name in variants}
     for i, (question, want) in enumerate(questions):
@@ -123,3 +131,55 @@ def summary(rows: list[dict], base: list[dict]) -> dict:
 
 if __name__ == "__main__":
     sys.exit("run through bench/rag.py --part ttft")
+
+
+class Counter:
+    """The Engine's text side only (vocabulary and chat template, no weights): enough to pack
+    prompts and count their tokens for --part tokens."""
+
+    def __init__(self, path: Path, name: str, context_length: int):
+        import llama_cpp
+
+        from localai.engine.tokengen import Vocab
+
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        self.vocab, self.name, self.context_length = Vocab(llm), name, context_length
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self.vocab.tokenize(text, special)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None) -> str:
+        return self.vocab.render(messages, add_generation_prompt, tools)
+
+
+def tokens_only(counter: Counter, ix: Index, layout, k: int, max_tokens: int,
+                questions: list[tuple[str, str]], trims: list[str]) -> dict:  # fmt: skip
+    """Prompt tokens to compute per variant and case, and whether the expected page is given,
+    over every question: what the timed run's TTFT follows, without running the model."""
+    from localai.engine.tokengen import shared_prefix
+
+    out = {}
+    for spec in ["today", "head", *trims]:
+        n, _, fewer = spec.partition("k")
+        trim = int(n) if n.isdigit() else 0
+        rag = Answerer(ix, counter, layout, keep_head=False, passage_tokens=trim)
+        first, new, given, prompt = [], [], [], []
+        for i, (question, want) in enumerate(questions):
+            toks = []
+            for q in (question, PARAPHRASES[i]):
+                prep = rag.prepare([Message("user", q)], int(fewer or k), None, max_tokens)
+                toks.append(counter.tokenize(counter.apply_chat_template(prep.messages)))
+                head = shared_prefix(toks[-1], counter.tokenize(prep.packed.head))
+                given.append(any(want in s.passage.path for s in prep.packed.used))
+            kept = 0 if spec == "today" else head
+            first.append(len(toks[0]) - kept)
+            new.append(len(toks[1]) - max(kept, shared_prefix(toks[0], toks[1])))
+            prompt.append(len(toks[0]))
+        name = (
+            spec if spec in ("today", "head") else f"head+trim{n}" + (f"+k{fewer}" if fewer else "")
+        )
+        out[name] = {"prompt_tokens_p50": statistics.median(prompt), "head_tokens": head,
+                     "first_prefill_p50": statistics.median(first),
+                     "new_prefill_p50": statistics.median(new),
+                     "new_prefill_p90": quantile(new, 0.9), "hit_given": share(given)}  # fmt: skip
+    return out
