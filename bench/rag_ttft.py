@@ -53,7 +53,7 @@ def quantile(xs: list[float], q: float) -> float:
 
 
 def variant_name(spec: str) -> str:
-    """"64" → head+trim64, "48k3" → head+trim48+k3; "today" and "head" as they are."""
+    """ "64" → head+trim64, "48k3" → head+trim48+k3; "today" and "head" as they are."""
     if spec in ("today", "head"):
         return spec
     n, _, fewer = spec.partition("k")
