@@ -70,6 +70,7 @@ def test_ask_through_the_daemon(daemon):
     text = localai("ask", q, "-t", "0", "--max-tokens", "48", "--source", str(daemon.docs),
                    env=env)  # fmt: skip
     assert text.returncode == 0 and "Sources:" in text.stdout
+    assert "reading" in text.stderr and "lighthouse.md" in text.stderr  # before the answer
 
 
 def test_ask_layout_goes_through_the_daemon(daemon):
