@@ -109,10 +109,11 @@ def test_a_file_of_another_identity_or_damaged_is_never_restored(tmp_path):
     old = DiskStore(tmp_path, "m", {"type_k": "f16", "model": "a"})
     p = old.save(tokens, b"kv")
     assert old.load(tokens) == b"kv" and old.load([1, 2, 3]) is None
+    other = DiskStore(tmp_path, "m.v2", {"type_k": "f16", "model": "b"}).save(tokens, b"kv2")
     new = DiskStore(tmp_path, "m", {"type_k": "q8_0", "model": "a"})  # the KV type changed
     assert new.load(tokens) is None
     new.save(tokens, b"other")
-    assert not p.exists()  # the stale file of the same model is gone
+    assert not p.exists() and other.exists()  # the same model's stale file, and only it, goes
     q = new.path(tokens)
     q.write_bytes(q.read_bytes()[:10])  # cut short
     assert new.load(tokens) is None and not q.exists()

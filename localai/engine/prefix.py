@@ -114,6 +114,9 @@ class DiskStore:
         library: they can never match again), then the least recently used past MAX_FILES."""
         mine = []
         for p in self.folder.glob(f"{self.family}*.kv"):
+            ident, _, rest = p.name[len(self.family) :].partition(".")
+            if len(ident) != 16 or rest.count(".") != 1:
+                continue  # another model whose name starts with this one's
             if not p.name.startswith(self.stem + "."):
                 p.unlink(missing_ok=True)
             else:
