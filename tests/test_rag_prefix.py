@@ -119,6 +119,7 @@ def test_a_file_of_another_identity_or_damaged_is_never_restored(tmp_path):
     assert new.load(tokens) is None and not q.exists()
 
 
+@pytest.mark.slow  # loads the torch runner (and builds its kernels in a fresh checkout)
 def test_the_torch_runner_restores_a_kept_prefix_exactly(model_path):
     """A head long enough to reach the 4-bit pages (window 128 + one K group) comes back from
     its snapshot, after another prompt filled the cache, and the answer is unchanged."""
