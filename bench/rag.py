@@ -11,10 +11,16 @@ rag: python3-doc (the question → page set of bench/index_pydoc.py; the expecte
    (not inferred by the checker). --layouts compares prompt layouts (localai/rag/prompt.py) on
    the same questions with the same loaded model, one result object each; the default, `model`,
    is the layout the model's catalog entry names (what `localai ask` uses).
+tokens: the same variants' prompt tokens to compute (first and new question), over all questions,
+   from the model's vocabulary alone (no weights, minutes faster than ttft).
+ttft: time to first token of `localai ask`'s path, today's against each change (bench/rag_ttft.py:
+   first question, repeated question, new question over the same pages), with the same
+   citation check; --trims lists the passage budgets (tokens) to compare.
 Prints one JSON object.
 
-    python bench/rag.py [--part rerank|rag|both] [--queries 20] [--model smollm2-135m] [-k 5]
-                        [--pages 60] [--layouts model|system,oneshot] [--questions N]
+    python bench/rag.py [--part rerank|rag|both|ttft] [--queries 20] [--model smollm2-135m]
+                        [-k 5] [--pages 60] [--layouts model|system,oneshot] [--questions N]
+                        [--threads 2] [--trims 64]
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ sys.path.insert(0, str(HERE))
 
 from index_nfcorpus import EVALS, load_qrels, ndcg10, write_corpus  # noqa: E402
 from index_pydoc import DOC, QUESTIONS, ensure_docs  # noqa: E402
+from rag_ttft import Counter, tokens_only  # noqa: E402
+from rag_ttft import run as ttft_run  # noqa: E402
 
 from localai.config import load_settings  # noqa: E402
 from localai.engine import Done, Message, SamplingParams, chat  # noqa: E402
@@ -140,7 +148,7 @@ def rag_part(engine, ix: Index, layouts: list[Layout], k: int, max_tokens: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["rerank", "rag", "both"], default="both")
+    ap.add_argument("--part", choices=["rerank", "rag", "both", "ttft", "tokens"], default="both")
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--questions", type=int, default=0, help="rag: the first N questions (0: all)")
     ap.add_argument("--model", default="smollm2-135m")
@@ -154,9 +162,25 @@ def main() -> None:
         help="prompt layouts to compare, comma-separated: model (the catalog entry's), "
         + ", ".join(LAYOUTS),
     )
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--trims", default="64",
+                    help="ttft: passage budgets (tokens): 64, or 48k3 for 3 passages")  # fmt: skip
     a = ap.parse_args()
+    threads = {"threads": a.threads} if a.threads else {}
     settings = load_settings(a.work / "rag-home", models_dir=MODELS, model=a.model,
-                             context_length=4096)  # fmt: skip
+                             context_length=4096, **threads)  # fmt: skip
+    if a.part == "tokens":  # prompt tokens only: the model's vocabulary, no weights loaded
+        from localai.catalog import Catalog
+
+        path = Catalog(settings.models_dir).locate(a.model)
+        counter = Counter(path, a.model, settings.context_length)
+        ix = pydoc_index(a.work / f"pydoc-{a.pages or 'all'}", a.pages)
+        asked = QUESTIONS[: a.questions or None]
+        got = tokens_only(counter, ix, model_layout(a.model), a.k, a.max_tokens, asked,
+                          [n for n in a.trims.split(",") if n])  # fmt: skip
+        print(json.dumps({"bench": "rag-tokens", "model": a.model, "k": a.k,
+                          "questions": len(asked), "variants": got}))  # fmt: skip
+        return
     engine = open_engine(settings, log=lambda m: None)
     out = {"bench": "rag", "model": a.model, "machine": f"{platform.machine()} "
            f"{os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d")}  # fmt: skip
@@ -169,6 +193,16 @@ def main() -> None:
         ]
         layouts = list({layout.name: layout for layout in named}.values())  # model,oneshot: once
         out["rag_pydoc"] = rag_part(engine, ix, layouts, a.k, a.max_tokens, a.questions)
+        ix.close()
+    if a.part == "ttft":
+        ix = pydoc_index(a.work / f"pydoc-{a.pages or 'all'}", a.pages)
+        trims = [n for n in a.trims.split(",") if n]
+        asked = QUESTIONS[: a.questions or None]
+        out |= {"k": a.k, "max_tokens": a.max_tokens, "threads": engine.info()["threads"]}
+        out["ttft_pydoc"] = ttft_run(engine, ix, model_layout(engine.name), a.k, a.max_tokens,
+                                     asked, trims, settings.home / "kv",
+                                     log=lambda r: print(json.dumps(r), file=sys.stderr,
+                                                         flush=True))  # fmt: skip
         ix.close()
     engine.close()
     print(json.dumps(out))

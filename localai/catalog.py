@@ -57,6 +57,7 @@ class ModelSpec:
     packages: tuple[str, ...]
     files: tuple[ModelFile, ...]
     rag_layout: str = DEFAULT_RAG_LAYOUT  # a name in rag.prompt.LAYOUTS (runtime has it checked)
+    rag_passage_tokens: int = 0  # each passage cut to its best sentences within this; 0: whole
 
     @property
     def size(self) -> int:
@@ -92,6 +93,7 @@ def load_catalog(path: Path | None = None) -> dict[str, ModelSpec]:
             packages=tuple(m["packages"]),
             files=files,
             rag_layout=m.get("rag_layout", DEFAULT_RAG_LAYOUT),
+            rag_passage_tokens=int(m.get("rag_passage_tokens", 0)),
         )
     return specs
 

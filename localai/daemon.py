@@ -27,7 +27,14 @@ from .durations import describe
 from .governor import Governor, Shrinkable
 from .keepalive import ResidentEngine
 from .pressure import PressureWatch
-from .runtime import engine_loader, model_layout, open_catalog, open_embedder, open_index
+from .runtime import (
+    engine_loader,
+    model_layout,
+    model_passage_tokens,
+    open_catalog,
+    open_embedder,
+    open_index,
+)
 from .server.app import build_app
 from .server.auth import ensure_token, is_loopback
 from .server.guard import HostNames
@@ -174,7 +181,9 @@ def _open_docs(state: ServerState, settings: Settings, governor: Governor, log):
     state.index = index
     governor.register(Shrinkable("passage_cache", "caches", index.drop_caches, index.cache_bytes))
     state.load_embedder = lambda: index.embedder  # one MiniLM for the index and /v1/embeddings
-    state.rag = Answerer(index, state.engine, model_layout(state.engine.name))
+    name = state.engine.name
+    state.rag = Answerer(index, state.engine, model_layout(name),
+                         passage_tokens=model_passage_tokens(name))  # fmt: skip
     watcher = Watcher(index, log)
     state.on_source_added = lambda _path: watcher.restart()
     state.index_progress = lambda: dict(watcher.progress)

@@ -174,7 +174,16 @@ def _error_message(raw: bytes) -> str:
         return raw.decode("utf-8", "replace")[:500]
 
 
-def _events(resp) -> Iterator[Delta | Done]:
+def _stats(flat: dict) -> GenerationStats:
+    """GenerationStats from its as_dict(): the fields, and the rest (what only some engines
+    measure, flattened there) back into `extra`."""
+    names = {f.name for f in dataclasses.fields(GenerationStats)} - {"extra"}
+    known = {k: v for k, v in flat.items() if k in names}
+    return GenerationStats(**known, extra={k: v for k, v in flat.items() if k not in names})
+
+
+def _events(resp) -> Iterator:
+    """Delta, then Done (a CitedDone for documents, which first yield Found)."""
     text = []
     for raw in resp:
         line = raw.decode("utf-8").strip()
@@ -183,6 +192,10 @@ def _events(resp) -> Iterator[Delta | Done]:
         obj = json.loads(line[6:])
         if "error" in obj:
             raise EngineError(_error_message(line[6:].encode()))
+        if isinstance(obj.get("sources"), dict) and "passages" in obj["sources"]:
+            from .rag.answer import Found
+
+            yield Found(obj["sources"])  # the first chunk of an answer from documents
         if not obj.get("choices"):
             continue
         choice = obj["choices"][0]

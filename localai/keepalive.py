@@ -220,6 +220,13 @@ class ResidentEngine:
     def supports_tools(self) -> bool:
         return self._tools  # known from the first load; asking must not load the model
 
+    def keep_prefix(self, tokens: list[int]) -> None:
+        """Register a fixed prompt head (engine/prefix.py) with an engine that keeps them; a
+        reloaded engine finds its snapshot on disk when the next request registers it again."""
+        keep = getattr(self._engine_now(), "keep_prefix", None)
+        if keep is not None:
+            keep(tokens)
+
     def generate(self, prompt, params, cancel=None) -> Iterator:
         """The engine's events; the answer after a (re)load carries the load time in its
         stats (`load_s`, Ollama's `load_duration`)."""

@@ -65,6 +65,13 @@ def model_layout(name: str) -> Layout:
     return layout_named(spec.rag_layout) if spec else DEFAULT_LAYOUT
 
 
+def model_passage_tokens(name: str) -> int:
+    """How long a passage may be for the model `name` (its catalog `rag_passage_tokens`, see
+    rag/trim.py); 0, whole passages, for a model with no entry."""
+    spec = model_spec(name)
+    return spec.rag_passage_tokens if spec else 0
+
+
 def open_catalog(settings: Settings) -> Catalog:
     return Catalog(settings.models_dir, model_specs())
 
@@ -84,14 +91,28 @@ def engine_loader(
     path = resolve_model(open_catalog(settings), name, log=log, **kw)
 
     def load() -> Engine:
-        return load_engine(settings.engine, path, name, settings.context_length,
-                           settings.threads, settings.type_k, settings.type_v,
-                           k_bits=settings.k_bits, v_bits=settings.v_bits,
-                           expert_budget=settings.expert_budget,
-                           trace_routing=settings.trace_routing,
-                           expert_prefetch=settings.expert_prefetch)  # fmt: skip
+        engine = load_engine(settings.engine, path, name, settings.context_length,
+                             settings.threads, settings.type_k, settings.type_v,
+                             k_bits=settings.k_bits, v_bits=settings.v_bits,
+                             expert_budget=settings.expert_budget,
+                             trace_routing=settings.trace_routing,
+                             expert_prefetch=settings.expert_prefetch)  # fmt: skip
+        keep_prefixes_on_disk(engine, settings)
+        return engine
 
     return load
+
+
+def keep_prefixes_on_disk(engine: Engine, settings: Settings) -> None:
+    """Give an engine that keeps fixed prompt prefixes a folder to keep them in across
+    processes ($LOCALAI_HOME/kv, engine/prefix.py)."""
+    identity = getattr(engine, "prefix_identity", None)
+    if identity is None:
+        return
+    from .engine.prefix import DiskStore, model_digest
+
+    ident = identity() | {"model": model_digest(Path(engine.path))}
+    engine.prefixes.disk = DiskStore(settings.home / "kv", engine.name, ident)
 
 
 def open_engine(

@@ -62,11 +62,15 @@ def test_ask_through_the_daemon(daemon):
     out = json.loads(r.stdout)
     assert out["answer"] and "Sources:" not in out["answer"]
     assert out["stats"]["sources"]["used"] >= 1 and out["stats"]["completion_tokens"] > 0
+    st = out["stats"]  # where the prompt's KV came from, through the daemon too
+    assert st["prefill_tokens"] + st["cached_tokens"] == st["prompt_tokens"] and st["ttft_s"] > 0
+    assert sum(st["cached_from"].values()) == st["cached_tokens"]
     for c in out["citations"]:
         assert c.keys() >= {"path", "start_line", "end_line", "quote", "verified"}
     text = localai("ask", q, "-t", "0", "--max-tokens", "48", "--source", str(daemon.docs),
                    env=env)  # fmt: skip
     assert text.returncode == 0 and "Sources:" in text.stdout
+    assert "reading" in text.stderr and "lighthouse.md" in text.stderr  # before the answer
 
 
 def test_ask_layout_goes_through_the_daemon(daemon):

@@ -212,3 +212,28 @@ def test_rerank_returns_a_permutation_with_judged_passages_first(engine):
     assert sorted(order) == [0, 1]
     verdicts = [judge(engine, "In which city is the Eiffel Tower?", p) for p in passages]
     assert order == sorted(range(2), key=lambda i: (not verdicts[i], i))
+
+
+def test_trim_keeps_the_best_sentences_around_the_hit(engine):
+    from localai.rag.trim import best_span
+
+    def count(text: str) -> int:
+        return len(engine.tokenize(text, special=False))
+
+    hit, after = "Green tea is steeped at 80 °C for two minutes.", "Rinse the pot."
+    text = f"Intro.\nThe kettle boils water.\n{hit}\n{after}\nBikes need oil every month."
+    question = "At what temperature is green tea steeped?"
+    assert best_span(text, question, count(hit) + count(after), count) == f"{hit}\n{after}"
+    assert best_span(text, question, 1, count) == hit  # never cut inside the best sentence
+    assert best_span(text, question, 10_000, count) == text
+
+
+def test_trimmed_passages_still_cite_the_file(index, engine, docs):
+    """The model reads the best sentence of each passage; its citation is checked against the
+    whole passage in the file, as before."""
+    rag = Answerer(index, engine, passage_tokens=16)
+    prep = rag.prepare([Message("user", "When was the lighthouse built?")], k=3)
+    src = next(s for s in prep.packed.used if s.passage.path.endswith("lighthouse.md"))
+    assert src.passage.text == "The Brightwater lighthouse was built in 1871 by Maren Holt."
+    done = rag.finish(prep, f"It was built in 1871 by Maren Holt [{src.rank}].", GenerationStats())
+    assert [c.verified for c in done.citations] == [True]

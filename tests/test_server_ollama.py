@@ -84,3 +84,8 @@ def test_chat_from_documents(client, daemon):
     raw = daemon.request("POST", "/api/chat", {"model": TEST_MODEL + "+docs", "messages": msgs,
                          "stream": False, "options": {"num_predict": 8}})[1]  # fmt: skip
     assert isinstance(raw["citations"], list) and raw["sources"]["used"] >= 1
+    text = daemon.request("POST", "/api/chat", {"model": TEST_MODEL + "+docs", "messages": msgs,
+                          "options": {"num_predict": 2}})[1]  # fmt: skip
+    lines = [json.loads(x) for x in text.splitlines()]  # NDJSON: the passages come first
+    assert lines[0]["sources"]["passages"] and lines[0]["message"]["content"] == ""
+    assert lines[-1]["done"] and "citations" in lines[-1]

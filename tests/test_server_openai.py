@@ -194,10 +194,33 @@ def test_answer_from_documents_streams_citations_last(daemon):
     assert events[-1] == "[DONE]"
     for c in events[:-1]:
         check("CreateChatCompletionStreamResponse", c)
+    first = events[0]  # the passages, known before the model has read them
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    given = first["sources"]["passages"]
+    assert given and all(p["path"].startswith(str(daemon.docs)) for p in given)
+    assert [p["n"] for p in given] == list(range(1, len(given) + 1))
     last = events[-2]
     assert last["choices"][0]["finish_reason"] and "citations" in last and "sources" in last
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in events[:-1])
     assert "Sources:" in text
+
+
+def test_the_prompt_head_outlives_a_chat_in_between(daemon):
+    """Two questions from the documents with a plain chat between them: the second restores
+    the head (system message up to the passages) instead of computing it."""
+    ask = {"model": TEST_MODEL + "+docs", "max_tokens": 2, "temperature": 0, "stats": True}
+    status, one = daemon.request("POST", "/v1/chat/completions", ask | {"messages": LIGHTHOUSE})
+    assert status == 200, one
+    head = one["stats"]["prefix_tokens"]
+    assert head > 10 and one["stats"]["prefix_source"] in ("computed", "disk", "memory", "live")
+    daemon.request("POST", "/v1/chat/completions", {"model": TEST_MODEL, "max_tokens": 2,
+                   "messages": [{"role": "user", "content": "Say hi."}]})  # fmt: skip
+    tomato = [{"role": "user", "content": "How much sun do tomatoes need?"}]
+    status, two = daemon.request("POST", "/v1/chat/completions", ask | {"messages": tomato})
+    s = two["stats"]
+    assert s["prefix_source"] == "memory" and s["cached_from"]["prefix"] == head
+    assert two["usage"]["prompt_tokens_details"]["cached_tokens"] == s["cached_tokens"] >= head
+    assert s["prefill_tokens"] == s["prompt_tokens"] - s["cached_tokens"]
 
 
 def test_answer_layout_is_the_models_unless_the_request_names_one(daemon):

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 from localai_tui.app import LocalaiApp
-from localai_tui.client import DaemonClient
+from localai_tui.client import Answer, DaemonClient, Reading
 from localai_tui.store import Store
 from localai_tui.widgets import ChatMessage, HelpScreen, PickScreen, SourcesPane, editor_command
 
@@ -137,7 +137,12 @@ def test_sources_pane_shows_passages_and_verification(tmp_path, daemon):
         app = make_app(daemon, tmp_path)
         async with app.run_test(size=(120, 40)) as pilot:
             pane = app.query_one(SourcesPane)
-            pane.show(cites)
+            pane.reading({"passages": [{"n": 1, "path": str(doc), "start_line": 3,
+                                        "end_line": 3}]})  # fmt: skip
+            await pilot.pause(0.2)
+            assert "Reading 1 passage" in pane.query_one("#passage").source
+            assert f"{doc}:3-3" in pane.query_one("#passage").source
+            pane.show(cites)  # the answer's checked citations replace the passages
             await pilot.pause(0.2)
             assert pane.selected()["start_line"] == 3
             assert "below 2 bar" in pane.query_one("#passage").source
@@ -148,6 +153,22 @@ def test_sources_pane_shows_passages_and_verification(tmp_path, daemon):
 
     asyncio.run(go())
     assert editor_command("vim -u NONE", doc, 3) == ["vim", "-u", "NONE", "+3", str(doc)]
+
+
+def test_a_docs_answer_brings_its_passages_before_its_text(daemon):
+    async def go():
+        client = DaemonClient(daemon.url, daemon.token)
+        question = [{"role": "user", "content": "How much sun do tomatoes need?"}]
+        try:
+            return [ev async for ev in client.chat(daemon.model + "+docs", question,
+                                                   max_tokens=4, temperature=0)]  # fmt: skip
+        finally:
+            await client.close()
+
+    events = asyncio.run(go())
+    assert isinstance(events[0], Reading) and events[0].sources["passages"], events[:2]
+    assert isinstance(events[-1], Answer) and events[-1].sources.get("used", 0) >= 1
+    assert not any(isinstance(ev, Reading) for ev in events[1:])
 
 
 def test_end_to_end_in_a_real_terminal(daemon, tmp_path):

@@ -38,14 +38,16 @@ def ask(ctx, question, as_json, k, source, layout, model, temperature, seed, max
     params = SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens)
     source = str(Path(source).absolute()) if source else None
     from ..index import IndexError_
-    from ..rag.answer import NoQuestion
+    from ..rag.answer import Found, NoQuestion
 
     docs = {"k": k, "source": source, "layout": layout}
     docs = {key: v for key, v in docs.items() if v is not None}
     events, close = _ask_events(ctx, question, params, docs, model, no_daemon)
     try:
         for ev in _user_facing(events, (NoQuestion, IndexError_)):
-            if isinstance(ev, Delta) and not as_json:
+            if isinstance(ev, Found) and not as_json and ev.sources.get("passages"):
+                log(reading(ev.sources))
+            elif isinstance(ev, Delta) and not as_json:
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
             elif isinstance(ev, Done) and as_json:
@@ -57,6 +59,16 @@ def ask(ctx, question, as_json, k, source, layout, model, temperature, seed, max
     finally:
         events.close()
         close()
+
+
+def reading(found: dict) -> str:
+    """One line, shown before the answer starts: which passages the model is reading."""
+    from rich.markup import escape
+
+    given = found["passages"]
+    where = ", ".join(f"[{p['n']}] {p['where']}" for p in given[:4])
+    more = f" and {len(given) - 4} more" if len(given) > 4 else ""
+    return f"[dim]reading {len(given)} passage(s): {escape(where)}{more}[/dim]"
 
 
 def _user_facing(events, errors):
@@ -77,7 +89,7 @@ def _ask_events(ctx, question, params, docs, model, no_daemon):
         return d.generate(msgs, None, params, docs=docs), lambda: None
     from ..rag.answer import Answerer
     from ..rag.answer import ask as ask_local
-    from ..runtime import model_layout, open_index
+    from ..runtime import model_layout, model_passage_tokens, open_index
 
     index = open_index(s)
     with progress_bars() as bars:
@@ -88,5 +100,5 @@ def _ask_events(ctx, question, params, docs, model, no_daemon):
         index.close()
 
     layout = LAYOUTS[docs["layout"]] if "layout" in docs else model_layout(engine.name)
-    rag = Answerer(index, engine, layout)
+    rag = Answerer(index, engine, layout, passage_tokens=model_passage_tokens(engine.name))
     return ask_local(rag, question, params, docs["k"], docs.get("source")), close

@@ -3,11 +3,15 @@
 We drive `Llama.generate` (token by token) rather than `create_completion`: the shared loop in
 tokengen.py owns stop strings, UTF-8 boundaries, limits, cancellation and stats, identically for
 every backend, and skips the completion wrapper's per-token bookkeeping. The KV prefix of the
-previous request is reused by llama-cpp-python when a new prompt starts with the same tokens.
+previous request is reused by llama-cpp-python when a new prompt starts with the same tokens;
+fixed prefixes (prefix.py) are snapshots of sequence 0's KV, taken and put back through
+llama.cpp's per-sequence state calls (KV only: no logits, unlike Llama.save_state, whose
+copy of the logits alone would be 180 MB for a 300-token prefix of a 150k-token vocabulary).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +82,35 @@ class LlamaCppEngine(TokenEngine):
 
     def forget(self) -> None:
         self._llm.reset()
+
+    def _live_ids(self) -> list[int]:
+        return self._llm._input_ids.tolist()
+
+    def _prefill_only(self, tokens: list[int]) -> None:
+        self._llm.reset()
+        self._llm.eval(tokens)  # eval drops the cache past n_tokens (0) first
+
+    def _snapshot(self) -> bytes:
+        ctx = self._llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        return bytes(buf)[:n]
+
+    def _restore(self, tokens: list[int], data: bytes) -> None:
+        llm = self._llm
+        llm.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), True)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(data), 0) != len(data):
+            raise EngineError("a saved prompt prefix does not fit this context")
+        llm.input_ids[: len(tokens)] = tokens
+        llm.n_tokens = len(tokens)
+
+    def prefix_identity(self) -> dict:
+        """What makes a KV snapshot valid for this engine besides the model and the tokens."""
+        return {"backend": self.backend, "type_k": self.type_k, "type_v": self.type_v,
+                "llama_cpp": llama_cpp.__version__}  # fmt: skip
 
     def _kv_bytes(self, n_tokens: int) -> int:
         return int(self.kv_bytes_per_token() * n_tokens)

@@ -20,6 +20,7 @@ import llama_cpp
 
 from . import chat_template
 from .base import Clock, Delta, Done, EngineError, Event, Message, SamplingParams, check_fits
+from .prefix import Prefixes, Use
 from .textstream import TextStreamer
 
 _MARKUP_TAG = re.compile(rb"</?[A-Za-z_][A-Za-z0-9_]*>")
@@ -91,6 +92,7 @@ class TokenEngine:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.reused = 0  # prompt tokens of the current request whose KV was already cached
+        self.prefixes = Prefixes()  # fixed prompt heads kept across requests (prefix.py)
 
     def _token_stream(self, tokens: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
         raise NotImplementedError
@@ -104,8 +106,53 @@ class TokenEngine:
         return {}
 
     def forget(self) -> None:
-        """Drop the cached KV: the next prompt is computed from its first token."""
+        """Drop the cached KV: the next prompt is computed from its first token, unless it starts
+        with a kept prefix (`prefixes.clear()` drops those)."""
         raise NotImplementedError
+
+    # -- fixed prefixes (prefix.py): a backend that can snapshot its KV supplies these four ----
+    def _live_ids(self) -> list[int]:
+        """The tokens whose KV the cache holds now, in order."""
+        raise NotImplementedError
+
+    def _prefill_only(self, tokens: list[int]) -> None:
+        """Empty the cache, then compute exactly `tokens` into it."""
+        raise NotImplementedError
+
+    def _snapshot(self) -> bytes:
+        """The cache's KV as bytes (it holds exactly a registered prefix when this is called)."""
+        raise NotImplementedError
+
+    def _restore(self, tokens: list[int], data: bytes) -> None:
+        """Replace the cache with a snapshot of `tokens`; raises EngineError if it does not fit."""
+        raise NotImplementedError
+
+    def keep_prefix(self, tokens: list[int]) -> None:
+        """Register a fixed prompt head: a prompt that starts with it never computes it again
+        while this engine lives (nor, with a disk store, in the next process)."""
+        self.prefixes.register(tokens)
+
+    def _bring_prefix(self, tokens: list[int]) -> Use:
+        """Put the longest registered prefix of `tokens` into the cache unless it is there."""
+        fixed = self.prefixes.longest_for(tokens)
+        try:
+            live = self._live_ids()
+        except NotImplementedError:  # a backend that cannot snapshot its cache
+            return Use()
+        if fixed is None:
+            return Use()
+        if shared_prefix(live, fixed) == len(fixed):
+            return Use(len(fixed), "live")
+        data, where = self.prefixes.snapshot_of(fixed)
+        if data is not None:
+            try:
+                self._restore(list(fixed), data)
+                return Use(len(fixed), where)
+            except EngineError:  # e.g. a file from a context too small: compute it afresh
+                pass
+        self._prefill_only(list(fixed))
+        self.prefixes.keep(fixed, self._snapshot())
+        return Use(len(fixed), "computed")
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         return self.vocab.tokenize(text, special)
@@ -148,6 +195,7 @@ class TokenEngine:
         before = self._extra_stats(None)
         n_out, finish = 0, "length"
         self.reused = 0  # the stream sets it when it prefills
+        fixed = self._bring_prefix(tokens)  # inside the clock: a computed prefix is this TTFT's
         stream = self._token_stream(tokens, params, seed)
         try:
             for tok in stream:
@@ -172,12 +220,22 @@ class TokenEngine:
         tail = streamer.finish()
         if tail:
             yield Delta(tail)
+        cached = self.reused - (fixed.n if fixed.source == "computed" else 0)
         stats = clock.stats(
             len(tokens),
             n_out,
             finish,
             kv_bytes=self._kv_bytes(len(tokens) + n_out),
-            cached_tokens=self.reused,
-            extra=self._extra_stats(before),
+            cached_tokens=cached,
+            extra=self._extra_stats(before) | _cache_stats(len(tokens), cached, fixed),
         )
         yield Done(streamer.text, stats)
+
+
+def _cache_stats(prompt: int, cached: int, fixed: Use) -> dict:
+    """Where a request's prompt KV came from: `cached_from` the fixed prefix (restored from
+    `prefix_source`) and the previous request's KV (the same passages, the turns before)."""
+    from_prefix = fixed.n if fixed.source not in ("", "computed") else 0
+    return {"prefill_tokens": prompt - cached,
+            "cached_from": {"prefix": from_prefix, "previous_request": cached - from_prefix},
+            "prefix_tokens": fixed.n, "prefix_source": fixed.source or "none"}  # fmt: skip

@@ -5,6 +5,10 @@
     ... generate from prep.messages with any runner (in-process, or the daemon's slot) ...
     done = rag.finish(prep, answer_text, stats)                       # cite + verify
 
+`prepare` registers the prompt's head (system message and layout example, up to the first
+passage) with an engine that keeps fixed prefixes (engine/prefix.py), so its KV is computed once
+per model and layout, not once per question.
+
 `finish` returns a CitedDone: the answer followed by a readable "Sources" list, the checked
 citations, and what retrieval kept and dropped (and why). The prompt layout is the one the
 Answerer is given (the daemon and `localai ask` give the loaded model's: runtime.model_layout),
@@ -18,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine import Delta, Done, Engine, GenerationStats, Message, SamplingParams, chat
+from ..engine.tokengen import shared_prefix
 from ..index.facade import Index
 from .cite import Citation, cite
 from .prompt import DEFAULT_LAYOUT, Layout, Packed, pack
 from .retrieve import Retrieved, retrieve
+from .trim import trim
 
 DEFAULT_K = 8
 
@@ -47,6 +53,22 @@ class Prepared:
                 "dropped_stale": self.retrieved.stale,
                 "passage_budget_tokens": self.packed.budget}  # fmt: skip
 
+    def found(self) -> dict:
+        """The summary and each passage given to the model (rank, path, lines): what a client
+        shows while the answer is still being computed."""
+        given = [{"n": s.rank, "path": s.passage.path, "start_line": s.passage.start_line,
+                  "end_line": s.passage.end_line, "where": s.where}
+                 for s in self.packed.used]  # fmt: skip
+        return self.summary() | {"passages": given}
+
+
+@dataclass
+class Found:
+    """The passages an answer will come from, known before the model starts: shown at once
+    (`sources` is Prepared.found())."""
+
+    sources: dict
+
 
 @dataclass
 class CitedDone(Done):
@@ -56,8 +78,11 @@ class CitedDone(Done):
 
 
 class Answerer:
-    def __init__(self, index: Index, engine: Engine, layout: Layout = DEFAULT_LAYOUT):
+    def __init__(self, index: Index, engine: Engine, layout: Layout = DEFAULT_LAYOUT,
+                 keep_head: bool = True, passage_tokens: int = 0):  # fmt: skip
         self.index, self.engine, self.layout = index, engine, layout
+        self.keep_head = keep_head  # False: every question computes its whole prompt (bench)
+        self.passage_tokens = passage_tokens  # each passage cut to its best span (trim.py)
 
     def prepare(
         self,
@@ -74,8 +99,25 @@ class Answerer:
         if not self.index.stats()["chunks"]:
             raise NoQuestion("no documents are indexed yet: run `localai index PATH` first")
         found = retrieve(self.index, question, k, source)
+        found.sources = trim(found.sources, question, self.passage_tokens, self._count)
         packed = pack(self.engine, history, found.sources, answer_tokens, layout or self.layout)
+        if self.keep_head:
+            self._keep_head(packed)
         return Prepared(question, found, packed)
+
+    def _count(self, text: str) -> int:
+        return len(self.engine.tokenize(text, special=False))
+
+    def _keep_head(self, packed: Packed) -> None:
+        """Register the head's tokens as the full prompt spells them (a merge across the
+        boundary would make the head's own tokenization differ in its last token)."""
+        keep = getattr(self.engine, "keep_prefix", None)
+        if keep is None or not packed.head:
+            return
+        full = self.engine.tokenize(self.engine.apply_chat_template(packed.messages))
+        n = shared_prefix(self.engine.tokenize(packed.head), full)
+        if n > 1:
+            keep(full[:n])
 
     def finish(self, prep: Prepared, answer: str, stats: GenerationStats) -> CitedDone:
         citations = cite(answer, prep.packed.used, self.index.read)
@@ -111,9 +153,11 @@ def ask(
     params: SamplingParams,
     k: int = DEFAULT_K,
     source: str | Path | None = None,
-) -> Iterator[Delta | CitedDone]:
-    """In-process answer: the model's deltas, the Sources list as one more delta, a CitedDone."""
+) -> Iterator[Found | Delta | CitedDone]:
+    """In-process answer: the passages (Found), the model's deltas, the Sources list as one
+    more delta, a CitedDone."""
     prep = rag.prepare([Message("user", question)], k, source, params.max_tokens)
+    yield Found(prep.found())
     for ev in chat(rag.engine, prep.messages, params):
         if isinstance(ev, Done):
             done = rag.finish(prep, ev.text, ev.stats)

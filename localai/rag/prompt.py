@@ -107,6 +107,19 @@ class Packed:
     used: list[Source]  # in rank order
     dropped: int  # passages that did not fit the budget
     budget: int  # tokens available for passages
+    head: str = ""  # the rendered prompt up to the first passage: the same for every question
+
+
+_MARK = "\x00passages\x00"  # stands where the passages go, to find where the prompt's head ends
+
+
+def prompt_head(engine: Engine, layout: Layout, system: str, history: list[Message]) -> str:
+    """The prompt text before the passages: system message, layout example and any earlier
+    turns. Passages and the question come after it, so it is shared by every question and its
+    KV can be computed once (engine/prefix.py)."""
+    text = engine.apply_chat_template(layout.messages(system, history, _MARK))
+    at = text.find(_MARK)
+    return text[:at] if at > 0 else ""
 
 
 def edges_first(items: list) -> list:
@@ -144,4 +157,4 @@ def pack(
         spent += cost
     text = "".join(block(s) for s in edges_first(used))
     return Packed(layout.messages(system, history, text), used, len(sources) - len(used),
-                  max(budget, 0))  # fmt: skip
+                  max(budget, 0), prompt_head(engine, layout, system, history))  # fmt: skip

@@ -70,9 +70,11 @@ def _refuse_unsupported(body: dict) -> None:
         raise bad_request("images are not supported: the loaded model reads text only")
 
 
-async def _respond(request, state: ServerState, events, stream: bool, piece) -> Response:
+async def _respond(request, state: ServerState, events, stream: bool, piece,
+                   found: dict | None = None) -> Response:  # fmt: skip
     """Stream NDJSON (`piece(text)` per delta, then `piece("", done)` with the done fields) or
-    return one object."""
+    return one object. An answer from documents streams the passages `found` first, in a line
+    with no text."""
     base = {"model": state.model}
 
     def render(ev) -> list[dict]:
@@ -84,7 +86,12 @@ async def _respond(request, state: ServerState, events, stream: bool, piece) -> 
         return []
 
     if stream:
-        body = framed(events, render, lambda e: {"error": e.message}, sse=False)
+        head = (
+            []
+            if found is None
+            else [base | {"created_at": _now()} | piece("") | {"done": False, "sources": found}]
+        )
+        body = framed(events, render, lambda e: {"error": e.message}, sse=False, head=head)
         return StreamingResponse(body, media_type=NDJSON_MEDIA)
     done = await collect(request, events)
     if done is None:
@@ -119,8 +126,9 @@ async def chat(request: Request) -> Response:
     tools = body.get("tools") or None
     if target.docs and tools:
         raise bad_request("answers from documents do not call tools; send one or the other")
+    found = None
     if target.docs:
-        events = await docs_events(state, msgs, params, body)
+        found, events = await docs_events(state, msgs, params, body)
     else:
         prompt = P.chat_prompt(state.engine, msgs, tools)
         tokens = P.prompt_tokens(state.engine, prompt, params)
@@ -135,7 +143,7 @@ async def chat(request: Request) -> Response:
             message["tool_calls"] = [c.ollama() for c in calls]
         return {"message": message}
 
-    return await _respond(request, state, events, stream, piece)
+    return await _respond(request, state, events, stream, piece, found)
 
 
 async def generate(request: Request) -> Response:

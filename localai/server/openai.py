@@ -101,8 +101,9 @@ async def chat_completions(request: Request) -> Response:
     if target.docs and tools:
         raise bad_request("answers from documents do not call tools; send one or the other",
                           param="tools")  # fmt: skip
+    found = None  # answers from documents: the passages, sent before the answer
     if target.docs:
-        events = await docs_events(state, msgs, params, body)
+        found, events = await docs_events(state, msgs, params, body)
     else:
         prompt = P.chat_prompt(state.engine, msgs, tools) + prefix
         tokens = P.prompt_tokens(state.engine, prompt, params)
@@ -116,7 +117,8 @@ async def chat_completions(request: Request) -> Response:
         return (_stats_of(done) if body.get("stats") else {}) | citations_of(done)
 
     if body.get("stream"):
-        return chat_stream(events, rid, created, model, _include_usage(body), extra)
+        first = {"sources": found} if found is not None else {}
+        return chat_stream(events, rid, created, model, _include_usage(body), extra, first)
     done = await collect(request, events)
     if done is None:
         return Response(status_code=499)  # client closed the request; nobody reads this
@@ -134,7 +136,8 @@ def chat_body(done: Done, rid: str, created: int, model: str, extra: dict | None
             "choices": [choice], "usage": _usage(done), **(extra or {})}  # fmt: skip
 
 
-def chat_stream(events, rid, created, model, include_usage, extra_last=None) -> Response:
+def chat_stream(events, rid, created, model, include_usage, extra_last=None,
+                extra_first=None) -> Response:  # fmt: skip
     def chunk(delta: dict, finish: str | None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return {"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -153,7 +156,7 @@ def chat_stream(events, rid, created, model, include_usage, extra_last=None) -> 
             return tail
         return []
 
-    head = [chunk({"role": "assistant", "content": ""}, None)]
+    head = [chunk({"role": "assistant", "content": ""}, None) | (extra_first or {})]
     body = framed(events, render, lambda e: e.openai_body(), sse=True, head=head)
     return StreamingResponse(body, media_type=SSE_MEDIA)
 

@@ -1,6 +1,8 @@
 """Answers from the indexed documents over HTTP (the `<model>+docs` alias or `"docs": …`).
 
-The RAG pipeline prepares the prompt on a worker thread (embedding and sqlite), generation takes
+The RAG pipeline prepares the prompt on a worker thread (embedding and sqlite) and hands back the
+passages it found (Prepared.found()), which the routes send in the stream's first chunk, before
+the model has read them: retrieval takes milliseconds, the answer seconds. Generation takes
 the same FIFO slot as any request, and when the model is done the citations are checked and the
 readable Sources list is streamed as one more delta. The final event is a CitedDone, whose
 citations the OpenAI and Ollama routes add to their last chunk or body.
@@ -31,8 +33,8 @@ def citations_of(ev) -> dict:
 
 async def docs_events(
     state: ServerState, messages: list[Message], params: SamplingParams, body: dict
-) -> AsyncIterator:
-    """Engine events of an answer from the documents, ending with a CitedDone."""
+) -> tuple[dict, AsyncIterator]:
+    """(the passages found, the engine events of the answer, ending with a CitedDone)."""
     if state.rag is None:
         raise APIError(400, state.rag_missing, param="model", code="docs_unavailable")
     docs = body.get("docs") if isinstance(body.get("docs"), dict) else {}
@@ -49,7 +51,7 @@ async def docs_events(
     engine = state.engine
     tokens = P.prompt_tokens(engine, P.chat_prompt(engine, prep.messages), params)
     inner = state.slot.stream(lambda cancel: engine.generate(tokens, params, cancel))
-    return _cited(state, prep, inner)
+    return prep.found(), _cited(state, prep, inner)
 
 
 async def _cited(state: ServerState, prep, inner: AsyncIterator) -> AsyncIterator:

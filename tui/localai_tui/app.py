@@ -19,7 +19,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Header, Input, Static, TabbedContent, TabPane
 
 from . import tools
-from .client import Answer, ClientError, DaemonClient
+from .client import Answer, ClientError, DaemonClient, Reading
 from .store import Conversation, Store, Turn
 from .widgets import (
     ChatMessage,
@@ -153,6 +153,8 @@ class LocalaiApp(App):
                 async for ev in self.client.chat(model, messages, **offer):
                     if isinstance(ev, Answer):
                         answer = ev
+                    elif isinstance(ev, Reading):
+                        self.query_one(SourcesPane).reading(ev.sources)
                     else:
                         shown += ev
                         await stream.write(ev)

@@ -25,6 +25,14 @@ class Answer:
     tool_calls: list[dict] = field(default_factory=list)  # OpenAI entries, arguments as JSON text
 
 
+@dataclass
+class Reading:
+    """An answer from documents has begun: the passages the model reads (`sources`, with
+    `passages`), sent by the daemon before the answer's first word."""
+
+    sources: dict
+
+
 class DaemonClient:
     def __init__(self, base_url: str, token: str):
         self.base_url = base_url.rstrip("/")
@@ -82,8 +90,11 @@ class DaemonClient:
             raise ClientError(f"daemon at {self.base_url} is not answering ({e})") from e
         return r.json().get("capabilities", []) if r.status_code == 200 else []
 
-    async def chat(self, model: str, messages: list[dict], **params) -> AsyncIterator[str | Answer]:
-        """Yield text deltas, then one Answer with the whole text, stats and citations."""
+    async def chat(
+        self, model: str, messages: list[dict], **params
+    ) -> AsyncIterator[str | Reading | Answer]:
+        """Yield text deltas, then one Answer with the whole text, stats and citations; an
+        answer from documents yields Reading first."""
         body = {"model": model, "messages": messages, "stream": True, "stats": True, **params}
         answer = Answer()
         try:
@@ -97,6 +108,9 @@ class DaemonClient:
                     if chunk == "[DONE]":
                         break
                     delta = _absorb(answer, chunk)
+                    if "passages" in answer.sources and not answer.text:
+                        yield Reading(answer.sources)  # the first chunk of a docs answer
+                        answer.sources = {}  # the last chunk brings the summary again
                     if delta:
                         answer.text += delta
                         yield delta

@@ -119,6 +119,17 @@ class SourcesPane(Vertical):
                 "treat it as unsupported by your documents."
             )
 
+    def reading(self, sources: dict) -> None:
+        """The passages an answer from documents is being computed from, shown at once; the
+        answer's checked citations replace them when it is done."""
+        self.citations = []
+        self.query_one("#citations", OptionList).display = False
+        lines = [f"- [{p['n']}] `{location(p)}`" for p in sources.get("passages", [])]
+        self.query_one("#passage", Markdown).update(
+            f"*Reading {len(lines)} passage(s); the answer's citations follow.*\n\n"
+            + "\n".join(lines)
+        )
+
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
         if event.option_index is not None and event.option_index < len(self.citations):
             self.show_passage(event.option_index)

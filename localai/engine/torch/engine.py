@@ -15,6 +15,7 @@ a chat, the same system prompt and documents) computes only the rest, as llama.c
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 from collections.abc import Iterator
@@ -144,6 +145,48 @@ class TorchEngine(TokenEngine):
     def forget(self) -> None:
         self.model.cache.reset()
 
+    # -- fixed prefixes (engine/prefix.py): a cache holding exactly a prefix, as bytes -------
+    def _live_ids(self) -> list[int]:
+        return list(self.model.cache.ids)
+
+    def _prefill_only(self, tokens: list[int]) -> None:
+        self.forget()
+        self._threads(self.threads)
+        for i in range(0, len(tokens), self.prefill_chunk):
+            self.model.forward(torch.tensor(tokens[i : i + self.prefill_chunk]))
+
+    def _snapshot(self) -> bytes:
+        """The filled part of every cache tensor (pages and their scales up to qend(n), the fp16
+        buffer up to n, the sinks), so a restore is exact at any KV bits."""
+        c = self.model.cache
+        q, n = c.qend(c.n), c.n
+        parts = {name: t[:, :, :end].clone() for name, t, end in _filled(c, q, n - q)}
+        buf = io.BytesIO()
+        torch.save({"n": n, **parts}, buf)
+        return buf.getvalue()
+
+    def _restore(self, tokens: list[int], data: bytes) -> None:
+        c = self.model.cache
+        try:
+            saved = torch.load(io.BytesIO(data), weights_only=True)  # tensors only: no code
+        except Exception as e:  # noqa: BLE001  (any damage: the caller computes it afresh)
+            raise EngineError(f"a saved prompt prefix could not be read: {e}") from e
+        n = saved["n"]
+        if n != len(tokens) or n > c.T:
+            raise EngineError("a saved prompt prefix does not fit this cache")
+        c.reset()
+        for name, t, end in _filled(c, c.qend(n), n - c.qend(n)):
+            if saved[name].shape != t[:, :, :end].shape:
+                raise EngineError("a saved prompt prefix has another cache layout")
+            t[:, :, :end] = saved[name]  # in place: the layers hold views of these tensors
+        c.n = c._n_next = n
+        c.ids = c._ids = list(tokens)
+
+    def prefix_identity(self) -> dict:
+        """What makes a KV snapshot valid for this engine besides the model and the tokens."""
+        cfg = self.model.cache.cfg
+        return {"backend": self.backend, "kv": dataclasses.asdict(cfg), "torch": torch.__version__}
+
     def _kv_bytes(self, n_tokens: int) -> int:
         return self.model.cache.nbytes  # allocated once for the whole context
 
@@ -236,3 +279,14 @@ class TorchEngine(TokenEngine):
             vocab.llm.close()
             self.vocab = None
         self.model = None
+
+
+def _filled(c, q: int, buffered: int):
+    """(name, tensor, how far along its token axis it holds the first q + buffered tokens)."""
+    g = c.cfg.k_group
+    ends = {"kc": q, "vc": q, "kbuf": buffered, "vbuf": buffered, "ks": q // g, "km": q // g,
+            "vs": q, "vm": q, "ksink": None, "vsink": None}  # fmt: skip
+    for name, end in ends.items():
+        t = getattr(c, name)
+        if t.dim() == 4:  # scales and sinks are empty at 16 bits
+            yield name, t, t.shape[2] if end is None else end
