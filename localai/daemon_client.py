@@ -217,10 +217,3 @@ def _events(resp) -> Iterator:
             return
     raise EngineError("the daemon closed the stream before the answer ended")
 
-
-def _stats(d: dict) -> GenerationStats:
-    """Stats as the daemon sent them (as_dict: what only some engines measure is flat beside
-    the fields; it goes back into `extra`)."""
-    known = {f.name for f in dataclasses.fields(GenerationStats)} - {"extra"}
-    return GenerationStats(**{k: v for k, v in d.items() if k in known},
-                           extra={k: v for k, v in d.items() if k not in known})  # fmt: skip
