@@ -216,4 +216,3 @@ def _events(resp) -> Iterator:
             yield CitedDone("".join(text), stats, cits, obj.get("sources", {}), "".join(text[:-1]))
             return
     raise EngineError("the daemon closed the stream before the answer ended")
-
