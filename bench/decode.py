@@ -11,7 +11,6 @@ Prints one JSON object; the ratio is localai / raw (goal >= 0.95).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -19,6 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from speed_args import speed_parser
 
 RAW = r"""
 import json, sys, time, llama_cpp
@@ -53,12 +54,7 @@ def raw_run(path: str, prompt: str, n: int, ctx: int, threads: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--ctx", type=int, default=2048)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = speed_parser()
     a = ap.parse_args()
 
     from localai.config import load_settings

@@ -20,7 +20,6 @@ direct / path ≥ 0.95).
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 from server import PROMPT, free_port, start_daemon  # bench/ is on the path when run
+from speed_args import median, speed_parser
 
 from localai.engine import Delta, Done, Message, SamplingParams
 from localai.engine.remote import RemoteEngine
@@ -86,17 +86,8 @@ def _row(k: int, t0: float, first: float, last: float, cpu0: float) -> dict:
             "client_cpu_ms_per_token": round(cpu_ms, 3)}  # fmt: skip
 
 
-def median(rows: list[dict], key: str) -> float:
-    return round(statistics.median(r[key] for r in rows), 4)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--ctx", type=int, default=2048)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = speed_parser()
     a = ap.parse_args()
     models = os.environ.get("LOCALAI_MODELS", str(Path.home() / ".cache/localai-test/models"))
     up_home = Path(tempfile.mkdtemp(prefix="localai-bench-remote-"))

@@ -16,19 +16,19 @@ Prints one JSON object; overhead = server / in-process - 1 (goal: ≤ 5%).
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from speed_args import median, speed_parser
 
 PROMPT = (
     "Run {n}. Write a detailed story about a lighthouse keeper who finds a message in a bottle."
@@ -96,17 +96,8 @@ def in_process(env: dict, a, n: int) -> dict:
     return json.loads(out)["stats"]
 
 
-def median(rows: list[dict], key: str) -> float:
-    return round(statistics.median(r[key] for r in rows), 4)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--ctx", type=int, default=2048)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = speed_parser()
     a = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="localai-bench-server-"))
     models = os.environ.get("LOCALAI_MODELS", str(Path.home() / ".cache/localai-test/models"))
