@@ -78,6 +78,10 @@ class Settings:
     # read each layer's likely experts while the layer before computes; off by default: on a
     # 2-core machine with a slow disk it read 17-30% more and lost 0-13% (BENCHMARKS.md)
     expert_prefetch: bool = False
+    # torch runner: tokens a decode step attends to at most (4096, 4K, or a share of the
+    # context such as 10%): the attention sink, the pages whose keys score best for the query,
+    # and the recent window; contexts under it stay dense (and exact). Empty: always dense
+    attn_budget: str = ""
     trace_routing: str = ""  # torch runner, MoE models: write each layer's routing here (JSONL)
     # engine "remote": an OpenAI-compatible server (another localai, llama-server, vLLM, ...)
     remote_url: str = ""  # e.g. http://gpu-box:8765 (a trailing /v1 is fine)
@@ -110,6 +114,11 @@ class Settings:
         if self.expert_budget and not _BUDGET.fullmatch(self.expert_budget.strip()):
             raise ConfigError(
                 f"expert_budget is bytes (4G, 512M) or a share (40%), not {self.expert_budget!r}"
+            )
+        if self.attn_budget and not _BUDGET.fullmatch(self.attn_budget.strip()):
+            raise ConfigError(
+                f"attn_budget is tokens (4096, 4K) or a share of the context (10%), not "
+                f"{self.attn_budget!r}"
             )
         if self.index_codec not in INDEX_CODECS:
             raise ConfigError(

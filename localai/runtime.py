@@ -96,7 +96,8 @@ def engine_loader(
                              k_bits=settings.k_bits, v_bits=settings.v_bits,
                              expert_budget=settings.expert_budget,
                              trace_routing=settings.trace_routing,
-                             expert_prefetch=settings.expert_prefetch)  # fmt: skip
+                             expert_prefetch=settings.expert_prefetch,
+                             attn_budget=settings.attn_budget)  # fmt: skip
         keep_prefixes_on_disk(engine, settings)
         return engine
 

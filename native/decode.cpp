@@ -53,7 +53,7 @@ DecodeAttention::DecodeAttention(torch::Tensor norm, double eps, std::shared_ptr
     : norm_(norm.contiguous()), bias_(bias.contiguous()), eps_(eps), qkv_(std::move(qkv)),
       o_(std::move(o)), hq_(n_heads), h_(n_kv_heads), d_(head_dim), rd_(rope_dims),
       neox_(neox), kv_(std::move(kv)), cfg_(std::move(kv_cfg)) {
-  TORCH_CHECK(kv_.size() == 11 && cfg_.size() == 4, "kv: 11 layer tensors, 4 settings");
+  TORCH_CHECK(kv_.size() == 13 && cfg_.size() == 5, "kv: 13 layer tensors, 5 settings");
   TORCH_CHECK(qkv_->out_features() == (hq_ + 2 * h_) * d_, "qkv rows do not match the heads");
   TORCH_CHECK(o_->in_features() == hq_ * d_, "o columns do not match the heads");
   TORCH_CHECK(bias_.numel() == 0 || bias_.numel() == qkv_->out_features(), "bias size");
@@ -62,7 +62,7 @@ DecodeAttention::DecodeAttention(torch::Tensor norm, double eps, std::shared_ptr
 }
 
 void DecodeAttention::forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t nq,
-                              int64_t nb) const {
+                              int64_t nb, int64_t keep, int64_t first) const {
   const int64_t E = norm_.numel(), cap = kv_[6].size(1);
   check_row(x, E, "x");
   check_row(cos, rd_ / 2, "cos");
@@ -89,9 +89,11 @@ void DecodeAttention::forward(torch::Tensor x, torch::Tensor cos, torch::Tensor 
       vb[(hh * cap + nb) * d_ + c] = at::Half(v[hh * d_ + c]);
     }
   auto qt = torch::from_blob(q, {hq_, d_}, torch::kFloat32);
+  auto pages = keep > 0 ? select_pages(qt, kv_[10], kv_[11], nq / 16, keep, first, cfg_[4] == 1)
+                        : torch::empty({0}, torch::dtype(torch::kInt32));
   auto o = decode_attention(qt, kv_[0], kv_[1], kv_[2], kv_[3], kv_[4], kv_[5], kv_[6], kv_[7],
-                            kv_[8], kv_[9], kv_[10], nq, nb + 1, cfg_[0], cfg_[1], cfg_[2],
-                            cfg_[3], 1.0 / std::sqrt(static_cast<double>(d_)));  // Hq, D
+                            kv_[8], kv_[9], kv_[12], pages, nq, nb + 1, cfg_[0], cfg_[1],
+                            cfg_[2], cfg_[3], 1.0 / std::sqrt(static_cast<double>(d_)));  // Hq, D
   o_->apply(o.data_ptr<float>(), 1, out.data());
   for (int64_t i = 0; i < E; ++i) xp[i] += out[i];
 }

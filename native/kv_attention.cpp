@@ -10,7 +10,14 @@
 // when not): the quantized tokens' weighted sum is then taken in the rotated basis and turned
 // back once per query head, which is exact since the sum is linear.
 // Packing is planar (see kvquant.py): channel p*R + r sits in byte r at bit offset p*bits.
-// The pure-torch definition is attention.decode_reference; tests hold the two to a tolerance.
+// Sparse: given `pages` ([H, P] int32, ascending page numbers of 16 tokens, per KV head), a head
+// attends to those quantized pages and the whole fp16 buffer only; `select_pages` picks them
+// from the per-page key summaries (kv.py: a centre c and spread s per channel) by the score
+// q . c + |q * s| (the L1 norm for a min/max box: the largest q . k inside it; the L2 norm for a
+// mean and standard deviation: one deviation above the mean score), maximized over the KV head's
+// query heads.
+// The pure-torch definitions are attention.decode_reference and attention.select_pages_reference;
+// tests hold each pair to a tolerance.
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -36,7 +43,60 @@ inline void half_row(const at::Half* row, int D, float* out) {
   for (int c = 0; c < D; ++c) out[c] = static_cast<float>(row[c]);
 }
 
+constexpr int64_t kPage = 16;  // tokens per page (kv.PAGE)
+
 }  // namespace
+
+torch::Tensor select_pages(torch::Tensor q,  // [Hq, D] fp32
+                           torch::Tensor kcent, torch::Tensor kspread,  // [H, P_cap, D] fp16
+                           int64_t n_pages, int64_t keep, int64_t first, bool l2) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous fp32");
+  TORCH_CHECK(kcent.dtype() == torch::kHalf && kcent.is_contiguous() &&
+                  kspread.is_contiguous() && kcent.sizes() == kspread.sizes(),
+              "page summaries must be contiguous fp16");
+  const int64_t Hq = q.size(0), D = q.size(1), H = kcent.size(0), cap = kcent.size(1);
+  TORCH_CHECK(kcent.size(2) == D && Hq % H == 0, "page summaries do not match the query");
+  TORCH_CHECK(0 <= first && first <= keep && keep < n_pages && n_pages <= cap,
+              "select_pages: need first <= keep < n_pages <= capacity");
+  const int64_t rep = Hq / H;
+  auto out = torch::empty({H, keep}, torch::dtype(torch::kInt32));
+  const float* qp = q.data_ptr<float>();
+  int32_t* op = out.data_ptr<int32_t>();
+  parallel_chunks(H, [&](int64_t h) {
+    const at::Half* cp = kcent.data_ptr<at::Half>() + h * cap * D;
+    const at::Half* sp = kspread.data_ptr<at::Half>() + h * cap * D;
+    std::vector<float> score(n_pages), a(D), b(D);
+    std::vector<int32_t> idx;
+    idx.reserve(n_pages - first);
+    for (int64_t p = first; p < n_pages; ++p) {
+      half_row(cp + p * D, D, a.data());
+      half_row(sp + p * D, D, b.data());
+      float best = -std::numeric_limits<float>::infinity();
+      for (int64_t r = 0; r < rep; ++r) {
+        const float* qr = qp + (h * rep + r) * D;
+        float centre = 0.f, spread = 0.f;
+        for (int64_t c = 0; c < D; ++c) {
+          const float d = qr[c] * b[c];
+          centre += qr[c] * a[c];
+          spread += l2 ? d * d : std::fabs(d);
+        }
+        best = std::max(best, centre + (l2 ? std::sqrt(spread) : spread));
+      }
+      score[p] = best;
+      idx.push_back(static_cast<int32_t>(p));
+    }
+    const int64_t want = keep - first;  // the rest by score (ties: the earlier page)
+    auto better = [&](int32_t x, int32_t y) {
+      return score[x] > score[y] || (score[x] == score[y] && x < y);
+    };
+    std::nth_element(idx.begin(), idx.begin() + want, idx.end(), better);
+    std::sort(idx.begin(), idx.begin() + want);
+    int32_t* o = op + h * keep;
+    for (int64_t p = 0; p < first; ++p) o[p] = static_cast<int32_t>(p);
+    std::copy(idx.begin(), idx.begin() + want, o + first);
+  });
+  return out;
+}
 
 torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
                                torch::Tensor kc, torch::Tensor ks, torch::Tensor km,
@@ -44,13 +104,18 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
                                torch::Tensor kbuf, torch::Tensor vbuf,  // [H, W+G, D] fp16
                                torch::Tensor ksink, torch::Tensor vsink,  // [H, S, D] fp16
                                torch::Tensor vrot,  // [D, D] fp32 or empty
+                               torch::Tensor pages,  // [H, P] int32, or empty: all of [0, nq)
                                int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits,
                                int64_t kg, int64_t vg, double sm_scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous fp32");
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kbuf.is_contiguous() &&
                   vbuf.is_contiguous(), "cache tensors must be contiguous");
   const int Hq = q.size(0), D = q.size(1), H = kbuf.size(0);
-  const int rep = Hq / H, N = nq + nb;
+  const bool sparse = pages.numel() > 0;
+  TORCH_CHECK(!sparse || (pages.dtype() == torch::kInt32 && pages.is_contiguous() &&
+                          pages.dim() == 2 && pages.size(0) == H), "pages must be [H, P] int32");
+  const int64_t nt = sparse ? pages.size(1) * kPage : nq;  // quantized tokens a head reads
+  const int rep = Hq / H, N = nt + nb;
   const int64_t T = kc.size(1), cap = kbuf.size(1);
   const int64_t k_row = kc.size(2), v_row = vc.size(2);
   TORCH_CHECK(nq <= T && nb <= cap && nq % kg == 0, "bad token counts");
@@ -68,24 +133,34 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
                            vrot.size(0) == D && vrot.size(1) == D), "vrot must be [D, D] fp32");
   const float* rot = rotated ? vrot.data_ptr<float>() : nullptr;
 
+  const int32_t* pg = sparse ? pages.data_ptr<int32_t>() : nullptr;
+  for (int64_t i = 0; sparse && i < pages.numel(); ++i)
+    TORCH_CHECK(pg[i] >= 0 && (pg[i] + 1) * kPage <= nq, "a page past the quantized tokens");
+
   parallel_chunks(H, [&](int64_t h0) {
     const int64_t h1 = h0 + 1;
     std::vector<float> s(static_cast<size_t>(rep) * N), row(D), qs(rep * D), qm(rep);
     std::vector<float> acc_rot(rotated ? rep * D : 0);
     for (int64_t h = h0; h < h1; ++h) {
       const float* qh = qp + h * rep * D;
+      const int32_t* hp = sparse ? pg + h * pages.size(1) : nullptr;
+      // the i-th quantized token this head reads
+      auto token = [&](int64_t i) { return sparse ? hp[i / kPage] * kPage + i % kPage : i; };
       // ---- scores over the quantized pages
-      for (int64_t t = 0; t < nq; ++t) {
+      int64_t group = -1;  // the K group folded into qs, qm
+      for (int64_t i = 0; i < nt; ++i) {
+        const int64_t t = token(i);
         if (k_bits == 16) {
           half_row(kc.data_ptr<at::Half>() + (h * T + t) * D, D, row.data());
           for (int r = 0; r < rep; ++r) {
             float acc = 0.f;
             for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
-            s[r * N + t] = acc * scale;
+            s[r * N + i] = acc * scale;
           }
           continue;
         }
-        if (t % kg == 0) {  // new K group: fold its per-channel scale and min into the query
+        if (t / kg != group) {  // new K group: fold its per-channel scale and min into the query
+          group = t / kg;
           const at::Half* sc = ks.data_ptr<at::Half>() + (h * (T / kg) + t / kg) * D;
           const at::Half* mn = km.data_ptr<at::Half>() + (h * (T / kg) + t / kg) * D;
           for (int r = 0; r < rep; ++r) {
@@ -102,7 +177,7 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
           for (int r = 0; r < rep; ++r) {
             float acc = 0.f;
             for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
-            s[r * N + t] = acc * scale;
+            s[r * N + i] = acc * scale;
           }
           continue;
         }
@@ -110,7 +185,7 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
         for (int r = 0; r < rep; ++r) {
           float acc = qm[r];
           for (int c = 0; c < D; ++c) acc += qs[r * D + c] * row[c];
-          s[r * N + t] = acc * scale;
+          s[r * N + i] = acc * scale;
         }
       }
       // ---- scores over the fp16 buffer
@@ -119,7 +194,7 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
         for (int r = 0; r < rep; ++r) {
           float acc = 0.f;
           for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
-          s[r * N + nq + t] = acc * scale;
+          s[r * N + nt + t] = acc * scale;
         }
       }
       // ---- softmax per query head
@@ -138,24 +213,26 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
       // ---- weighted sum of V
       float* oh = op + h * rep * D;
       std::fill(acc_rot.begin(), acc_rot.end(), 0.f);
-      for (int64_t t = 0; t < N; ++t) {
-        if (t < vs_n) {
+      for (int64_t i = 0; i < N; ++i) {
+        const bool quantized = i < nt;
+        const int64_t t = quantized ? token(i) : i;
+        if (quantized && t < vs_n) {
           half_row(vsink.data_ptr<at::Half>() + (h * vs_cap + t) * D, D, row.data());
-        } else if (t < nq && v_bits < 16) {
+        } else if (quantized && v_bits < 16) {
           unpack_row(vc.data_ptr<uint8_t>() + (h * T + t) * v_row, v_bits, D, row.data());
           const at::Half* sc = vs.data_ptr<at::Half>() + (h * T + t) * (D / vg);
           const at::Half* mn = vm.data_ptr<at::Half>() + (h * T + t) * (D / vg);
           for (int c = 0; c < D; ++c)
             row[c] = row[c] * static_cast<float>(sc[c / vg]) + static_cast<float>(mn[c / vg]);
-        } else if (t < nq) {
+        } else if (quantized) {
           half_row(vc.data_ptr<at::Half>() + (h * T + t) * D, D, row.data());
         } else {
-          half_row(vbuf.data_ptr<at::Half>() + (h * cap + (t - nq)) * D, D, row.data());
+          half_row(vbuf.data_ptr<at::Half>() + (h * cap + (i - nt)) * D, D, row.data());
         }
         // quantized V rows of a rotated cache go to the rotated-basis sum
-        float* dst = (rotated && t >= vs_n && t < nq) ? acc_rot.data() : oh;
+        float* dst = (rotated && quantized && t >= vs_n) ? acc_rot.data() : oh;
         for (int r = 0; r < rep; ++r) {
-          const float p = s[r * N + t];
+          const float p = s[r * N + i];
           float* o = dst + r * D;
           for (int c = 0; c < D; ++c) o[c] += p * row[c];
         }

@@ -12,7 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &ggml_dequantize, "GGUF-block rows to fp32");
   m.def("quantize", &ggml_quantize, "fp32 rows to GGUF blocks (ggml's quantizer)");
   m.def("decode_attention", &decode_attention,
-        "fused decode attention over quantized KV pages");
+        "fused decode attention over quantized KV pages (all, or a list per head)");
+  m.def("select_pages", &select_pages, "the pages a decode query attends to, per KV head");
   py::class_<QMatrices, std::shared_ptr<QMatrices>>(m, "QMatrices")
       .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>>())
       .def("__call__", &QMatrices::forward)

@@ -55,8 +55,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
                                torch::Tensor km, torch::Tensor vc, torch::Tensor vs,
                                torch::Tensor vm, torch::Tensor kbuf, torch::Tensor vbuf,
                                torch::Tensor ksink, torch::Tensor vsink, torch::Tensor vrot,
-                               int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits, int64_t kg,
+                               torch::Tensor pages, int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits, int64_t kg,
                                int64_t vg, double sm_scale);
+
+// per KV head, `keep` ascending page numbers: pages [0, first), then the best of [first, n_pages)
+// (kv.py page summaries: centre, spread; l2 for "meanstd", L1 for "minmax")
+torch::Tensor select_pages(torch::Tensor q, torch::Tensor kcent, torch::Tensor kspread,
+                           int64_t n_pages, int64_t keep, int64_t first, bool l2);
 
 // ---- decode.cpp
 // One decode step of a block's attention half: x += o(attend(rope(qkv(rms_norm(x))))), with the
@@ -68,9 +73,10 @@ class DecodeAttention {
                   int64_t n_kv_heads, int64_t head_dim, int64_t rope_dims, bool neox,
                   std::vector<torch::Tensor> kv, std::vector<int64_t> kv_cfg);
   // x: [1, E] fp32, updated in place; cos, sin: [rope_dims / 2] at the token's position;
-  // nq quantized tokens, nb buffered ones before this token (which goes to buffer row nb)
-  void forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t nq,
-               int64_t nb) const;
+  // nq quantized tokens, nb buffered ones before this token (which goes to buffer row nb);
+  // keep > 0: attend to `keep` pages of the quantized ones (select_pages, first sink pages)
+  void forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t nq, int64_t nb,
+               int64_t keep, int64_t first) const;
 
  private:
   torch::Tensor norm_, bias_;
@@ -78,8 +84,9 @@ class DecodeAttention {
   std::shared_ptr<QMatrices> qkv_, o_;
   int64_t hq_, h_, d_, rd_;
   bool neox_;
-  std::vector<torch::Tensor> kv_;  // kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink, vrot
-  std::vector<int64_t> cfg_;       // k_bits, v_bits, k_group, v_group
+  // kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink, kcent, kspread, vrot
+  std::vector<torch::Tensor> kv_;
+  std::vector<int64_t> cfg_;  // k_bits, v_bits, k_group, v_group, page summary (1: meanstd)
 };
 
 // One decode step of a dense SwiGLU FFN: x += down(silu(gate(h)) * up(h)), h = rms_norm(x).

@@ -1,6 +1,7 @@
 """The paged, quantized KV cache and decode attention: packing, chunk invariance, prefill/decode
 agreement, and the native kernel against its pure-torch reference (both paths are exercised)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -58,12 +59,11 @@ def test_sink_tokens_are_stored_exactly_and_kept_out_of_the_first_group():
     assert torch.equal(cache.dequant_k(0, end)[:, :16], k[:, :16].half().float())
     assert torch.equal(cache.dequant_v(0, end)[:, :16], v[:, :16].half().float())
     # the first group's range is that of tokens [16, 64), not widened by token 0
-    lo, hi = cache.page_key_bounds(0)
+    lo = cache.km[0, :, 0].float()  # H, D
+    hi = lo + cache.ks[0, :, 0].float() * 3
     rest = k[:, 16:64].half().float()
     slack = 1e-2 * rest.abs().amax()
-    assert (hi[:, 1:4] <= rest.amax(dim=1, keepdim=True) + slack).all()
-    assert (lo[:, 1:4] >= rest.amin(dim=1, keepdim=True) - slack).all()
-    assert torch.equal(hi[:, 0], k[:, :16].half().float().amax(dim=1))
+    assert (hi <= rest.amax(dim=1) + slack).all() and (lo >= rest.amin(dim=1) - slack).all()
 
 
 def test_rotated_v_round_trips_within_the_quantization_error():
@@ -93,17 +93,28 @@ def test_chunking_does_not_change_what_is_stored():
     assert torch.equal(a.kbuf[0, :, : 300 - q_end], k[:, q_end:].half())
 
 
-def test_page_bounds_contain_the_keys():
-    cfg = KVConfig(k_bits=4, v_bits=4, window=16, k_group=32, sink=16)
+@pytest.mark.parametrize("bits", [16, 4])
+@pytest.mark.parametrize("kind", ["meanstd", "minmax"])
+def test_page_summaries_describe_each_pages_own_keys(bits, kind):
+    """Per page (not per quantization group), sink included, from the fp16 keys."""
+    cfg = KVConfig(k_bits=bits, v_bits=bits, window=16, k_group=32, sink=16, page_summary=kind)
     k, v = kv_data(200)
     cache = KVCache(cfg, 1, H, D, 256)
     fill(cache, k, v, 50)
-    lo, hi = cache.page_key_bounds(0)
     pages = cache.qend(200) // PAGE
-    assert lo.shape == (H, pages, D)
-    keys = k[:, : pages * PAGE].reshape(H, pages, PAGE, D)
-    slack = 1e-2 * keys.abs().amax()
-    assert (keys >= lo[:, :, None] - slack).all() and (keys <= hi[:, :, None] + slack).all()
+    cent, spread = cache.page_summaries(0, pages)
+    assert cent.shape == spread.shape == (H, pages, D)
+    keys = k[:, : pages * PAGE].half().float().reshape(H, pages, PAGE, D)
+    if kind == "minmax":  # the box [centre - spread, centre + spread] holds every key
+        lo, hi = keys.amin(dim=2), keys.amax(dim=2)
+        torch.testing.assert_close(cent.float(), (lo + hi) / 2, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(spread.float(), (hi - lo) / 2, rtol=1e-3, atol=1e-3)
+    else:
+        torch.testing.assert_close(cent.float(), keys.mean(dim=2), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(spread.float(), keys.std(dim=2, correction=0), rtol=1e-3,
+                                   atol=1e-3)  # fmt: skip
+    plain = KVCache(dataclasses.replace(cfg, page_summary=""), 1, H, D, 256)
+    assert cache.bytes_per_token() == pytest.approx(plain.bytes_per_token() + 2 * H * D * 2 / PAGE)
 
 
 def test_bytes_per_token_meet_the_budget():

@@ -165,6 +165,14 @@ def engine_options(fn):
             "(bytes such as 4G, or a share of the expert bytes such as 40%).",
         ),
         click.option(
+            "--attn-budget",
+            metavar="TOKENS|PCT",
+            expose_value=False,
+            callback=_setting_flag("attn_budget"),
+            help="Torch runner: tokens a decode step attends to at most (4096, 4K, or a share "
+            "of --ctx such as 10%): the sink, the best-scoring KV pages and the recent window.",
+        ),
+        click.option(
             "--expert-prefetch/--no-expert-prefetch",
             default=None,
             expose_value=False,

@@ -43,11 +43,16 @@ def load_engine(
     expert_budget: str | None = None,
     trace_routing: str | None = None,
     expert_prefetch: bool = False,
+    attn_budget: str | None = None,
 ) -> Engine:
     """Load `path` with the named backend; the caller resolved the model (catalog.resolve_model)."""
     if backend == "llama":
         from .llamacpp import LlamaCppEngine
 
+        if attn_budget:
+            raise EngineError(
+                "an attention budget needs --engine torch (llama.cpp attends to every token)"
+            )
         if expert_budget or trace_routing:
             raise EngineError(
                 "an expert budget or a routing trace needs --engine torch (llama.cpp leaves "
@@ -60,5 +65,6 @@ def load_engine(
         return TorchEngine(path, name, context_length, threads, k_bits=k_bits, v_bits=v_bits,
                            expert_budget=expert_budget or None,
                            expert_prefetch=expert_prefetch,
+                           attn_budget=attn_budget or None,
                            trace_routing=trace_routing or None)  # fmt: skip
     raise EngineError(f"unknown engine {backend!r}; choose llama or torch")

@@ -4,6 +4,15 @@ Both read keys older than each query's window through their quantized values (se
 the result does not depend on how a prompt was chunked. Decode goes to the fused C++ kernel
 (native/kv_attention.cpp: unpack, scores, softmax and the V sum in one pass over the pages) when
 it built, else to `decode_reference`, the pure-torch definition it is tested against.
+
+Sparse decode (`keep` > 0): each KV head attends to `keep` pages of 16 quantized tokens, the
+first `first` (the attention sink) and the rest chosen by `select_pages` from the per-page key
+summaries (kv.py: a centre c and spread s per channel), plus the whole fp16 buffer (the recent
+window). A page scores q . c + |q * s|: with "minmax" summaries (c, s the middle and half-width
+of the keys' range) the L1 norm, which makes it the largest q . k any key in the page's box can
+give; with "meanstd" (mean, standard deviation) the L2 norm, the mean score plus one standard
+deviation. A KV head takes the maximum over its query heads (a GQA group shares its pages).
+Prefill stays dense.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import math
 import torch
 
 from . import native
-from .kv import KVCache
+from .kv import PAGE, KVCache
 
 # Hq query heads, H KV heads, r = Hq / H, C query tokens, N keys, D head dim
 
@@ -46,26 +55,68 @@ def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: t
     return out.reshape(hq, c, d)
 
 
-def decode_reference(cache: KVCache, layer: int, q: torch.Tensor, kf, vf) -> torch.Tensor:
-    """q: [Hq, D] at position n; kf, vf: [H, M, D] buffer tokens [qend(n + 1), n + 1)."""
+def select_pages_reference(cache: KVCache, layer: int, q: torch.Tensor, keep: int, first: int):
+    """q: [Hq, D] → [H, keep] int32 ascending page numbers among the q1 / 16 quantized pages."""
+    pages = cache.qend(cache._n_next) // PAGE
+    cent, spread = (t.float() for t in cache.page_summaries(layer, pages))  # H, P, D
+    qg = q.reshape(cent.shape[0], -1, 1, q.shape[1])  # H, r, 1, D
+    qs = qg * spread[:, None]  # H, r, P, D
+    norm = qs.norm(dim=-1) if cache.cfg.page_summary == "meanstd" else qs.abs().sum(-1)
+    score = ((qg * cent[:, None]).sum(-1) + norm).amax(dim=1)  # H, P
+    best = score[:, first:].topk(keep - first, dim=1).indices + first
+    sink = torch.arange(first).expand(cent.shape[0], first)
+    return torch.cat([sink, best], dim=1).sort(dim=1).values.int()
+
+
+def _gather_pages(x: torch.Tensor, pages: torch.Tensor | None) -> torch.Tensor:
+    """x: [H, q1, D] → the tokens of each head's pages [H, P·16, D] (all of x without pages)."""
+    if pages is None:
+        return x
+    tok = (pages[:, :, None].long() * PAGE + torch.arange(PAGE)).reshape(x.shape[0], -1)
+    return x.gather(1, tok[:, :, None].expand(-1, -1, x.shape[2]))
+
+
+def decode_reference(cache: KVCache, layer: int, q: torch.Tensor, kf, vf, pages=None):
+    """q: [Hq, D] at position n; kf, vf: [H, M, D] buffer tokens [qend(n + 1), n + 1); pages:
+    [H, P] the quantized pages each KV head reads (None: all)."""
     hq, d = q.shape
     h = kf.shape[0]
     q1 = cache.qend(cache._n_next)
     kf, vf = kf[:, q1 - cache.qend(cache.n) :], vf[:, q1 - cache.qend(cache.n) :]  # H, n+1-q1, D
-    k = torch.cat([cache.dequant_k(layer, q1), kf], dim=1)  # H, N, D
-    v = torch.cat([cache.dequant_v(layer, q1), vf], dim=1)
+    k = torch.cat([_gather_pages(cache.dequant_k(layer, q1), pages), kf], dim=1)  # H, N, D
+    v = torch.cat([_gather_pages(cache.dequant_v(layer, q1), pages), vf], dim=1)
     s = (q.reshape(h, hq // h, d) @ k.transpose(1, 2)) / math.sqrt(d)  # H, r, N
     return (torch.softmax(s, dim=-1) @ v).reshape(hq, d)
 
 
-def decode(cache: KVCache, layer: int, q: torch.Tensor, kf, vf, use_native: bool = True):
+def decode(
+    cache: KVCache,
+    layer: int,
+    q: torch.Tensor,
+    kf,
+    vf,
+    use_native: bool = True,
+    keep: int = 0,
+    first: int = 0,
+) -> torch.Tensor:
+    """Attention of one query [Hq, D]: over every cached token, or (keep > 0) over `keep`
+    selected pages of the quantized ones and the fp16 buffer."""
     kernel = native.load() if use_native else None
+    q1 = cache.qend(cache._n_next)
+    pages = None
+    if keep:
+        if kernel is None:
+            pages = select_pages_reference(cache, layer, q, keep, first)
+        else:
+            l2 = cache.cfg.page_summary == "meanstd"
+            cent, spread = cache.kcent[layer], cache.kspread[layer]
+            pages = kernel.select_pages(q.contiguous(), cent, spread, q1 // PAGE, keep, first, l2)
     if kernel is None:
-        return decode_reference(cache, layer, q, kf, vf)
-    cfg = cache.cfg
+        return decode_reference(cache, layer, q, kf, vf, pages)
+    cfg, t = cache.cfg, cache.layer_tensors(layer)
+    no_pages = torch.empty(0, dtype=torch.int32)
     return kernel.decode_attention(
-        q.contiguous(),
-        *cache.layer_tensors(layer),
-        cache.qend(cache._n_next), cache._n_next - cache.qend(cache._n_next),
+        q.contiguous(), *t[:10], t[12], no_pages if pages is None else pages,
+        q1, cache._n_next - q1,
         cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group, 1.0 / math.sqrt(q.shape[1]),
     )  # fmt: skip

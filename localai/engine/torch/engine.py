@@ -29,14 +29,16 @@ from ..base import EngineError, SamplingParams
 from ..tokengen import TokenEngine, Vocab, shared_prefix
 from . import native
 from .arch import Hparams
-from .experts import prediction_scores
-from .kv import KVConfig
+from .experts import parse_budget, prediction_scores
+from .kv import PAGE, KVConfig
 from .model import Transformer
 from .routing import TraceWriter
 from .sampler import sample
 from .weights import GGUFWeights
 
 # N tokens, C chunk, V vocabulary
+
+ATTN_BUDGET_MIN = 512  # tokens: the fp16 window (up to 256), the sink and a few pages
 
 
 class TorchEngine(TokenEngine):
@@ -63,6 +65,8 @@ class TorchEngine(TokenEngine):
         expert_budget: int | float | str | None = None,
         expert_prefetch: bool = False,
         trace_routing: Path | None = None,
+        attn_budget: int | str | None = None,
+        page_summary: str = "meanstd",
     ):
         super().__init__()
         self.path = Path(path)
@@ -87,12 +91,27 @@ class TorchEngine(TokenEngine):
         v_clip = v_bits == 2 if v_clip is None else v_clip
         pow2 = hp.head_dim & (hp.head_dim - 1) == 0
         v_rotate = v_bits == 2 and pow2 if v_rotate is None else v_rotate
+        budget = attn_budget not in (None, "", 0)  # sparse attention scores pages by summaries
         kv = KVConfig(
-            k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim), kv_sink, v_clip, v_rotate
+            k_bits,
+            v_bits,
+            kv_window,
+            k_group,
+            min(v_group, hp.head_dim),
+            kv_sink,
+            v_clip,
+            v_rotate,
+            page_summary if budget else "",
         )
         try:  # a MoE model's experts: all in place (None), or read into a budget (experts.py)
+            budget = parse_budget(attn_budget, self.context_length, "an attention budget") or 0
+            if budget and budget < ATTN_BUDGET_MIN:
+                raise ValueError(
+                    f"an attention budget below {ATTN_BUDGET_MIN} tokens leaves no room past "
+                    f"the recent window ({budget} asked)"
+                )
             self.model = Transformer(
-                weights, hp, kv, self.context_length, expert_budget, expert_prefetch
+                weights, hp, kv, self.context_length, expert_budget, expert_prefetch, budget
             )
         except ValueError as e:
             raise EngineError(str(e)) from e
@@ -224,6 +243,7 @@ class TorchEngine(TokenEngine):
             "weights_bytes": self.model.weight_bytes,
             "kv_bytes_allocated": self.model.cache.nbytes,
             "kv_bytes_per_token": round(self.model.cache.bytes_per_token(), 1),
+            "attn_budget": self.model.attn_budget,
             **(self._moe_info() if self.hp.is_moe else {}),
         }
 
@@ -250,17 +270,25 @@ class TorchEngine(TokenEngine):
         }
 
     def _extra_stats(self, since: dict | None) -> dict:
-        """A MoE request's expert cache traffic: hit rate and bytes read from disk."""
+        """One request's decode attention (KV bytes read per token, pages selected) and, for a
+        MoE model with an expert budget, its expert cache traffic (hit rate, bytes read)."""
         cache = self.model.expert_cache
-        if cache is None:
-            return {}
-        now = dataclasses.asdict(cache.stats)
+        now = {f"attn_{k}": v for k, v in dataclasses.asdict(self.model.attn_stats).items()}
+        now |= dataclasses.asdict(cache.stats) if cache is not None else {}
         if since is None:
             return now
         d = {k: now[k] - since.get(k, 0) for k in now}
-        return {"expert_hit_rate": round(d["hits"] / max(1, d["hits"] + d["misses"]), 4),
-                "expert_bytes_read": d["bytes_read"], "expert_cache_bytes": cache.used,
-                **(prediction_scores(d) if d["predicted"] else {})}  # fmt: skip
+        out = {"kv_resident_bytes": self.model.cache.nbytes}
+        if steps := d["attn_decode_steps"]:
+            out["kv_bytes_read_per_token"] = d["attn_bytes_read"] // steps
+        if sparse := d["attn_sparse_steps"]:
+            out["attn_sparse_steps"] = sparse
+            out["attn_pages_selected"] = round(d["attn_pages_selected"] / sparse, 1)
+        if cache is None:
+            return out
+        return out | {"expert_hit_rate": round(d["hits"] / max(1, d["hits"] + d["misses"]), 4),
+                      "expert_bytes_read": d["bytes_read"], "expert_cache_bytes": cache.used,
+                      **(prediction_scores(d) if d["predicted"] else {})}  # fmt: skip
 
     def shrink_experts(self) -> int:
         """Memory pressure: the expert cache down to its floor (one token's experts per layer);
@@ -285,8 +313,9 @@ def _filled(c, q: int, buffered: int):
     """(name, tensor, how far along its token axis it holds the first q + buffered tokens)."""
     g = c.cfg.k_group
     ends = {"kc": q, "vc": q, "kbuf": buffered, "vbuf": buffered, "ks": q // g, "km": q // g,
-            "vs": q, "vm": q, "ksink": None, "vsink": None}  # fmt: skip
+            "vs": q, "vm": q, "ksink": None, "vsink": None, "kcent": q // PAGE,
+            "kspread": q // PAGE}  # fmt: skip
     for name, end in ends.items():
         t = getattr(c, name)
-        if t.dim() == 4:  # scales and sinks are empty at 16 bits
+        if t.dim() == 4:  # scales and sinks are empty at 16 bits, page bounds when unused
             yield name, t, t.shape[2] if end is None else end

@@ -295,9 +295,12 @@ class CachedExperts:
         return self.cache.expert_bytes[self.layer] * m[0].shape[0]
 
 
-def parse_budget(value: int | float | str | None, total: int) -> int | None:
+def parse_budget(
+    value: int | float | str | None, total: int, what: str = "an expert budget"
+) -> int | None:
     """An expert budget as bytes: None (all resident), bytes (an int, or '512M', '2GiB'), or a
-    share of all expert bytes ('40%', or a float in (0, 1])."""
+    share of all expert bytes ('40%', or a float in (0, 1]). Also a token budget (attention:
+    4096, 4K, or a share of the context)."""
     if value is None or value == "":
         return None
     if isinstance(value, int):
@@ -314,9 +317,8 @@ def parse_budget(value: int | float | str | None, total: int) -> int | None:
                 mult = units.get(v[-1:], 1)
                 return int(float(v[:-1] if v[-1:] in units else v) * mult)
         except ValueError:
-            raise ValueError(
-                f"an expert budget is bytes (e.g. 2G) or a share (40%), not {value!r}"
-            ) from None
+            msg = f"{what} is a size (e.g. 2G) or a share (40%), not {value!r}"
+            raise ValueError(msg) from None
     if not 0 < share <= 1:
-        raise ValueError(f"an expert budget share must be in (0%, 100%], not {value!r}")
+        raise ValueError(f"{what} share must be in (0%, 100%], not {value!r}")
     return int(total * share)

@@ -15,9 +15,11 @@ Invariants, with n tokens stored and W = window, G = k_group:
 - a query at position p sees keys j < qend(p + 1) through their quantized values (tokens
   [0, sink) through their fp16 copy) and the rest in fp16, in prefill as in decode, so
   perplexity measures exactly what generation sees.
-Pages are addressable (page i = tokens [16i, 16i + 16)) and summarized by `page_key_bounds`
-(per-channel key min/max, taken from the K group scales: no extra memory), which is what a
-page-retrieval attention needs.
+Pages are addressable (page i = tokens [16i, 16i + 16)). With a `page_summary` each page also
+keeps a per-channel centre and spread of its keys, taken before quantization (2 fp16 rows per 16
+tokens, +6.25% of fp16 K/V), which sparse decode attention scores pages by (attention.py):
+"meanstd" is their mean and standard deviation, "minmax" the middle and half-width of their
+range (the box that holds them). Pages stay where they are: a selected page is read in place.
 
 A cache can be cut back to a prefix (`truncate`) so the next prompt that shares it is not
 computed again. Cutting back to m < n needs tokens [qend(m), m) in fp16: at 16 bits the pages
@@ -37,6 +39,7 @@ from . import kvquant
 # L layers, H KV heads, T tokens (capacity), D head dim, R packed bytes per row, C new tokens
 PAGE = 16
 BITS = (16, 8, 4, 2)
+SUMMARIES = ("", "meanstd", "minmax")
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,14 @@ class KVConfig:
     sink: int = 32  # first tokens kept in fp16 (attention sink); a multiple of PAGE, < k_group
     v_clip: bool = False  # search each V group's range for the least squared error
     v_rotate: bool = False  # quantize V times an orthonormal Hadamard matrix (see `hadamard`)
+    page_summary: str = ""  # "meanstd", "minmax" or "" (none): per-page keys, sparse attention
 
     def __post_init__(self) -> None:
         for b in (self.k_bits, self.v_bits):
             assert b in BITS, f"KV bits must be one of {BITS}, not {b}"
         assert self.k_group % PAGE == 0 and self.window >= 0
         assert self.sink % PAGE == 0 and 0 <= self.sink < self.k_group
+        assert self.page_summary in SUMMARIES, f"page_summary: one of {SUMMARIES}"
 
 
 class KVCache:
@@ -67,6 +72,9 @@ class KVCache:
         self.kc, self.ks, self.km = self._store(cfg.k_bits, (L, H, T // g, D))
         v_scales = (L, H, T, D // cfg.v_group) if cfg.v_bits < 16 else (0,)
         self.vc, self.vs, self.vm = self._store(cfg.v_bits, v_scales)
+        pages = (L, H, T // PAGE, D) if cfg.page_summary else (0,)
+        self.kcent = torch.zeros(pages, dtype=torch.float16)  # L, H, T/16, D (or empty)
+        self.kspread = torch.zeros(pages, dtype=torch.float16)
         self.ksink = self._sink(cfg.k_bits)  # L, H, S, D (empty at 16 bits)
         self.vsink = self._sink(cfg.v_bits)
         rotate = cfg.v_rotate and cfg.v_bits < 16
@@ -107,12 +115,24 @@ class KVCache:
 
     def _parts(self) -> tuple[torch.Tensor, ...]:
         return (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kbuf, self.vbuf,
-                self.ksink, self.vsink)  # fmt: skip
+                self.ksink, self.vsink, self.kcent, self.kspread)  # fmt: skip
 
     def bytes_per_token(self) -> float:
         """Marginal cost of one more token in pages (the fp16 buffer and sink are fixed costs)."""
-        parts = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm)
+        parts = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kcent, self.kspread)
         return sum(t.nbytes for t in parts) / self.T
+
+    def read_bytes(self, n: int, keep: int = 0) -> int:
+        """Bytes a decode step over n tokens reads from the cache, all layers: every quantized
+        token (or `keep` pages of them per head, and all the page bounds), and the fp16 window."""
+        q = self.qend(n)
+        paged = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm)
+        per_token = sum(t.nbytes for t in paged) / self.T
+        window = (n - q) * self.L * self.H * self.D * 2 * 2  # fp16 K and V
+        if not keep:
+            return int(q * per_token) + window
+        bounds = (self.kcent.nbytes + self.kspread.nbytes) * PAGE / self.T  # per page
+        return int(keep * PAGE * per_token + q // PAGE * bounds) + window
 
     def reset(self) -> None:
         self.n = self._n_next = 0
@@ -177,6 +197,10 @@ class KVCache:
     def _quantize_k(self, layer: int, k: torch.Tensor, start: int) -> None:
         """k: [H, C, D] tokens [start, start + C), C a multiple of the K group."""
         bits, g, c = self.cfg.k_bits, self.cfg.k_group, k.shape[1]
+        if self.kcent.numel():
+            cent, spread = page_summary(k.reshape(self.H, c // PAGE, PAGE, self.D), self.cfg)
+            self.kcent[layer, :, start // PAGE : (start + c) // PAGE] = cent
+            self.kspread[layer, :, start // PAGE : (start + c) // PAGE] = spread
         if bits == 16:
             self.kc[layer, :, start : start + c] = k.half()
             return
@@ -240,26 +264,23 @@ class KVCache:
         return x
 
     def layer_tensors(self, layer: int) -> list[torch.Tensor]:
-        """kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink of one layer (scales and sinks are
-        empty at 16 bits), then the V rotation (empty when V is not rotated)."""
+        """kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink, kcent, kspread of one layer (scales
+        and sinks are empty at 16 bits, page summaries without a page_summary), then the V
+        rotation (empty when V is not rotated)."""
         return [t[layer] if t.numel() else t for t in self._parts()] + [self.v_rot]
 
-    def page_key_bounds(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-page, per-channel key (min, max) over the quantized pages: [H, pages, D] each."""
-        end = self.qend(self.n)
-        if self.cfg.k_bits == 16:
-            k = self.kc[layer, :, :end].float().reshape(self.H, end // PAGE, PAGE, self.D)
-            return k.amin(dim=2), k.amax(dim=2)
-        g, levels = self.cfg.k_group, (1 << self.cfg.k_bits) - 1
-        lo = self.km[layer, :, : end // g].float()  # H, groups, D
-        hi = lo + self.ks[layer, :, : end // g].float() * levels
-        rep = g // PAGE
-        lo, hi = lo.repeat_interleave(rep, dim=1), hi.repeat_interleave(rep, dim=1)  # H, pages, D
-        s = min(self.ksink.shape[2], end) if self.ksink.numel() else 0
-        if s:  # the sink pages hold exact keys, which the first group's range excludes
-            sink = self.ksink[layer, :, :s].float().reshape(self.H, s // PAGE, PAGE, self.D)
-            lo[:, : s // PAGE], hi[:, : s // PAGE] = sink.amin(dim=2), sink.amax(dim=2)
-        return lo, hi
+    def page_summaries(self, layer: int, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-page, per-channel key (centre, spread) of the first `pages`: [H, pages, D] fp16."""
+        assert self.kcent.numel(), "pages are summarized only with a page_summary"
+        return self.kcent[layer, :, :pages], self.kspread[layer, :, :pages]
+
+
+def page_summary(pages: torch.Tensor, cfg: KVConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """pages: [H, P, 16, D] keys → per-page, per-channel (centre, spread) [H, P, D] fp16."""
+    if cfg.page_summary == "minmax":
+        lo, hi = pages.amin(dim=2), pages.amax(dim=2)
+        return ((lo + hi) / 2).half(), ((hi - lo) / 2).half()
+    return pages.mean(dim=2).half(), pages.std(dim=2, correction=0).half()
 
 
 def hadamard(n: int) -> torch.Tensor:

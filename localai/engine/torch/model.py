@@ -13,6 +13,7 @@ residual stream itself. One-token steps go through the same half-blocks fused in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -22,7 +23,7 @@ from . import attention
 from .arch import Hparams
 from .experts import ExpertCache
 from .head import make_head
-from .kv import KVCache, KVConfig
+from .kv import PAGE, KVCache, KVConfig
 from .weights import GGUFWeights, QLinear
 
 # C tokens in this forward, E model dim, Hq query heads, H KV heads, D head dim, F ffn dim,
@@ -163,10 +164,12 @@ class Attention:
         self.fused = kernel.DecodeAttention(
             self.norm, self.eps, self.qkv.native, bias, self.o.native, hp.n_heads,
             hp.n_kv_heads, hp.head_dim, hp.rope_dims, hp.spec.rope_style == "neox",
-            cache.layer_tensors(self.layer), [cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group],
+            cache.layer_tensors(self.layer),
+            [cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group, cfg.page_summary == "meanstd"],
         )  # fmt: skip
 
-    def __call__(self, x, cos, sin, cache: KVCache, use_native: bool) -> torch.Tensor:
+    def __call__(self, x, cos, sin, cache: KVCache, use_native: bool, keep: int = 0,
+                 first: int = 0) -> torch.Tensor:  # fmt: skip
         hp, c = self.hp, x.shape[0]
         hq, h, d = hp.n_heads, hp.n_kv_heads, hp.head_dim
         qkv = self.qkv(rms_norm(x, self.norm, self.eps))  # C, (Hq + 2H)·D
@@ -183,7 +186,7 @@ class Attention:
         k = apply_rope(k, cos, sin, hp.spec.rope_style)
         kf, vf = cache.write(self.layer, k.transpose(0, 1), v.transpose(0, 1))  # H, M, D
         if c == 1:
-            o = attention.decode(cache, self.layer, q[0], kf, vf, use_native)  # Hq, D
+            o = attention.decode(cache, self.layer, q[0], kf, vf, use_native, keep, first)
             return x + self.o(o.reshape(1, hq * d))
         o = attention.prefill(cache, self.layer, q.transpose(0, 1), kf, vf)  # Hq, C, D
         return x + self.o(o.transpose(0, 1).reshape(c, hq * d))
@@ -195,15 +198,31 @@ class Block:
         self.ffn = make_ffn(w, hp, i, experts)
 
 
+@dataclasses.dataclass
+class AttnStats:
+    """Decode steps and what their attention read (kv.KVCache.read_bytes)."""
+
+    decode_steps: int = 0
+    sparse_steps: int = 0  # steps that attended to selected pages only
+    pages_selected: int = 0  # pages per KV head, summed over the sparse steps
+    bytes_read: int = 0
+
+
 class Transformer:
     def __init__(self, w: GGUFWeights, hp: Hparams, kv: KVConfig, capacity: int,
                  expert_budget: int | float | str | None = None,
-                 expert_prefetch: bool = False):  # fmt: skip
+                 expert_prefetch: bool = False, attn_budget: int = 0):  # fmt: skip
         """`expert_budget`: RAM for a MoE model's experts, read on demand (experts.ExpertCache;
         bytes or a share of all expert bytes, see experts.parse_budget); None keeps them all in
         place in the memory map. `expert_prefetch`: read each layer's likely experts while the
-        layer before computes (moe.MoEFFN.predict)."""
+        layer before computes (moe.MoEFFN.predict). `attn_budget`: tokens a decode step attends
+        to at most (sparse attention, see attention.py: the sink, the best pages, the fp16
+        window); 0, or a context under the budget, is dense attention."""
         self.w, self.hp = w, hp
+        self.attn_budget = attn_budget
+        if attn_budget and not kv.page_summary:
+            kv = dataclasses.replace(kv, page_summary="meanstd")
+        self.attn_stats = AttnStats()
         self.expert_cache = None
         if hp.is_moe and expert_budget is not None:
             self.expert_cache = ExpertCache(w, hp, expert_budget)
@@ -242,20 +261,38 @@ class Transformer:
         cache.begin(c)
         cos, sin = self.cos[n : n + c], self.sin[n : n + c]  # C, rd/2
         x = self.w.rows(self.hp.name("embed"), tokens)  # C, E
+        keep, first = self._plan(n) if c == 1 else (0, 0)
         if c == 1 and self.fused_decode and cache.qend(n + 1) == cache.qend(n):
             # one token whose K/V go to the fp16 buffer: the fused C++ step (decode.cpp)
             nq = cache.qend(n)
             for b in self.blocks:
-                b.attn.fused(x, cos[0], sin[0], nq, n - nq)
+                b.attn.fused(x, cos[0], sin[0], nq, n - nq, keep, first)
                 b.ffn.step(x)
         else:
             for b in self.blocks:
-                x = b.attn(x, cos, sin, cache, self.use_native)
+                x = b.attn(x, cos, sin, cache, self.use_native, keep, first)
                 x = b.ffn(x)
+        if c == 1:
+            st = self.attn_stats
+            st.decode_steps += 1
+            st.sparse_steps += keep > 0
+            st.pages_selected += keep
+            st.bytes_read += cache.read_bytes(n + 1, keep)
         cache.commit(tokens.tolist())
         if not all_positions:
             x = x[-1:]
         return rms_norm(x, self.norm, self.hp.norm_eps)  # C, E
+
+    def _plan(self, n: int) -> tuple[int, int]:
+        """(pages per KV head, sink pages among them) for a decode step at position n under the
+        attention budget; (0, 0): dense, when every token fits the budget."""
+        if not self.attn_budget:
+            return 0, 0
+        cache = self.cache
+        q1 = cache.qend(n + 1)
+        first = max(1, cache.cfg.sink // PAGE)
+        keep = max(first + 1, (self.attn_budget - (n + 1 - q1)) // PAGE)
+        return (keep, first) if keep < q1 // PAGE else (0, 0)
 
     @property
     def weight_bytes(self) -> int:

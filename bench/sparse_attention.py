@@ -1,0 +1,202 @@
+"""Sparse decode attention (--attn-budget) against dense attention on the same long context.
+
+One haystack per context length: Python's reference docs (pydoc_data, shipped with CPython) with
+`--needles` needles ("The access code of the <colour> vault is <6 digits>.") at depths spread
+from 5% to 95%, and `--chains` variable-tracking chains (VAR A = 12345 ... VAR B = VAR A ...,
+hops spread over the document). The haystack is prefilled once (dense: prefill is not sparse);
+then for dense and each budget (a share of the context): every question is asked after the
+haystack, its tokens fed one decode step at a time so that the question reads the haystack
+through the same sparse attention as the answer, and the greedy answer (12 tokens) is checked;
+the next `--ppl-tokens` tokens of the docs are scored teacher-forced, one decode step each
+(perplexity); each side's KV bytes read per step and pages selected come from the runner's own
+stats; attention time per step is the attention kernels alone over every layer of the real
+cache (random queries: the cost does not depend on them). Prints one JSON object.
+
+    python bench/sparse_attention.py [--model qwen2.5-coder-0.5b] [--ctx 8192 16384]
+                                     [--budgets 5 10 20] [--needles 10] [--chains 3]
+                                     [--ppl-tokens 128] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+from pydoc_data.topics import topics
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from localai.config import load_settings  # noqa: E402
+from localai.engine import Message  # noqa: E402
+from localai.engine.torch import TorchEngine, attention  # noqa: E402
+from localai.runtime import open_catalog  # noqa: E402
+
+COLOURS = ["red", "blue", "green", "amber", "violet", "silver", "golden", "black", "white",
+           "orange", "purple", "brown", "grey", "teal", "ivory", "scarlet"]  # fmt: skip
+NAMES = ["QXR", "LMT", "ZBW", "KVN", "PHD", "JRF", "TGU", "YSO", "WEC", "NAI", "BOL", "MUZ"]
+
+
+def haystack(text: str, needles: int, chains: int, rng: random.Random):
+    """The document (`text` with facts inserted at sentence ends) and the questions:
+    (question, expected answer, kind)."""
+    facts: list[tuple[float, str]] = []
+    questions = []
+    for i, colour in enumerate(COLOURS[:needles]):
+        code = str(rng.randrange(100000, 999999))
+        depth = 0.05 + 0.9 * i / max(1, needles - 1)
+        facts.append((depth, f"The access code of the {colour} vault is {code}."))
+        questions.append((f"What is the access code of the {colour} vault?", code, "needle"))
+    names = NAMES[:]
+    rng.shuffle(names)
+    hops = 4
+    for c in range(chains):
+        value = str(rng.randrange(10000, 99999))
+        chain = names[c * hops : (c + 1) * hops]
+        for h, name in enumerate(chain):
+            depth = (c + 1) / (chains + 1) * 0.3 + h * 0.7 / hops  # hops far apart, in order
+            rhs = value if h == 0 else f"VAR {chain[h - 1]}"
+            facts.append((depth, f"VAR {name} = {rhs}."))
+        questions.append((f"What is the numeric value of VAR {chain[-1]}? Follow the chain of "
+                          f"VAR assignments.", value, "chain"))  # fmt: skip
+    for depth, fact in sorted(facts, reverse=True):  # from the end: earlier cuts stay valid
+        cut = text.rfind(". ", 0, int(len(text) * depth)) + 2
+        text = text[:cut] + fact + " " + text[cut:]
+    return text, questions
+
+
+def greedy(model, first: int, stop: set[int], n: int) -> list[int]:
+    out, tok = [], first
+    for _ in range(n):
+        tok = int(model.forward(torch.tensor([tok]))[-1].argmax())
+        if tok in stop:
+            break
+        out.append(tok)
+    return out
+
+
+def attention_ms(model, keep: int, first: int, reps: int = 3) -> float:
+    """Milliseconds of decode attention over all layers at the cache's length (kernels only)."""
+    hp, cache = model.hp, model.cache
+    q = torch.randn(hp.n_heads, hp.head_dim)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for layer in range(hp.n_layers):
+            attention.decode(cache, layer, q, None, None, True, keep, first)
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1000, 2)
+
+
+def side(eng, n0: int, prompt_ends: list[list[int]], questions, cont: list[int], budget: int):
+    m, stop = eng.model, {eng.vocab.llm.token_eos()}
+    end_turn = eng.tokenize("<|im_end|>", special=True)
+    stop |= set(end_turn) if len(end_turn) == 1 else set()
+    m.attn_budget = budget
+    before = dict(vars(m.attn_stats))
+    t0 = time.perf_counter()
+    results = []
+    for (_, want, kind), tail in zip(questions, prompt_ends, strict=True):
+        m.cache.truncate(n0)
+        for t in tail[:-1]:
+            m.forward(torch.tensor([t]))
+        answer = eng.detokenize(greedy(m, tail[-1], stop, 12))
+        results.append({"kind": kind, "ok": want in re.sub(r"[^0-9]", " ", answer).split(),
+                        "answer": answer.strip()[:60]})  # fmt: skip
+    m.cache.truncate(n0)
+    nll = 0.0
+    for t, nxt in zip(cont, cont[1:], strict=False):
+        logits = m.forward(torch.tensor([t]))[-1]
+        nll -= float(torch.log_softmax(logits.float(), -1)[nxt])
+    seconds = time.perf_counter() - t0
+    st = {k: v - before[k] for k, v in vars(m.attn_stats).items()}
+    m.cache.truncate(n0)
+    plan = m._plan(n0)
+    acc = {k: sum(r["ok"] for r in results if r["kind"] == k) for k in ("needle", "chain")}
+    return {
+        "budget_tokens": budget,
+        "needle_hits": acc["needle"],
+        "chain_hits": acc["chain"],
+        "ppl": round(math.exp(nll / (len(cont) - 1)), 4),
+        "decode_tokens_per_s": round(st["decode_steps"] / seconds, 2),
+        "kv_bytes_read_per_step": st["bytes_read"] // max(1, st["decode_steps"]),
+        "pages_selected": round(st["pages_selected"] / max(1, st["sparse_steps"]), 1),
+        "sparse_steps": st["sparse_steps"],
+        "attention_ms_per_step": attention_ms(m, *plan),
+        "answers": [r["answer"] for r in results],
+    }
+
+
+def run_ctx(a, path, ctx: int) -> dict:
+    rng = random.Random(ctx)
+    eng = TorchEngine(path, a.model, ctx + 512, a.threads, attn_budget=ctx + 512)
+    m = eng.model
+    docs = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = eng.tokenize(docs[: ctx * 8], special=False)
+    cut = ctx - 64 - 24 * (a.needles + 4 * a.chains)  # room for the facts and the template
+    doc, questions = haystack(eng.detokenize(ids[:cut]), a.needles, a.chains, rng)
+    rest = eng.detokenize(ids[cut:])
+    mark = "\x00"
+    full = eng.apply_chat_template([Message("user", doc + mark)])
+    head, tail = full.split(mark)
+    hay = eng.tokenize(head, special=True)
+    ends = [eng.tokenize(f"\n\n{q}{tail}", special=True) for q, _, _ in questions]
+    cont = eng.tokenize(rest, special=False)[: a.ppl_tokens]
+    eng._threads(a.threads)
+    m.cache.reset()
+    t0 = time.perf_counter()
+    for i in range(0, len(hay), eng.prefill_chunk):
+        m.forward(torch.tensor(hay[i : i + eng.prefill_chunk]))
+    prefill_s = time.perf_counter() - t0
+    n0 = m.cache.n
+    out = {"context_tokens": n0, "prefill_s": round(prefill_s, 1),
+           "questions": {"needle": a.needles, "chain": a.chains}, "sides": {}}  # fmt: skip
+    for pct in [0, *a.budgets]:
+        budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))
+        row = side(eng, n0, ends, questions, cont, budget)
+        out["sides"]["dense" if pct == 0 else f"{pct}%"] = row
+        print(json.dumps({"ctx": ctx, "side": pct, **row}), file=sys.stderr, flush=True)
+    dense = out["sides"]["dense"]
+    for row in out["sides"].values():
+        for key, name, up in (("kv_bytes_read_per_step", "kv_read_vs_dense", False),
+                              ("attention_ms_per_step", "attention_speedup", True),
+                              ("decode_tokens_per_s", "decode_speedup", False),
+                              ("ppl", "ppl_vs_dense", False)):  # fmt: skip
+            ratio = dense[key] / row[key] if up else row[key] / dense[key]
+            row[name] = round(ratio, 4)
+    eng.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--ctx", type=int, nargs="+", default=[8192, 16384])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[5, 10, 20])
+    ap.add_argument("--needles", type=int, default=10)
+    ap.add_argument("--chains", type=int, default=3)
+    ap.add_argument("--ppl-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    path = open_catalog(load_settings()).ensure(a.model)
+    out = {"bench": "sparse_attention", "model": a.model, "date": time.strftime("%Y-%m-%d"),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "threads": a.threads,
+           "load_start": round(os.getloadavg()[0], 1), "contexts": {}}  # fmt: skip
+    for ctx in a.ctx:
+        out["contexts"][str(ctx)] = run_ctx(a, path, ctx)
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["load_end"] = round(os.getloadavg()[0], 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

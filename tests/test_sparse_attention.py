@@ -1,0 +1,186 @@
+"""Sparse decode attention: page selection from per-page key bounds, the native kernels against
+their pure-torch references on sparse page lists, and the runner exact below its budget."""
+
+import pytest
+import torch
+from conftest import TEST_MODEL
+from test_kv_cache import HQ, D, H, kv_data
+
+from localai.engine import Done, Message, SamplingParams, chat
+from localai.engine.torch import TorchEngine, attention, native
+from localai.engine.torch.kv import PAGE, KVCache, KVConfig
+
+
+def sparse_case(cfg: KVConfig, n: int, seed: int = 0, needle: int | None = None):
+    """A cache of n tokens with page summaries, then the write of token n (the query q); with
+    `needle`, that token's key is the query's direction, scaled up."""
+    k, v = kv_data(n + 1, seed=n + seed)
+    q = torch.randn(HQ, D, generator=torch.Generator().manual_seed(seed + 7))
+    if needle is not None:
+        k[:, needle] = q.reshape(H, -1, D)[:, 0] * 3
+    cache = KVCache(cfg, 1, H, D, 1024)
+    for i in range(0, n, 64):
+        j = min(i + 64, n)
+        cache.begin(j - i)
+        cache.write(0, k[:, i:j], v[:, i:j])
+        cache.commit()
+    cache.begin(1)
+    kf, vf = cache.write(0, k[:, n:], v[:, n:])
+    return cache, q, kf, vf
+
+
+def cfg_of(k_bits=16, v_bits=16, **kw) -> KVConfig:
+    kw = {"window": 64, "k_group": 64, "v_group": 32, "sink": 32, "page_summary": "meanstd"} | kw
+    return KVConfig(k_bits, v_bits, **kw)
+
+
+@pytest.mark.parametrize("kind", ["meanstd", "minmax"])
+def test_a_page_that_holds_the_querys_key_is_selected(kind):
+    """A 'needle' key aligned with the query, in one page among many: that page is chosen, as
+    are the sink pages, and the list is ascending."""
+    page = 23  # of the 40 quantized ones
+    cache, q, kf, vf = sparse_case(cfg_of(page_summary=kind), 700, needle=page * PAGE + 5)
+    pages = attention.select_pages_reference(cache, 0, q, keep=6, first=2)
+    assert pages.shape == (H, 6) and pages.dtype == torch.int32
+    for h in range(H):
+        row = pages[h].tolist()
+        assert row[:2] == [0, 1] and page in row and row == sorted(row)
+
+
+@pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (4, 4), (2, 2)])
+def test_all_pages_selected_is_dense_attention(k_bits, v_bits):
+    cfg = cfg_of(k_bits, v_bits, v_rotate=k_bits == 2)
+    cache, q, kf, vf = sparse_case(cfg, 500)
+    every = torch.arange(cache.qend(501) // PAGE, dtype=torch.int32).expand(H, -1)
+    dense = attention.decode_reference(cache, 0, q, kf, vf)
+    sparse = attention.decode_reference(cache, 0, q, kf, vf, every)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+def kernel_or_skip():
+    kernel = native.load()
+    if kernel is None:
+        pytest.skip(f"native extension unavailable here: {native.status()}")
+    return kernel
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["meanstd", "minmax"])
+def test_native_page_selection_matches_the_reference(seed, kind):
+    kernel = kernel_or_skip()
+    cache, q, kf, vf = sparse_case(cfg_of(4, 4, page_summary=kind), 900, seed)
+    n_pages, l2 = cache.qend(901) // PAGE, kind == "meanstd"
+    summaries = cache.kcent[0], cache.kspread[0]
+    for keep, first in ((8, 2), (20, 2), (n_pages - 1, 1), (3, 0)):
+        ref = attention.select_pages_reference(cache, 0, q, keep, first)
+        got = kernel.select_pages(q, *summaries, n_pages, keep, first, l2)
+        assert torch.equal(got, ref), (keep, first)
+    with pytest.raises(RuntimeError, match="first <= keep < n_pages"):
+        kernel.select_pages(q, *summaries, n_pages, n_pages, 2, l2)
+
+
+@pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (8, 8), (4, 4), (2, 2), (4, 2), (16, 4)])
+@pytest.mark.parametrize("v_rotate", [False, True])
+def test_native_sparse_kernel_matches_the_reference(k_bits, v_bits, v_rotate):
+    """The kernel on a page list, pages of different K groups and the sink among them, against
+    the reference on the same list (the selection is tested above)."""
+    kernel_or_skip()
+    cfg = cfg_of(k_bits, v_bits, v_clip=True, v_rotate=v_rotate and v_bits < 16)
+    cache, q, kf, vf = sparse_case(cfg, 700)
+    keep, first = 9, 2
+    ref = attention.decode_reference(
+        cache, 0, q, kf, vf, attention.select_pages_reference(cache, 0, q, keep, first)
+    )
+    out = attention.decode(cache, 0, q, kf, vf, use_native=True, keep=keep, first=first)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    dense = attention.decode(cache, 0, q, kf, vf, use_native=True)
+    assert not torch.allclose(out, dense, atol=1e-3)  # 9 of 40 pages is not all of them
+
+
+def test_a_bad_page_list_is_refused():
+    kernel = kernel_or_skip()
+    cache, q, kf, vf = sparse_case(cfg_of(), 300)
+    t = cache.layer_tensors(0)
+    q1 = cache.qend(301)
+    bad = torch.tensor([[0, q1 // PAGE]] * H, dtype=torch.int32)  # one page past the end
+    with pytest.raises(RuntimeError, match="past the quantized tokens"):
+        kernel.decode_attention(q, *t[:10], t[12], bad, q1, 301 - q1, 16, 16, 64, 32, 0.125)
+
+
+# ---- the runner (SmolLM2-135M: 30 layers, 3 KV heads) ----------------------------------------
+
+CTX = 2048
+
+
+@pytest.fixture(scope="module")
+def engines(model_path):
+    dense = TorchEngine(model_path, TEST_MODEL, context_length=CTX, threads=1)
+    sparse = TorchEngine(model_path, TEST_MODEL, context_length=CTX, threads=1, attn_budget=512)
+    yield dense, sparse
+    dense.close()
+    sparse.close()
+
+
+def test_budget_flags_and_errors(model_path, engines):
+    dense, sparse = engines
+    assert sparse.info()["attn_budget"] == 512 and dense.info()["attn_budget"] == 0
+    with pytest.raises(Exception, match="below 512 tokens"):
+        TorchEngine(model_path, TEST_MODEL, context_length=CTX, attn_budget="10%")  # 204
+    with pytest.raises(Exception, match="an attention budget is a size"):
+        TorchEngine(model_path, TEST_MODEL, context_length=CTX, attn_budget="lots")
+
+
+def greedy(engine, prompt: str, n: int = 12):
+    events = list(
+        chat(engine, [Message("user", prompt)], SamplingParams(temperature=0.0, max_tokens=n))
+    )
+    assert isinstance(events[-1], Done)
+    return "".join(e.text for e in events[:-1]), events[-1].stats
+
+
+def pydoc_tokens(engine, n: int) -> list[int]:
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return engine.tokenize(text[: n * 8], special=False)[:n]
+
+
+def test_under_the_budget_the_output_is_bit_identical(engines):
+    """Up to 512 tokens every step is dense: the same logits, bit for bit, as no budget."""
+    dense, sparse = engines
+    prompt = "Write a short poem about the sea, then explain it. " * 6
+    assert greedy(sparse, prompt, 24)[0] == greedy(dense, prompt, 24)[0]
+    tokens = pydoc_tokens(sparse, 511)
+    logits = []
+    for eng in (dense, sparse):
+        m = eng.model
+        m.cache.reset()
+        m.forward(torch.tensor(tokens[:300]))
+        logits.append(torch.stack([m.forward(torch.tensor([t]))[-1] for t in tokens[300:]]))
+    assert torch.equal(logits[0], logits[1])
+    assert sparse.model.attn_stats.sparse_steps == 0
+
+
+def test_over_the_budget_it_reads_less_and_predicts_alike(engines):
+    """Teacher-forced decode of real text past the budget: the top token agrees with dense
+    attention at almost every step while each step reads a fraction of the KV."""
+    dense, sparse = engines
+    tokens = pydoc_tokens(sparse, 1700)
+    tops, read, nll = [], [], []
+    for eng in (dense, sparse):
+        m = eng.model
+        m.cache.reset()
+        m.forward(torch.tensor(tokens[:1600]))
+        before = m.attn_stats.bytes_read
+        logits = torch.stack([m.forward(torch.tensor([t]))[-1] for t in tokens[1600:-1]])
+        read.append(m.attn_stats.bytes_read - before)
+        tops.append(logits.argmax(-1))
+        nll.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(tokens[1601:]))))
+    agree = float((tops[0] == tops[1]).float().mean())
+    print(f"agree {agree:.3f} nll {nll} read {read[1] / read[0]:.3f}")
+    assert agree >= 0.9 and nll[1] < nll[0] * 1.04, (agree, nll)
+    assert read[1] < 0.45 * read[0], read
+    # the request stats a user sees (run --json, the HTTP API)
+    _, stats = greedy(sparse, sparse.detokenize(tokens[:1000]), 8)
+    assert stats.extra["attn_pages_selected"] > 0 and stats.extra["attn_sparse_steps"] >= 7
+    assert stats.extra["kv_bytes_read_per_token"] > 0 and stats.extra["kv_resident_bytes"] > 0
