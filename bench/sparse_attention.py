@@ -6,7 +6,7 @@ from 5% to 95%, and `--chains` variable-tracking chains (VAR A = 12345 ... VAR B
 hops spread over the document). The haystack is prefilled once (dense: prefill is not sparse);
 then for dense and each budget (a share of the context): every question is asked after the
 haystack, its tokens fed one decode step at a time so that the question reads the haystack
-through the same sparse attention as the answer, and the greedy answer (12 tokens) is checked;
+through the same sparse attention as the answer, and the greedy answer (24 tokens) is checked;
 the next `--ppl-tokens` tokens of the docs are scored teacher-forced, one decode step each
 (perplexity); each side's KV bytes read per step and pages selected come from the runner's own
 stats; attention time per step is the attention kernels alone over every layer of the real
@@ -15,11 +15,13 @@ cache (random queries: the cost does not depend on them). Prints one JSON object
     python bench/sparse_attention.py [--model qwen2.5-coder-0.5b] [--ctx 8192 16384]
                                      [--budgets 5 10 20] [--needles 10] [--chains 3]
                                      [--ppl-tokens 128] [--threads 2]
+                                     [--summaries meanstd minmax]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from localai.config import load_settings  # noqa: E402
 from localai.engine import Message  # noqa: E402
 from localai.engine.torch import TorchEngine, attention  # noqa: E402
+from localai.engine.torch.kv import PAGE, page_summary  # noqa: E402
 from localai.runtime import open_catalog  # noqa: E402
 
 COLOURS = ["red", "blue", "green", "amber", "violet", "silver", "golden", "black", "white",
@@ -109,7 +112,7 @@ def side(eng, n0: int, prompt_ends: list[list[int]], questions, cont: list[int],
         m.cache.truncate(n0)
         for t in tail[:-1]:
             m.forward(torch.tensor([t]))
-        answer = eng.detokenize(greedy(m, tail[-1], stop, 12))
+        answer = eng.detokenize(greedy(m, tail[-1], stop, 24))
         results.append({"kind": kind, "ok": want in re.sub(r"[^0-9]", " ", answer).split(),
                         "answer": answer.strip()[:60]})  # fmt: skip
     m.cache.truncate(n0)
@@ -136,6 +139,22 @@ def side(eng, n0: int, prompt_ends: list[list[int]], questions, cont: list[int],
     }
 
 
+def summarize(model, kind: str) -> None:
+    """Score pages by `kind` summaries from here on: recomputed from the fp16 keys in place (the
+    same prefill serves both kinds), and the fused decode steps bound to the new setting."""
+    cache = model.cache
+    assert cache.cfg.k_bits == 16, "summaries are recomputed from fp16 keys"
+    cache.cfg = dataclasses.replace(cache.cfg, page_summary=kind)
+    q = cache.qend(cache.n)
+    for layer in range(cache.L):
+        pages = cache.kc[layer, :, :q].float().reshape(cache.H, q // PAGE, PAGE, cache.D)
+        cent, spread = page_summary(pages, cache.cfg)
+        cache.kcent[layer, :, : q // PAGE], cache.kspread[layer, :, : q // PAGE] = cent, spread
+    if model.fused_decode:
+        for b in model.blocks:
+            b.attn.fuse(model.w.kernel, cache)
+
+
 def run_ctx(a, path, ctx: int) -> dict:
     rng = random.Random(ctx)
     eng = TorchEngine(path, a.model, ctx + 512, a.threads, attn_budget=ctx + 512)
@@ -160,11 +179,14 @@ def run_ctx(a, path, ctx: int) -> dict:
     n0 = m.cache.n
     out = {"context_tokens": n0, "prefill_s": round(prefill_s, 1),
            "questions": {"needle": a.needles, "chain": a.chains}, "sides": {}}  # fmt: skip
-    for pct in [0, *a.budgets]:
-        budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))
-        row = side(eng, n0, ends, questions, cont, budget)
-        out["sides"]["dense" if pct == 0 else f"{pct}%"] = row
-        print(json.dumps({"ctx": ctx, "side": pct, **row}), file=sys.stderr, flush=True)
+    for kind in a.summaries:
+        summarize(m, kind)
+        for pct in [0, *a.budgets] if kind == a.summaries[0] else a.budgets:
+            budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))
+            row = side(eng, n0, ends, questions, cont, budget)
+            name = "dense" if pct == 0 else f"{pct:g}% {kind}"
+            out["sides"][name] = row
+            print(json.dumps({"ctx": ctx, "side": name, **row}), file=sys.stderr, flush=True)
     dense = out["sides"]["dense"]
     for row in out["sides"].values():
         for key, name, up in (("kv_bytes_read_per_step", "kv_read_vs_dense", False),
@@ -186,6 +208,7 @@ def main() -> None:
     ap.add_argument("--chains", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--summaries", nargs="+", default=["meanstd", "minmax"])
     a = ap.parse_args()
     path = open_catalog(load_settings()).ensure(a.model)
     out = {"bench": "sparse_attention", "model": a.model, "date": time.strftime("%Y-%m-%d"),

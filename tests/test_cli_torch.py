@@ -28,6 +28,26 @@ def test_run_torch_json_stats_and_kv_bits(env):
     assert "Traceback" not in r.stderr and "llama_context" not in r.stderr
 
 
+def test_run_torch_sparse_attention_stats_and_bad_budgets(env):
+    """A prompt past the attention budget: the answer comes with what its steps read."""
+    prompt = "Summarize this text:\n\n" + topics["assignment"][:4000]
+    r = localai("run", prompt, "--model", TEST_MODEL, "--engine", "torch", "-t", "0",
+                "--max-tokens", "4", "--ctx", "2048", "--attn-budget", "25%", "--json",
+                "--no-daemon", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)["stats"]
+    assert st["prompt_tokens"] > 512 and st["attn_sparse_steps"] >= 1
+    assert 3 <= st["attn_pages_selected"] <= 512 // 16 and st["kv_resident_bytes"] > 0
+    fp16_all = 30 * 3 * 64 * 2 * 2 * st["prompt_tokens"]  # dense: every token's K and V
+    assert 0 < st["kv_bytes_read_per_token"] < 0.7 * fp16_all
+    for budget, says in (("5%", "below 512 tokens"), ("many", "is tokens (4096, 4K)")):
+        r = localai("run", "Hi", "--model", TEST_MODEL, "--engine", "torch", "--ctx", "2048",
+                    "--attn-budget", budget, "--no-daemon", env=env)  # fmt: skip
+        assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = localai("run", "Hi", "--model", TEST_MODEL, "--attn-budget", "4K", "--no-daemon", env=env)
+    assert r.returncode != 0 and "needs --engine torch" in r.stderr, r.stderr
+
+
 def test_run_torch_streams_and_refuses_overflow(env):
     r = localai("run", "--model", TEST_MODEL, "--engine", "torch", "-t", "0", "--max-tokens", "6",
                 "--no-daemon", input="Say hello.", env=env)  # fmt: skip

@@ -45,6 +45,7 @@ def test_home_from_env(clean_env, monkeypatch):
         ("type_k = 'q3'\n", "type_k must be"),
         ("threads = 'many'\n", "not a valid"),
         ("expert_prefetch = 'maybe'\n", "not a valid bool"),
+        ("attn_budget = 'half'\n", "attn_budget is tokens"),
         ("model = \n", "config.toml"),
     ],
 )
