@@ -20,7 +20,6 @@ direct / path ≥ 0.95).
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import platform
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 from server import PROMPT, free_port, start_daemon  # bench/ is on the path when run
-from speed_args import median, speed_parser
+from speed_args import median, speed_parser, stream_chat
 
 from localai.engine import Delta, Done, Message, SamplingParams
 from localai.engine.remote import RemoteEngine
@@ -40,23 +39,8 @@ def via_http(port: int, token: str, a, prompt: str) -> dict:
     body = {"model": a.model, "stream": True, "temperature": 0, "max_tokens": a.max_tokens,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
-    first = last = None
-    usage = {}
-    for raw in conn.getresponse():
-        line = raw.decode().strip()
-        if not line.startswith("data: {"):
-            continue
-        chunk = json.loads(line[6:])
-        delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
-        if delta.get("content"):
-            last = time.perf_counter()
-            first = first or last
-        usage = chunk.get("usage") or usage
-    conn.close()
+    cpu0 = time.process_time()
+    t0, first, last, usage = stream_chat(port, token, body, "usage")
     return _row(usage["completion_tokens"], t0, first, last, cpu0)
 
 

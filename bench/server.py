@@ -16,7 +16,6 @@ Prints one JSON object; overhead = server / in-process - 1 (goal: ≤ 5%).
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from speed_args import median, speed_parser
+from speed_args import median, speed_parser, stream_chat
 
 PROMPT = (
     "Run {n}. Write a detailed story about a lighthouse keeper who finds a message in a bottle."
@@ -61,28 +60,7 @@ def via_server(port: int, token: str, a, n: int) -> dict:
     body = {"model": a.model, "stream": True, "stats": True, "temperature": 0,
             "max_tokens": a.max_tokens,
             "messages": [{"role": "user", "content": PROMPT.format(n=n)}]}  # fmt: skip
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    t0 = time.perf_counter()
-    conn.request(
-        "POST",
-        "/v1/chat/completions",
-        json.dumps(body),
-        {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    resp = conn.getresponse()
-    first = last = None
-    stats = {}
-    for raw in resp:
-        line = raw.decode().strip()
-        if not line.startswith("data: {"):
-            continue
-        chunk = json.loads(line[6:])
-        delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
-        if delta.get("content"):
-            last = time.perf_counter()
-            first = first or last
-        stats = chunk.get("stats", stats)
-    conn.close()
+    t0, first, last, stats = stream_chat(port, token, body, "stats")
     k = stats["completion_tokens"]
     return {"completion_tokens": k, "ttft_s": first - t0,
             "tokens_per_s": (k - 1) / (last - first), "engine": stats}  # fmt: skip

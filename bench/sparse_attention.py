@@ -16,6 +16,7 @@ cache (random queries: the cost does not depend on them). Prints one JSON object
                                      [--budgets 5 10 20] [--needles 10] [--chains 3]
                                      [--ppl-tokens 128] [--threads 2]
                                      [--summaries meanstd minmax]
+                                     [--prefill-budgets 10 20] [--llama]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 from pydoc_data.topics import topics
 
+import llama_cpp
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -155,6 +157,26 @@ def summarize(model, kind: str) -> None:
             b.attn.fuse(model.w.kernel, cache)
 
 
+def prefill(eng, hay: list[int]) -> float:
+    m = eng.model
+    m.cache.reset()
+    t0 = time.perf_counter()
+    for i in range(0, len(hay), eng.prefill_chunk):
+        m.forward(torch.tensor(hay[i : i + eng.prefill_chunk]))
+    return time.perf_counter() - t0
+
+
+def llama_prefill(path, hay: list[int], threads: int) -> float:
+    """Seconds llama.cpp takes to prefill the same tokens (f16 KV, its default batch)."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(hay) + 64, n_threads=threads,
+                          n_batch=512, verbose=False)  # fmt: skip
+    t0 = time.perf_counter()
+    llm.eval(hay)
+    seconds = time.perf_counter() - t0
+    llm.close()
+    return round(seconds, 1)
+
+
 def run_ctx(a, path, ctx: int) -> dict:
     rng = random.Random(ctx)
     eng = TorchEngine(path, a.model, ctx + 512, a.threads, attn_budget=ctx + 512)
@@ -171,14 +193,12 @@ def run_ctx(a, path, ctx: int) -> dict:
     ends = [eng.tokenize(f"\n\n{q}{tail}", special=True) for q, _, _ in questions]
     cont = eng.tokenize(rest, special=False)[: a.ppl_tokens]
     eng._threads(a.threads)
-    m.cache.reset()
-    t0 = time.perf_counter()
-    for i in range(0, len(hay), eng.prefill_chunk):
-        m.forward(torch.tensor(hay[i : i + eng.prefill_chunk]))
-    prefill_s = time.perf_counter() - t0
+    prefill_s = prefill(eng, hay)
     n0 = m.cache.n
     out = {"context_tokens": n0, "prefill_s": round(prefill_s, 1),
            "questions": {"needle": a.needles, "chain": a.chains}, "sides": {}}  # fmt: skip
+    if a.llama:
+        out["llama_cpp_prefill_s"] = llama_prefill(path, hay, a.threads)
     for kind in a.summaries:
         summarize(m, kind)
         for pct in [0, *a.budgets] if kind == a.summaries[0] else a.budgets:
@@ -187,6 +207,17 @@ def run_ctx(a, path, ctx: int) -> dict:
             name = "dense" if pct == 0 else f"{pct:g}% {kind}"
             out["sides"][name] = row
             print(json.dumps({"ctx": ctx, "side": name, **row}), file=sys.stderr, flush=True)
+    for pct in a.prefill_budgets:  # the haystack prefilled again, sparse, then the same questions
+        kind = a.summaries[0]
+        summarize(m, kind)
+        m.attn_budget = max(512, int(n0 * pct / 100))
+        m.sparse_prefill = True
+        seconds = prefill(eng, hay)
+        m.sparse_prefill = False
+        row = side(eng, n0, ends, questions, cont, m.attn_budget) | {"prefill_s": round(seconds, 1)}
+        name = f"{pct:g}% {kind}, sparse prefill"
+        out["sides"][name] = row
+        print(json.dumps({"ctx": ctx, "side": name, **row}), file=sys.stderr, flush=True)
     dense = out["sides"]["dense"]
     for row in out["sides"].values():
         for key, name, up in (("kv_bytes_read_per_step", "kv_read_vs_dense", False),
@@ -203,12 +234,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--ctx", type=int, nargs="+", default=[8192, 16384])
-    ap.add_argument("--budgets", type=float, nargs="+", default=[5, 10, 20])
+    ap.add_argument("--budgets", type=float, nargs="*", default=[5, 10, 20])
     ap.add_argument("--needles", type=int, default=10)
     ap.add_argument("--chains", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--summaries", nargs="+", default=["meanstd", "minmax"])
+    ap.add_argument(
+        "--prefill-budgets",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also prefill sparse at these budgets (%%), then ask the same questions",
+    )
+    ap.add_argument("--llama", action="store_true", help="time llama.cpp's prefill of the haystack")
     a = ap.parse_args()
     path = open_catalog(load_settings()).ensure(a.model)
     out = {"bench": "sparse_attention", "model": a.model, "date": time.strftime("%Y-%m-%d"),

@@ -89,7 +89,8 @@ void DecodeAttention::forward(torch::Tensor x, torch::Tensor cos, torch::Tensor 
       vb[(hh * cap + nb) * d_ + c] = at::Half(v[hh * d_ + c]);
     }
   auto qt = torch::from_blob(q, {hq_, d_}, torch::kFloat32);
-  auto pages = keep > 0 ? select_pages(qt, kv_[10], kv_[11], nq / 16, keep, first, cfg_[4] == 1)
+  auto pages = keep > 0 ? select_pages(qt, kv_[10], kv_[11], nq / 16, keep, first,
+                                       cfg_[4] & 1, cfg_[4] & 2)
                         : torch::empty({0}, torch::dtype(torch::kInt32));
   auto o = decode_attention(qt, kv_[0], kv_[1], kv_[2], kv_[3], kv_[4], kv_[5], kv_[6], kv_[7],
                             kv_[8], kv_[9], kv_[12], pages, nq, nb + 1, cfg_[0], cfg_[1],

@@ -14,8 +14,9 @@
 // attends to those quantized pages and the whole fp16 buffer only; `select_pages` picks them
 // from the per-page key summaries (kv.py: a centre c and spread s per channel) by the score
 // q . c + |q * s| (the L1 norm for a min/max box: the largest q . k inside it; the L2 norm for a
-// mean and standard deviation: one deviation above the mean score), maximized over the KV head's
-// query heads.
+// mean and standard deviation: one deviation above the mean score); a KV head combines its query
+// heads' scores by their maximum, or (mass) as attention: softmax over the pages per query head,
+// summed over the heads.
 // The pure-torch definitions are attention.decode_reference and attention.select_pages_reference;
 // tests hold each pair to a tolerance.
 #include <c10/util/Half.h>
@@ -49,7 +50,8 @@ constexpr int64_t kPage = 16;  // tokens per page (kv.PAGE)
 
 torch::Tensor select_pages(torch::Tensor q,  // [Hq, D] fp32
                            torch::Tensor kcent, torch::Tensor kspread,  // [H, P_cap, D] fp16
-                           int64_t n_pages, int64_t keep, int64_t first, bool l2) {
+                           int64_t n_pages, int64_t keep, int64_t first, bool l2,
+                           bool mass) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous fp32");
   TORCH_CHECK(kcent.dtype() == torch::kHalf && kcent.is_contiguous() &&
                   kspread.is_contiguous() && kcent.sizes() == kspread.sizes(),
@@ -65,13 +67,12 @@ torch::Tensor select_pages(torch::Tensor q,  // [Hq, D] fp32
   parallel_chunks(H, [&](int64_t h) {
     const at::Half* cp = kcent.data_ptr<at::Half>() + h * cap * D;
     const at::Half* sp = kspread.data_ptr<at::Half>() + h * cap * D;
-    std::vector<float> score(n_pages), a(D), b(D);
+    std::vector<float> score(n_pages, 0.f), each(rep * n_pages), a(D), b(D);
     std::vector<int32_t> idx;
     idx.reserve(n_pages - first);
     for (int64_t p = first; p < n_pages; ++p) {
       half_row(cp + p * D, D, a.data());
       half_row(sp + p * D, D, b.data());
-      float best = -std::numeric_limits<float>::infinity();
       for (int64_t r = 0; r < rep; ++r) {
         const float* qr = qp + (h * rep + r) * D;
         float centre = 0.f, spread = 0.f;
@@ -80,10 +81,24 @@ torch::Tensor select_pages(torch::Tensor q,  // [Hq, D] fp32
           centre += qr[c] * a[c];
           spread += l2 ? d * d : std::fabs(d);
         }
-        best = std::max(best, centre + (l2 ? std::sqrt(spread) : spread));
+        each[r * n_pages + p] = centre + (l2 ? std::sqrt(spread) : spread);
       }
-      score[p] = best;
       idx.push_back(static_cast<int32_t>(p));
+    }
+    // a page's score: its largest over the query heads, or (mass) the attention the heads would
+    // give it, each head's scores softmaxed over the pages, summed over the heads
+    const float inv = 1.f / std::sqrt(static_cast<float>(D));
+    for (int64_t r = 0; r < rep; ++r) {
+      const float* e = each.data() + r * n_pages;
+      if (!mass) {
+        for (int64_t p = first; p < n_pages; ++p)
+          score[p] = r ? std::max(score[p], e[p]) : e[p];
+        continue;
+      }
+      float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+      for (int64_t p = first; p < n_pages; ++p) mx = std::max(mx, e[p]);
+      for (int64_t p = first; p < n_pages; ++p) sum += std::exp((e[p] - mx) * inv);
+      for (int64_t p = first; p < n_pages; ++p) score[p] += std::exp((e[p] - mx) * inv) / sum;
     }
     const int64_t want = keep - first;  // the rest by score (ties: the earlier page)
     auto better = [&](int32_t x, int32_t y) {

@@ -61,7 +61,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
 // per KV head, `keep` ascending page numbers: pages [0, first), then the best of [first, n_pages)
 // (kv.py page summaries: centre, spread; l2 for "meanstd", L1 for "minmax")
 torch::Tensor select_pages(torch::Tensor q, torch::Tensor kcent, torch::Tensor kspread,
-                           int64_t n_pages, int64_t keep, int64_t first, bool l2);
+                           int64_t n_pages, int64_t keep, int64_t first, bool l2, bool mass);
 
 // ---- decode.cpp
 // One decode step of a block's attention half: x += o(attend(rope(qkv(rms_norm(x))))), with the
@@ -86,7 +86,8 @@ class DecodeAttention {
   bool neox_;
   // kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink, kcent, kspread, vrot
   std::vector<torch::Tensor> kv_;
-  std::vector<int64_t> cfg_;  // k_bits, v_bits, k_group, v_group, page summary (1: meanstd)
+  // k_bits, v_bits, k_group, v_group, page selection (bit 0: meanstd, bit 1: mass)
+  std::vector<int64_t> cfg_;
 };
 
 // One decode step of a dense SwiGLU FFN: x += down(silu(gate(h)) * up(h)), h = rms_norm(x).

@@ -1,6 +1,8 @@
 """Sparse decode attention: page selection from per-page key bounds, the native kernels against
 their pure-torch references on sparse page lists, and the runner exact below its budget."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import TEST_MODEL
@@ -35,11 +37,13 @@ def cfg_of(k_bits=16, v_bits=16, **kw) -> KVConfig:
 
 
 @pytest.mark.parametrize("kind", ["meanstd", "minmax"])
-def test_a_page_that_holds_the_querys_key_is_selected(kind):
+@pytest.mark.parametrize("score", ["mass", "max"])
+def test_a_page_that_holds_the_querys_key_is_selected(kind, score):
     """A 'needle' key aligned with the query, in one page among many: that page is chosen, as
     are the sink pages, and the list is ascending."""
     page = 23  # of the 40 quantized ones
-    cache, q, kf, vf = sparse_case(cfg_of(page_summary=kind), 700, needle=page * PAGE + 5)
+    cfg = cfg_of(page_summary=kind, page_score=score)
+    cache, q, kf, vf = sparse_case(cfg, 700, needle=page * PAGE + 5)
     pages = attention.select_pages_reference(cache, 0, q, keep=6, first=2)
     assert pages.shape == (H, 6) and pages.dtype == torch.int32
     for h in range(H):
@@ -71,12 +75,14 @@ def test_native_page_selection_matches_the_reference(seed, kind):
     cache, q, kf, vf = sparse_case(cfg_of(4, 4, page_summary=kind), 900, seed)
     n_pages, l2 = cache.qend(901) // PAGE, kind == "meanstd"
     summaries = cache.kcent[0], cache.kspread[0]
-    for keep, first in ((8, 2), (20, 2), (n_pages - 1, 1), (3, 0)):
-        ref = attention.select_pages_reference(cache, 0, q, keep, first)
-        got = kernel.select_pages(q, *summaries, n_pages, keep, first, l2)
-        assert torch.equal(got, ref), (keep, first)
+    for score in ("mass", "max"):
+        cache.cfg = dataclasses.replace(cache.cfg, page_score=score)
+        for keep, first in ((8, 2), (20, 2), (n_pages - 1, 1), (3, 0)):
+            ref = attention.select_pages_reference(cache, 0, q, keep, first)
+            got = kernel.select_pages(q, *summaries, n_pages, keep, first, l2, score == "mass")
+            assert torch.equal(got, ref), (keep, first, score)
     with pytest.raises(RuntimeError, match="first <= keep < n_pages"):
-        kernel.select_pages(q, *summaries, n_pages, n_pages, 2, l2)
+        kernel.select_pages(q, *summaries, n_pages, n_pages, 2, l2, True)
 
 
 @pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (8, 8), (4, 4), (2, 2), (4, 2), (16, 4)])
@@ -145,6 +151,7 @@ def pydoc_tokens(engine, n: int) -> list[int]:
     return engine.tokenize(text[: n * 8], special=False)[:n]
 
 
+@pytest.mark.slow
 def test_under_the_budget_the_output_is_bit_identical(engines):
     """Up to 512 tokens every step is dense: the same logits, bit for bit, as no budget."""
     dense, sparse = engines
@@ -161,6 +168,7 @@ def test_under_the_budget_the_output_is_bit_identical(engines):
     assert sparse.model.attn_stats.sparse_steps == 0
 
 
+@pytest.mark.slow
 def test_over_the_budget_it_reads_less_and_predicts_alike(engines):
     """Teacher-forced decode of real text past the budget: the top token agrees with dense
     attention at almost every step while each step reads a fraction of the KV."""
@@ -184,3 +192,66 @@ def test_over_the_budget_it_reads_less_and_predicts_alike(engines):
     _, stats = greedy(sparse, sparse.detokenize(tokens[:1000]), 8)
     assert stats.extra["attn_pages_selected"] > 0 and stats.extra["attn_sparse_steps"] >= 7
     assert stats.extra["kv_bytes_read_per_token"] > 0 and stats.extra["kv_resident_bytes"] > 0
+
+
+# ---- sparse prefill ------------------------------------------------------------------------
+
+
+def chunk_case(cfg: KVConfig, n: int, c: int, needle: int | None = None):
+    """A cache of n tokens, then the write of a chunk of c; the chunk's queries (sharing a
+    direction per KV head), and with `needle` that token's key along that direction."""
+    k, v = kv_data(n + c, seed=n)
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randn(H, 1, 1, D, generator=g)
+    q = (torch.randn(H, HQ // H, c, D, generator=g) + shared).reshape(HQ, c, D)
+    if needle is not None:
+        k[:, needle] = shared[:, 0, 0] * 3
+    cache = KVCache(cfg, 1, H, D, 2048)
+    for i in range(0, n, 64):
+        j = min(i + 64, n)
+        cache.begin(j - i)
+        cache.write(0, k[:, i:j], v[:, i:j])
+        cache.commit()
+    cache.begin(c)
+    kf, vf = cache.write(0, k[:, n:], v[:, n:])
+    return cache, q, kf, vf
+
+
+@pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (4, 4), (2, 2)])
+def test_a_chunk_reading_every_page_is_dense_prefill(k_bits, v_bits):
+    cfg = cfg_of(k_bits, v_bits, v_rotate=k_bits == 2)
+    cache, q, kf, vf = chunk_case(cfg, 700, 100)
+    dense = attention.prefill(cache, 0, q, kf, vf)
+    old = cache.qend(700) // PAGE  # pages older than the chunk's window (36)
+    every = attention.prefill(cache, 0, q, kf, vf, keep=old, first=1)  # sums in another order
+    torch.testing.assert_close(every, dense, rtol=1e-4, atol=1e-5)
+    fewer = attention.prefill(cache, 0, q, kf, vf, keep=6, first=2)
+    assert not torch.allclose(fewer, dense, atol=1e-3)
+
+
+def test_a_chunk_selects_the_page_its_queries_point_at():
+    page = 17
+    cache, q, kf, vf = chunk_case(cfg_of(), 700, 100, needle=page * PAGE + 3)
+    qg = q.reshape(H, -1, D)
+    pages = attention.select_chunk_pages(cache, 0, qg, keep=6, first=2, pages=cache.qend(700) // 16)
+    for h in range(H):
+        row = pages[h].tolist()
+        assert row[:2] == [0, 1] and page in row and row == sorted(row) and len(row) == 6
+
+
+@pytest.mark.slow
+def test_sparse_prefill_scores_long_text_close_to_dense(engines):
+    """Prompt chunks past the budget read the sink, their best pages and their window: the text
+    scores close to dense attention; under the budget it is dense, bit for bit."""
+    dense, sparse = engines
+    tokens = pydoc_tokens(sparse, 1700)
+    sparse.model.sparse_prefill = True
+    try:
+        short = [e.nll(tokens[:500]) for e in (dense, sparse)]
+        nll_sparse, count = sparse.nll(tokens)
+    finally:
+        sparse.model.sparse_prefill = False
+    nll_dense, _ = dense.nll(tokens)
+    assert short[0] == short[1]
+    print(f"nll per token dense {nll_dense / count:.4f} sparse {nll_sparse / count:.4f}")
+    assert nll_dense < nll_sparse < nll_dense * 1.05

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from . import IndexError_, store
 from .bm25 import TF_BITS, docsize_lengths
-from .pg_store import PgStore, bits_of, tsvector
+from .pg_store import PgStore
 from .seam import chunked
 
 BATCH = 1000  # files per transaction (each batch scans the FTS vocabulary once)
@@ -71,25 +71,10 @@ def _copy(db, dest: PgStore, files: list[tuple]) -> int:
         for fid, path, *values in files:
             new_id = dest.upsert_file(path, values)
             rows = by_file.get(fid, [])
-            dest.conn.execute("DELETE FROM chunks WHERE file_id = %s", [new_id])
-            _insert(dest, new_id, rows, [counts.get(r[0], {}) for r in rows],
-                    [lengths.get(r[0], 0) for r in rows])  # fmt: skip
+            dest.write_chunks(new_id, [r[2:9] for r in rows], [counts.get(r[0], {}) for r in rows],
+                              [lengths.get(r[0], 0) for r in rows])  # fmt: skip
         dest.bump_generation()
     return len(chunks)
-
-
-def _insert(dest: PgStore, file_id: int, rows, counts, lengths) -> None:
-    bits = bits_of(dest.codec, [r[8] for r in rows])
-    with dest.conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO chunks (file_id, ord, start_byte, end_byte, start_line, end_line, "
-            "hash, code, bits, dl, terms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, "
-            "%s::bit(384), %s, %s::tsvector)",
-            [
-                (file_id, *r[2:9], b, n, tsvector(c))
-                for r, b, c, n in zip(rows, bits, counts, lengths, strict=True)
-            ],  # fmt: skip
-        )
 
 
 def _terms(db, ids: list[int]) -> tuple[dict[int, dict[str, int]], dict[int, int]]:

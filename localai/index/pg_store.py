@@ -188,8 +188,14 @@ class PgStore:
 
     def replace_chunks(self, file_id: int, rows: list[tuple], texts: list[str]) -> None:
         assert len(rows) == len(texts)
-        self.conn.execute("DELETE FROM chunks WHERE file_id = %s", [file_id])
         counts = term_counts(texts)
+        self.write_chunks(file_id, rows, counts, [sum(c.values()) for c in counts])
+
+    def write_chunks(self, file_id: int, rows: list[tuple], counts: list[dict],
+                     lengths: list[int]) -> None:  # fmt: skip
+        """The file's chunks become `rows` (ord, start_byte, end_byte, start_line, end_line,
+        hash, code), with their BM25 term counts and lengths (an export carries both over)."""
+        self.conn.execute("DELETE FROM chunks WHERE file_id = %s", [file_id])
         bits = bits_of(self.codec, [r[6] for r in rows])
         with self.conn.cursor() as cur:
             cur.executemany(
@@ -197,8 +203,8 @@ class PgStore:
                 "hash, code, bits, dl, terms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, "
                 "%s::bit(384), %s, %s::tsvector)",
                 [
-                    (file_id, *r, b, sum(c.values()), tsvector(c))
-                    for r, b, c in zip(rows, bits, counts, strict=True)
+                    (file_id, *r, b, n, tsvector(c))
+                    for r, b, c, n in zip(rows, bits, counts, lengths, strict=True)
                 ],  # fmt: skip
             )
 

@@ -11,7 +11,8 @@ summaries (kv.py: a centre c and spread s per channel), plus the whole fp16 buff
 window). A page scores q . c + |q * s|: with "minmax" summaries (c, s the middle and half-width
 of the keys' range) the L1 norm, which makes it the largest q . k any key in the page's box can
 give; with "meanstd" (mean, standard deviation) the L2 norm, the mean score plus one standard
-deviation. A KV head takes the maximum over its query heads (a GQA group shares its pages).
+deviation. A KV head (its query heads share its pages) combines its query heads' scores as
+attention ("mass": each head's softmax over the pages, summed) or by their maximum ("max").
 Prefill stays dense.
 """
 
@@ -27,9 +28,12 @@ from .kv import PAGE, KVCache
 # Hq query heads, H KV heads, r = Hq / H, C query tokens, N keys, D head dim
 
 
-def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor):
+def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor,
+            keep: int = 0, first: int = 0):  # fmt: skip
     """q: [Hq, C, D] for positions [n, n + C); kf, vf: [H, M, D] fp16-exact keys/values of tokens
-    [qend(n), n + C) from `cache.write`. Returns [Hq, C, D]."""
+    [qend(n), n + C) from `cache.write`. Returns [Hq, C, D]. With `keep` (sparse prefill) the
+    chunk reads, of the pages older than its window, the first `first` and the `keep` - `first`
+    that `select_chunk_pages` finds the chunk attends to most."""
     hq, c, d = q.shape
     h = kf.shape[0]
     n, n2 = cache.n, cache._n_next
@@ -46,10 +50,17 @@ def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: t
     if q1 == 0:
         p = torch.softmax(s_full, dim=-1)
         return (p.reshape(h, -1, kf.shape[1]) @ vf).reshape(hq, c, d)
-    kq, vq = cache.dequant_k(layer, q1), cache.dequant_v(layer, q1)  # H, q1, D
+    if keep:  # the chosen pages, and those quantized in this forward (inside its window)
+        old = select_chunk_pages(cache, layer, qg, keep, first, q0 // PAGE)
+        tok = page_tokens(torch.cat([old, torch.arange(q0 // PAGE, q1 // PAGE).expand(h, -1)], 1))
+    else:
+        tok = torch.arange(q1)[None, :]
+    which = tok if keep else q1  # all of [0, q1): a slice, cheaper than a gather
+    kq, vq = cache.dequant_k(layer, which), cache.dequant_v(layer, which)
+    q1 = kq.shape[1]  # quantized keys read: H, q1, D
     s_q = (qg @ kq.transpose(1, 2)).mul_(scale).reshape(h, hq // h, c, q1)  # H, r, C, q1
-    q_ok = torch.arange(q1)[None, :] < bound[:, None]  # C, q1
-    s_q.masked_fill_(~q_ok, float("-inf"))
+    q_ok = tok[:, None, :] < bound[None, :, None]  # H or 1, C, q1
+    s_q.masked_fill_(~q_ok[:, None], float("-inf"))
     p = torch.softmax(torch.cat([s_q, s_full], dim=-1), dim=-1)  # H, r, C, q1 + M
     out = p[..., :q1].reshape(h, -1, q1) @ vq + p[..., q1:].reshape(h, -1, kf.shape[1]) @ vf
     return out.reshape(hq, c, d)
@@ -62,18 +73,37 @@ def select_pages_reference(cache: KVCache, layer: int, q: torch.Tensor, keep: in
     qg = q.reshape(cent.shape[0], -1, 1, q.shape[1])  # H, r, 1, D
     qs = qg * spread[:, None]  # H, r, P, D
     norm = qs.norm(dim=-1) if cache.cfg.page_summary == "meanstd" else qs.abs().sum(-1)
-    score = ((qg * cent[:, None]).sum(-1) + norm).amax(dim=1)  # H, P
+    each = (qg * cent[:, None]).sum(-1) + norm  # H, r, P
+    if cache.cfg.page_score == "max":
+        score = each.amax(dim=1)  # H, P
+    else:  # softmax over the candidate pages per query head, summed over the heads
+        score = torch.zeros_like(each[:, 0])
+        score[:, first:] = torch.softmax(each[:, :, first:] / math.sqrt(q.shape[1]), -1).sum(1)
     best = score[:, first:].topk(keep - first, dim=1).indices + first
     sink = torch.arange(first).expand(cent.shape[0], first)
     return torch.cat([sink, best], dim=1).sort(dim=1).values.int()
 
 
-def _gather_pages(x: torch.Tensor, pages: torch.Tensor | None) -> torch.Tensor:
-    """x: [H, q1, D] → the tokens of each head's pages [H, P·16, D] (all of x without pages)."""
-    if pages is None:
-        return x
-    tok = (pages[:, :, None].long() * PAGE + torch.arange(PAGE)).reshape(x.shape[0], -1)
-    return x.gather(1, tok[:, :, None].expand(-1, -1, x.shape[2]))
+def select_chunk_pages(cache: KVCache, layer: int, qg: torch.Tensor, keep: int, first: int,
+                       pages: int) -> torch.Tensor:  # fmt: skip
+    """A prefill chunk's pages among the first `pages`: [0, first), then the keep - first with the
+    most estimated attention, each query's page scores (as in decode) softmaxed over the pages
+    and summed over the chunk's queries and the KV head's query heads. qg: [H, r·C, D]."""
+    cent, spread = (t.float() for t in cache.page_summaries(layer, pages))  # H, P, D
+    score = qg @ cent.transpose(1, 2)  # H, r·C, P
+    if cache.cfg.page_summary == "meanstd":
+        score += (qg.square() @ spread.square().transpose(1, 2)).sqrt_()
+    else:
+        score += qg.abs() @ spread.transpose(1, 2)
+    mass = torch.softmax(score[:, :, first:] / math.sqrt(qg.shape[2]), dim=-1).sum(dim=1)
+    best = mass.topk(keep - first, dim=1).indices + first  # H, keep - first
+    sink = torch.arange(first).expand(qg.shape[0], first)
+    return torch.cat([sink, best], dim=1).sort(dim=1).values
+
+
+def page_tokens(pages: torch.Tensor) -> torch.Tensor:
+    """[H, P] page numbers → [H, P·16] the token numbers they hold."""
+    return (pages[:, :, None].long() * PAGE + torch.arange(PAGE)).reshape(pages.shape[0], -1)
 
 
 def decode_reference(cache: KVCache, layer: int, q: torch.Tensor, kf, vf, pages=None):
@@ -83,8 +113,9 @@ def decode_reference(cache: KVCache, layer: int, q: torch.Tensor, kf, vf, pages=
     h = kf.shape[0]
     q1 = cache.qend(cache._n_next)
     kf, vf = kf[:, q1 - cache.qend(cache.n) :], vf[:, q1 - cache.qend(cache.n) :]  # H, n+1-q1, D
-    k = torch.cat([_gather_pages(cache.dequant_k(layer, q1), pages), kf], dim=1)  # H, N, D
-    v = torch.cat([_gather_pages(cache.dequant_v(layer, q1), pages), vf], dim=1)
+    tok = q1 if pages is None else page_tokens(pages)
+    k = torch.cat([cache.dequant_k(layer, tok), kf], dim=1)  # H, N, D
+    v = torch.cat([cache.dequant_v(layer, tok), vf], dim=1)
     s = (q.reshape(h, hq // h, d) @ k.transpose(1, 2)) / math.sqrt(d)  # H, r, N
     return (torch.softmax(s, dim=-1) @ v).reshape(hq, d)
 
@@ -108,9 +139,11 @@ def decode(
         if kernel is None:
             pages = select_pages_reference(cache, layer, q, keep, first)
         else:
-            l2 = cache.cfg.page_summary == "meanstd"
-            cent, spread = cache.kcent[layer], cache.kspread[layer]
-            pages = kernel.select_pages(q.contiguous(), cent, spread, q1 // PAGE, keep, first, l2)
+            cfg = cache.cfg
+            pages = kernel.select_pages(
+                q.contiguous(), cache.kcent[layer], cache.kspread[layer], q1 // PAGE, keep, first,
+                cfg.page_summary == "meanstd", cfg.page_score == "mass",
+            )  # fmt: skip
     if kernel is None:
         return decode_reference(cache, layer, q, kf, vf, pages)
     cfg, t = cache.cfg, cache.layer_tensors(layer)

@@ -16,6 +16,7 @@ layer's expert bytes, resident or not); a cache's store also takes `prefetch(ids
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -123,7 +124,7 @@ class ExpertCache:
         self._lru: OrderedDict[tuple[int, int], Future] = OrderedDict()
         self._ahead: set[tuple[int, int]] = set()  # prefetched, not asked for yet
         self._predicted: dict[int, set[int]] = {}  # layer → experts predicted for its next step
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # RLock: a finished read's callback may run in `_want`
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="localai-experts")
         self._fd = os.open(w.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
@@ -183,7 +184,19 @@ class ExpertCache:
         if size <= self.budget:  # an expert larger than the whole budget is used, not kept
             self._lru[key] = fut
             self.used += size
+            fut.add_done_callback(functools.partial(self._drop_failed, key))
         return fut
+
+    def _drop_failed(self, key: tuple[int, int], fut: Future) -> None:
+        """A failed read leaves the cache (asked again, it is read again); only its own entry,
+        since the key may have been evicted and asked for again while it was read."""
+        if fut.cancelled() or fut.exception() is None:
+            return
+        with self._lock:
+            if self._lru.get(key) is fut:
+                del self._lru[key]
+                self.used -= self.expert_bytes[key[0]]
+                self._ahead.discard(key)
 
     def _count_hit(self, key: tuple[int, int], ahead: bool) -> None:
         if ahead:
@@ -194,17 +207,9 @@ class ExpertCache:
             self.stats.prefetch_used += 1
 
     def _load(self, key: tuple[int, int]) -> tuple[QLinear, QLinear]:
-        """Read one expert (on an I/O thread). A failed read leaves the cache: asked again, it
-        is read again."""
+        """Read one expert (on an I/O thread); a failure is the future's (`_drop_failed`)."""
         layer, e = key
-        try:
-            loaded = pair([self._read(t, e) for t in self.layers[layer]], self.kernel)
-        except BaseException:
-            with self._lock:
-                if self._lru.pop(key, None) is not None:
-                    self.used -= self.expert_bytes[layer]
-                self._ahead.discard(key)
-            raise
+        loaded = pair([self._read(t, e) for t in self.layers[layer]], self.kernel)
         with self._lock:
             self.stats.bytes_read += self.expert_bytes[layer]
         return loaded

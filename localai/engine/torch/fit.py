@@ -66,7 +66,9 @@ def probe(home: Path, sample: Path, threads: int, refresh: bool = False) -> Prob
     found = Probe(disk_rate(sample), matvec_rate(threads), threads, key)
     known[key] = asdict(found)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(known, indent=1))
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=1))
+    os.replace(tmp, cache)  # two probing processes: one whole file wins, never a torn one
     return found
 
 

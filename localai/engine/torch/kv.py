@@ -53,6 +53,7 @@ class KVConfig:
     v_clip: bool = False  # search each V group's range for the least squared error
     v_rotate: bool = False  # quantize V times an orthonormal Hadamard matrix (see `hadamard`)
     page_summary: str = ""  # "meanstd", "minmax" or "" (none): per-page keys, sparse attention
+    page_score: str = "mass"  # a KV head's page score from its query heads': "mass" or "max"
 
     def __post_init__(self) -> None:
         for b in (self.k_bits, self.v_bits):
@@ -60,6 +61,12 @@ class KVConfig:
         assert self.k_group % PAGE == 0 and self.window >= 0
         assert self.sink % PAGE == 0 and 0 <= self.sink < self.k_group
         assert self.page_summary in SUMMARIES, f"page_summary: one of {SUMMARIES}"
+        assert self.page_score in ("mass", "max")
+
+    @property
+    def selection_flags(self) -> int:
+        """The page selection as the C++ step reads it: bit 0 meanstd, bit 1 mass."""
+        return (self.page_summary == "meanstd") | (self.page_score == "mass") << 1
 
 
 class KVCache:
@@ -233,35 +240,28 @@ class KVCache:
         self.vm[layer, :, start : start + c] = lo[..., 0]
 
     # -- reading ----------------------------------------------------------------------------
-    def dequant_k(self, layer: int, end: int) -> torch.Tensor:
-        """Quantized keys of tokens [0, end) as fp32 [H, end, D]; end is a K group boundary."""
+    def dequant_k(self, layer: int, tok: int | torch.Tensor) -> torch.Tensor:
+        """Quantized keys as fp32: of tokens [0, tok) ([H, tok, D]; tok a K group boundary), or
+        of the token numbers `tok` [H, M] of each head ([H, M, D])."""
         bits, g = self.cfg.k_bits, self.cfg.k_group
         if bits == 16:
-            return self.kc[layer, :, :end].float()
-        codes = kvquant.unpack(self.kc[layer, :, :end], bits)  # H, end, D
-        scale = self.ks[layer, :, : end // g].repeat_interleave(g, dim=1)  # H, end, D
-        lo = self.km[layer, :, : end // g].repeat_interleave(g, dim=1)
-        return self._with_sink(kvquant.dequantize(codes, scale, lo), self.ksink, layer)
+            return _take(self.kc[layer], tok).float()
+        codes = kvquant.unpack(_take(self.kc[layer], tok), bits)  # H, M, D
+        scale = _per_token(self.ks[layer], tok, g)  # H, M, D
+        lo = _per_token(self.km[layer], tok, g)
+        return _with_sink(kvquant.dequantize(codes, scale, lo), self.ksink, layer, tok)
 
-    def dequant_v(self, layer: int, end: int) -> torch.Tensor:
+    def dequant_v(self, layer: int, tok: int | torch.Tensor) -> torch.Tensor:
         bits, gv = self.cfg.v_bits, self.cfg.v_group
         if bits == 16:
-            return self.vc[layer, :, :end].float()
-        codes = kvquant.unpack(self.vc[layer, :, :end], bits)  # H, end, D
-        scale = self.vs[layer, :, :end].repeat_interleave(gv, dim=2)  # H, end, D
-        lo = self.vm[layer, :, :end].repeat_interleave(gv, dim=2)
-        v = kvquant.dequantize(codes, scale, lo)  # H, end, D
+            return _take(self.vc[layer], tok).float()
+        codes = kvquant.unpack(_take(self.vc[layer], tok), bits)  # H, M, D
+        scale = _take(self.vs[layer], tok).repeat_interleave(gv, dim=2)  # H, M, D
+        lo = _take(self.vm[layer], tok).repeat_interleave(gv, dim=2)
+        v = kvquant.dequantize(codes, scale, lo)  # H, M, D
         if self.v_rot.numel():
             v = v @ self.v_rot.T
-        return self._with_sink(v, self.vsink, layer)
-
-    @staticmethod
-    def _with_sink(x: torch.Tensor, sink: torch.Tensor, layer: int) -> torch.Tensor:
-        """x: [H, end, D] dequantized tokens [0, end); the sink tokens replaced by their fp16."""
-        if sink.numel():
-            s = min(sink.shape[2], x.shape[1])
-            x[:, :s] = sink[layer, :, :s].float()
-        return x
+        return _with_sink(v, self.vsink, layer, tok)
 
     def layer_tensors(self, layer: int) -> list[torch.Tensor]:
         """kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink, kcent, kspread of one layer (scales
@@ -273,6 +273,33 @@ class KVCache:
         """Per-page, per-channel key (centre, spread) of the first `pages`: [H, pages, D] fp16."""
         assert self.kcent.numel(), "pages are summarized only with a page_summary"
         return self.kcent[layer, :, :pages], self.kspread[layer, :, :pages]
+
+
+def _take(t: torch.Tensor, tok: int | torch.Tensor) -> torch.Tensor:
+    """t: [H, T, X] → rows [0, tok) ([H, tok, X]), or each head's rows `tok` [H, M] ([H, M, X])."""
+    if isinstance(tok, int):
+        return t[:, :tok]
+    return t.gather(1, tok[:, :, None].expand(-1, -1, t.shape[2]))
+
+
+def _per_token(scales: torch.Tensor, tok: int | torch.Tensor, g: int) -> torch.Tensor:
+    """Per-group rows [H, T/g, X] → one row per token of `tok` (see `_take`), [H, M, X]."""
+    if isinstance(tok, int):
+        return scales[:, : tok // g].repeat_interleave(g, dim=1)
+    return _take(scales, tok // g)
+
+
+def _with_sink(x: torch.Tensor, sink: torch.Tensor, layer: int, tok) -> torch.Tensor:
+    """x: [H, M, D] dequantized tokens `tok` (see `_take`); sink tokens replaced by their fp16."""
+    if not sink.numel():
+        return x
+    s = sink.shape[2]
+    if isinstance(tok, int):
+        s = min(s, tok)
+        x[:, :s] = sink[layer, :, :s].float()
+        return x
+    exact = _take(sink[layer], tok.clamp(max=s - 1)).float()
+    return torch.where((tok < s)[:, :, None], exact, x)
 
 
 def page_summary(pages: torch.Tensor, cfg: KVConfig) -> tuple[torch.Tensor, torch.Tensor]:

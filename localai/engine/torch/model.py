@@ -165,7 +165,7 @@ class Attention:
             self.norm, self.eps, self.qkv.native, bias, self.o.native, hp.n_heads,
             hp.n_kv_heads, hp.head_dim, hp.rope_dims, hp.spec.rope_style == "neox",
             cache.layer_tensors(self.layer),
-            [cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group, cfg.page_summary == "meanstd"],
+            [cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group, cfg.selection_flags],
         )  # fmt: skip
 
     def __call__(self, x, cos, sin, cache: KVCache, use_native: bool, keep: int = 0,
@@ -188,7 +188,7 @@ class Attention:
         if c == 1:
             o = attention.decode(cache, self.layer, q[0], kf, vf, use_native, keep, first)
             return x + self.o(o.reshape(1, hq * d))
-        o = attention.prefill(cache, self.layer, q.transpose(0, 1), kf, vf)  # Hq, C, D
+        o = attention.prefill(cache, self.layer, q.transpose(0, 1), kf, vf, keep, first)
         return x + self.o(o.transpose(0, 1).reshape(c, hq * d))
 
 
@@ -220,6 +220,7 @@ class Transformer:
         window); 0, or a context under the budget, is dense attention."""
         self.w, self.hp = w, hp
         self.attn_budget = attn_budget
+        self.sparse_prefill = False  # prompts' chunks too (attention.select_chunk_pages)
         if attn_budget and not kv.page_summary:
             kv = dataclasses.replace(kv, page_summary="meanstd")
         self.attn_stats = AttnStats()
@@ -261,7 +262,7 @@ class Transformer:
         cache.begin(c)
         cos, sin = self.cos[n : n + c], self.sin[n : n + c]  # C, rd/2
         x = self.w.rows(self.hp.name("embed"), tokens)  # C, E
-        keep, first = self._plan(n) if c == 1 else (0, 0)
+        keep, first = self._plan(n) if c == 1 else self._plan_chunk(n, c)
         if c == 1 and self.fused_decode and cache.qend(n + 1) == cache.qend(n):
             # one token whose K/V go to the fp16 buffer: the fused C++ step (decode.cpp)
             nq = cache.qend(n)
@@ -293,6 +294,17 @@ class Transformer:
         first = max(1, cache.cfg.sink // PAGE)
         keep = max(first + 1, (self.attn_budget - (n + 1 - q1)) // PAGE)
         return (keep, first) if keep < q1 // PAGE else (0, 0)
+
+    def _plan_chunk(self, n: int, c: int) -> tuple[int, int]:
+        """(pages older than the window to read, sink pages among them) for a prefill chunk of c
+        tokens at n with sparse prefill; (0, 0): dense."""
+        if not (self.attn_budget and self.sparse_prefill):
+            return 0, 0
+        cache = self.cache
+        q0 = cache.qend(n)
+        first = max(1, cache.cfg.sink // PAGE)
+        keep = max(first + 1, (self.attn_budget - (n + c - q0)) // PAGE)
+        return (keep, first) if keep < q0 // PAGE else (0, 0)
 
     @property
     def weight_bytes(self) -> int:
