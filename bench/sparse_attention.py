@@ -15,7 +15,7 @@ cache (random queries: the cost does not depend on them). Prints one JSON object
     python bench/sparse_attention.py [--model qwen2.5-coder-0.5b] [--ctx 8192 16384]
                                      [--budgets 5 10 20] [--needles 10] [--chains 3]
                                      [--ppl-tokens 128] [--threads 2]
-                                     [--summaries meanstd minmax]
+                                     [--summaries meanstd minmax] [--score mass|max]
                                      [--prefill-budgets 10 20] [--llama]
 """
 
@@ -141,12 +141,12 @@ def side(eng, n0: int, prompt_ends: list[list[int]], questions, cont: list[int],
     }
 
 
-def summarize(model, kind: str) -> None:
+def summarize(model, kind: str, score: str) -> None:
     """Score pages by `kind` summaries from here on: recomputed from the fp16 keys in place (the
     same prefill serves both kinds), and the fused decode steps bound to the new setting."""
     cache = model.cache
     assert cache.cfg.k_bits == 16, "summaries are recomputed from fp16 keys"
-    cache.cfg = dataclasses.replace(cache.cfg, page_summary=kind)
+    cache.cfg = dataclasses.replace(cache.cfg, page_summary=kind, page_score=score)
     q = cache.qend(cache.n)
     for layer in range(cache.L):
         pages = cache.kc[layer, :, :q].float().reshape(cache.H, q // PAGE, PAGE, cache.D)
@@ -200,7 +200,7 @@ def run_ctx(a, path, ctx: int) -> dict:
     if a.llama:
         out["llama_cpp_prefill_s"] = llama_prefill(path, hay, a.threads)
     for kind in a.summaries:
-        summarize(m, kind)
+        summarize(m, kind, a.score)
         for pct in [0, *a.budgets] if kind == a.summaries[0] else a.budgets:
             budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))
             row = side(eng, n0, ends, questions, cont, budget)
@@ -209,7 +209,7 @@ def run_ctx(a, path, ctx: int) -> dict:
             print(json.dumps({"ctx": ctx, "side": name, **row}), file=sys.stderr, flush=True)
     for pct in a.prefill_budgets:  # the haystack prefilled again, sparse, then the same questions
         kind = a.summaries[0]
-        summarize(m, kind)
+        summarize(m, kind, a.score)
         m.attn_budget = max(512, int(n0 * pct / 100))
         m.sparse_prefill = True
         seconds = prefill(eng, hay)
@@ -241,6 +241,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--summaries", nargs="+", default=["meanstd", "minmax"])
     ap.add_argument(
+        "--score",
+        default="mass",
+        choices=["mass", "max"],
+        help="a KV head's page score from its query heads' (kv.KVConfig.page_score)",
+    )
+    ap.add_argument(
         "--prefill-budgets",
         type=float,
         nargs="*",
@@ -252,6 +258,7 @@ def main() -> None:
     path = open_catalog(load_settings()).ensure(a.model)
     out = {"bench": "sparse_attention", "model": a.model, "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "threads": a.threads,
+           "page_score": a.score,
            "load_start": round(os.getloadavg()[0], 1), "contexts": {}}  # fmt: skip
     for ctx in a.ctx:
         out["contexts"][str(ctx)] = run_ctx(a, path, ctx)

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import TEST_MODEL
-from test_kv_cache import HQ, D, H, kv_data
+from test_kv_cache import HQ, D, H, fill, kv_data
 
 from localai.engine import Done, Message, SamplingParams, chat
 from localai.engine.torch import TorchEngine, attention, native
@@ -21,11 +21,7 @@ def sparse_case(cfg: KVConfig, n: int, seed: int = 0, needle: int | None = None)
     if needle is not None:
         k[:, needle] = q.reshape(H, -1, D)[:, 0] * 3
     cache = KVCache(cfg, 1, H, D, 1024)
-    for i in range(0, n, 64):
-        j = min(i + 64, n)
-        cache.begin(j - i)
-        cache.write(0, k[:, i:j], v[:, i:j])
-        cache.commit()
+    fill(cache, k[:, :n], v[:, :n], 64)
     cache.begin(1)
     kf, vf = cache.write(0, k[:, n:], v[:, n:])
     return cache, q, kf, vf
@@ -207,11 +203,7 @@ def chunk_case(cfg: KVConfig, n: int, c: int, needle: int | None = None):
     if needle is not None:
         k[:, needle] = shared[:, 0, 0] * 3
     cache = KVCache(cfg, 1, H, D, 2048)
-    for i in range(0, n, 64):
-        j = min(i + 64, n)
-        cache.begin(j - i)
-        cache.write(0, k[:, i:j], v[:, i:j])
-        cache.commit()
+    fill(cache, k[:, :n], v[:, :n], 64)
     cache.begin(c)
     kf, vf = cache.write(0, k[:, n:], v[:, n:])
     return cache, q, kf, vf

@@ -112,6 +112,11 @@ def _setting_flag(name: str):
     return store
 
 
+def _setting_option(flag: str, name: str, help: str, **kw):
+    """An engine flag for setting `name`, landing in ctx.obj (see `_setting_flag`)."""
+    return click.option(flag, expose_value=False, callback=_setting_flag(name), help=help, **kw)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="localai")
 @click.option(
@@ -135,13 +140,12 @@ def engine_options(fn):
             type=click.Choice(["llama", "torch", "remote"]),
             help="Backend; remote: an OpenAI-compatible server at --remote-url.",
         ),
-        click.option(
+        _setting_option(
             "--remote-url",
-            metavar="URL",
-            expose_value=False,
-            callback=_setting_flag("remote_url"),
-            help="--engine remote: the server, e.g. http://gpu-box:8765 (its key: "
+            "remote_url",
+            "--engine remote: the server, e.g. http://gpu-box:8765 (its key: "
             "remote_api_key in config.toml or $LOCALAI_REMOTE_API_KEY).",
+            metavar="URL",
         ),
         click.option("--ctx", "context_length", type=int, help="Context length in tokens."),
         click.option("--threads", type=int, help="CPU threads (default: physical cores)."),
@@ -157,36 +161,32 @@ def engine_options(fn):
             )
             for key, what in (("k", "K"), ("v", "V"), ("kv", "K and V"))
         ),  # fmt: skip
-        click.option(
+        _setting_option(
             "--expert-budget",
-            expose_value=False,
-            callback=_setting_flag("expert_budget"),
-            help="Torch runner, MoE models: RAM for experts read from disk on demand "
+            "expert_budget",
+            "Torch runner, MoE models: RAM for experts read from disk on demand "
             "(bytes such as 4G, or a share of the expert bytes such as 40%).",
         ),
-        click.option(
+        _setting_option(
             "--attn-budget",
-            metavar="TOKENS|PCT",
-            expose_value=False,
-            callback=_setting_flag("attn_budget"),
-            help="Torch runner: tokens a decode step attends to at most (4096, 4K, or a share "
+            "attn_budget",
+            "Torch runner: tokens a decode step attends to at most (4096, 4K, or a share "
             "of --ctx such as 10%): the sink, the best-scoring KV pages and the recent window.",
+            metavar="TOKENS|PCT",
         ),
-        click.option(
+        _setting_option(
             "--expert-prefetch/--no-expert-prefetch",
-            default=None,
-            expose_value=False,
-            callback=_setting_flag("expert_prefetch"),
-            help="Torch runner, MoE models with a budget: read each layer's likely experts "
+            "expert_prefetch",
+            "Torch runner, MoE models with a budget: read each layer's likely experts "
             "while the layer before computes (default: off; see BENCHMARKS.md).",
+            default=None,
         ),
-        click.option(
+        _setting_option(
             "--trace-routing",
-            metavar="FILE",
-            expose_value=False,
-            callback=_setting_flag("trace_routing"),
-            help="Torch runner, MoE models: record each layer's experts to FILE (JSON lines; "
+            "trace_routing",
+            "Torch runner, MoE models: record each layer's experts to FILE (JSON lines; "
             "`localai moe curve FILE` replays it).",
+            metavar="FILE",
         ),
     ]
     for opt in reversed(opts):
