@@ -125,7 +125,7 @@ def side(eng, n0: int, prompt_ends: list[list[int]], questions, cont: list[int],
     seconds = time.perf_counter() - t0
     st = {k: v - before[k] for k, v in vars(m.attn_stats).items()}
     m.cache.truncate(n0)
-    plan = m._plan(n0)
+    plan = m._plan(n0, 1)
     acc = {k: sum(r["ok"] for r in results if r["kind"] == k) for k in ("needle", "chain")}
     return {
         "budget_tokens": budget,

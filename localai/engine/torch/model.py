@@ -262,7 +262,7 @@ class Transformer:
         cache.begin(c)
         cos, sin = self.cos[n : n + c], self.sin[n : n + c]  # C, rd/2
         x = self.w.rows(self.hp.name("embed"), tokens)  # C, E
-        keep, first = self._plan(n) if c == 1 else self._plan_chunk(n, c)
+        keep, first = self._plan(n, c)
         if c == 1 and self.fused_decode and cache.qend(n + 1) == cache.qend(n):
             # one token whose K/V go to the fp16 buffer: the fused C++ step (decode.cpp)
             nq = cache.qend(n)
@@ -284,27 +284,17 @@ class Transformer:
             x = x[-1:]
         return rms_norm(x, self.norm, self.hp.norm_eps)  # C, E
 
-    def _plan(self, n: int) -> tuple[int, int]:
-        """(pages per KV head, sink pages among them) for a decode step at position n under the
-        attention budget; (0, 0): dense, when every token fits the budget."""
-        if not self.attn_budget:
+    def _plan(self, n: int, c: int) -> tuple[int, int]:
+        """(pages per KV head, sink pages among them) that a forward of c tokens at n reads of
+        the pages older than its window, under the attention budget (a prompt's chunks only with
+        sparse_prefill); (0, 0): dense, as when every token fits the budget."""
+        if not self.attn_budget or (c > 1 and not self.sparse_prefill):
             return 0, 0
         cache = self.cache
-        q1 = cache.qend(n + 1)
+        q = cache.qend(n + 1) if c == 1 else cache.qend(n)  # a decode step's own K may move in
         first = max(1, cache.cfg.sink // PAGE)
-        keep = max(first + 1, (self.attn_budget - (n + 1 - q1)) // PAGE)
-        return (keep, first) if keep < q1 // PAGE else (0, 0)
-
-    def _plan_chunk(self, n: int, c: int) -> tuple[int, int]:
-        """(pages older than the window to read, sink pages among them) for a prefill chunk of c
-        tokens at n with sparse prefill; (0, 0): dense."""
-        if not (self.attn_budget and self.sparse_prefill):
-            return 0, 0
-        cache = self.cache
-        q0 = cache.qend(n)
-        first = max(1, cache.cfg.sink // PAGE)
-        keep = max(first + 1, (self.attn_budget - (n + c - q0)) // PAGE)
-        return (keep, first) if keep < q0 // PAGE else (0, 0)
+        keep = max(first + 1, (self.attn_budget - (n + c - q)) // PAGE)
+        return (keep, first) if keep < q // PAGE else (0, 0)
 
     @property
     def weight_bytes(self) -> int:
