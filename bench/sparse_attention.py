@@ -242,7 +242,7 @@ def main() -> None:
     ap.add_argument("--summaries", nargs="+", default=["meanstd", "minmax"])
     ap.add_argument(
         "--score",
-        default="mass",
+        default="max",
         choices=["mass", "max"],
         help="a KV head's page score from its query heads' (kv.KVConfig.page_score)",
     )

@@ -53,7 +53,9 @@ class KVConfig:
     v_clip: bool = False  # search each V group's range for the least squared error
     v_rotate: bool = False  # quantize V times an orthonormal Hadamard matrix (see `hadamard`)
     page_summary: str = ""  # "meanstd", "minmax" or "" (none): per-page keys, sparse attention
-    page_score: str = "mass"  # a KV head's page score from its query heads': "mass" or "max"
+    # a KV head's page score from its query heads': their "max" (default: better at 8K on
+    # qwen2.5-coder-0.5b, BENCHMARKS.md) or "mass" (softmax over pages per head, summed)
+    page_score: str = "max"
 
     def __post_init__(self) -> None:
         for b in (self.k_bits, self.v_bits):
