@@ -69,35 +69,44 @@ def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: t
 def select_pages_reference(cache: KVCache, layer: int, q: torch.Tensor, keep: int, first: int):
     """q: [Hq, D] → [H, keep] int32 ascending page numbers among the q1 / 16 quantized pages."""
     pages = cache.qend(cache._n_next) // PAGE
-    cent, spread = (t.float() for t in cache.page_summaries(layer, pages))  # H, P, D
-    qg = q.reshape(cent.shape[0], -1, 1, q.shape[1])  # H, r, 1, D
-    qs = qg * spread[:, None]  # H, r, P, D
-    norm = qs.norm(dim=-1) if cache.cfg.page_summary == "meanstd" else qs.abs().sum(-1)
-    each = (qg * cent[:, None]).sum(-1) + norm  # H, r, P
+    each = page_scores(cache, layer, q.reshape(cache.H, -1, q.shape[1]), pages)  # H, r, P
     if cache.cfg.page_score == "max":
-        score = each.amax(dim=1)  # H, P
-    else:  # softmax over the candidate pages per query head, summed over the heads
-        score = torch.zeros_like(each[:, 0])
-        score[:, first:] = torch.softmax(each[:, :, first:] / math.sqrt(q.shape[1]), -1).sum(1)
-    best = score[:, first:].topk(keep - first, dim=1).indices + first
-    sink = torch.arange(first).expand(cent.shape[0], first)
-    return torch.cat([sink, best], dim=1).sort(dim=1).values.int()
+        return top_pages(each.amax(dim=1), keep, first).int()
+    return top_pages(attention_mass(each, first, q.shape[1]), keep, first).int()
 
 
 def select_chunk_pages(cache: KVCache, layer: int, qg: torch.Tensor, keep: int, first: int,
                        pages: int) -> torch.Tensor:  # fmt: skip
     """A prefill chunk's pages among the first `pages`: [0, first), then the keep - first with the
-    most estimated attention, each query's page scores (as in decode) softmaxed over the pages
-    and summed over the chunk's queries and the KV head's query heads. qg: [H, r·C, D]."""
+    most estimated attention (`attention_mass` over the chunk's queries and the KV head's query
+    heads). qg: [H, r·C, D]."""
+    mass = attention_mass(page_scores(cache, layer, qg, pages), first, qg.shape[2])
+    return top_pages(mass, keep, first)
+
+
+def page_scores(cache: KVCache, layer: int, qg: torch.Tensor, pages: int) -> torch.Tensor:
+    """Each query's score q . c + |q * s| of each of the first `pages` (L2 norm for meanstd
+    summaries, L1 for minmax): qg [H, M, D] → [H, M, P]."""
     cent, spread = (t.float() for t in cache.page_summaries(layer, pages))  # H, P, D
-    score = qg @ cent.transpose(1, 2)  # H, r·C, P
+    score = qg @ cent.transpose(1, 2)
     if cache.cfg.page_summary == "meanstd":
-        score += (qg.square() @ spread.square().transpose(1, 2)).sqrt_()
-    else:
-        score += qg.abs() @ spread.transpose(1, 2)
-    mass = torch.softmax(score[:, :, first:] / math.sqrt(qg.shape[2]), dim=-1).sum(dim=1)
-    best = mass.topk(keep - first, dim=1).indices + first  # H, keep - first
-    sink = torch.arange(first).expand(qg.shape[0], first)
+        return score + (qg.square() @ spread.square().transpose(1, 2)).sqrt_()
+    return score + qg.abs() @ spread.transpose(1, 2)
+
+
+def attention_mass(each: torch.Tensor, first: int, d: int) -> torch.Tensor:
+    """[H, M, P] page scores of queries of head dim d → [H, P]: each query's softmax over the
+    pages from `first` on, summed over the queries (the attention they would get; before
+    `first`: 0)."""
+    mass = torch.zeros_like(each[:, 0])
+    mass[:, first:] = torch.softmax(each[:, :, first:] / math.sqrt(d), dim=-1).sum(dim=1)
+    return mass
+
+
+def top_pages(score: torch.Tensor, keep: int, first: int) -> torch.Tensor:
+    """Pages [0, first) and the keep - first best-scoring after them, ascending: [H, keep]."""
+    best = score[:, first:].topk(keep - first, dim=1).indices + first
+    sink = torch.arange(first).expand(score.shape[0], first)
     return torch.cat([sink, best], dim=1).sort(dim=1).values
 
 
@@ -139,10 +148,10 @@ def decode(
         if kernel is None:
             pages = select_pages_reference(cache, layer, q, keep, first)
         else:
-            cfg = cache.cfg
+            flags = cache.cfg.selection_flags  # as the fused C++ step reads them
             pages = kernel.select_pages(
                 q.contiguous(), cache.kcent[layer], cache.kspread[layer], q1 // PAGE, keep, first,
-                cfg.page_summary == "meanstd", cfg.page_score == "mass",
+                bool(flags & 1), bool(flags & 2),
             )  # fmt: skip
     if kernel is None:
         return decode_reference(cache, layer, q, kf, vf, pages)

@@ -66,7 +66,6 @@ class TorchEngine(TokenEngine):
         expert_prefetch: bool = False,
         trace_routing: Path | None = None,
         attn_budget: int | str | None = None,
-        page_summary: str = "meanstd",
     ):
         super().__init__()
         self.path = Path(path)
@@ -91,17 +90,8 @@ class TorchEngine(TokenEngine):
         v_clip = v_bits == 2 if v_clip is None else v_clip
         pow2 = hp.head_dim & (hp.head_dim - 1) == 0
         v_rotate = v_bits == 2 and pow2 if v_rotate is None else v_rotate
-        budget = attn_budget not in (None, "", 0)  # sparse attention scores pages by summaries
         kv = KVConfig(
-            k_bits,
-            v_bits,
-            kv_window,
-            k_group,
-            min(v_group, hp.head_dim),
-            kv_sink,
-            v_clip,
-            v_rotate,
-            page_summary if budget else "",
+            k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim), kv_sink, v_clip, v_rotate
         )
         try:  # a MoE model's experts: all in place (None), or read into a budget (experts.py)
             budget = parse_budget(attn_budget, self.context_length, "an attention budget") or 0
