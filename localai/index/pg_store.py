@@ -95,25 +95,55 @@ class PgStore:
 
     def __init__(self, uri: str, codec: Codec | None = None):
         self.uri, self.where, self.codec = uri, shown_uri(uri), codec
-        self.conn = connect(uri)
+        self._conn = connect(uri)
+        self._depth = 0  # transactions open (nested ones are savepoints)
+        self._closed = False
         self._stats: tuple[str, int, float] | None = None  # (generation, chunks, avg length)
+
+    @property
+    def conn(self):
+        """The connection, a new one if the server dropped the last (a restart, a network cut,
+        an administrator's pg_terminate_backend): a daemon or a watcher outlives its server."""
+        if self._conn.broken and not self._closed:
+            self._conn = connect(self.uri)
+            self._stats = None
+        return self._conn
+
+    def _exec(self, sql: str, args=()):
+        """Run one statement; when the connection turns out dropped and no transaction is open,
+        once more on a new one. Every statement this store runs outside a transaction is a read
+        or a write that is harmless twice (an upsert, a delete, the generation's bump), and a
+        statement on a connection dropped while idle never reached the server anyway."""
+        try:
+            return self.conn.execute(sql, args)
+        except Exception:
+            if self._depth or self._closed or not self._conn.broken:
+                raise
+        return self.conn.execute(sql, args)
 
     @contextmanager
     def transaction(self):
-        with self.conn.transaction():
-            yield self
+        if not self._depth:
+            self._exec("SELECT 1")  # a dropped connection is replaced now, not inside it
+        self._depth += 1
+        try:
+            with self.conn.transaction():
+                yield self
+        finally:
+            self._depth -= 1
 
     def writer(self) -> PgStore:
         return PgStore(self.uri, self.codec)
 
     def close(self) -> None:
-        self.conn.close()
+        self._closed = True
+        self._conn.close()
 
     def _all(self, sql: str, args=()) -> list[tuple]:
-        return self.conn.execute(sql, args).fetchall()
+        return self._exec(sql, args).fetchall()
 
     def _one(self, sql: str, args=()) -> tuple:
-        return self.conn.execute(sql, args).fetchone()
+        return self._exec(sql, args).fetchone()
 
     # meta ---------------------------------------------------------------------------------
 
@@ -122,16 +152,16 @@ class PgStore:
         return row[0] if row else default
 
     def set_meta(self, key: str, value: str) -> None:
-        self.conn.execute("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE "
+        self._exec("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE "
                           "SET value = excluded.value", [key, value])  # fmt: skip
 
     def setdefault_meta(self, key: str, value: str) -> str:
-        self.conn.execute("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
+        self._exec("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
                           [key, value])  # fmt: skip
         return self.get_meta(key)
 
     def bump_generation(self) -> None:
-        self.conn.execute("UPDATE meta SET value = (value::bigint + 1)::text "
+        self._exec("UPDATE meta SET value = (value::bigint + 1)::text "
                           "WHERE key = 'generation'")  # fmt: skip
 
     def generation(self) -> str:
@@ -140,14 +170,14 @@ class PgStore:
     # sources and files --------------------------------------------------------------------
 
     def add_source(self, path: str) -> None:
-        self.conn.execute("INSERT INTO sources VALUES (%s, extract(epoch FROM now())) "
+        self._exec("INSERT INTO sources VALUES (%s, extract(epoch FROM now())) "
                           "ON CONFLICT DO NOTHING", [path])  # fmt: skip
 
     def source_paths(self) -> list[str]:
         return [r[0] for r in self._all('SELECT path FROM sources ORDER BY path COLLATE "C"')]
 
     def delete_source(self, path: str) -> bool:
-        return self.conn.execute("DELETE FROM sources WHERE path = %s", [path]).rowcount > 0
+        return self._exec("DELETE FROM sources WHERE path = %s", [path]).rowcount > 0
 
     @staticmethod
     def _under(path: str) -> tuple[str, list]:
@@ -171,7 +201,7 @@ class PgStore:
         return {r[0]: tuple(r[1:]) for r in rows}
 
     def touch_file(self, file_id: int, size: int, mtime_ns: int) -> None:
-        self.conn.execute("UPDATE files SET size = %s, mtime_ns = %s WHERE id = %s",
+        self._exec("UPDATE files SET size = %s, mtime_ns = %s WHERE id = %s",
                           [size, mtime_ns, file_id])  # fmt: skip
 
     def upsert_file(self, path: str, values: list) -> int:
@@ -195,7 +225,7 @@ class PgStore:
                      lengths: list[int]) -> None:  # fmt: skip
         """The file's chunks become `rows` (ord, start_byte, end_byte, start_line, end_line,
         hash, code), with their BM25 term counts and lengths (an export carries both over)."""
-        self.conn.execute("DELETE FROM chunks WHERE file_id = %s", [file_id])
+        self._exec("DELETE FROM chunks WHERE file_id = %s", [file_id])
         bits = bits_of(self.codec, [r[6] for r in rows])
         with self.conn.cursor() as cur:
             cur.executemany(
@@ -209,11 +239,11 @@ class PgStore:
             )
 
     def delete_file_chunks(self, file_id: int) -> int:
-        return self.conn.execute("DELETE FROM chunks WHERE file_id = %s", [file_id]).rowcount
+        return self._exec("DELETE FROM chunks WHERE file_id = %s", [file_id]).rowcount
 
     def delete_file(self, file_id: int) -> int:
         n = self.delete_file_chunks(file_id)
-        self.conn.execute("DELETE FROM files WHERE id = %s", [file_id])
+        self._exec("DELETE FROM files WHERE id = %s", [file_id])
         return n
 
     def known_codes(self, hashes: list[bytes], nbytes: int) -> dict[bytes, bytes]:
@@ -233,9 +263,9 @@ class PgStore:
         if not got:
             return
         try:
-            self.conn.execute("REINDEX INDEX CONCURRENTLY chunks_terms")
+            self._exec("REINDEX INDEX CONCURRENTLY chunks_terms")
         finally:
-            self.conn.execute("SELECT pg_advisory_unlock(%s)", [REINDEX_KEY])
+            self._exec("SELECT pg_advisory_unlock(%s)", [REINDEX_KEY])
 
     def live_files(self) -> list[tuple[int, str]]:
         return self._all("SELECT id, path FROM files WHERE skip_reason IS NULL")
