@@ -172,6 +172,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/localai-bench/pg"))
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument(
+        "--scale", type=int, default=100_000, help="chunks for the latency run; 0: none"
+    )
     args = ap.parse_args()
     docs = args.work / (f"docs-{args.limit}" if args.limit else "docs")  # only those files
     ids = write_corpus(docs, args.limit)
@@ -234,8 +237,54 @@ def main() -> None:
     out["concurrent"]["same_chunks"] = keys == want
     cx.close()
     sq.close()
-    out["100k_chunks"] = "not measured"
+    if args.scale:
+        out["scale"] = at_scale(args, memo, server, docs, queries, qrels, ids, models)
     print(json.dumps(out))
+
+
+def scaled_docs(docs: Path, copies: int) -> Path:
+    """`copies` hard-linked copies of the corpus folder (no extra disk): copy i is c{i}/."""
+    root = docs.parent / f"{docs.name}-x{copies}"
+    for i in range(copies):
+        d = root / f"c{i:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for p in docs.iterdir():
+            if not (d / p.name).exists():
+                os.link(p, d / p.name)
+    return root
+
+
+def latency(ix: Index, queries, qrels, ids) -> dict:
+    """Query p50/p99 per mode (the copies repeat the corpus, so its quality is not scored)."""
+    got = {m: evaluate(ix, queries, qrels, ids, m) for m in MODES}
+    return {m: {k: r[k] for k in ("p50_ms", "p99_ms")} for m, r in got.items()}
+
+
+def at_scale(args, memo, server, docs, queries, qrels, ids, models) -> dict:
+    """The corpus copied until it holds --scale chunks: sqlite ingest (vectors from the memo),
+    then export into PostgreSQL; query latency on both, and on PostgreSQL with an HNSW index
+    over the bits (pgvector's bit_hamming_ops) against its exact Hamming scan."""
+    per_copy = Index.open(load_settings(args.work / "sqlite", models_dir=models)).stats()["chunks"]
+    copies = -(-args.scale // per_copy)
+    root = scaled_docs(docs, copies)
+    shutil.rmtree(args.work / "sqlite-scale", ignore_errors=True)
+    sq, info = ingest(load_settings(args.work / "sqlite-scale", models_dir=models), memo, root)
+    out = {"copies": copies, "chunks": info["chunks"], "sqlite_ingest": info,
+           "sqlite": latency(sq, queries, qrels, ids)}  # fmt: skip
+    uri = fresh_db(server, "bench_scale")
+    t = time.perf_counter()
+    out["export"] = {**sq.export(uri), "seconds": round(time.perf_counter() - t, 1)}
+    sq.close()
+    pg = Index.open(load_settings(args.work / "home", models_dir=models, index_store=uri),
+                    embedder=memo)  # fmt: skip
+    out["postgresql"] = latency(pg, queries, qrels, ids)
+    t = time.perf_counter()
+    pg.store.conn.execute("CREATE INDEX chunks_bits_hnsw ON chunks USING hnsw "
+                          "(bits bit_hamming_ops)")  # fmt: skip
+    out["hnsw_build_s"] = round(time.perf_counter() - t, 1)
+    out["postgresql_hnsw"] = latency(pg, queries, qrels, ids)
+    pg.close()
+    return out
 
 
 if __name__ == "__main__":

@@ -82,6 +82,10 @@ class Settings:
     # context such as 10%): the attention sink, the pages whose keys score best for the query,
     # and the recent window; contexts under it stay dense (and exact). Empty: always dense
     attn_budget: str = ""
+    # torch runner, with an attn_budget: RAM for the KV cache (bytes such as 64M, or a share of
+    # the cache all in RAM such as 25%); the quantized pages beyond it live in a file under
+    # home/kv (deleted with the cache) and are read as steps select them. Empty: all in RAM
+    kv_budget: str = ""
     trace_routing: str = ""  # torch runner, MoE models: write each layer's routing here (JSONL)
     # engine "remote": an OpenAI-compatible server (another localai, llama-server, vLLM, ...)
     remote_url: str = ""  # e.g. http://gpu-box:8765 (a trailing /v1 is fine)
@@ -119,6 +123,10 @@ class Settings:
             raise ConfigError(
                 f"attn_budget is tokens (4096, 4K) or a share of the context (10%), not "
                 f"{self.attn_budget!r}"
+            )
+        if self.kv_budget and not _BUDGET.fullmatch(self.kv_budget.strip()):
+            raise ConfigError(
+                f"kv_budget is bytes (64M, 1G) or a share (25%), not {self.kv_budget!r}"
             )
         if self.index_codec not in INDEX_CODECS:
             raise ConfigError(

@@ -97,7 +97,9 @@ def engine_loader(
                              expert_budget=settings.expert_budget,
                              trace_routing=settings.trace_routing,
                              expert_prefetch=settings.expert_prefetch,
-                             attn_budget=settings.attn_budget)  # fmt: skip
+                             attn_budget=settings.attn_budget,
+                             kv_budget=settings.kv_budget,
+                             kv_dir=settings.home / "kv")  # fmt: skip
         keep_prefixes_on_disk(engine, settings)
         return engine
 

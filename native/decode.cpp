@@ -49,11 +49,11 @@ DecodeAttention::DecodeAttention(torch::Tensor norm, double eps, std::shared_ptr
                                  torch::Tensor bias, std::shared_ptr<QMatrices> o,
                                  int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
                                  int64_t rope_dims, bool neox, std::vector<torch::Tensor> kv,
-                                 std::vector<int64_t> kv_cfg)
+                                 std::vector<int64_t> kv_cfg, std::shared_ptr<KVPages> pages)
     : norm_(norm.contiguous()), bias_(bias.contiguous()), eps_(eps), qkv_(std::move(qkv)),
       o_(std::move(o)), hq_(n_heads), h_(n_kv_heads), d_(head_dim), rd_(rope_dims),
-      neox_(neox), kv_(std::move(kv)), cfg_(std::move(kv_cfg)) {
-  TORCH_CHECK(kv_.size() == 13 && cfg_.size() == 5, "kv: 13 layer tensors, 5 settings");
+      neox_(neox), kv_(std::move(kv)), cfg_(std::move(kv_cfg)), pages_(std::move(pages)) {
+  TORCH_CHECK(kv_.size() == 15 && cfg_.size() == 6, "kv: 15 layer tensors, 6 settings");
   TORCH_CHECK(qkv_->out_features() == (hq_ + 2 * h_) * d_, "qkv rows do not match the heads");
   TORCH_CHECK(o_->in_features() == hq_ * d_, "o columns do not match the heads");
   TORCH_CHECK(bias_.numel() == 0 || bias_.numel() == qkv_->out_features(), "bias size");
@@ -92,9 +92,16 @@ void DecodeAttention::forward(torch::Tensor x, torch::Tensor cos, torch::Tensor 
   auto pages = keep > 0 ? select_pages(qt, kv_[10], kv_[11], nq / 16, keep, first,
                                        cfg_[4] & 1, cfg_[4] & 2)
                         : torch::empty({0}, torch::dtype(torch::kInt32));
+  if (pages_ && keep > 0) {
+    pages_->ensure_tensor(cfg_[5], pages);
+  } else if (pages_ && nq > 0) {  // dense: every page (the engine pairs offload with a budget)
+    auto all = torch::arange(nq / 16, torch::dtype(torch::kInt32)).repeat({h_, 1}).contiguous();
+    pages_->ensure_tensor(cfg_[5], all);
+  }
   auto o = decode_attention(qt, kv_[0], kv_[1], kv_[2], kv_[3], kv_[4], kv_[5], kv_[6], kv_[7],
-                            kv_[8], kv_[9], kv_[12], pages, nq, nb + 1, cfg_[0], cfg_[1],
-                            cfg_[2], cfg_[3], 1.0 / std::sqrt(static_cast<double>(d_)));  // Hq, D
+                            kv_[8], kv_[9], kv_[12], pages, kv_[13], kv_[14], nq, nb + 1,
+                            cfg_[0], cfg_[1], cfg_[2], cfg_[3],
+                            1.0 / std::sqrt(static_cast<double>(d_)));  // Hq, D
   o_->apply(o.data_ptr<float>(), 1, out.data());
   for (int64_t i = 0; i < E; ++i) xp[i] += out[i];
 }

@@ -120,20 +120,54 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
                                torch::Tensor ksink, torch::Tensor vsink,  // [H, S, D] fp16
                                torch::Tensor vrot,  // [D, D] fp32 or empty
                                torch::Tensor pages,  // [H, P] int32, or empty: all of [0, nq)
+                               torch::Tensor pool,  // [S, rec] bytes (kv_pages.cpp), or empty
+                               torch::Tensor ptable,  // [H, P_cap] int32: page -> pool slot
                                int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits,
                                int64_t kg, int64_t vg, double sm_scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous fp32");
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kbuf.is_contiguous() &&
                   vbuf.is_contiguous(), "cache tensors must be contiguous");
   const int Hq = q.size(0), D = q.size(1), H = kbuf.size(0);
+  // quantized rows live in kc, vc, vs, vm [H, T, ...], or (paged) in pool records: a page's K
+  // codes, V codes, V scales, V minimums (16 rows each), at the slot ptable gives
+  const bool paged = ptable.numel() > 0;
+  TORCH_CHECK(!paged || (ptable.dtype() == torch::kInt32 && ptable.is_contiguous() &&
+                         ptable.dim() == 2 && ptable.size(0) == H && pool.is_contiguous() &&
+                         pool.dtype() == torch::kUInt8), "bad KV page pool or table");
   const bool sparse = pages.numel() > 0;
   TORCH_CHECK(!sparse || (pages.dtype() == torch::kInt32 && pages.is_contiguous() &&
                           pages.dim() == 2 && pages.size(0) == H), "pages must be [H, P] int32");
   const int64_t nt = sparse ? pages.size(1) * kPage : nq;  // quantized tokens a head reads
   const int rep = Hq / H, N = nt + nb;
-  const int64_t T = kc.size(1), cap = kbuf.size(1);
-  const int64_t k_row = kc.size(2), v_row = vc.size(2);
+  const int64_t cap = kbuf.size(1), T = paged ? ptable.size(1) * kPage : kc.size(1);
+  const int64_t kb = k_bits == 16 ? 2 * D : D * k_bits / 8;  // bytes of a K row, a V row
+  const int64_t vb = v_bits == 16 ? 2 * D : D * v_bits / 8;
+  const int64_t vgs = v_bits == 16 ? 0 : D / vg, KG = T / kg;  // V groups per row, K groups
   TORCH_CHECK(nq <= T && nb <= cap && nq % kg == 0, "bad token counts");
+  TORCH_CHECK(paged || (kc.size(2) * kc.element_size() == kb &&
+                        vc.size(2) * vc.element_size() == vb), "K/V rows do not match the bits");
+  const uint8_t* kc_b = paged ? nullptr : static_cast<const uint8_t*>(kc.data_ptr());
+  const uint8_t* vc_b = paged ? nullptr : static_cast<const uint8_t*>(vc.data_ptr());
+  const at::Half* vs_p = (paged || !vgs) ? nullptr : vs.data_ptr<at::Half>();
+  const at::Half* vm_p = (paged || !vgs) ? nullptr : vm.data_ptr<at::Half>();
+  const uint8_t* pool_b = paged ? pool.data_ptr<uint8_t>() : nullptr;
+  const int32_t* tb = paged ? ptable.data_ptr<int32_t>() : nullptr;
+  const int64_t rec = paged ? pool.size(1) : 0, pcap = paged ? ptable.size(1) : 0;
+  TORCH_CHECK(!paged || rec == kPage * (kb + vb + 4 * vgs), "KV page records of another size");
+  auto page = [&](int64_t h, int64_t t) { return pool_b + tb[h * pcap + t / kPage] * rec; };
+  // the K codes, V codes, V scales and V minimums of quantized token t of head h
+  auto k_at = [&](int64_t h, int64_t t) {
+    return paged ? page(h, t) + (t % kPage) * kb : kc_b + (h * T + t) * kb;
+  };
+  auto v_at = [&](int64_t h, int64_t t) {
+    return paged ? page(h, t) + kPage * kb + (t % kPage) * vb : vc_b + (h * T + t) * vb;
+  };
+  auto vs_at = [&](int64_t h, int64_t t, int64_t which) {  // which: 0 scale, 1 minimum
+    if (paged)
+      return reinterpret_cast<const at::Half*>(page(h, t) + kPage * (kb + vb)) +
+             (which * kPage + t % kPage) * vgs;
+    return (which ? vm_p : vs_p) + (h * T + t) * vgs;
+  };
   // sink tokens: at most nq (nq is 0 or at least one K group, which is longer than the sink)
   const int64_t ks_n = (k_bits < 16 && ksink.numel()) ? std::min<int64_t>(ksink.size(1), nq) : 0;
   const int64_t vs_n = (v_bits < 16 && vsink.numel()) ? std::min<int64_t>(vsink.size(1), nq) : 0;
@@ -151,6 +185,10 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
   const int32_t* pg = sparse ? pages.data_ptr<int32_t>() : nullptr;
   for (int64_t i = 0; sparse && i < pages.numel(); ++i)
     TORCH_CHECK(pg[i] >= 0 && (pg[i] + 1) * kPage <= nq, "a page past the quantized tokens");
+  for (int64_t h = 0; paged && h < H; ++h)  // every page read must be resident
+    for (int64_t i = 0; i < (sparse ? pages.size(1) : nq / kPage); ++i)
+      TORCH_CHECK(tb[h * pcap + (sparse ? pg[h * pages.size(1) + i] : i)] >= 0,
+                  "a KV page that is not resident");
 
   parallel_chunks(H, [&](int64_t h0) {
     const int64_t h1 = h0 + 1;
@@ -166,7 +204,7 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
       for (int64_t i = 0; i < nt; ++i) {
         const int64_t t = token(i);
         if (k_bits == 16) {
-          half_row(kc.data_ptr<at::Half>() + (h * T + t) * D, D, row.data());
+          half_row(reinterpret_cast<const at::Half*>(k_at(h, t)), D, row.data());
           for (int r = 0; r < rep; ++r) {
             float acc = 0.f;
             for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
@@ -176,8 +214,8 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
         }
         if (t / kg != group) {  // new K group: fold its per-channel scale and min into the query
           group = t / kg;
-          const at::Half* sc = ks.data_ptr<at::Half>() + (h * (T / kg) + t / kg) * D;
-          const at::Half* mn = km.data_ptr<at::Half>() + (h * (T / kg) + t / kg) * D;
+          const at::Half* sc = ks.data_ptr<at::Half>() + (h * KG + t / kg) * D;
+          const at::Half* mn = km.data_ptr<at::Half>() + (h * KG + t / kg) * D;
           for (int r = 0; r < rep; ++r) {
             float m = 0.f;
             for (int c = 0; c < D; ++c) {
@@ -196,7 +234,7 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
           }
           continue;
         }
-        unpack_row(kc.data_ptr<uint8_t>() + (h * T + t) * k_row, k_bits, D, row.data());
+        unpack_row(k_at(h, t), k_bits, D, row.data());
         for (int r = 0; r < rep; ++r) {
           float acc = qm[r];
           for (int c = 0; c < D; ++c) acc += qs[r * D + c] * row[c];
@@ -234,13 +272,13 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
         if (quantized && t < vs_n) {
           half_row(vsink.data_ptr<at::Half>() + (h * vs_cap + t) * D, D, row.data());
         } else if (quantized && v_bits < 16) {
-          unpack_row(vc.data_ptr<uint8_t>() + (h * T + t) * v_row, v_bits, D, row.data());
-          const at::Half* sc = vs.data_ptr<at::Half>() + (h * T + t) * (D / vg);
-          const at::Half* mn = vm.data_ptr<at::Half>() + (h * T + t) * (D / vg);
+          unpack_row(v_at(h, t), v_bits, D, row.data());
+          const at::Half* sc = vs_at(h, t, 0);
+          const at::Half* mn = vs_at(h, t, 1);
           for (int c = 0; c < D; ++c)
             row[c] = row[c] * static_cast<float>(sc[c / vg]) + static_cast<float>(mn[c / vg]);
         } else if (quantized) {
-          half_row(vc.data_ptr<at::Half>() + (h * T + t) * D, D, row.data());
+          half_row(reinterpret_cast<const at::Half*>(v_at(h, t)), D, row.data());
         } else {
           half_row(vbuf.data_ptr<at::Half>() + (h * cap + (i - nt)) * D, D, row.data());
         }

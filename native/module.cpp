@@ -14,6 +14,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention,
         "fused decode attention over quantized KV pages (all, or a list per head)");
   m.def("select_pages", &select_pages, "the pages a decode query attends to, per KV head");
+  py::class_<KVPages, std::shared_ptr<KVPages>>(m, "KVPages")
+      .def(py::init<const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t>())
+      .def("write", &KVPages::write)
+      .def("ensure", &KVPages::ensure_tensor)
+      .def("read", &KVPages::read)
+      .def("reset", &KVPages::reset)
+      .def("stats", &KVPages::stats)
+      .def_readonly("pool", &KVPages::pool)
+      .def_readonly("table", &KVPages::table);
   py::class_<QMatrices, std::shared_ptr<QMatrices>>(m, "QMatrices")
       .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>>())
       .def("__call__", &QMatrices::forward)
@@ -22,7 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeAttention>(m, "DecodeAttention")
       .def(py::init<torch::Tensor, double, std::shared_ptr<QMatrices>, torch::Tensor,
                     std::shared_ptr<QMatrices>, int64_t, int64_t, int64_t, int64_t, bool,
-                    std::vector<torch::Tensor>, std::vector<int64_t>>())
+                    std::vector<torch::Tensor>, std::vector<int64_t>,
+                    std::shared_ptr<KVPages>>())
       .def("__call__", &DecodeAttention::forward);
   py::class_<DecodeDenseFFN>(m, "DecodeDenseFFN")
       .def(py::init<torch::Tensor, double, std::shared_ptr<QMatrices>,

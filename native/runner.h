@@ -1,5 +1,5 @@
 // The torch runner's C++ kernels, built as one extension (localai/engine/torch/native.py):
-// pool.cpp (the threads they share), qmatmul.cpp (products with GGUF-block matrices on ggml's kernels), kv_attention.cpp (decode
+// pool.cpp (the threads they share), qmatmul.cpp (products with GGUF-block matrices on ggml's kernels), kv_pages.cpp (KV pages on disk under a RAM pool), kv_attention.cpp (decode
 // attention over the quantized KV pages), decode.cpp (one decode step of a layer, fused), and
 // module.cpp (the Python bindings). Each has a pure-torch reference that tests hold it to.
 #pragma once
@@ -50,13 +50,47 @@ class QMatrices {
   int64_t in_ = 0, out_ = 0;
 };
 
+// ---- kv_pages.cpp
+// The quantized KV pages of every layer and KV head on disk, `slots` of them resident in RAM:
+// pool [slots, rec] bytes, table [L, H, P] int32 (a page's slot, or -1)
+class KVPages {
+ public:
+  KVPages(const std::string& path, int64_t layers, int64_t heads, int64_t pages, int64_t rec,
+          int64_t slots);
+  ~KVPages();
+  KVPages(const KVPages&) = delete;
+  KVPages& operator=(const KVPages&) = delete;
+  // pages [p0, p0 + n) of every head of `layer`: data [H, n, rec] bytes, to disk and the pool
+  void write(int64_t layer, int64_t p0, torch::Tensor data);
+  // make `pages` ([heads, k], per head) of `layer` resident
+  void ensure(int64_t layer, const int32_t* pages, int64_t heads, int64_t k);
+  void ensure_tensor(int64_t layer, torch::Tensor pages);
+  // pages [0, n) of every head of `layer`, [H, n, rec], read from disk (the pool unchanged)
+  torch::Tensor read(int64_t layer, int64_t n);
+  void reset();  // forget every page
+  int64_t resident() const;
+  // pages found resident, pages read by ensure, pages read in bulk, pages resident now
+  std::vector<int64_t> stats() const;
+  torch::Tensor pool, table;
+
+ private:
+  int32_t victim();
+  void place(int64_t flat, int32_t slot);
+  int fd_ = -1;
+  int64_t L_, H_, P_, rec_, S_, used_ = 0, hand_ = 0, written_ = 0, epoch_ = 0;
+  int64_t hits_ = 0, misses_ = 0, bulk_ = 0;
+  std::vector<int64_t> owner_, pin_;
+  std::vector<uint8_t> ref_;
+};
+
 // ---- kv_attention.cpp
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor ks,
                                torch::Tensor km, torch::Tensor vc, torch::Tensor vs,
                                torch::Tensor vm, torch::Tensor kbuf, torch::Tensor vbuf,
                                torch::Tensor ksink, torch::Tensor vsink, torch::Tensor vrot,
-                               torch::Tensor pages, int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits, int64_t kg,
-                               int64_t vg, double sm_scale);
+                               torch::Tensor pages, torch::Tensor pool, torch::Tensor ptable,
+                               int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits,
+                               int64_t kg, int64_t vg, double sm_scale);
 
 // per KV head, `keep` ascending page numbers: pages [0, first), then the best of [first, n_pages)
 // (kv.py page summaries: centre, spread; l2 for "meanstd", L1 for "minmax")
@@ -71,7 +105,8 @@ class DecodeAttention {
   DecodeAttention(torch::Tensor norm, double eps, std::shared_ptr<QMatrices> qkv,
                   torch::Tensor bias, std::shared_ptr<QMatrices> o, int64_t n_heads,
                   int64_t n_kv_heads, int64_t head_dim, int64_t rope_dims, bool neox,
-                  std::vector<torch::Tensor> kv, std::vector<int64_t> kv_cfg);
+                  std::vector<torch::Tensor> kv, std::vector<int64_t> kv_cfg,
+                  std::shared_ptr<KVPages> pages);
   // x: [1, E] fp32, updated in place; cos, sin: [rope_dims / 2] at the token's position;
   // nq quantized tokens, nb buffered ones before this token (which goes to buffer row nb);
   // keep > 0: attend to `keep` pages of the quantized ones (select_pages, first sink pages)
@@ -84,10 +119,12 @@ class DecodeAttention {
   std::shared_ptr<QMatrices> qkv_, o_;
   int64_t hq_, h_, d_, rd_;
   bool neox_;
-  // kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink, kcent, kspread, vrot
+  // kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink, kcent, kspread, vrot, and the page pool
+  // and this layer's page table when the pages are on disk (else empty)
   std::vector<torch::Tensor> kv_;
-  // k_bits, v_bits, k_group, v_group, page selection (bit 0: meanstd, bit 1: mass)
+  // k_bits, v_bits, k_group, v_group, page selection (bit 0: meanstd, bit 1: mass), layer
   std::vector<int64_t> cfg_;
+  std::shared_ptr<KVPages> pages_;  // null: every page in RAM
 };
 
 // One decode step of a dense SwiGLU FFN: x += down(silu(gate(h)) * up(h)), h = rms_norm(x).

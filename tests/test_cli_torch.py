@@ -32,11 +32,14 @@ def test_run_torch_sparse_attention_stats_and_bad_budgets(env):
     """A prompt past the attention budget: the answer comes with what its steps read."""
     prompt = "Summarize this text:\n\n" + topics["assignment"][:4000]
     r = localai("run", prompt, "--model", TEST_MODEL, "--engine", "torch", "-t", "0",
-                "--max-tokens", "4", "--ctx", "2048", "--attn-budget", "25%", "--json",
-                "--no-daemon", env=env)  # fmt: skip
+                "--max-tokens", "4", "--ctx", "2048", "--attn-budget", "25%", "--kv-budget",
+                "14M", "--json", "--no-daemon", env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)["stats"]
     assert st["prompt_tokens"] > 512 and st["attn_sparse_steps"] >= 1
+    # the KV budget: the cache's RAM under 14 MiB, the rest of its pages on disk
+    assert st["kv_resident_bytes"] <= 14 << 20 and st["kv_offloaded_bytes"] > 0
+    assert st["kv_disk_bytes_read_per_token"] >= 0
     assert 3 <= st["attn_pages_selected"] <= 512 // 16 and st["kv_resident_bytes"] > 0
     fp16_all = 30 * 3 * 64 * 2 * 2 * st["prompt_tokens"]  # dense: every token's K and V
     assert 0 < st["kv_bytes_read_per_token"] < 0.7 * fp16_all
@@ -46,6 +49,9 @@ def test_run_torch_sparse_attention_stats_and_bad_budgets(env):
         assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = localai("run", "Hi", "--model", TEST_MODEL, "--attn-budget", "4K", "--no-daemon", env=env)
     assert r.returncode != 0 and "needs --engine torch" in r.stderr, r.stderr
+    r = localai("run", "Hi", "--model", TEST_MODEL, "--engine", "torch", "--kv-budget", "64M",
+                "--no-daemon", env=env)  # fmt: skip
+    assert r.returncode != 0 and "needs an attention budget" in r.stderr, r.stderr
 
 
 def test_run_torch_streams_and_refuses_overflow(env):

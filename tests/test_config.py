@@ -46,6 +46,7 @@ def test_home_from_env(clean_env, monkeypatch):
         ("threads = 'many'\n", "not a valid"),
         ("expert_prefetch = 'maybe'\n", "not a valid bool"),
         ("attn_budget = 'half'\n", "attn_budget is tokens"),
+        ("kv_budget = 'lots'\n", "kv_budget is bytes"),
         ("model = \n", "config.toml"),
     ],
 )

@@ -13,14 +13,14 @@ from localai.engine.torch import TorchEngine, attention, native
 from localai.engine.torch.kv import PAGE, KVCache, KVConfig
 
 
-def sparse_case(cfg: KVConfig, n: int, seed: int = 0, needle: int | None = None):
+def sparse_case(cfg: KVConfig, n: int, seed: int = 0, needle: int | None = None, **cache_kw):
     """A cache of n tokens with page summaries, then the write of token n (the query q); with
-    `needle`, that token's key is the query's direction, scaled up."""
+    `needle`, that token's key is the query's direction, scaled up. `cache_kw`: KVCache's."""
     k, v = kv_data(n + 1, seed=n + seed)
     q = torch.randn(HQ, D, generator=torch.Generator().manual_seed(seed + 7))
     if needle is not None:
         k[:, needle] = q.reshape(H, -1, D)[:, 0] * 3
-    cache = KVCache(cfg, 1, H, D, 1024)
+    cache = KVCache(cfg, 1, H, D, 1024, **cache_kw)
     fill(cache, k[:, :n], v[:, :n], 64)
     cache.begin(1)
     kf, vf = cache.write(0, k[:, n:], v[:, n:])
@@ -106,7 +106,40 @@ def test_a_bad_page_list_is_refused():
     q1 = cache.qend(301)
     bad = torch.tensor([[0, q1 // PAGE]] * H, dtype=torch.int32)  # one page past the end
     with pytest.raises(RuntimeError, match="past the quantized tokens"):
-        kernel.decode_attention(q, *t[:10], t[12], bad, q1, 301 - q1, 16, 16, 64, 32, 0.125)
+        kernel.decode_attention(q, *t[:10], t[12], bad, t[13], t[14], q1, 301 - q1, 16, 16, 64,
+                                32, 0.125)  # fmt: skip
+
+
+@pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (8, 8), (4, 4), (2, 2), (4, 2), (16, 4)])
+def test_pages_on_disk_attend_exactly_as_pages_in_ram(k_bits, v_bits, tmp_path):
+    """The same tokens with their pages in RAM, and in a file under a pool of 3 pages per head
+    (so every step reads some from disk and evicts others): the same keys and values back, the
+    same attention bit for bit, sparse and dense, step after step."""
+    kernel_or_skip()
+    cfg = cfg_of(k_bits, v_bits, v_clip=True, v_rotate=v_bits == 2)
+    ram = sparse_case(cfg, 700)
+    probe = KVCache(cfg, 1, H, D, 1024)
+    fixed, rec = probe.fixed_bytes, probe.rec
+    disk = sparse_case(cfg, 700, kv_ram=fixed + rec * H * 9, kv_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # the page file is unlinked once open
+    q1 = ram[0].qend(701)
+    for a, b in zip(ram[0].dequant_kv(0, q1), disk[0].dequant_kv(0, q1), strict=True):
+        assert torch.equal(a, b)
+    for keep, first, seed in [(9, 2, 0), (5, 2, 1), (9, 2, 2)]:  # other queries: other pages
+        q = torch.randn(HQ, D, generator=torch.Generator().manual_seed(seed))
+        got = [
+            attention.decode(c, 0, q, kf, vf, keep=keep, first=first)
+            for c, _, kf, vf in (ram, disk)
+        ]
+        assert torch.equal(*got)
+    hits, misses, _, resident = disk[0].pages.stats()
+    assert misses > 0 and resident == 9 * H
+    assert disk[0].nbytes == fixed + rec * H * 9 and disk[0].offloaded_bytes() > 0
+    with pytest.raises(RuntimeError, match="cannot hold one layer"):  # dense needs every page
+        attention.decode(disk[0], 0, disk[1], disk[2], disk[3])
+    big = sparse_case(cfg, 700, kv_ram=fixed + rec * H * 64, kv_dir=tmp_path)
+    dense = [attention.decode(c, 0, c_q, kf, vf) for c, c_q, kf, vf in (ram, big)]
+    assert torch.equal(*dense)
 
 
 # ---- the runner (SmolLM2-135M: 30 layers, 3 KV heads) ----------------------------------------
@@ -188,6 +221,40 @@ def test_over_the_budget_it_reads_less_and_predicts_alike(engines):
     _, stats = greedy(sparse, sparse.detokenize(tokens[:1000]), 8)
     assert stats.extra["attn_pages_selected"] > 0 and stats.extra["attn_sparse_steps"] >= 7
     assert stats.extra["kv_bytes_read_per_token"] > 0 and stats.extra["kv_resident_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_pages_on_disk_under_a_kv_budget_change_nothing_but_memory(model_path, engines, tmp_path):
+    """The same sparse engine with a 14 MiB KV budget (the cache all in RAM is ~56 MiB; the
+    pool holds about a third of one step's pages, so every step reads pages from disk):
+    teacher-forced logits bit for bit and greedy text equal to the all-in-RAM run."""
+    _, sparse = engines
+    disk = TorchEngine(model_path, TEST_MODEL, context_length=CTX, threads=1, attn_budget=512,
+                       kv_budget="14M", kv_dir=tmp_path)  # fmt: skip
+    cache = disk.model.cache
+    too_small = cache.fixed_bytes + 50 * cache.rec  # 50 pages: fewer than one layer's step
+    try:
+        assert cache.nbytes <= 14 << 20 < sparse.model.cache.nbytes
+        tokens = pydoc_tokens(sparse, 1200)
+        logits = []
+        for eng in (sparse, disk):
+            m = eng.model
+            m.cache.reset()
+            m.forward(torch.tensor(tokens[:1100]))
+            logits.append(torch.stack([m.forward(torch.tensor([t]))[-1] for t in tokens[1100:]]))
+        assert torch.equal(logits[0], logits[1])
+        prompt = sparse.detokenize(tokens[:900])
+        text, stats = greedy(disk, prompt, 8)
+        assert text == greedy(sparse, prompt, 8)[0]
+        assert stats.extra["kv_disk_bytes_read_per_token"] > 0
+        assert stats.extra["kv_offloaded_bytes"] > 0 and disk.info()["kv_pool_pages"] > 0
+    finally:
+        disk.close()
+    with pytest.raises(Exception, match="needs an attention budget"):
+        TorchEngine(model_path, TEST_MODEL, context_length=CTX, kv_budget="14M")
+    with pytest.raises(Exception, match="cannot hold the .* pages one layer"):
+        TorchEngine(model_path, TEST_MODEL, context_length=CTX, attn_budget=512,
+                    kv_budget=too_small)  # fmt: skip
 
 
 # ---- sparse prefill ------------------------------------------------------------------------

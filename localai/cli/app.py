@@ -175,6 +175,13 @@ def engine_options(fn):
             metavar="TOKENS|PCT",
         ),
         _setting_option(
+            "--kv-budget",
+            "kv_budget",
+            "Torch runner, with --attn-budget: RAM for the KV cache (bytes such as 64M, or a "
+            "share such as 25%); its pages beyond it wait on disk until a step selects them.",
+            metavar="BYTES|PCT",
+        ),
+        _setting_option(
             "--expert-prefetch/--no-expert-prefetch",
             "expert_prefetch",
             "Torch runner, MoE models with a budget: read each layer's likely experts "

@@ -44,14 +44,17 @@ def load_engine(
     trace_routing: str | None = None,
     expert_prefetch: bool = False,
     attn_budget: str | None = None,
+    kv_budget: str | None = None,
+    kv_dir: Path | None = None,
 ) -> Engine:
     """Load `path` with the named backend; the caller resolved the model (catalog.resolve_model)."""
     if backend == "llama":
         from .llamacpp import LlamaCppEngine
 
-        if attn_budget:
+        if attn_budget or kv_budget:
             raise EngineError(
-                "an attention budget needs --engine torch (llama.cpp attends to every token)"
+                "an attention or KV budget needs --engine torch (llama.cpp attends to every "
+                "token, from RAM)"
             )
         if expert_budget or trace_routing:
             raise EngineError(
@@ -66,5 +69,6 @@ def load_engine(
                            expert_budget=expert_budget or None,
                            expert_prefetch=expert_prefetch,
                            attn_budget=attn_budget or None,
+                           kv_budget=kv_budget or None, kv_dir=kv_dir,
                            trace_routing=trace_routing or None)  # fmt: skip
     raise EngineError(f"unknown engine {backend!r}; choose llama or torch")

@@ -42,6 +42,10 @@ TF_CAP = 31  # as the sqlite side table (bm25.TF_BITS) caps a term's count
 RERANK = 8  # Hamming candidates per vector hit asked for, ranked again by the codes
 MAX_CANDIDATES = 4000
 REINDEX_KEY = LOCK_KEY + 1  # the advisory lock held while rebuilding the terms' index
+# an HNSW index over `bits`, where a database has one, must still give the LIMIT's candidates
+# in distance order: it searches wide and goes on until it has them (pgvector >= 0.8)
+OPTIONS = (f"-c search_path={SCHEMA},public -c hnsw.ef_search=1000 "
+           "-c hnsw.iterative_scan=strict_order")  # fmt: skip
 
 
 def shown_uri(uri: str) -> str:
@@ -60,7 +64,7 @@ def connect(uri: str):
             "pip install 'localai[postgres]'"
         ) from e
     try:
-        conn = psycopg.connect(uri, autocommit=True, options=f"-c search_path={SCHEMA},public")
+        conn = psycopg.connect(uri, autocommit=True, options=OPTIONS)
         migrate(conn)
     except psycopg.Error as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

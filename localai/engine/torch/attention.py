@@ -56,7 +56,7 @@ def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: t
     else:
         tok = torch.arange(q1)[None, :]
     which = tok if keep else q1  # all of [0, q1): a slice, cheaper than a gather
-    kq, vq = cache.dequant_k(layer, which), cache.dequant_v(layer, which)
+    kq, vq = cache.dequant_kv(layer, which)
     q1 = kq.shape[1]  # quantized keys read: H, q1, D
     s_q = (qg @ kq.transpose(1, 2)).mul_(scale).reshape(h, hq // h, c, q1)  # H, r, C, q1
     q_ok = tok[:, None, :] < bound[None, :, None]  # H or 1, C, q1
@@ -123,8 +123,9 @@ def decode_reference(cache: KVCache, layer: int, q: torch.Tensor, kf, vf, pages=
     q1 = cache.qend(cache._n_next)
     kf, vf = kf[:, q1 - cache.qend(cache.n) :], vf[:, q1 - cache.qend(cache.n) :]  # H, n+1-q1, D
     tok = q1 if pages is None else page_tokens(pages)
-    k = torch.cat([cache.dequant_k(layer, tok), kf], dim=1)  # H, N, D
-    v = torch.cat([cache.dequant_v(layer, tok), vf], dim=1)
+    kq, vq = cache.dequant_kv(layer, tok)
+    k = torch.cat([kq, kf], dim=1)  # H, N, D
+    v = torch.cat([vq, vf], dim=1)
     s = (q.reshape(h, hq // h, d) @ k.transpose(1, 2)) / math.sqrt(d)  # H, r, N
     return (torch.softmax(s, dim=-1) @ v).reshape(hq, d)
 
@@ -156,9 +157,10 @@ def decode(
     if kernel is None:
         return decode_reference(cache, layer, q, kf, vf, pages)
     cfg, t = cache.cfg, cache.layer_tensors(layer)
+    cache.ensure(layer, pages)
     no_pages = torch.empty(0, dtype=torch.int32)
     return kernel.decode_attention(
-        q.contiguous(), *t[:10], t[12], no_pages if pages is None else pages,
+        q.contiguous(), *t[:10], t[12], no_pages if pages is None else pages, t[13], t[14],
         q1, cache._n_next - q1,
         cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group, 1.0 / math.sqrt(q.shape[1]),
     )  # fmt: skip

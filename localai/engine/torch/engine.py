@@ -66,6 +66,8 @@ class TorchEngine(TokenEngine):
         expert_prefetch: bool = False,
         trace_routing: Path | None = None,
         attn_budget: int | str | None = None,
+        kv_budget: int | str | None = None,
+        kv_dir: Path | None = None,
     ):
         super().__init__()
         self.path = Path(path)
@@ -100,14 +102,34 @@ class TorchEngine(TokenEngine):
                     f"an attention budget below {ATTN_BUDGET_MIN} tokens leaves no room past "
                     f"the recent window ({budget} asked)"
                 )
-            self.model = Transformer(
-                weights, hp, kv, self.context_length, expert_budget, expert_prefetch, budget
-            )
+            if kv_budget and not budget:
+                raise ValueError(
+                    "a KV budget needs an attention budget (--attn-budget): dense attention "
+                    "reads every page at every step, so none could stay on disk"
+                )
+            self.model = Transformer(weights, hp, kv, self.context_length, expert_budget,
+                                     expert_prefetch, budget, kv_budget or None,
+                                     kv_dir)  # fmt: skip
+            self._check_pool(budget)
         except ValueError as e:
             raise EngineError(str(e)) from e
         self.prefill_chunk = prefill_chunk
         self.decode_threads = decode_threads or self.threads
         self.trace = self._trace_to(Path(trace_routing)) if trace_routing else None
+
+    def _check_pool(self, attn_budget: int) -> None:
+        """With pages on disk, the pool must hold the pages one layer's step attends to."""
+        cache = self.model.cache
+        if cache.pages is None:
+            return
+        slots = cache.pages.pool.shape[0]
+        need = cache.H * (attn_budget // PAGE + 1)
+        if slots < need:
+            raise ValueError(
+                f"a KV budget that leaves {slots} pages in RAM cannot hold the {need} pages one "
+                f"layer's step attends to ({cache.fixed_bytes / 2**20:.1f} MiB go to the fp16 "
+                f"window, sinks, page summaries and K scales; each page is {cache.rec} bytes)"
+            )
 
     # -- the loop ---------------------------------------------------------------------------
     def prefill(self, tokens: list[int]) -> torch.Tensor:
@@ -156,6 +178,8 @@ class TorchEngine(TokenEngine):
 
     # -- fixed prefixes (engine/prefix.py): a cache holding exactly a prefix, as bytes -------
     def _live_ids(self) -> list[int]:
+        if self.model.cache.pages is not None:  # its pages are on disk: no snapshot of them
+            raise NotImplementedError
         return list(self.model.cache.ids)
 
     def _prefill_only(self, tokens: list[int]) -> None:
@@ -234,8 +258,15 @@ class TorchEngine(TokenEngine):
             "kv_bytes_allocated": self.model.cache.nbytes,
             "kv_bytes_per_token": round(self.model.cache.bytes_per_token(), 1),
             "attn_budget": self.model.attn_budget,
+            **self._kv_pages_info(),
             **(self._moe_info() if self.hp.is_moe else {}),
         }
+
+    def _kv_pages_info(self) -> dict:
+        cache = self.model.cache
+        if cache.pages is None:
+            return {}
+        return {"kv_pool_pages": cache.pages.pool.shape[0], "kv_page_bytes": cache.rec}
 
     def _trace_to(self, path: Path) -> TraceWriter:
         """Record every MoE layer's routing to `path` (routing.py)."""
@@ -262,15 +293,21 @@ class TorchEngine(TokenEngine):
     def _extra_stats(self, since: dict | None) -> dict:
         """One request's decode attention (KV bytes read per token, pages selected) and, for a
         MoE model with an expert budget, its expert cache traffic (hit rate, bytes read)."""
-        cache = self.model.expert_cache
+        cache, kv = self.model.expert_cache, self.model.cache
         now = {f"attn_{k}": v for k, v in dataclasses.asdict(self.model.attn_stats).items()}
         now |= dataclasses.asdict(cache.stats) if cache is not None else {}
+        if kv.pages is not None:
+            now |= dict(zip(("kv_page_hits", "kv_page_reads"), kv.pages.stats()[:2], strict=True))
         if since is None:
             return now
         d = {k: now[k] - since.get(k, 0) for k in now}
-        out = {"kv_resident_bytes": self.model.cache.nbytes}
+        out = {"kv_resident_bytes": kv.nbytes}
+        if kv.pages is not None:
+            out["kv_offloaded_bytes"] = kv.offloaded_bytes()
         if steps := d["attn_decode_steps"]:
             out["kv_bytes_read_per_token"] = d["attn_bytes_read"] // steps
+            if kv.pages is not None:  # of those, from disk (pages that were not in the pool)
+                out["kv_disk_bytes_read_per_token"] = d["kv_page_reads"] * kv.rec // steps
         if sparse := d["attn_sparse_steps"]:
             out["attn_sparse_steps"] = sparse
             out["attn_pages_selected"] = round(d["attn_pages_selected"] / sparse, 1)

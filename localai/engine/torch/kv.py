@@ -19,7 +19,15 @@ Pages are addressable (page i = tokens [16i, 16i + 16)). With a `page_summary` e
 keeps a per-channel centre and spread of its keys, taken before quantization (2 fp16 rows per 16
 tokens, +6.25% of fp16 K/V), which sparse decode attention scores pages by (attention.py):
 "meanstd" is their mean and standard deviation, "minmax" the middle and half-width of their
-range (the box that holds them). Pages stay where they are: a selected page is read in place.
+range (the box that holds them).
+
+Pages in RAM or on disk: by default the pages' codes (K codes, V codes, V scales) are tensors
+[L, H, T, ·] allocated for the whole context, and a selected page is read in place. With a
+`kv_ram` budget they go to a file instead (native/kv_pages.cpp: one record of `rec` bytes per
+layer, head and page, written once when quantized), and a pool in RAM, what the budget leaves,
+holds the ones read lately: a decode step makes its selected pages resident before it attends;
+a prompt's chunks read a layer's pages from the file. The K group scales, the sinks, the page
+summaries and the fp16 window stay in RAM: they are what selection and every step read.
 
 A cache can be cut back to a prefix (`truncate`) so the next prompt that shares it is not
 computed again. Cutting back to m < n needs tokens [qend(m), m) in fp16: at 16 bits the pages
@@ -30,7 +38,10 @@ otherwise (never a silently less exact cache).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -71,16 +82,28 @@ class KVConfig:
         return (self.page_summary == "meanstd") | (self.page_score == "mass") << 1
 
 
+def row_bytes(bits: int, d: int) -> int:
+    return 2 * d if bits == 16 else d * bits // 8
+
+
 class KVCache:
-    def __init__(self, cfg: KVConfig, n_layers: int, n_heads: int, head_dim: int, capacity: int):
+    def __init__(self, cfg: KVConfig, n_layers: int, n_heads: int, head_dim: int, capacity: int,
+                 kv_ram: int | str | None = None, kv_dir: Path | None = None):  # fmt: skip
+        """`kv_ram`: RAM for the whole cache (bytes, or a share of what it holds all in RAM,
+        see experts.parse_budget); the pages' codes beyond what the fixed parts leave live in
+        a file under `kv_dir` (default: the temp dir). None: everything in RAM."""
         g = cfg.k_group
         self.cfg, self.L, self.H, self.D = cfg, n_layers, n_heads, head_dim
         self.T = -(-capacity // g) * g  # whole K groups
         assert head_dim % cfg.v_group == 0 or cfg.v_bits == 16
         L, H, T, D = n_layers, n_heads, self.T, head_dim
-        self.kc, self.ks, self.km = self._store(cfg.k_bits, (L, H, T // g, D))
-        v_scales = (L, H, T, D // cfg.v_group) if cfg.v_bits < 16 else (0,)
-        self.vc, self.vs, self.vm = self._store(cfg.v_bits, v_scales)
+        self.vgs = D // cfg.v_group if cfg.v_bits < 16 else 0  # V scale groups per token
+        # one page of one head: K codes, V codes, V scales, V minimums (kv_pages.cpp)
+        self.rec = PAGE * (row_bytes(cfg.k_bits, D) + row_bytes(cfg.v_bits, D) + 4 * self.vgs)
+        spill = bool(kv_ram)  # then the codes live in the page file and pool
+        self.kc, self.ks, self.km = self._store(cfg.k_bits, (L, H, T // g, D), not spill)
+        v_scales = (L, H, T, D // cfg.v_group) if cfg.v_bits < 16 and not spill else (0,)
+        self.vc, self.vs, self.vm = self._store(cfg.v_bits, v_scales, not spill)
         pages = (L, H, T // PAGE, D) if cfg.page_summary else (0,)
         self.kcent = torch.zeros(pages, dtype=torch.float16)  # L, H, T/16, D (or empty)
         self.kspread = torch.zeros(pages, dtype=torch.float16)
@@ -91,13 +114,16 @@ class KVCache:
         cap = cfg.window + g
         self.kbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)  # L, H, W+G, D
         self.vbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)
+        self.pages = self._spill(kv_ram, kv_dir) if spill else None
         self.n = 0  # tokens stored (all layers agree between forwards)
         self._n_next = 0
         self.ids: list[int] = []  # the token ids of those n tokens, when a model wrote them
         self._ids: list[int] = []
 
-    def _store(self, bits: int, scale_shape: tuple[int, ...]):
+    def _store(self, bits: int, scale_shape: tuple[int, ...], codes: bool = True):
         L, H, T, D = self.L, self.H, self.T, self.D
+        if not codes:  # in the page file; only K's group scales stay here
+            return (torch.empty(0, dtype=torch.uint8), *self._store(bits, scale_shape)[1:])
         if bits == 16:
             empty = torch.empty(0, dtype=torch.float16)
             return torch.zeros(L, H, T, D, dtype=torch.float16), empty, empty
@@ -107,6 +133,35 @@ class KVCache:
             torch.zeros(scale_shape, dtype=torch.float16),
             torch.zeros(scale_shape, dtype=torch.float16),
         )
+
+    @property
+    def fixed_bytes(self) -> int:
+        """RAM the cache needs whatever its pages: the fp16 window, the sinks, the page
+        summaries, the K group scales, and (pages on disk) the page table."""
+        parts = (self.ks, self.km, self.kbuf, self.vbuf, self.ksink, self.vsink, self.kcent,
+                 self.kspread)  # fmt: skip
+        return sum(t.nbytes for t in parts) + self.L * self.H * (self.T // PAGE) * 4
+
+    def _spill(self, kv_ram: int | str, spill_dir: Path | None):
+        from . import native
+        from .experts import parse_budget
+
+        pages = self.L * self.H * (self.T // PAGE)
+        all_ram = self.fixed_bytes - pages * 4 + pages * self.rec  # the cache all in RAM
+        budget = parse_budget(kv_ram, all_ram, "a KV budget")
+        slots = (budget - self.fixed_bytes) // self.rec
+        if slots < 1:
+            raise ValueError(
+                f"a KV budget of {budget / 2**20:.1f} MiB leaves no room for pages: the fp16 "
+                f"window, sinks, page summaries and K scales take {self.fixed_bytes / 2**20:.1f}"
+            )
+        kernel = native.load()
+        if kernel is None:
+            raise ValueError(f"KV pages on disk need the C++ kernels ({native.status()})")
+        where = Path(spill_dir or tempfile.gettempdir())
+        where.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = where / f"kv-{os.getpid()}-{id(self):x}.pages"  # unlinked once open
+        return kernel.KVPages(str(path), self.L, self.H, self.T // PAGE, self.rec, slots)
 
     def _sink(self, bits: int) -> torch.Tensor:
         if bits == 16 or not self.cfg.sink:
@@ -120,23 +175,36 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self._parts())
+        """Bytes in RAM (with pages on disk: the pool, not the file)."""
+        pool = self.pages.pool.nbytes + self.pages.table.nbytes if self.pages else 0
+        return sum(t.nbytes for t in self._parts()) + pool
 
     def _parts(self) -> tuple[torch.Tensor, ...]:
         return (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kbuf, self.vbuf,
                 self.ksink, self.vsink, self.kcent, self.kspread)  # fmt: skip
 
+    def _page_token_bytes(self) -> float:
+        """Bytes of one token in pages, all layers: its codes and V scales, its share of the K
+        group scales."""
+        return self.rec / PAGE * self.H * self.L + (self.ks.nbytes + self.km.nbytes) / self.T
+
     def bytes_per_token(self) -> float:
-        """Marginal cost of one more token in pages (the fp16 buffer and sink are fixed costs)."""
-        parts = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kcent, self.kspread)
-        return sum(t.nbytes for t in parts) / self.T
+        """Marginal cost of one more token in pages (the fp16 buffer and sink are fixed costs),
+        wherever they are (RAM or the page file)."""
+        return self._page_token_bytes() + (self.kcent.nbytes + self.kspread.nbytes) / self.T
+
+    def offloaded_bytes(self) -> int:
+        """Bytes of pages on disk and not in the pool now."""
+        if self.pages is None:
+            return 0
+        written = self.qend(self.n) // PAGE * self.L * self.H
+        return max(0, written - self.pages.stats()[3]) * self.rec
 
     def read_bytes(self, n: int, keep: int = 0) -> int:
         """Bytes a decode step over n tokens reads from the cache, all layers: every quantized
         token (or `keep` pages of them per head, and all the page bounds), and the fp16 window."""
         q = self.qend(n)
-        paged = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm)
-        per_token = sum(t.nbytes for t in paged) / self.T
+        per_token = self._page_token_bytes()
         window = (n - q) * self.L * self.H * self.D * 2 * 2  # fp16 K and V
         if not keep:
             return int(q * per_token) + window
@@ -146,6 +214,8 @@ class KVCache:
     def reset(self) -> None:
         self.n = self._n_next = 0
         self.ids = []
+        if self.pages is not None:
+            self.pages.reset()
 
     def begin(self, n_new: int) -> None:
         """Start a forward over `n_new` tokens; every layer then calls `write` once."""
@@ -170,7 +240,7 @@ class KVCache:
             return 0
         q_old, q_new = self.qend(n), self.qend(m)
         if q_new < q_old:
-            if self.cfg.k_bits < 16 or self.cfg.v_bits < 16:
+            if self.cfg.k_bits < 16 or self.cfg.v_bits < 16 or self.pages is not None:
                 self.reset()
                 return 0
             shift = q_old - q_new  # tokens [q_new, q_old) come back from the fp16 pages
@@ -197,22 +267,57 @@ class KVCache:
             return kb[:, : n2 - q0].float(), vb[:, : n2 - q0].float()
         kf = torch.cat([kb[:, : n - q0], k.half()], dim=1)  # H, n2 - q0, D
         vf = torch.cat([vb[:, : n - q0], v.half()], dim=1)
-        self._quantize_k(layer, kf[:, : q1 - q0].float(), q0)
-        self._quantize_v(layer, vf[:, : q1 - q0].float(), q0)
+        kcodes = self._quantize_k(layer, kf[:, : q1 - q0].float(), q0)
+        self._put(layer, q0, kcodes, *self._quantize_v(layer, vf[:, : q1 - q0].float(), q0))
         kb[:, : n2 - q1] = kf[:, q1 - q0 :]
         vb[:, : n2 - q1] = vf[:, q1 - q0 :]
         return kf.float(), vf.float()
 
-    def _quantize_k(self, layer: int, k: torch.Tensor, start: int) -> None:
-        """k: [H, C, D] tokens [start, start + C), C a multiple of the K group."""
+    def _put(self, layer: int, start: int, kc, vc, vs, vm) -> None:
+        """Store the codes of tokens [start, start + C): kc, vc [H, C, R] (fp16 [H, C, D] at 16
+        bits), vs, vm [H, C, D/v_group] (None at 16 bits)."""
+        c = kc.shape[1]
+        if self.pages is None:
+            self.kc[layer, :, start : start + c] = kc
+            self.vc[layer, :, start : start + c] = vc
+            if vs is not None:
+                self.vs[layer, :, start : start + c] = vs
+                self.vm[layer, :, start : start + c] = vm
+            return
+        rows = [kc, vc] + ([vs, vm] if vs is not None else [])  # a page: each part's 16 rows
+        parts = [t.contiguous().view(torch.uint8).reshape(self.H, c // PAGE, -1) for t in rows]
+        self.pages.write(layer, start // PAGE, torch.cat(parts, dim=2).contiguous())
+
+    def _stored(self, layer: int, tok: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`layer`'s K codes, V codes, V scales, V minimums ([H, T', ·], as the tensors hold
+        them), covering the tokens `tok` (see `_take`): the tensors, or pages read from disk."""
+        if self.pages is None:
+            return tuple(t[layer] if t.numel() else t for t in (self.kc, self.vc, self.vs, self.vm))
+        n = tok if isinstance(tok, int) else int(tok.max()) + 1 if tok.numel() else 0
+        pages = -(-n // PAGE)
+        recs = self.pages.read(layer, pages)  # H, pages, rec
+        cfg, H, D = self.cfg, self.H, self.D
+        widths = [row_bytes(cfg.k_bits, D), row_bytes(cfg.v_bits, D), 2 * self.vgs, 2 * self.vgs]
+        out, at = [], 0
+        for bits, w in zip((cfg.k_bits, cfg.v_bits, 16, 16), widths, strict=True):
+            if not w:  # no V scales at 16 bits
+                out.append(torch.empty(0, dtype=torch.float16))
+                continue
+            part = recs[:, :, at : at + PAGE * w].reshape(H, pages * PAGE, w)
+            at += PAGE * w
+            out.append(part.contiguous().view(torch.float16) if bits == 16 else part)
+        return tuple(out)
+
+    def _quantize_k(self, layer: int, k: torch.Tensor, start: int) -> torch.Tensor:
+        """k: [H, C, D] tokens [start, start + C), C a multiple of the K group; sets the group
+        scales and the page summaries, returns the codes (`_put` stores them)."""
         bits, g, c = self.cfg.k_bits, self.cfg.k_group, k.shape[1]
         if self.kcent.numel():
             cent, spread = page_summary(k.reshape(self.H, c // PAGE, PAGE, self.D), self.cfg)
             self.kcent[layer, :, start // PAGE : (start + c) // PAGE] = cent
             self.kspread[layer, :, start // PAGE : (start + c) // PAGE] = spread
         if bits == 16:
-            self.kc[layer, :, start : start + c] = k.half()
-            return
+            return k.half()
         s = self.ksink.shape[2] if self.ksink.numel() else 0
         if start == 0 and s:
             # the sink's outlier keys would widen every channel's range for the whole first
@@ -221,15 +326,16 @@ class KVCache:
             k = torch.cat([k[:, s : s + 1].expand(-1, s, -1), k[:, s:]], dim=1)
         grouped = k.reshape(self.H, c // g, g, self.D)  # H, C/G, G, D
         codes, scale, lo = kvquant.quantize(grouped, bits, dim=2)  # scale: H, C/G, 1, D
-        self.kc[layer, :, start : start + c] = kvquant.pack(codes.reshape(self.H, c, self.D), bits)
         self.ks[layer, :, start // g : (start + c) // g] = scale[:, :, 0]
         self.km[layer, :, start // g : (start + c) // g] = lo[:, :, 0]
+        return kvquant.pack(codes.reshape(self.H, c, self.D), bits)
 
-    def _quantize_v(self, layer: int, v: torch.Tensor, start: int) -> None:
+    def _quantize_v(self, layer: int, v: torch.Tensor, start: int):
+        """The codes of V [H, C, D] and their scales and minimums [H, C, D/v_group] (None, None
+        at 16 bits)."""
         bits, gv, c = self.cfg.v_bits, self.cfg.v_group, v.shape[1]
         if bits == 16:
-            self.vc[layer, :, start : start + c] = v.half()
-            return
+            return v.half(), None, None
         if start == 0 and self.vsink.numel():
             self.vsink[layer] = v[:, : self.vsink.shape[2]].half()
         if self.v_rot.numel():
@@ -237,29 +343,35 @@ class KVCache:
         grouped = v.reshape(self.H, c, self.D // gv, gv)  # H, C, D/gv, gv
         codes, scale, lo = kvquant.quantize(grouped, bits, dim=3, clip=self.cfg.v_clip)
         # scale: H, C, D/gv, 1
-        self.vc[layer, :, start : start + c] = kvquant.pack(codes.reshape(self.H, c, self.D), bits)
-        self.vs[layer, :, start : start + c] = scale[..., 0]
-        self.vm[layer, :, start : start + c] = lo[..., 0]
+        packed = kvquant.pack(codes.reshape(self.H, c, self.D), bits)
+        return packed, scale[..., 0].half(), lo[..., 0].half()
 
     # -- reading ----------------------------------------------------------------------------
-    def dequant_k(self, layer: int, tok: int | torch.Tensor) -> torch.Tensor:
+    def dequant_kv(self, layer: int, tok: int | torch.Tensor):
+        """(keys, values) of `tok` (see `dequant_k`), the pages read once."""
+        rows = self._stored(layer, tok)
+        return self.dequant_k(layer, tok, rows), self.dequant_v(layer, tok, rows)
+
+    def dequant_k(self, layer: int, tok: int | torch.Tensor, rows=None) -> torch.Tensor:
         """Quantized keys as fp32: of tokens [0, tok) ([H, tok, D]; tok a K group boundary), or
-        of the token numbers `tok` [H, M] of each head ([H, M, D])."""
+        of the token numbers `tok` [H, M] of each head ([H, M, D]). `rows`: `_stored`'s."""
         bits, g = self.cfg.k_bits, self.cfg.k_group
+        kc = (rows or self._stored(layer, tok))[0]
         if bits == 16:
-            return _take(self.kc[layer], tok).float()
-        codes = kvquant.unpack(_take(self.kc[layer], tok), bits)  # H, M, D
+            return _take(kc, tok).float()
+        codes = kvquant.unpack(_take(kc, tok), bits)  # H, M, D
         scale = _per_token(self.ks[layer], tok, g)  # H, M, D
         lo = _per_token(self.km[layer], tok, g)
         return _with_sink(kvquant.dequantize(codes, scale, lo), self.ksink, layer, tok)
 
-    def dequant_v(self, layer: int, tok: int | torch.Tensor) -> torch.Tensor:
+    def dequant_v(self, layer: int, tok: int | torch.Tensor, rows=None) -> torch.Tensor:
         bits, gv = self.cfg.v_bits, self.cfg.v_group
+        _, vc, vs, vm = rows or self._stored(layer, tok)
         if bits == 16:
-            return _take(self.vc[layer], tok).float()
-        codes = kvquant.unpack(_take(self.vc[layer], tok), bits)  # H, M, D
-        scale = _take(self.vs[layer], tok).repeat_interleave(gv, dim=2)  # H, M, D
-        lo = _take(self.vm[layer], tok).repeat_interleave(gv, dim=2)
+            return _take(vc, tok).float()
+        codes = kvquant.unpack(_take(vc, tok), bits)  # H, M, D
+        scale = _take(vs, tok).repeat_interleave(gv, dim=2)  # H, M, D
+        lo = _take(vm, tok).repeat_interleave(gv, dim=2)
         v = kvquant.dequantize(codes, scale, lo)  # H, M, D
         if self.v_rot.numel():
             v = v @ self.v_rot.T
@@ -267,14 +379,28 @@ class KVCache:
 
     def layer_tensors(self, layer: int) -> list[torch.Tensor]:
         """kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink, kcent, kspread of one layer (scales
-        and sinks are empty at 16 bits, page summaries without a page_summary), then the V
-        rotation (empty when V is not rotated)."""
-        return [t[layer] if t.numel() else t for t in self._parts()] + [self.v_rot]
+        and sinks are empty at 16 bits, page summaries without a page_summary, codes with pages
+        on disk), the V rotation (empty when V is not rotated), then the page pool and this
+        layer's page table (empty with pages in RAM)."""
+        pool = (self.pages.pool, self.pages.table[layer]) if self.pages else (_EMPTY, _EMPTY)
+        return [t[layer] if t.numel() else t for t in self._parts()] + [self.v_rot, *pool]
+
+    def ensure(self, layer: int, pages: torch.Tensor | None) -> None:
+        """Before attending: `pages` [H, P] of `layer` (None: all of them) resident."""
+        if self.pages is None:
+            return
+        if pages is None:
+            q = self.qend(self._n_next)
+            pages = torch.arange(q // PAGE, dtype=torch.int32).repeat(self.H, 1)
+        self.pages.ensure(layer, pages.contiguous())
 
     def page_summaries(self, layer: int, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-page, per-channel key (centre, spread) of the first `pages`: [H, pages, D] fp16."""
         assert self.kcent.numel(), "pages are summarized only with a page_summary"
         return self.kcent[layer, :, :pages], self.kspread[layer, :, :pages]
+
+
+_EMPTY = torch.empty(0, dtype=torch.int32)
 
 
 def _take(t: torch.Tensor, tok: int | torch.Tensor) -> torch.Tensor:

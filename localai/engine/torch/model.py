@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +166,8 @@ class Attention:
             self.norm, self.eps, self.qkv.native, bias, self.o.native, hp.n_heads,
             hp.n_kv_heads, hp.head_dim, hp.rope_dims, hp.spec.rope_style == "neox",
             cache.layer_tensors(self.layer),
-            [cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group, cfg.selection_flags],
+            [cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group, cfg.selection_flags, self.layer],
+            cache.pages,
         )  # fmt: skip
 
     def __call__(self, x, cos, sin, cache: KVCache, use_native: bool, keep: int = 0,
@@ -211,13 +213,16 @@ class AttnStats:
 class Transformer:
     def __init__(self, w: GGUFWeights, hp: Hparams, kv: KVConfig, capacity: int,
                  expert_budget: int | float | str | None = None,
-                 expert_prefetch: bool = False, attn_budget: int = 0):  # fmt: skip
+                 expert_prefetch: bool = False, attn_budget: int = 0,
+                 kv_ram: int | str | None = None, kv_dir: Path | None = None):  # fmt: skip
         """`expert_budget`: RAM for a MoE model's experts, read on demand (experts.ExpertCache;
         bytes or a share of all expert bytes, see experts.parse_budget); None keeps them all in
         place in the memory map. `expert_prefetch`: read each layer's likely experts while the
         layer before computes (moe.MoEFFN.predict). `attn_budget`: tokens a decode step attends
         to at most (sparse attention, see attention.py: the sink, the best pages, the fp16
-        window); 0, or a context under the budget, is dense attention."""
+        window); 0, or a context under the budget, is dense attention. `kv_ram`: RAM for the
+        KV cache, its quantized pages beyond it on disk under `kv_dir` (kv.KVCache); None: all
+        in RAM."""
         self.w, self.hp = w, hp
         self.attn_budget = attn_budget
         self.sparse_prefill = False  # prompts' chunks too (attention.select_chunk_pages)
@@ -234,7 +239,8 @@ class Transformer:
                 b.ffn.next = after.ffn
         self.norm = w.dense(hp.name("output_norm"))
         self.head = make_head(w, hp)
-        self.cache = KVCache(kv, hp.n_layers, hp.n_kv_heads, hp.head_dim, capacity)
+        self.cache = KVCache(kv, hp.n_layers, hp.n_kv_heads, hp.head_dim, capacity, kv_ram,
+                             kv_dir)  # fmt: skip
         factors = w.dense("rope_freqs.weight") if "rope_freqs.weight" in w else None
         self.cos, self.sin = rope_tables(hp, self.cache.T, factors)
         # the C++ decode attention, and the fused C++ decode step; tests turn either off

@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parents[3] / "native"
-FILES = ["module.cpp", "pool.cpp", "qmatmul.cpp", "kv_attention.cpp", "decode.cpp"]
+FILES = ["module.cpp", "pool.cpp", "qmatmul.cpp", "kv_pages.cpp", "kv_attention.cpp", "decode.cpp"]
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
