@@ -240,14 +240,17 @@ class KVCache:
             return 0
         q_old, q_new = self.qend(n), self.qend(m)
         if q_new < q_old:
-            if self.cfg.k_bits < 16 or self.cfg.v_bits < 16 or self.pages is not None:
+            if self.cfg.k_bits < 16 or self.cfg.v_bits < 16:
                 self.reset()
                 return 0
             shift = q_old - q_new  # tokens [q_new, q_old) come back from the fp16 pages
             kept = max(0, m - q_old)  # buffered tokens still wanted, moved up by `shift`
-            for buf, pages in ((self.kbuf, self.kc), (self.vbuf, self.vc)):
-                buf[:, :, shift : shift + kept] = buf[:, :, :kept].clone()
-                buf[:, :, : min(m, q_old) - q_new] = pages[:, :, q_new : min(m, q_old)]
+            top = min(m, q_old)
+            for layer in range(self.L):
+                kc, vc = self._stored(layer, top)[:2]  # H, ≥ top, D fp16
+                for buf, pages in ((self.kbuf[layer], kc), (self.vbuf[layer], vc)):
+                    buf[:, shift : shift + kept] = buf[:, :kept].clone()
+                    buf[:, : top - q_new] = pages[:, q_new:top]
         self.n = self._n_next = m
         self.ids = self.ids[:m]
         return m
