@@ -21,23 +21,15 @@
 
 namespace {
 
-void pread_all(int fd, uint8_t* dst, int64_t n, int64_t off) {
+// all n bytes at `off` through `io` (pread or pwrite), on through short transfers and signals
+template <typename Byte, typename Io>
+void transfer(Io io, const char* what, Byte* p, int64_t n, int64_t off) {
   while (n > 0) {
-    const ssize_t got = ::pread(fd, dst, n, off);
-    TORCH_CHECK(got > 0 || (got < 0 && errno == EINTR), "reading KV pages from disk failed: ",
+    const ssize_t got = io(p, n, off);
+    TORCH_CHECK(got > 0 || (got < 0 && errno == EINTR), what, " KV pages on disk failed: ",
                 got < 0 ? std::strerror(errno) : "short file");
     if (got < 0) continue;
-    dst += got, n -= got, off += got;
-  }
-}
-
-void pwrite_all(int fd, const uint8_t* src, int64_t n, int64_t off) {
-  while (n > 0) {
-    const ssize_t got = ::pwrite(fd, src, n, off);
-    TORCH_CHECK(got > 0 || (got < 0 && errno == EINTR), "writing KV pages to disk failed: ",
-                got < 0 ? std::strerror(errno) : "no progress");
-    if (got < 0) continue;
-    src += got, n -= got, off += got;
+    p += got, n -= got, off += got;
   }
 }
 
@@ -55,6 +47,11 @@ KVPages::KVPages(const std::string& path, int64_t layers, int64_t heads, int64_t
   owner_.assign(S_, -1);
   ref_.assign(S_, 0);
   pin_.assign(S_, 0);
+}
+
+void KVPages::read_at(uint8_t* dst, int64_t n, int64_t off) const {
+  transfer([&](uint8_t* p, int64_t k, int64_t o) { return ::pread(fd_, p, k, o); }, "reading",
+           dst, n, off);
 }
 
 KVPages::~KVPages() {
@@ -109,7 +106,8 @@ void KVPages::write(int64_t layer, int64_t p0, torch::Tensor data) {
   int32_t* tb = table.data_ptr<int32_t>();
   for (int64_t h = 0; h < H_; ++h) {
     const int64_t flat = (layer * H_ + h) * P_ + p0, off = flat * rec_;
-    pwrite_all(fd_, src + h * n * rec_, n * rec_, off);
+    transfer([&](const uint8_t* p, int64_t k, int64_t o) { return ::pwrite(fd_, p, k, o); },
+             "writing", src + h * n * rec_, n * rec_, off);
     ::sync_file_range(fd_, off, n * rec_,
                       SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
                           SYNC_FILE_RANGE_WAIT_AFTER);
@@ -158,7 +156,7 @@ void KVPages::ensure(int64_t layer, const int32_t* pages, int64_t heads, int64_t
       while (j < k && hp[j] == hp[j - 1] + 1 && tb[base + hp[j]] < 0) ++j;
       const int64_t n = j - i, off = (base + hp[i]) * rec_;
       run.resize(n * rec_);
-      pread_all(fd_, run.data(), n * rec_, off);
+      read_at(run.data(), n * rec_, off);
       ::posix_fadvise(fd_, off, n * rec_, POSIX_FADV_DONTNEED);
       for (int64_t r = 0; r < n; ++r) {
         const int32_t s = victim();
@@ -183,7 +181,7 @@ torch::Tensor KVPages::read(int64_t layer, int64_t n) {
   uint8_t* dst = out.data_ptr<uint8_t>();
   for (int64_t h = 0; h < H_; ++h) {
     const int64_t off = (layer * H_ + h) * P_ * rec_;
-    pread_all(fd_, dst + h * n * rec_, n * rec_, off);
+    read_at(dst + h * n * rec_, n * rec_, off);
     ::posix_fadvise(fd_, off, n * rec_, POSIX_FADV_DONTNEED);
   }
   bulk_ += H_ * n;

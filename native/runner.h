@@ -76,6 +76,7 @@ class KVPages {
  private:
   int32_t victim();
   void place(int64_t flat, int32_t slot);
+  void read_at(uint8_t* dst, int64_t n, int64_t off) const;
   int fd_ = -1;
   int64_t L_, H_, P_, rec_, S_, used_ = 0, hand_ = 0, written_ = 0, epoch_ = 0;
   int64_t hits_ = 0, misses_ = 0, bulk_ = 0;
