@@ -84,7 +84,7 @@ class Settings:
     attn_budget: str = ""
     # torch runner, with an attn_budget: RAM for the KV cache (bytes such as 64M, or a share of
     # the cache all in RAM such as 25%); the quantized pages beyond it live in a file under
-    # home/kv (deleted with the cache) and are read as steps select them. Empty: all in RAM
+    # home/kv-pages (deleted with the cache) and are read as steps select them. Empty: all in RAM
     kv_budget: str = ""
     trace_routing: str = ""  # torch runner, MoE models: write each layer's routing here (JSONL)
     # engine "remote": an OpenAI-compatible server (another localai, llama-server, vLLM, ...)

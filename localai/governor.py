@@ -9,7 +9,8 @@ Holders that can give memory back register a `Shrinkable` (how many bytes it hol
 callback that frees what it can and says how much). Under pressure (pressure.py) the governor
 calls them in SHRINK_ORDER, cheapest loss first, and stops as soon as one pass freed enough:
 
-1. "caches"  — the passage read-back cache, the index's in-RAM vectors: rebuilt on next use;
+1. "caches"  — the passage read-back cache, the index's in-RAM vectors, the kept prompt heads'
+   KV snapshots (engine/prefix.py; their files stay): rebuilt or re-read on next use;
 2. "experts" — the expert cache, down to its floor (the torch runner's MoE cache, when loaded);
 3. "models"  — an idle model (no request in flight), reloaded by the next request.
 

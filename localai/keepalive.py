@@ -79,6 +79,10 @@ class ResidentEngine:
                     raise
             if self.governor is not None and info.get("expert_cache"):
                 self.governor.register(Shrinkable("expert_cache", "experts", self.shrink_experts))
+            if self.governor is not None and getattr(engine, "prefixes", None) is not None:
+                heads = Shrinkable("prompt_prefixes", "caches", self.shrink_prefixes,
+                                   self.prefix_bytes)  # fmt: skip
+                self.governor.register(heads)
             self.name, self.context_length, self._info = engine.name, engine.context_length, info
             self._tools = engine.supports_tools()
             self._engine = engine
@@ -130,6 +134,16 @@ class ResidentEngine:
         if cache and self.governor is not None:
             self.governor.reserve("expert_cache", cache["budget_bytes"])
         return freed
+
+    def shrink_prefixes(self) -> int:
+        """The governor's "caches" stage: the kept prompt heads' KV snapshots in RAM (RAG's
+        system prompt and layout; on disk they stay, and a request holding one keeps its copy)."""
+        engine = self._engine
+        return engine.prefixes.drop_snapshots() if engine is not None else 0
+
+    def prefix_bytes(self) -> int:
+        engine = self._engine
+        return engine.prefixes.nbytes if engine is not None else 0
 
     def bytes_held(self) -> int:
         if self._engine is None:

@@ -99,7 +99,7 @@ def engine_loader(
                              expert_prefetch=settings.expert_prefetch,
                              attn_budget=settings.attn_budget,
                              kv_budget=settings.kv_budget,
-                             kv_dir=settings.home / "kv")  # fmt: skip
+                             kv_dir=settings.home / "kv-pages")  # fmt: skip
         keep_prefixes_on_disk(engine, settings)
         return engine
 

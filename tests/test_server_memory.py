@@ -143,6 +143,7 @@ def test_pressure_shrinks_caches_while_a_stream_completes(home, models_dir, tmp_
             {"role": "user", "content": "Who built the Brightwater lighthouse?"}])  # fmt: skip
         mem = d.request("GET", "/localai/status")[1]["memory"]
         assert mem["holders"]["passage_cache"] > 0 and mem["last_pressure"] is None
+        assert mem["holders"]["prompt_prefixes"] > 0  # the RAG head's KV snapshot
         stream = ai.completions.create(model=TEST_MODEL, prompt="1, 2, 3, 4, 5, 6,",
                                        max_tokens=200, temperature=0, stream=True)  # fmt: skip
         chunks = [next(stream)]
@@ -158,6 +159,7 @@ def test_pressure_shrinks_caches_while_a_stream_completes(home, models_dir, tmp_
         got = wait_for(lambda: [e for e in events() if "model" in e["freed"]], "the idle unload")
         first = events()[0]
         assert "passage_cache" in first["freed"] and "model" not in first["freed"]
+        assert "prompt_prefixes" in first["freed"]
         assert first["at"] < got[0]["at"]  # caches first, the model only once it was idle
         assert got[0]["at"] >= ended - 1.0  # never while the stream ran (1 s for clock skew)
         assert not oc.ps().models

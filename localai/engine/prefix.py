@@ -194,6 +194,15 @@ class Prefixes:
         with self._lock:
             self.known.clear()
 
+    def drop_snapshots(self) -> int:
+        """Memory pressure: the snapshots in RAM go (the prefixes stay registered: the next use
+        reads the file again, or computes it); the bytes given back."""
+        with self._lock:
+            freed = self.nbytes
+            for key in self.known:
+                self.known[key] = None
+        return freed
+
     @property
     def nbytes(self) -> int:
-        return sum(len(d) for d in self.known.values() if d)
+        return sum(len(d) for d in list(self.known.values()) if d)
