@@ -21,6 +21,8 @@
 // tests hold each pair to a tolerance.
 #include <c10/util/Half.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -36,12 +38,28 @@ inline void unpack_row(const uint8_t* row, int bits, int D, float* out) {
   for (int p = 0; p < per; ++p) {
     const int shift = p * bits;
     float* o = out + p * R;
-    for (int r = 0; r < R; ++r) o[r] = static_cast<float>((row[r] >> shift) & mask);
+    int r = 0;
+#ifdef __AVX2__  // 8 codes at a time: widen the bytes, shift the plane down, mask, convert
+    const __m256i m = _mm256_set1_epi32(mask);
+    const __m128i sh = _mm_cvtsi32_si128(shift);
+    for (; r + 8 <= R; r += 8) {
+      const __m256i b = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + r)));
+      _mm256_storeu_ps(o + r, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(b, sh), m)));
+    }
+#endif
+    for (; r < R; ++r) o[r] = static_cast<float>((row[r] >> shift) & mask);
   }
 }
 
 inline void half_row(const at::Half* row, int D, float* out) {
-  for (int c = 0; c < D; ++c) out[c] = static_cast<float>(row[c]);
+  int c = 0;
+#ifdef __F16C__  // 8 halves per instruction (c10::Half converts one at a time)
+  for (; c + 8 <= D; c += 8)
+    _mm256_storeu_ps(out + c, _mm256_cvtph_ps(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(row + c))));
+#endif
+  for (; c < D; ++c) out[c] = static_cast<float>(row[c]);
 }
 
 constexpr int64_t kPage = 16;  // tokens per page (kv.PAGE)
@@ -194,13 +212,14 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
     const int64_t h1 = h0 + 1;
     std::vector<float> s(static_cast<size_t>(rep) * N), row(D), qs(rep * D), qm(rep);
     std::vector<float> acc_rot(rotated ? rep * D : 0);
+    std::vector<float> vbias(static_cast<size_t>(rep) * vgs);
     for (int64_t h = h0; h < h1; ++h) {
       const float* qh = qp + h * rep * D;
       const int32_t* hp = sparse ? pg + h * pages.size(1) : nullptr;
       // the i-th quantized token this head reads
       auto token = [&](int64_t i) { return sparse ? hp[i / kPage] * kPage + i % kPage : i; };
       // ---- scores over the quantized pages
-      int64_t group = -1;  // the K group folded into qs, qm
+      int64_t g_lo = 0, g_hi = 0;  // the tokens of the K group folded into qs, qm
       for (int64_t i = 0; i < nt; ++i) {
         const int64_t t = token(i);
         if (k_bits == 16) {
@@ -212,8 +231,9 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
           }
           continue;
         }
-        if (t / kg != group) {  // new K group: fold its per-channel scale and min into the query
-          group = t / kg;
+        if (t < g_lo || t >= g_hi) {  // new K group: fold its per-channel scale, min into q
+          g_lo = t / kg * kg;
+          g_hi = g_lo + kg;
           const at::Half* sc = ks.data_ptr<at::Half>() + (h * KG + t / kg) * D;
           const at::Half* mn = km.data_ptr<at::Half>() + (h * KG + t / kg) * D;
           for (int r = 0; r < rep; ++r) {
@@ -263,33 +283,51 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
         const float inv = 1.f / sum;
         for (int t = 0; t < N; ++t) sr[t] *= inv;
       }
-      // ---- weighted sum of V
+      // ---- weighted sum of V. A quantized row is code * scale + min per group of vg channels:
+      // its codes are summed with weight p * scale, and p * min goes to one sum per group,
+      // spread over the group's channels at the end (no dequantized row is formed)
       float* oh = op + h * rep * D;
+      float* qdst = rotated ? acc_rot.data() : oh;  // where the quantized rows' sums go
       std::fill(acc_rot.begin(), acc_rot.end(), 0.f);
+      std::fill(vbias.begin(), vbias.end(), 0.f);
       for (int64_t i = 0; i < N; ++i) {
         const bool quantized = i < nt;
         const int64_t t = quantized ? token(i) : i;
-        if (quantized && t < vs_n) {
-          half_row(vsink.data_ptr<at::Half>() + (h * vs_cap + t) * D, D, row.data());
-        } else if (quantized && v_bits < 16) {
+        if (quantized && t >= vs_n && v_bits < 16) {
           unpack_row(v_at(h, t), v_bits, D, row.data());
           const at::Half* sc = vs_at(h, t, 0);
           const at::Half* mn = vs_at(h, t, 1);
-          for (int c = 0; c < D; ++c)
-            row[c] = row[c] * static_cast<float>(sc[c / vg]) + static_cast<float>(mn[c / vg]);
+          for (int64_t g = 0; g < vgs; ++g) {
+            const float a = static_cast<float>(sc[g]), b = static_cast<float>(mn[g]);
+            for (int r = 0; r < rep; ++r) {
+              const float p = s[r * N + i];
+              vbias[r * vgs + g] += p * b;
+              const float w = p * a;
+              const float* x = row.data() + g * vg;
+              float* o = qdst + r * D + g * vg;
+              for (int64_t c = 0; c < vg; ++c) o[c] += w * x[c];
+            }
+          }
+          continue;
+        }
+        if (quantized && t < vs_n) {
+          half_row(vsink.data_ptr<at::Half>() + (h * vs_cap + t) * D, D, row.data());
         } else if (quantized) {
           half_row(reinterpret_cast<const at::Half*>(v_at(h, t)), D, row.data());
         } else {
           half_row(vbuf.data_ptr<at::Half>() + (h * cap + (i - nt)) * D, D, row.data());
         }
-        // quantized V rows of a rotated cache go to the rotated-basis sum
-        float* dst = (rotated && quantized && t >= vs_n) ? acc_rot.data() : oh;
-        for (int r = 0; r < rep; ++r) {
+        for (int r = 0; r < rep; ++r) {  // exact rows (sink, fp16 cache, window): unrotated
           const float p = s[r * N + i];
-          float* o = dst + r * D;
+          float* o = oh + r * D;
           for (int c = 0; c < D; ++c) o[c] += p * row[c];
         }
       }
+      for (int r = 0; r < rep; ++r)
+        for (int64_t g = 0; g < vgs; ++g) {
+          float* o = qdst + r * D + g * vg;
+          for (int64_t c = 0; c < vg; ++c) o[c] += vbias[r * vgs + g];
+        }
       // ---- back from the rotated basis: o += acc_rot @ vrot^T
       for (int r = 0; r < rotated * rep; ++r) {
         const float* a = acc_rot.data() + r * D;
