@@ -82,8 +82,7 @@ def kv_part(a, path) -> dict:
             rows[name] = {"ppl": round(r.ppl, 4), "tokens": r.tokens,
                           "bytes_per_token_pages": info["kv_bytes_per_token"],
                           "kv_bytes_allocated": info["kv_bytes_allocated"],
-                          "decode_tokens_per_s_at_ctx": decode_at(eng, ids, ctx)
-                          if a.decode_at_ctx else None}  # fmt: skip
+                          **(decode_at(eng, ids, ctx) if a.decode_at_ctx else {})}  # fmt: skip
             eng.close()
             print(json.dumps({"ctx": ctx, "kv": name} | rows[name]), file=sys.stderr)
         base = rows["16"]
@@ -100,11 +99,12 @@ def kv_part(a, path) -> dict:
     return out
 
 
-def decode_at(eng: TorchEngine, ids: list[int], ctx: int, n: int = 16) -> float:
-    """Decode tokens/s with the cache filled to ctx - n tokens."""
+def decode_at(eng: TorchEngine, ids: list[int], ctx: int, n: int = 16) -> dict:
+    """Prefill tokens/s of ctx - n - 1 tokens, then decode tokens/s with the cache that full."""
     prompt = ids[: ctx - n - 1]
-    events = list(eng.generate(prompt, SamplingParams(temperature=0.0, max_tokens=n)))
-    return events[-1].stats.tokens_per_s
+    st = list(eng.generate(prompt, SamplingParams(temperature=0.0, max_tokens=n)))[-1].stats
+    return {"prefill_tokens_per_s_at_ctx": st.prefill_tokens_per_s,
+            "decode_tokens_per_s_at_ctx": st.tokens_per_s}  # fmt: skip
 
 
 NEEDLE = "The secret passphrase for the lighthouse is {word}."

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import native
 from .kv import PAGE, KVCache
@@ -41,29 +42,31 @@ def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: t
     qg = q.reshape(h, (hq // h) * c, d)  # H, r·C, D
     pos = torch.arange(n, n2)  # C
     keys = torch.arange(q0, n2)  # M
-    scale = 1.0 / math.sqrt(d)
-    s_full = (qg @ kf.transpose(1, 2)).mul_(scale).reshape(h, hq // h, c, -1)  # H, r, C, M
     # fp keys are visible when causal and not yet quantized for this query: j >= qend(p + 1)
     bound = torch.tensor([cache.qend(int(p) + 1) for p in pos])  # C
     full_ok = (keys[None, :] <= pos[:, None]) & (keys[None, :] >= bound[:, None])  # C, M
-    s_full.masked_fill_(~full_ok, float("-inf"))
     if q1 == 0:
-        p = torch.softmax(s_full, dim=-1)
-        return (p.reshape(h, -1, kf.shape[1]) @ vf).reshape(hq, c, d)
+        return _attend(q, kf, vf, full_ok)
     if keep:  # the chosen pages, and those quantized in this forward (inside its window)
         old = select_chunk_pages(cache, layer, qg, keep, first, q0 // PAGE)
         tok = page_tokens(torch.cat([old, torch.arange(q0 // PAGE, q1 // PAGE).expand(h, -1)], 1))
     else:
         tok = torch.arange(q1)[None, :]
     which = tok if keep else q1  # all of [0, q1): a slice, cheaper than a gather
-    kq, vq = cache.dequant_kv(layer, which)
-    q1 = kq.shape[1]  # quantized keys read: H, q1, D
-    s_q = (qg @ kq.transpose(1, 2)).mul_(scale).reshape(h, hq // h, c, q1)  # H, r, C, q1
-    q_ok = tok[:, None, :] < bound[None, :, None]  # H or 1, C, q1
-    s_q.masked_fill_(~q_ok[:, None], float("-inf"))
-    p = torch.softmax(torch.cat([s_q, s_full], dim=-1), dim=-1)  # H, r, C, q1 + M
-    out = p[..., :q1].reshape(h, -1, q1) @ vq + p[..., q1:].reshape(h, -1, kf.shape[1]) @ vf
-    return out.reshape(hq, c, d)
+    kq, vq = cache.dequant_kv(layer, which)  # H, q1', D
+    q_ok = tok[:, None, :] < bound[None, :, None]  # H or 1, C, q1'
+    ok = torch.cat([q_ok, full_ok.expand(q_ok.shape[0], -1, -1)], dim=-1)  # H or 1, C, q1' + M
+    if keep:  # a mask per KV head, for each of its query heads
+        ok = ok.repeat_interleave(hq // h, dim=0)
+    return _attend(q, torch.cat([kq, kf], dim=1), torch.cat([vq, vf], dim=1), ok)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of q [Hq, C, D] over k, v [H, N, D] (grouped: each KV head serves Hq/H
+    query heads), where ok ([C, N], or [Hq, C, N]) allows it; torch's fused kernel, which never
+    holds the [Hq, C, N] scores (2-3x the speed of forming them at 8K)."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=ok,
+                                          enable_gqa=True)[0]  # fmt: skip
 
 
 def select_pages_reference(cache: KVCache, layer: int, q: torch.Tensor, keep: int, first: int):
