@@ -216,3 +216,27 @@ def test_a_cache_without_token_ids_is_never_reused():
     cache = KVCache(cfg, 1, H, D, 256)
     fill(cache, k, v, 40)  # raw K/V, no ids: nothing says which tokens these are
     assert cache.ids == [] and cache.truncate(50) == 0 and cache.n == 0
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_a_long_context_takes_ram_only_as_tokens_arrive():
+    """The cache is sized for the whole context but not written at load: a 32K-token fp16 cache
+    of 24 layers (384 MiB) commits almost nothing until tokens are stored, and says so."""
+    before = _rss()
+    cache = KVCache(KVConfig(16, 16, page_summary="meanstd"), 24, H, D, 32768)
+    assert cache.nbytes > 380 << 20 and _rss() - before < 32 << 20
+    fixed = cache.resident_bytes()
+    assert fixed < 32 << 20
+    k, v = kv_data(1024)
+    cache.begin(1024)
+    for layer in range(24):  # 1,024 tokens in every layer
+        cache.write(layer, k, v)
+    cache.commit()
+    grown = cache.resident_bytes() - fixed
+    per_token = cache.bytes_per_token()
+    assert 0.8 * per_token * (1024 - 256) < grown <= per_token * 1024
+    assert _rss() - before < fixed + grown + (32 << 20)

@@ -213,6 +213,7 @@ class TorchEngine(TokenEngine):
                 raise EngineError("a saved prompt prefix has another cache layout")
             t[:, :, :end] = saved[name]  # in place: the layers hold views of these tensors
         c.n = c._n_next = n
+        c._high = max(c._high, c.qend(n))
         c.ids = c._ids = list(tokens)
 
     def prefix_identity(self) -> dict:
@@ -301,7 +302,7 @@ class TorchEngine(TokenEngine):
         if since is None:
             return now
         d = {k: now[k] - since.get(k, 0) for k in now}
-        out = {"kv_resident_bytes": kv.nbytes}
+        out = {"kv_resident_bytes": kv.resident_bytes()}
         if kv.pages is not None:
             out["kv_offloaded_bytes"] = kv.offloaded_bytes()
         if steps := d["attn_decode_steps"]:

@@ -105,8 +105,8 @@ class KVCache:
         v_scales = (L, H, T, D // cfg.v_group) if cfg.v_bits < 16 and not spill else (0,)
         self.vc, self.vs, self.vm = self._store(cfg.v_bits, v_scales, not spill)
         pages = (L, H, T // PAGE, D) if cfg.page_summary else (0,)
-        self.kcent = torch.zeros(pages, dtype=torch.float16)  # L, H, T/16, D (or empty)
-        self.kspread = torch.zeros(pages, dtype=torch.float16)
+        self.kcent = torch.empty(pages, dtype=torch.float16)  # L, H, T/16, D (or empty)
+        self.kspread = torch.empty(pages, dtype=torch.float16)
         self.ksink = self._sink(cfg.k_bits)  # L, H, S, D (empty at 16 bits)
         self.vsink = self._sink(cfg.v_bits)
         rotate = cfg.v_rotate and cfg.v_bits < 16
@@ -117,21 +117,25 @@ class KVCache:
         self.pages = self._spill(kv_ram, kv_dir) if spill else None
         self.n = 0  # tokens stored (all layers agree between forwards)
         self._n_next = 0
+        self._high = 0  # the most quantized tokens ever stored: the per-token parts touched
         self.ids: list[int] = []  # the token ids of those n tokens, when a model wrote them
         self._ids: list[int] = []
 
     def _store(self, bits: int, scale_shape: tuple[int, ...], codes: bool = True):
+        """Codes and scales, allocated for the whole context but not written (torch.empty): the
+        OS gives them RAM page by page as tokens arrive, so a long context costs RAM only once
+        it is used; nothing reads past the tokens stored."""
         L, H, T, D = self.L, self.H, self.T, self.D
         if not codes:  # in the page file; only K's group scales stay here
             return (torch.empty(0, dtype=torch.uint8), *self._store(bits, scale_shape)[1:])
         if bits == 16:
             empty = torch.empty(0, dtype=torch.float16)
-            return torch.zeros(L, H, T, D, dtype=torch.float16), empty, empty
-        codes = torch.zeros(L, H, T, D * bits // 8, dtype=torch.uint8)  # L, H, T, R
+            return torch.empty(L, H, T, D, dtype=torch.float16), empty, empty
+        codes = torch.empty(L, H, T, D * bits // 8, dtype=torch.uint8)  # L, H, T, R
         return (
             codes,
-            torch.zeros(scale_shape, dtype=torch.float16),
-            torch.zeros(scale_shape, dtype=torch.float16),
+            torch.empty(scale_shape, dtype=torch.float16),
+            torch.empty(scale_shape, dtype=torch.float16),
         )
 
     @property
@@ -178,6 +182,15 @@ class KVCache:
         """Bytes in RAM (with pages on disk: the pool, not the file)."""
         pool = self.pages.pool.nbytes + self.pages.table.nbytes if self.pages else 0
         return sum(t.nbytes for t in self._parts()) + pool
+
+    def resident_bytes(self) -> int:
+        """Bytes in RAM now: the fixed parts, and the per-token parts as far as tokens have ever
+        been stored in them (`nbytes` is what the whole context would take)."""
+        if self.pages is not None:
+            return self.nbytes
+        share = self._high / self.T
+        grows = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kcent, self.kspread)
+        return self.nbytes - int(sum(t.nbytes for t in grows) * (1 - share))
 
     def _parts(self) -> tuple[torch.Tensor, ...]:
         return (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kbuf, self.vbuf,
@@ -226,6 +239,7 @@ class KVCache:
     def commit(self, ids: list[int] | None = None) -> None:
         """End the forward; `ids` are its token ids (None: not tokens, the cache is unnamed)."""
         self.n = self._n_next
+        self._high = max(self._high, self.qend(self.n))
         if ids is not None and len(self._ids) + len(ids) == self.n:
             self._ids.extend(ids)  # in place: a decode step appends one id, not a copy of all
             self.ids = self._ids
