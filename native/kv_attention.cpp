@@ -38,17 +38,7 @@ inline void unpack_row(const uint8_t* row, int bits, int D, float* out) {
   for (int p = 0; p < per; ++p) {
     const int shift = p * bits;
     float* o = out + p * R;
-    int r = 0;
-#ifdef __AVX2__  // 8 codes at a time: widen the bytes, shift the plane down, mask, convert
-    const __m256i m = _mm256_set1_epi32(mask);
-    const __m128i sh = _mm_cvtsi32_si128(shift);
-    for (; r + 8 <= R; r += 8) {
-      const __m256i b = _mm256_cvtepu8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + r)));
-      _mm256_storeu_ps(o + r, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(b, sh), m)));
-    }
-#endif
-    for (; r < R; ++r) o[r] = static_cast<float>((row[r] >> shift) & mask);
+    for (int r = 0; r < R; ++r) o[r] = static_cast<float>((row[r] >> shift) & mask);
   }
 }
 
