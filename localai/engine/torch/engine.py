@@ -212,9 +212,7 @@ class TorchEngine(TokenEngine):
             if saved[name].shape != t[:, :, :end].shape:
                 raise EngineError("a saved prompt prefix has another cache layout")
             t[:, :, :end] = saved[name]  # in place: the layers hold views of these tensors
-        c.n = c._n_next = n
-        c._high = max(c._high, c.qend(n))
-        c.ids = c._ids = list(tokens)
+        c.adopt(tokens)
 
     def prefix_identity(self) -> dict:
         """What makes a KV snapshot valid for this engine besides the model and the tokens."""

@@ -238,11 +238,19 @@ class KVCache:
 
     def commit(self, ids: list[int] | None = None) -> None:
         """End the forward; `ids` are its token ids (None: not tokens, the cache is unnamed)."""
-        self.n = self._n_next
-        self._high = max(self._high, self.qend(self.n))
+        self._hold(self._n_next)
         if ids is not None and len(self._ids) + len(ids) == self.n:
             self._ids.extend(ids)  # in place: a decode step appends one id, not a copy of all
             self.ids = self._ids
+
+    def _hold(self, n: int) -> None:
+        self.n = self._n_next = n
+        self._high = max(self._high, self.qend(n))
+
+    def adopt(self, ids: list[int]) -> None:
+        """The tensors now hold these tokens' K/V, written in place (a restored snapshot)."""
+        self._hold(len(ids))
+        self.ids = self._ids = list(ids)
 
     def truncate(self, m: int) -> int:
         """Keep tokens [0, m) and forget the rest; returns the tokens kept (m, or 0)."""
