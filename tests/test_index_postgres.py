@@ -203,8 +203,8 @@ def test_export_moves_a_sqlite_index_without_re_embedding(home, docs, embedder, 
     assert pg.update().embedded == 0 and pg.check() == []
     after = {q: [(h.path, h.start_byte) for h in pg.search(q, k=5)] for q in queries}
     # the same BM25 terms and codes find the same chunks, the same one first; two chunks whose
-    # vector scores tie to float rounding may swap (the stores sum the code scores in batches of
-    # another shape: seen on "income tax deadline", two unrelated files at ranks 3 and 4)
+    # vector scores tie may swap (seen on "income tax deadline": two unrelated files at ranks 3
+    # and 4 with byte-identical codes; likely float rounding over row sets of another shape)
     assert {q: (hits[0], sorted(hits)) for q, hits in after.items()} == {
         q: (hits[0], sorted(hits)) for q, hits in before.items()
     }
