@@ -15,12 +15,12 @@ tokens: the same variants' prompt tokens to compute (first and new question), ov
    from the model's vocabulary alone (no weights, minutes faster than ttft).
 ttft: time to first token of `localai ask`'s path, today's against each change (bench/rag_ttft.py:
    first question, repeated question, new question over the same pages), with the same
-   citation check; --trims lists the passage budgets (tokens) to compare.
+   citation check; --trims lists the variants beside today's (bench/rag_ttft.py).
 Prints one JSON object.
 
     python bench/rag.py [--part rerank|rag|both|ttft] [--queries 20] [--model smollm2-135m]
                         [-k 5] [--pages 60] [--layouts model|system,oneshot] [--questions N]
-                        [--threads 2] [--trims 64]
+                        [--threads 2] [--trims head,64,64+kv]
 """
 
 from __future__ import annotations
@@ -163,8 +163,12 @@ def main() -> None:
         + ", ".join(LAYOUTS),
     )
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--trims", default="64",
-                    help="ttft: passage budgets (tokens): 64, or 48k3 for 3 passages")  # fmt: skip
+    ap.add_argument(
+        "--trims",
+        default="head,64,64+kv",
+        help="ttft: variants beside today's: head, a passage budget in tokens (64), "
+        "48k3 for 3 passages of 48, +kv for passages' KV kept (kv: whole passages)",
+    )
     a = ap.parse_args()
     threads = {"threads": a.threads} if a.threads else {}
     settings = load_settings(a.work / "rag-home", models_dir=MODELS, model=a.model,

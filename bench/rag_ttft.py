@@ -1,15 +1,21 @@
 """RAG time to first token (bench/rag.py --part ttft): today's path against each change, same
 run, same loaded model, questions interleaved so that a noisy machine hits every variant alike.
 
-For each question and each variant, three answers:
+For each question and each variant, four answers:
   first   a new process's first question (RAM cache dropped, the live KV forgotten; a variant
-          that keeps the head on disk finds it there, except for the very first question)
+          that keeps the head on disk finds it there, except for the very first question, and a
+          variant that keeps passages' KV finds those that earlier questions stored)
   repeat  the same question again at once (the live KV holds the whole prompt)
   new     another question for the same page (a paraphrase: mostly the same passages), right
           after, with nothing in between
-Variants: `today` (no kept head, whole passages), `head` (the fixed head kept, rag/answer.py),
+  again   that other question once more in a new process: with kept passages, every passage is
+          in the store, which is what any question costs whose passages were read before (only
+          the question's own tokens differ)
+Variants: `today` (no kept head, whole passages; always run), then those listed (--trims):
+`head` (the fixed head kept, rag/answer.py),
 `head+trimN` (also each passage cut to its best N tokens, rag/trim.py), `head+trimN+kK` (and
-only K passages). Per variant and case:
+only K passages), and `+kv` after any of these (passages' KV kept and reused,
+engine/pieces.py; `kv` alone: whole passages). Per variant and case:
 TTFT p50/p90, total p50, prefill and cached tokens, and the share of answers with a verified
 citation into the expected page.
 """
@@ -47,17 +53,23 @@ PARAPHRASES = [
 ]
 
 
+CASES = ("first", "repeat", "new", "again")
+
+
 def quantile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return round(xs[min(len(xs) - 1, int(q * len(xs)))], 2)
 
 
-def variant_name(spec: str) -> str:
-    """ "64" → head+trim64, "48k3" → head+trim48+k3; "today" and "head" as they are."""
-    if spec in ("today", "head"):
-        return spec
-    n, _, fewer = spec.partition("k")
-    return f"head+trim{n}" + (f"+k{fewer}" if fewer else "")
+def parse(spec: str) -> tuple[str, int, int | None, bool]:
+    """ "64" → (head+trim64, 64, None, False), "48k3+kv" → (head+trim48+k3+kv, 48, 3, True);
+    "today", "head" and "kv" (whole passages, their KV kept) as they are."""
+    base, kv = spec.removesuffix("+kv"), spec.endswith("+kv") or spec == "kv"
+    if base in ("today", "head") or spec == "kv":
+        return spec, 0, None, kv
+    n, _, fewer = base.partition("k")
+    name = f"head+trim{n}" + (f"+k{fewer}" if fewer else "") + ("+kv" if kv else "")
+    return name, int(n), int(fewer) if fewer else None, kv
 
 
 def share(flags: list[bool]) -> float:
@@ -75,6 +87,7 @@ def one(rag: Answerer, question: str, want: str, k: int, params: SamplingParams)
             "retrieve_s": round(retrieve_s, 3), "prompt_tokens": s.prompt_tokens,
             "prefill_tokens": s.extra["prefill_tokens"], "cached_tokens": s.cached_tokens,
             "prefix_source": s.extra["prefix_source"],
+            "passage_tokens": s.extra["cached_from"]["passages"],
             "cited_hit": any(c.verified and want in c.path for c in done.citations),
             "given_hit": any(want in src.passage.path for src in prep.packed.used),
             "passages": [src.where for src in prep.packed.used],
@@ -84,36 +97,42 @@ def one(rag: Answerer, question: str, want: str, k: int, params: SamplingParams)
 def run(engine, ix: Index, layout, k: int, max_tokens: int, questions: list[tuple[str, str]],
         trims: list[str], kv_dir: Path, log=print) -> dict:  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=1)
-    variants = {"today": (Answerer(ix, engine, layout, keep_head=False), k)}
-    variants["head"] = (Answerer(ix, engine, layout), k)
-    for spec in trims:  # "64": k passages of at most 64 tokens; "48k3": 3 passages of 48
-        n, _, fewer = spec.partition("k")
-        rag = Answerer(ix, engine, layout, passage_tokens=int(n))
-        variants[variant_name(spec)] = (rag, int(fewer or k))
+    variants = {"today": (Answerer(ix, engine, layout, keep_head=False, keep_passages=False), k)}
+    for spec in [t for t in trims if t != "today"]:  # "64": passages of at most 64 tokens
+        name, n, fewer, kv = parse(spec)
+        rag = Answerer(ix, engine, layout, passage_tokens=n, keep_passages=kv)
+        variants[name] = (rag, fewer or k)
     shutil.rmtree(kv_dir, ignore_errors=True)  # the first question pays for the head once
     rows: dict[str, list[dict]] = {name: [] for name in variants}
+
+    def fresh_process() -> None:  # nothing in RAM, the files stay
+        engine.prefixes.clear()
+        engine.pieces.clear()
+        engine.forget()
+
     for i, (question, want) in enumerate(questions):
         for name, (rag, k) in variants.items():
-            engine.prefixes.clear()  # a new process: nothing in RAM, the files stay
-            engine.forget()
+            fresh_process()
             row = {"question": i + 1}
             row["first"] = one(rag, question, want, k, params)
             row["repeat"] = one(rag, question, want, k, params)
             row["new"] = one(rag, PARAPHRASES[i], want, k, params)
+            fresh_process()
+            row["again"] = one(rag, PARAPHRASES[i], want, k, params)
             seen = set(row["first"]["passages"])
             row["new"]["seen_share"] = round(
                 len(seen & set(row["new"]["passages"])) / max(1, len(row["new"]["passages"])), 2
             )
             rows[name].append(row)
             log({"variant": name, **{c: {key: row[c][key] for key in ("ttft_s", "prefill_tokens",
-                 "cached_tokens", "prefix_source", "cited_hit")} for c in ("first", "repeat",
-                 "new")}, "question": i + 1})  # fmt: skip
+                 "cached_tokens", "passage_tokens", "cited_hit")} for c in CASES},
+                 "question": i + 1})  # fmt: skip
     return {name: summary(got, rows["today"]) for name, got in rows.items()} | {"rows": rows}
 
 
 def summary(rows: list[dict], base: list[dict]) -> dict:
     out = {}
-    for case in ("first", "repeat", "new"):
+    for case in CASES:
         got = [r[case] for r in rows]
         ttft = [g["ttft_s"] for g in got]
         was = statistics.median(r[case]["ttft_s"] for r in base)
@@ -122,6 +141,7 @@ def summary(rows: list[dict], base: list[dict]) -> dict:
                      "total_p50_s": quantile([g["total_s"] for g in got], 0.5),
                      "prefill_tokens_p50": statistics.median(g["prefill_tokens"] for g in got),
                      "cached_tokens_p50": statistics.median(g["cached_tokens"] for g in got),
+                     "passage_tokens_p50": statistics.median(g["passage_tokens"] for g in got),
                      "prompt_tokens_p50": statistics.median(g["prompt_tokens"] for g in got),
                      "hit_given": share([g["given_hit"] for g in got]),
                      "hit_cited": share([g["cited_hit"] for g in got])}  # fmt: skip
@@ -159,15 +179,14 @@ def tokens_only(counter: Counter, ix: Index, layout, k: int, max_tokens: int,
     from localai.engine.tokengen import shared_prefix
 
     out = {}
-    for spec in ["today", "head", *trims]:
-        n, _, fewer = spec.partition("k")
-        trim = int(n) if n.isdigit() else 0
+    for spec in ["today", "head", *[t for t in trims if t[0].isdigit() and "kv" not in t]]:
+        name, trim, fewer, _ = parse(spec)
         rag = Answerer(ix, counter, layout, keep_head=False, passage_tokens=trim)
         first, new, given, prompt = [], [], [], []
         for i, (question, want) in enumerate(questions):
             toks = []
             for q in (question, PARAPHRASES[i]):
-                prep = rag.prepare([Message("user", q)], int(fewer or k), None, max_tokens)
+                prep = rag.prepare([Message("user", q)], fewer or k, None, max_tokens)
                 toks.append(counter.tokenize(counter.apply_chat_template(prep.messages)))
                 head = shared_prefix(toks[-1], counter.tokenize(prep.packed.head))
                 given.append(any(want in s.passage.path for s in prep.packed.used))
@@ -175,9 +194,6 @@ def tokens_only(counter: Counter, ix: Index, layout, k: int, max_tokens: int,
             first.append(len(toks[0]) - kept)
             new.append(len(toks[1]) - max(kept, shared_prefix(toks[0], toks[1])))
             prompt.append(len(toks[0]))
-        name = (
-            spec if spec in ("today", "head") else f"head+trim{n}" + (f"+k{fewer}" if fewer else "")
-        )
         out[name] = {"prompt_tokens_p50": statistics.median(prompt), "head_tokens": head,
                      "first_prefill_p50": statistics.median(first),
                      "new_prefill_p50": statistics.median(new),

@@ -87,6 +87,9 @@ class Settings:
     # home/kv-pages (deleted with the cache) and are read as steps select them. Empty: all in RAM
     kv_budget: str = ""
     trace_routing: str = ""  # torch runner, MoE models: write each layer's routing here (JSONL)
+    # llama engine: disk for answers' passages' KV under home/kv/passages (a passage retrieved
+    # again is put back, not computed); least recently used go first; 0: none kept
+    passage_kv_bytes: int = 512 * 2**20
     # engine "remote": an OpenAI-compatible server (another localai, llama-server, vLLM, ...)
     remote_url: str = ""  # e.g. http://gpu-box:8765 (a trailing /v1 is fine)
     remote_api_key: str = field(default="", repr=False)  # its bearer token; never printed

@@ -34,6 +34,7 @@ from .runtime import (
     open_catalog,
     open_embedder,
     open_index,
+    passage_spans_file,
 )
 from .server.app import build_app
 from .server.auth import ensure_token, is_loopback
@@ -183,7 +184,8 @@ def _open_docs(state: ServerState, settings: Settings, governor: Governor, log):
     state.load_embedder = lambda: index.embedder  # one MiniLM for the index and /v1/embeddings
     name = state.engine.name
     state.rag = Answerer(index, state.engine, model_layout(name),
-                         passage_tokens=model_passage_tokens(name))  # fmt: skip
+                         passage_tokens=model_passage_tokens(name),
+                         spans_file=passage_spans_file(settings, name))  # fmt: skip
     watcher = Watcher(index, log)
     state.on_source_added = lambda _path: watcher.restart()
     state.index_progress = lambda: dict(watcher.progress)

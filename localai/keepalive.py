@@ -241,6 +241,12 @@ class ResidentEngine:
         if keep is not None:
             keep(tokens)
 
+    def keep_pieces(self, prompt: list[int], texts: list[str]) -> None:
+        """Register passages whose KV is kept (engine/pieces.py) with an engine that keeps them."""
+        keep = getattr(self._engine_now(), "keep_pieces", None)
+        if keep is not None:
+            keep(prompt, texts)
+
     def generate(self, prompt, params, cancel=None) -> Iterator:
         """The engine's events; the answer after a (re)load carries the load time in its
         stats (`load_s`, Ollama's `load_duration`)."""

@@ -72,6 +72,15 @@ def model_passage_tokens(name: str) -> int:
     return spec.rag_passage_tokens if spec else 0
 
 
+def passage_spans_file(settings: Settings, name: str) -> Path | None:
+    """Where answers remember which span of each trimmed passage they read (rag/trim.py), beside
+    the passages' KV; None when no passages' KV is kept."""
+    if settings.passage_kv_bytes <= 0:
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-60:]
+    return settings.home / "kv" / "passages" / f"spans.{safe}.json"
+
+
 def open_catalog(settings: Settings) -> Catalog:
     return Catalog(settings.models_dir, model_specs())
 
@@ -108,7 +117,8 @@ def engine_loader(
 
 def keep_prefixes_on_disk(engine: Engine, settings: Settings) -> None:
     """Give an engine that keeps fixed prompt prefixes a folder to keep them in across
-    processes ($LOCALAI_HOME/kv, engine/prefix.py)."""
+    processes ($LOCALAI_HOME/kv, engine/prefix.py), and one that can move KV a folder for
+    passages' KV ($LOCALAI_HOME/kv/passages, engine/pieces.py)."""
     identity = getattr(engine, "prefix_identity", None)
     if identity is None:
         return
@@ -116,6 +126,9 @@ def keep_prefixes_on_disk(engine: Engine, settings: Settings) -> None:
 
     ident = identity() | {"model": model_digest(Path(engine.path))}
     engine.prefixes.disk = DiskStore(settings.home / "kv", engine.name, ident)
+    if getattr(engine, "moves_kv", False) and settings.passage_kv_bytes > 0:
+        folder, most = settings.home / "kv" / "passages", settings.passage_kv_bytes
+        engine.pieces.disk = DiskStore(folder, engine.name, ident, 2**31, most)
 
 
 def open_engine(

@@ -223,9 +223,48 @@ def test_trim_keeps_the_best_sentences_around_the_hit(engine):
     hit, after = "Green tea is steeped at 80 °C for two minutes.", "Rinse the pot."
     text = f"Intro.\nThe kettle boils water.\n{hit}\n{after}\nBikes need oil every month."
     question = "At what temperature is green tea steeped?"
-    assert best_span(text, question, count(hit) + count(after), count) == f"{hit}\n{after}"
-    assert best_span(text, question, 1, count) == hit  # never cut inside the best sentence
-    assert best_span(text, question, 10_000, count) == text
+
+    def cut(budget: int, read=()) -> str:
+        a, b = best_span(text, question, budget, count, read)
+        return text[a:b]
+
+    assert cut(count(hit) + count(after)) == f"{hit}\n{after}"
+    assert cut(1) == hit  # never cut inside the best sentence
+    assert cut(10_000) == text
+    # a span read before that holds the best sentence and fits is read again (its KV is kept)
+    before = (text.index("The kettle"), text.index(hit) + len(hit))
+    budget = count(text[before[0] : before[1]])
+    assert cut(budget, [before]) == text[before[0] : before[1]]
+    assert cut(budget - 1, [before]) != text[before[0] : before[1]]  # too long now
+    elsewhere = (0, text.index(hit) - 1)  # does not hold the best sentence
+    assert cut(budget, [elsewhere]) == cut(budget)
+
+
+def test_the_spans_read_are_remembered_across_processes(tmp_path, engine):
+    import stat
+
+    from localai.index.readback import Passage
+    from localai.rag.retrieve import Source
+    from localai.rag.trim import Spans, trim
+
+    names = [f"zorb{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(40)]
+    text = "Intro line here.\n" + "\n".join(f"The {n} sits on a shelf." for n in names)
+    src = Source(1, None, Passage(text, True, "", "/d/facts.md", 1, 41))
+
+    def count(t: str) -> int:
+        return len(engine.tokenize(t, special=False))
+
+    path = tmp_path / "kv" / "spans.json"
+    first = trim([src], f"Where is the {names[20]}?", 32, count, Spans(path))[0].passage.text
+    assert names[20] in first and len(first) < len(text)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # a new process, a question whose closest sentence lies inside that span: the same span
+    near = first.splitlines()[-1].split()[1]  # the span's last name
+    assert near != names[20]
+    again = trim([src], f"Where is the {near}?", 32, count, Spans(path))
+    assert again[0].passage.text == first
+    fresh = trim([src], f"Where is the {near}?", 32, count)  # without the memory
+    assert fresh[0].passage.text != first
 
 
 def test_trimmed_passages_still_cite_the_file(index, engine, docs):

@@ -89,7 +89,7 @@ def _ask_events(ctx, question, params, docs, model, no_daemon):
         return d.generate(msgs, None, params, docs=docs), lambda: None
     from ..rag.answer import Answerer
     from ..rag.answer import ask as ask_local
-    from ..runtime import model_layout, model_passage_tokens, open_index
+    from ..runtime import model_layout, model_passage_tokens, open_index, passage_spans_file
 
     index = open_index(s)
     with progress_bars() as bars:
@@ -100,5 +100,6 @@ def _ask_events(ctx, question, params, docs, model, no_daemon):
         index.close()
 
     layout = LAYOUTS[docs["layout"]] if "layout" in docs else model_layout(engine.name)
-    rag = Answerer(index, engine, layout, passage_tokens=model_passage_tokens(engine.name))
+    rag = Answerer(index, engine, layout, passage_tokens=model_passage_tokens(engine.name),
+                   spans_file=passage_spans_file(s, engine.name))  # fmt: skip
     return ask_local(rag, question, params, docs["k"], docs.get("source")), close

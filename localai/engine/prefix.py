@@ -67,10 +67,13 @@ class Use:
 
 
 class DiskStore:
-    """Snapshots on disk for one model and engine identity (see the module docstring)."""
+    """Snapshots on disk for one model and engine identity (see the module docstring), at most
+    `max_files` of them and, if set, `max_bytes` together (least recently used go first)."""
 
-    def __init__(self, folder: Path, model: str, identity: dict):
+    def __init__(self, folder: Path, model: str, identity: dict, max_files: int = MAX_FILES,
+                 max_bytes: int | None = None):  # fmt: skip
         self.folder = Path(folder)
+        self.max_files, self.max_bytes = max_files, max_bytes
         self.identity = json.dumps(identity, sort_keys=True)
         ident = hashlib.sha256(self.identity.encode()).hexdigest()[:16]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)[-60:]
@@ -111,7 +114,7 @@ class DiskStore:
 
     def _prune(self) -> None:
         """Drop files of this model made under another identity (a new model file, KV type or
-        library: they can never match again), then the least recently used past MAX_FILES."""
+        library: they can never match again), then the least recently used past the limits."""
         mine = []
         for p in self.folder.glob(f"{self.family}*.kv"):
             ident, _, rest = p.name[len(self.family) :].partition(".")
@@ -121,9 +124,26 @@ class DiskStore:
                 p.unlink(missing_ok=True)
             else:
                 mine.append(p)
-        mine.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        for p in mine[MAX_FILES:]:
-            p.unlink(missing_ok=True)
+        sized = []
+        for p in mine:
+            with contextlib.suppress(OSError):  # another process pruned it first
+                st = p.stat()
+                sized.append((st.st_mtime, st.st_size, p))
+        sized.sort(key=lambda f: f[0], reverse=True)
+        total = 0
+        for i, (_, size, p) in enumerate(sized):
+            total += size
+            if i >= self.max_files or (self.max_bytes is not None and total > self.max_bytes):
+                p.unlink(missing_ok=True)
+
+    def usage(self) -> dict:
+        """Files and bytes this model and identity hold, and the limits."""
+        sizes = []
+        for p in self.folder.glob(f"{self.stem}.*.kv"):
+            with contextlib.suppress(OSError):
+                sizes.append(p.stat().st_size)
+        return {"files": len(sizes), "bytes": sum(sizes), "max_files": self.max_files,
+                "max_bytes": self.max_bytes, "folder": str(self.folder)}  # fmt: skip
 
 
 def _split(raw: bytes) -> tuple[dict | None, bytes]:

@@ -11,6 +11,8 @@ UTF-8 boundaries (TextStreamer), max_tokens, cancellation and the stats.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import re
 import threading
@@ -20,6 +22,7 @@ import llama_cpp
 
 from . import chat_template
 from .base import Clock, Delta, Done, EngineError, Event, Message, SamplingParams, check_fits
+from .pieces import Pieces, PieceUse
 from .prefix import Prefixes, Use
 from .textstream import TextStreamer
 
@@ -93,6 +96,7 @@ class TokenEngine:
         self._lock = threading.Lock()
         self.reused = 0  # prompt tokens of the current request whose KV was already cached
         self.prefixes = Prefixes()  # fixed prompt heads kept across requests (prefix.py)
+        self.pieces = Pieces()  # passages' KV kept across requests (pieces.py)
 
     def _token_stream(self, tokens: list[int], params: SamplingParams, seed: int) -> Iterator[int]:
         raise NotImplementedError
@@ -126,6 +130,89 @@ class TokenEngine:
     def _restore(self, tokens: list[int], data: bytes) -> None:
         """Replace the cache with a snapshot of `tokens`; raises EngineError if it does not fit."""
         raise NotImplementedError
+
+    # -- kept passages (pieces.py): a backend that can move KV within its cache sets moves_kv ---
+    moves_kv = False
+
+    def _cut_live(self, n: int) -> None:
+        """Drop the cache's KV past its first n tokens."""
+        raise NotImplementedError
+
+    def _extend(self, tokens: list[int]) -> None:
+        """Compute `tokens` after the cache's live tokens."""
+        raise NotImplementedError
+
+    def _range_bytes(self, a: int, b: int) -> bytes:
+        """The KV of live positions [a, b) as bytes."""
+        raise NotImplementedError
+
+    def _put_range(self, data: bytes, was: int, at: int, run: list[int]) -> None:
+        """Append the KV of `run` (bytes of a range computed at position `was`) at position `at`
+        (the live length); raises EngineError if it does not fit."""
+        raise NotImplementedError
+
+    def keep_pieces(self, prompt: list[int], texts: list[str]) -> None:
+        """Register the tokens of `prompt` that lie wholly inside each of `texts` (passages) as
+        runs whose KV is kept once computed and put back into any later prompt that holds them
+        (pieces.py). Runs are taken from the whole prompt's tokens, not from each text's own
+        (a tokenizer may spell a text's edges differently alone), and end before the text's last
+        word: how that word is split can depend on what follows it (".\n" is one token in some
+        vocabularies), and a run must be spelled the same wherever the passage lands."""
+        if not prompt:
+            return
+        spelled = [self.vocab.token_bytes(t) for t in prompt]
+        begins = list(itertools.accumulate((len(b) for b in spelled[:-1]), initial=0))
+        ends = [b + len(s) for b, s in zip(begins, spelled, strict=True)]
+        text_of_prompt = b"".join(spelled)
+        runs = []
+        for text in texts:
+            start = text_of_prompt.find(text.encode("utf-8"))
+            if start >= 0:
+                end = start + len(text[: max(text.rfind(" "), text.rfind("\n"), 0)].encode())
+                first = bisect.bisect_left(begins, start)  # tokens wholly inside [start, end)
+                last = bisect.bisect_right(ends, end)
+                runs.append(prompt[first:last])
+        self.pieces.register(runs)
+
+    def _bring_pieces(self, tokens: list[int], start: int) -> PieceUse:
+        """Place the registered runs that `tokens` holds after `start` into the cache: stored
+        ones put back at their position here, the others computed (with what lies between) and
+        stored. The rest of the prompt is left to the token stream."""
+        use = PieceUse()
+        found = self.pieces.find(tokens, start) if self.moves_kv else []
+        if not found:
+            return use
+        at = min(shared_prefix(self._live_ids(), tokens), len(tokens) - 1)
+        at = min([at] + [a for a, b in found if a < at < b])  # a run half live is redone whole
+        # a run already live stays as it is; the prompt's last token is the stream's to compute
+        found = [(a, b) for a, b in found if a >= at and b < len(tokens)]
+        if not found:
+            return use
+        self._cut_live(at)
+        fresh = []
+        for a, b in found:
+            got = self.pieces.load(tokens[a:b])
+            if got is None:
+                fresh.append((a, b))
+                continue
+            if a > at:
+                self._extend(tokens[at:a])
+                use.computed += a - at
+            try:
+                self._put_range(got[1], got[0], a, tokens[a:b])
+            except EngineError:  # e.g. a full context: computed with the next gap instead
+                fresh.append((a, b))
+                at = a
+                continue
+            use.loaded += b - a
+            at = b
+        end = max((b for _, b in fresh), default=at)
+        if end > at:
+            self._extend(tokens[at:end])
+            use.computed += end - at
+        for a, b in fresh:
+            self.pieces.save(tokens[a:b], a, self._range_bytes(a, b))
+        return use
 
     def keep_prefix(self, tokens: list[int]) -> None:
         """Register a fixed prompt head: a prompt that starts with it never computes it again
@@ -196,6 +283,7 @@ class TokenEngine:
         n_out, finish = 0, "length"
         self.reused = 0  # the stream sets it when it prefills
         fixed = self._bring_prefix(tokens)  # inside the clock: a computed prefix is this TTFT's
+        pieces = self._bring_pieces(tokens, fixed.n)
         stream = self._token_stream(tokens, params, seed)
         try:
             for tok in stream:
@@ -220,22 +308,25 @@ class TokenEngine:
         tail = streamer.finish()
         if tail:
             yield Delta(tail)
-        cached = self.reused - (fixed.n if fixed.source == "computed" else 0)
+        cached = self.reused - (fixed.n if fixed.source == "computed" else 0) - pieces.computed
         stats = clock.stats(
             len(tokens),
             n_out,
             finish,
             kv_bytes=self._kv_bytes(len(tokens) + n_out),
             cached_tokens=cached,
-            extra=self._extra_stats(before) | _cache_stats(len(tokens), cached, fixed),
+            extra=self._extra_stats(before) | _cache_stats(len(tokens), cached, fixed, pieces),
         )
         yield Done(streamer.text, stats)
 
 
-def _cache_stats(prompt: int, cached: int, fixed: Use) -> dict:
+def _cache_stats(prompt: int, cached: int, fixed: Use, pieces: PieceUse) -> dict:
     """Where a request's prompt KV came from: `cached_from` the fixed prefix (restored from
-    `prefix_source`) and the previous request's KV (the same passages, the turns before)."""
+    `prefix_source`), stored passages (pieces.py) and the previous request's KV (the same
+    passages, the turns before)."""
     from_prefix = fixed.n if fixed.source not in ("", "computed") else 0
+    before = cached - from_prefix - pieces.loaded
     return {"prefill_tokens": prompt - cached,
-            "cached_from": {"prefix": from_prefix, "previous_request": cached - from_prefix},
+            "cached_from": {"prefix": from_prefix, "passages": pieces.loaded,
+                            "previous_request": before},
             "prefix_tokens": fixed.n, "prefix_source": fixed.source or "none"}  # fmt: skip

@@ -7,7 +7,9 @@
 
 `prepare` registers the prompt's head (system message and layout example, up to the first
 passage) with an engine that keeps fixed prefixes (engine/prefix.py), so its KV is computed once
-per model and layout, not once per question.
+per model and layout, not once per question; and each passage's text (its block without the rank
+label) with an engine that keeps passages' KV (engine/pieces.py), so a passage retrieved again is
+not computed again.
 
 `finish` returns a CitedDone: the answer followed by a readable "Sources" list, the checked
 citations, and what retrieval kept and dropped (and why). The prompt layout is the one the
@@ -25,9 +27,9 @@ from ..engine import Delta, Done, Engine, GenerationStats, Message, SamplingPara
 from ..engine.tokengen import shared_prefix
 from ..index.facade import Index
 from .cite import Citation, cite
-from .prompt import DEFAULT_LAYOUT, Layout, Packed, pack
+from .prompt import DEFAULT_LAYOUT, Layout, Packed, body, pack
 from .retrieve import Retrieved, retrieve
-from .trim import trim
+from .trim import Spans, trim
 
 DEFAULT_K = 8
 
@@ -79,9 +81,13 @@ class CitedDone(Done):
 
 class Answerer:
     def __init__(self, index: Index, engine: Engine, layout: Layout = DEFAULT_LAYOUT,
-                 keep_head: bool = True, passage_tokens: int = 0):  # fmt: skip
+                 keep_head: bool = True, passage_tokens: int = 0,
+                 keep_passages: bool = True, spans_file: Path | None = None):  # fmt: skip
         self.index, self.engine, self.layout = index, engine, layout
         self.keep_head = keep_head  # False: every question computes its whole prompt (bench)
+        self.keep_passages = keep_passages  # False: passages' KV never reused (bench)
+        # the spans of trimmed passages read before, read again when they serve (trim.py)
+        self.spans = Spans(spans_file) if keep_passages else None
         self.passage_tokens = passage_tokens  # each passage cut to its best span (trim.py)
 
     def prepare(
@@ -99,22 +105,27 @@ class Answerer:
         if not self.index.stats()["chunks"]:
             raise NoQuestion("no documents are indexed yet: run `localai index PATH` first")
         found = retrieve(self.index, question, k, source)
-        found.sources = trim(found.sources, question, self.passage_tokens, self._count)
+        found.sources = trim(found.sources, question, self.passage_tokens, self._count,
+                             self.spans)  # fmt: skip
         packed = pack(self.engine, history, found.sources, answer_tokens, layout or self.layout)
-        if self.keep_head:
-            self._keep_head(packed)
+        keep_pieces = getattr(self.engine, "keep_pieces", None) if self.keep_passages else None
+        if (self.keep_head and hasattr(self.engine, "keep_prefix")) or keep_pieces:
+            full = self.engine.tokenize(self.engine.apply_chat_template(packed.messages))
+            if self.keep_head:
+                self._keep_head(packed, full)
+            if keep_pieces is not None:
+                keep_pieces(full, [body(s) for s in packed.used])
         return Prepared(question, found, packed)
 
     def _count(self, text: str) -> int:
         return len(self.engine.tokenize(text, special=False))
 
-    def _keep_head(self, packed: Packed) -> None:
-        """Register the head's tokens as the full prompt spells them (a merge across the
+    def _keep_head(self, packed: Packed, full: list[int]) -> None:
+        """Register the head's tokens as the full prompt `full` spells them (a merge across the
         boundary would make the head's own tokenization differ in its last token)."""
         keep = getattr(self.engine, "keep_prefix", None)
         if keep is None or not packed.head:
             return
-        full = self.engine.tokenize(self.engine.apply_chat_template(packed.messages))
         n = shared_prefix(self.engine.tokenize(packed.head), full)
         if n > 1:
             keep(full[:n])

@@ -128,7 +128,14 @@ def edges_first(items: list) -> list:
 
 
 def block(src: Source) -> str:
-    return f"[{src.rank}] {src.where}\n{src.passage.text.strip()}\n\n"
+    return f"[{src.rank}]{body(src)}\n\n"
+
+
+def body(src: Source) -> str:
+    """A passage's block without its rank label and the blank line after it: the same text
+    whatever rank it gets and whatever follows, so that its KV can be kept and reused by the
+    next question that retrieves it (engine/pieces.py)."""
+    return f" {src.where}\n{src.passage.text.strip()}"
 
 
 def pack(
