@@ -14,8 +14,9 @@ For each question and each variant, four answers:
 Variants: `today` (no kept head, whole passages; always run), then those listed (--trims):
 `head` (the fixed head kept, rag/answer.py),
 `head+trimN` (also each passage cut to its best N tokens, rag/trim.py), `head+trimN+kK` (and
-only K passages), and `+kv` after any of these (passages' KV kept and reused,
-engine/pieces.py; `kv` alone: whole passages). Per variant and case:
+only K passages), and `+kv` after any of these (passages' KV kept and put back wherever they
+land, engine/pieces.py) or `+kvx` (put back only after the same tokens: exact); `kv` or `kvx`
+alone: whole passages. Per variant and case:
 TTFT p50/p90, total p50, prefill and cached tokens, and the share of answers with a verified
 citation into the expected page.
 """
@@ -61,15 +62,19 @@ def quantile(xs: list[float], q: float) -> float:
     return round(xs[min(len(xs) - 1, int(q * len(xs)))], 2)
 
 
-def parse(spec: str) -> tuple[str, int, int | None, bool]:
-    """ "64" → (head+trim64, 64, None, False), "48k3+kv" → (head+trim48+k3+kv, 48, 3, True);
-    "today", "head" and "kv" (whole passages, their KV kept) as they are."""
-    base, kv = spec.removesuffix("+kv"), spec.endswith("+kv") or spec == "kv"
-    if base in ("today", "head") or spec == "kv":
-        return spec, 0, None, kv
+def parse(spec: str) -> tuple[str, int, int | None, str]:
+    """ "64" → (head+trim64, 64, None, ""), "48k3+kv" → (head+trim48+k3+kv, 48, 3, "moved"),
+    "64+kvx" → (…, "exact"); "today", "head", "kv" and "kvx" (whole passages, their KV kept)
+    as they are. The last item is the passages' KV reuse (config passage_kv_reuse), "" none."""
+    base, _, kv = spec.partition("+")
+    if base in ("kv", "kvx"):
+        base, kv = "", base
+    reuse = {"": "", "kv": "moved", "kvx": "exact"}[kv]
+    if base in ("today", "head", ""):
+        return spec, 0, None, reuse
     n, _, fewer = base.partition("k")
-    name = f"head+trim{n}" + (f"+k{fewer}" if fewer else "") + ("+kv" if kv else "")
-    return name, int(n), int(fewer) if fewer else None, kv
+    name = f"head+trim{n}" + (f"+k{fewer}" if fewer else "") + (f"+{kv}" if kv else "")
+    return name, int(n), int(fewer) if fewer else None, reuse
 
 
 def share(flags: list[bool]) -> float:
@@ -98,10 +103,11 @@ def run(engine, ix: Index, layout, k: int, max_tokens: int, questions: list[tupl
         trims: list[str], kv_dir: Path, log=print) -> dict:  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=1)
     variants = {"today": (Answerer(ix, engine, layout, keep_head=False, keep_passages=False), k)}
+    reuse_of = {"today": ""}
     for spec in [t for t in trims if t != "today"]:  # "64": passages of at most 64 tokens
-        name, n, fewer, kv = parse(spec)
-        rag = Answerer(ix, engine, layout, passage_tokens=n, keep_passages=kv)
-        variants[name] = (rag, fewer or k)
+        name, n, fewer, reuse = parse(spec)
+        rag = Answerer(ix, engine, layout, passage_tokens=n, keep_passages=bool(reuse))
+        variants[name], reuse_of[name] = (rag, fewer or k), reuse
     shutil.rmtree(kv_dir, ignore_errors=True)  # the first question pays for the head once
     rows: dict[str, list[dict]] = {name: [] for name in variants}
 
@@ -113,6 +119,7 @@ def run(engine, ix: Index, layout, k: int, max_tokens: int, questions: list[tupl
     for i, (question, want) in enumerate(questions):
         for name, (rag, k) in variants.items():
             fresh_process()
+            engine.pieces.exact = reuse_of[name] == "exact"
             row = {"question": i + 1}
             row["first"] = one(rag, question, want, k, params)
             row["repeat"] = one(rag, question, want, k, params)
@@ -179,7 +186,7 @@ def tokens_only(counter: Counter, ix: Index, layout, k: int, max_tokens: int,
     from localai.engine.tokengen import shared_prefix
 
     out = {}
-    for spec in ["today", "head", *[t for t in trims if t[0].isdigit() and "kv" not in t]]:
+    for spec in ["today", "head", *[t for t in trims if t[0].isdigit() and "+" not in t]]:
         name, trim, fewer, _ = parse(spec)
         rag = Answerer(ix, counter, layout, keep_head=False, passage_tokens=trim)
         first, new, given, prompt = [], [], [], []

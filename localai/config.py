@@ -90,6 +90,9 @@ class Settings:
     # llama engine: disk for answers' passages' KV under home/kv/passages (a passage retrieved
     # again is put back, not computed); least recently used go first; 0: none kept
     passage_kv_bytes: int = 512 * 2**20
+    # "moved": a passage's KV serves wherever it lands (it keeps what it saw when computed);
+    # "exact": only after the same tokens at the same place (answers as if computed whole)
+    passage_kv_reuse: str = "moved"
     # engine "remote": an OpenAI-compatible server (another localai, llama-server, vLLM, ...)
     remote_url: str = ""  # e.g. http://gpu-box:8765 (a trailing /v1 is fine)
     remote_api_key: str = field(default="", repr=False)  # its bearer token; never printed
@@ -130,6 +133,10 @@ class Settings:
         if self.kv_budget and not _BUDGET.fullmatch(self.kv_budget.strip()):
             raise ConfigError(
                 f"kv_budget is bytes (64M, 1G) or a share (25%), not {self.kv_budget!r}"
+            )
+        if self.passage_kv_reuse not in ("moved", "exact"):
+            raise ConfigError(
+                f"passage_kv_reuse must be moved or exact, not {self.passage_kv_reuse!r}"
             )
         if self.index_codec not in INDEX_CODECS:
             raise ConfigError(

@@ -129,6 +129,7 @@ def keep_prefixes_on_disk(engine: Engine, settings: Settings) -> None:
     if getattr(engine, "moves_kv", False) and settings.passage_kv_bytes > 0:
         folder, most = settings.home / "kv" / "passages", settings.passage_kv_bytes
         engine.pieces.disk = DiskStore(folder, engine.name, ident, 2**31, most)
+        engine.pieces.exact = settings.passage_kv_reuse == "exact"
 
 
 def open_engine(

@@ -111,8 +111,14 @@ def test_runs_are_found_where_the_prompt_holds_them_and_never_overlap(tmp_path):
     assert pieces.find(tokens, 0) == [(5, 35), (36, 56)]
     assert pieces.find(tokens, 6) == [(36, 56)]  # only after the start
     assert pieces.find(run_a[:-1] + [0], 0) == []  # only whole runs
-    pieces.save(run_a, 36, b"kv")
-    assert pieces.load(run_a) == (36, b"kv") and pieces.load(run_b) is None
+    pieces.save(tokens, 36, 56, b"kv")
+    assert pieces.load(tokens, 36, 56) == (36, b"kv") and pieces.load(tokens, 5, 35) is None
+    moved = [6] + run_a + run_b
+    assert pieces.load(moved, 1, 21) == (36, b"kv")  # the same run anywhere
+    pieces.exact = True  # only after the same tokens
+    assert pieces.load(moved, 1, 21) is None and pieces.load(tokens, 36, 56) is None
+    pieces.save(tokens, 36, 56, b"kv2")
+    assert pieces.load(tokens, 36, 56) == (36, b"kv2")
 
 
 def test_the_passage_folder_keeps_the_most_recently_used_within_its_bytes(tmp_path):
@@ -150,5 +156,26 @@ def test_no_passage_kv_is_kept_when_its_budget_is_zero(model_path, tmp_path):
         keep_prefixes_on_disk(engine, load_settings(tmp_path / "home", passage_kv_bytes=0))
         assert engine.prefixes.disk is not None and engine.pieces.disk is None
         assert engine.info()["passage_kv"] == {}
+    finally:
+        engine.close()
+
+
+def test_exact_reuse_puts_a_passage_back_only_after_the_same_tokens(index, model_path, tmp_path):
+    home = tmp_path / "home"
+    settings = load_settings(home, passage_kv_reuse="exact")
+    engine = fresh(model_path, home)
+    try:
+        keep_prefixes_on_disk(engine, settings)
+        rag = Answerer(index, engine, LAYOUTS["system"])
+        first, _ = answer(rag, Q1)
+        engine.prefixes.clear()  # as a new process
+        engine.pieces.clear()
+        engine.forget()
+        again, _ = answer(rag, Q1)
+        assert again.stats.extra["cached_from"]["passages"] >= 2 * MIN_TOKENS
+        assert again.answer == first.answer
+        engine.forget()  # the passages in the other order: not where they were computed
+        other, _ = answer(rag, Q2)
+        assert other.stats.extra["cached_from"]["passages"] == 0
     finally:
         engine.close()

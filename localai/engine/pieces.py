@@ -16,7 +16,13 @@ Storage: one file per run under $LOCALAI_HOME/kv/passages/, mode 0600, keyed lik
 the position the run was computed at and the backend's bytes; the folder stays under a byte
 budget (config `passage_kv_bytes`), least recently used first. With no folder nothing is kept.
 
-Invariant: a run is put back only where the prompt holds exactly its tokens.
+With `exact` set (config `passage_kv_reuse = "exact"`), a run is keyed by every token up to its
+end instead: it is put back only after the very tokens it was computed after, at its position,
+so the prompt's KV is the one computing it whole would give (a question asked again in a new
+process, a follow-up whose passages come in the same order); a passage that moved is computed.
+
+Invariant: a run is put back only where the prompt holds exactly its tokens (and, exact, all
+tokens before them).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Pieces:
     def __init__(self) -> None:
         self.known: OrderedDict[tuple[int, ...], None] = OrderedDict()
         self.disk: DiskStore | None = None
+        self.exact = False  # put a run back only after the tokens it was computed after
         self._lock = threading.Lock()  # registered from request threads while one generates
 
     def register(self, runs: list[list[int]]) -> None:
@@ -88,18 +95,22 @@ class Pieces:
                 out.append((a, b))
         return out
 
-    def load(self, run: list[int]) -> tuple[int, bytes] | None:
-        """(the position the run was computed at, the backend's bytes), or None."""
-        data = self.disk.load(run) if self.disk is not None else None
+    def _key(self, tokens: list[int], a: int, b: int) -> list[int]:
+        return tokens[:b] if self.exact else tokens[a:b]
+
+    def load(self, tokens: list[int], a: int, b: int) -> tuple[int, bytes] | None:
+        """For the run tokens[a:b]: (the position it was computed at, the backend's bytes)."""
+        data = self.disk.load(self._key(tokens, a, b)) if self.disk is not None else None
         if data is None or len(data) < _AT.size:
             return None
         return _AT.unpack_from(data)[0], data[_AT.size :]
 
-    def save(self, run: list[int], at: int, data: bytes) -> None:
+    def save(self, tokens: list[int], a: int, b: int, data: bytes) -> None:
+        """Keep the KV of the run tokens[a:b], computed at position a."""
         if self.disk is not None:
             # a full or read-only disk costs the next question this passage, nothing more
             with contextlib.suppress(OSError):
-                self.disk.save(run, _AT.pack(at) + data)
+                self.disk.save(self._key(tokens, a, b), _AT.pack(a) + data)
 
     def usage(self) -> dict:
         return self.disk.usage() if self.disk is not None else {}

@@ -158,8 +158,8 @@ class TokenEngine:
         (a tokenizer may spell a text's edges differently alone), and end before the text's last
         word: how that word is split can depend on what follows it (".\n" is one token in some
         vocabularies), and a run must be spelled the same wherever the passage lands."""
-        if not prompt:
-            return
+        if not prompt or self.pieces.disk is None:
+            return  # nowhere to keep them (or a backend that cannot put them back)
         spelled = [self.vocab.token_bytes(t) for t in prompt]
         begins = list(itertools.accumulate((len(b) for b in spelled[:-1]), initial=0))
         ends = [b + len(s) for b, s in zip(begins, spelled, strict=True)]
@@ -179,7 +179,7 @@ class TokenEngine:
         ones put back at their position here, the others computed (with what lies between) and
         stored. The rest of the prompt is left to the token stream."""
         use = PieceUse()
-        found = self.pieces.find(tokens, start) if self.moves_kv else []
+        found = self.pieces.find(tokens, start)
         if not found:
             return use
         at = min(shared_prefix(self._live_ids(), tokens), len(tokens) - 1)
@@ -191,7 +191,7 @@ class TokenEngine:
         self._cut_live(at)
         fresh = []
         for a, b in found:
-            got = self.pieces.load(tokens[a:b])
+            got = self.pieces.load(tokens, a, b)
             if got is None:
                 fresh.append((a, b))
                 continue
@@ -211,7 +211,7 @@ class TokenEngine:
             self._extend(tokens[at:end])
             use.computed += end - at
         for a, b in fresh:
-            self.pieces.save(tokens[a:b], a, self._range_bytes(a, b))
+            self.pieces.save(tokens, a, b, self._range_bytes(a, b))
         return use
 
     def keep_prefix(self, tokens: list[int]) -> None:
