@@ -90,9 +90,10 @@ class Settings:
     # llama engine: disk for answers' passages' KV under home/kv/passages (a passage retrieved
     # again is put back, not computed); least recently used go first; 0: none kept
     passage_kv_bytes: int = 512 * 2**20
-    # "moved": a passage's KV serves wherever it lands (it keeps what it saw when computed);
-    # "exact": only after the same tokens at the same place (answers as if computed whole)
-    passage_kv_reuse: str = "moved"
+    # "exact": a passage's KV serves only after the same tokens at the same place (answers as
+    # if computed whole); "moved": wherever it lands (it keeps what it saw when computed: faster
+    # on new questions, fewer verified citations in BENCHMARKS.md)
+    passage_kv_reuse: str = "exact"
     # engine "remote": an OpenAI-compatible server (another localai, llama-server, vLLM, ...)
     remote_url: str = ""  # e.g. http://gpu-box:8765 (a trailing /v1 is fine)
     remote_api_key: str = field(default="", repr=False)  # its bearer token; never printed

@@ -44,11 +44,11 @@ def index(tmp_path_factory, models_dir, embedder):
     ix.close()
 
 
-def fresh(model_path, home, kv: str = "f16") -> LlamaCppEngine:
+def fresh(model_path, home, kv: str = "f16", reuse: str = "moved") -> LlamaCppEngine:
     """A newly loaded engine with its folders: what a new `localai ask` process starts with."""
     engine = LlamaCppEngine(model_path, "smollm2-135m", context_length=1024, threads=2,
                             type_k=kv, type_v=kv)  # fmt: skip
-    keep_prefixes_on_disk(engine, load_settings(home))
+    keep_prefixes_on_disk(engine, load_settings(home, passage_kv_reuse=reuse))
     return engine
 
 
@@ -161,11 +161,9 @@ def test_no_passage_kv_is_kept_when_its_budget_is_zero(model_path, tmp_path):
 
 
 def test_exact_reuse_puts_a_passage_back_only_after_the_same_tokens(index, model_path, tmp_path):
-    home = tmp_path / "home"
-    settings = load_settings(home, passage_kv_reuse="exact")
-    engine = fresh(model_path, home)
+    engine = fresh(model_path, tmp_path / "home", reuse="exact")
     try:
-        keep_prefixes_on_disk(engine, settings)
+        assert load_settings(tmp_path / "home").passage_kv_reuse == "exact"  # the default
         rag = Answerer(index, engine, LAYOUTS["system"])
         first, _ = answer(rag, Q1)
         engine.prefixes.clear()  # as a new process

@@ -16,10 +16,11 @@ Storage: one file per run under $LOCALAI_HOME/kv/passages/, mode 0600, keyed lik
 the position the run was computed at and the backend's bytes; the folder stays under a byte
 budget (config `passage_kv_bytes`), least recently used first. With no folder nothing is kept.
 
-With `exact` set (config `passage_kv_reuse = "exact"`), a run is keyed by every token up to its
-end instead: it is put back only after the very tokens it was computed after, at its position,
-so the prompt's KV is the one computing it whole would give (a question asked again in a new
-process, a follow-up whose passages come in the same order); a passage that moved is computed.
+With `exact` set (config `passage_kv_reuse = "exact"`, the default: moved passages cost
+verified citations in BENCHMARKS.md), a run is keyed by every token up to its end instead: it is
+put back only after the very tokens it was computed after, at its position, so the prompt's KV
+is the one computing it whole would give (a question asked again in a new process, a new
+question whose passages come in the same order); a passage that moved is computed.
 
 Invariant: a run is put back only where the prompt holds exactly its tokens (and, exact, all
 tokens before them).
