@@ -68,6 +68,21 @@ def localai(*args: str, input: str | None = None, timeout: float = 300, env=None
 EMBED_MODEL = "minilm-l6-int8"
 
 
+def docs_index(root: Path, models_dir: Path, embedder, docs: dict[str, str]):
+    """An index under `root` over files written from `docs` (name -> text), caught up."""
+    from localai.config import load_settings
+    from localai.index.facade import Index
+
+    folder = root / "docs"
+    folder.mkdir()
+    for name, text in docs.items():
+        (folder / name).write_text(text)
+    ix = Index.open(load_settings(root / "home", models_dir=models_dir), embedder=embedder)
+    ix.add_source(folder)
+    ix.update()
+    return ix
+
+
 @pytest.fixture(scope="session")
 def embedder(models_dir):
     from localai.index.embedder import Embedder

@@ -8,13 +8,13 @@ from __future__ import annotations
 import stat
 
 import pytest
+from conftest import docs_index
 
 from localai.config import load_settings
 from localai.engine import Done, SamplingParams
 from localai.engine.llamacpp import LlamaCppEngine
 from localai.engine.pieces import MIN_TOKENS, Pieces
 from localai.engine.prefix import DiskStore
-from localai.index.facade import Index
 from localai.rag.answer import Answerer, ask
 from localai.rag.prompt import LAYOUTS
 from localai.runtime import keep_prefixes_on_disk
@@ -32,14 +32,7 @@ Q1, Q2 = "When was the lighthouse built?", "How much sun do tomatoes need?"
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory, models_dir, embedder):
-    root = tmp_path_factory.mktemp("passages")
-    docs = root / "docs"
-    docs.mkdir()
-    for name, text in DOCS.items():
-        (docs / name).write_text(text)
-    ix = Index.open(load_settings(root / "home", models_dir=models_dir), embedder=embedder)
-    ix.add_source(docs)
-    ix.update()
+    ix = docs_index(tmp_path_factory.mktemp("passages"), models_dir, embedder, DOCS)
     yield ix
     ix.close()
 
