@@ -108,25 +108,23 @@ class Answerer:
         found.sources = trim(found.sources, question, self.passage_tokens, self._count,
                              self.spans)  # fmt: skip
         packed = pack(self.engine, history, found.sources, answer_tokens, layout or self.layout)
+        keep_head = getattr(self.engine, "keep_prefix", None) if self.keep_head else None
         keep_pieces = getattr(self.engine, "keep_pieces", None) if self.keep_passages else None
-        if (self.keep_head and hasattr(self.engine, "keep_prefix")) or keep_pieces:
+        if keep_head or keep_pieces:
             full = self.engine.tokenize(self.engine.apply_chat_template(packed.messages))
-            if self.keep_head:
-                self._keep_head(packed, full)
-            if keep_pieces is not None:
+            if keep_head and packed.head:
+                self._keep_head(keep_head, packed.head, full)
+            if keep_pieces:
                 keep_pieces(full, [body(s) for s in packed.used])
         return Prepared(question, found, packed)
 
     def _count(self, text: str) -> int:
         return len(self.engine.tokenize(text, special=False))
 
-    def _keep_head(self, packed: Packed, full: list[int]) -> None:
+    def _keep_head(self, keep, head: str, full: list[int]) -> None:
         """Register the head's tokens as the full prompt `full` spells them (a merge across the
         boundary would make the head's own tokenization differ in its last token)."""
-        keep = getattr(self.engine, "keep_prefix", None)
-        if keep is None or not packed.head:
-            return
-        n = shared_prefix(self.engine.tokenize(packed.head), full)
+        n = shared_prefix(self.engine.tokenize(head), full)
         if n > 1:
             keep(full[:n])
 
