@@ -167,7 +167,8 @@ def main() -> None:
         "--trims",
         default="head,64,64+kv",
         help="ttft: variants beside today's: head, a passage budget in tokens (64), "
-        "48k3 for 3 passages of 48, +kv for passages' KV kept (kv: whole passages)",
+        "48k3 for 3 passages of 48, +kv / +kvx for passages' KV kept, put back wherever they "
+        "land / only after the same tokens (kv, kvx alone: whole passages)",
     )
     a = ap.parse_args()
     threads = {"threads": a.threads} if a.threads else {}

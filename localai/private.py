@@ -23,6 +23,23 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`, 0600 in a folder created 0700: readers see the old file or the
+    whole new one, never a part."""
+    path = Path(path)
+    private_dir(path.parent)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def safe_name(name: str) -> str:
+    """`name` as a file name part: letters, digits and -_. kept, the rest _, the last 60."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-60:]
+
+
 def private_file(path: Path) -> bool:
     """Make sure `path` exists and only its owner can read it; True if it was created (empty)."""
     path = Path(path)

@@ -23,6 +23,7 @@ from .catalog import (
 from .config import Settings
 from .engine import Engine, load_engine
 from .governor import Governor
+from .private import safe_name
 from .rag.prompt import DEFAULT_LAYOUT, Layout, UnknownLayout, layout_named
 
 if TYPE_CHECKING:
@@ -77,8 +78,7 @@ def passage_spans_file(settings: Settings, name: str) -> Path | None:
     the passages' KV; None when no passages' KV is kept."""
     if settings.passage_kv_bytes <= 0:
         return None
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-60:]
-    return settings.home / "kv" / "passages" / f"spans.{safe}.json"
+    return settings.home / "kv" / "passages" / f"spans.{safe_name(name)}.json"
 
 
 def open_catalog(settings: Settings) -> Catalog:

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..private import private_dir
+from ..private import safe_name, write_private
 
 MAGIC = b"LOCALAI-KV1\n"
 MAX_IN_RAM = 4  # snapshots kept per engine; each is prefix tokens × KV bytes per token
@@ -76,7 +76,7 @@ class DiskStore:
         self.max_files, self.max_bytes = max_files, max_bytes
         self.identity = json.dumps(identity, sort_keys=True)
         ident = hashlib.sha256(self.identity.encode()).hexdigest()[:16]
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)[-60:]
+        safe = safe_name(model)
         self.stem = f"{safe}.{ident}"
         self.family = f"{safe}."  # the same model under another identity: stale
 
@@ -101,14 +101,9 @@ class DiskStore:
         return data
 
     def save(self, tokens: list[int], data: bytes) -> Path:
-        private_dir(self.folder)
         header = json.dumps({"identity": self.identity, "tokens": list(tokens)}).encode()
         p = self.path(tokens)
-        tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + struct.pack("<Q", len(header)) + header + data)
-        os.replace(tmp, p)  # readers see the old file or the whole new one
+        write_private(p, MAGIC + struct.pack("<Q", len(header)) + header + data)
         self._prune()
         return p
 

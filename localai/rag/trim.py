@@ -20,13 +20,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from ..private import private_dir
+from ..private import write_private
 from .cite import words
 from .retrieve import Source
 
@@ -106,12 +105,7 @@ class Spans:
         if self.path is None:
             return
         with contextlib.suppress(OSError):  # a read-only home costs the next question its reuse
-            private_dir(self.path.parent)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.seen, f)
-            os.replace(tmp, self.path)
+            write_private(self.path, json.dumps(self.seen).encode())
 
 
 def trim(sources: list[Source], question: str, budget: int, count: Callable[[str], int],
