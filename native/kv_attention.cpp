@@ -16,7 +16,12 @@
 // q . c + |q * s| (the L1 norm for a min/max box: the largest q . k inside it; the L2 norm for a
 // mean and standard deviation: one deviation above the mean score); a KV head combines its query
 // heads' scores by their maximum, or (mass) as attention: softmax over the pages per query head,
-// summed over the heads.
+// summed over the heads. With a 2-bit copy of the keys (kv.py "keys2": codes [H, T_cap, D/4],
+// per-channel scale and minimum per K group [H, T_cap/kg, D]) a page's score for a query head is
+// instead its best token's q . k over the copy (the group's scale folded into the query, as the
+// decode kernel does for quantized K). With the page means (kcent: keys' centre, vcent: values' mean; vcent empty
+// when not kept), a sparse step also counts every page it does not read as one estimated token
+// standing for its 16: score q . kcent + ln 16, value vcent (attention.py's estimate).
 // The pure-torch definitions are attention.decode_reference and attention.select_pages_reference;
 // tests hold each pair to a tolerance.
 #include <c10/util/Half.h>
@@ -54,20 +59,100 @@ inline void half_row(const at::Half* row, int D, float* out) {
 
 constexpr int64_t kPage = 16;  // tokens per page (kv.PAGE)
 
+// One query head against one K group of the 2-bit key copy: qs = q * scale (per channel) as int8
+// codes qi times `step` (round to nearest even of qs / step, step = max |qs| / 127), and the
+// returned q . min; a token then scores q . min + step * (qi . codes), an integer dot product.
+// attention.page_scores computes the same.
+inline float fold_int8(const float* q, const float* scale, const float* lo, int64_t D, float* qs,
+                       int8_t* qi, float* step) {
+  float m = 0.f, top = 0.f;
+  for (int64_t c = 0; c < D; ++c) {
+    qs[c] = q[c] * scale[c];
+    m += q[c] * lo[c];
+    top = std::max(top, std::fabs(qs[c]));
+  }
+  *step = top / 127.f;
+  const float inv = top > 0.f ? 127.f / top : 0.f;
+  for (int64_t c = 0; c < D; ++c) qi[c] = static_cast<int8_t>(std::nearbyint(qs[c] * inv));
+  return m;
+}
+
+// qi[r] . codes for the rep heads (qi: rep rows of D int8) over one row of 2-bit codes (planar:
+// channel j*R + i in byte i at bit 2j, R = D/4); `emit(r, dot)` per head.
+template <class Emit>
+inline void dot_codes2(const uint8_t* row, const int8_t* qi, int64_t rep, int64_t D, Emit emit) {
+  const int64_t R = D / 4;
+#ifdef __AVX2__
+  if (R % 16 == 0) {  // 16 bytes at a time: 64 channels, 4 planes of 16 (AVX2 u8 x s8 sums)
+    const __m128i three = _mm_set1_epi8(3);
+    const __m256i ones = _mm256_set1_epi16(1);
+    constexpr int64_t kMaxChunks = 4;  // D <= 256
+    __m256i lo[kMaxChunks], hi[kMaxChunks];
+    const int64_t chunks = std::min<int64_t>(R / 16, kMaxChunks);
+    for (int64_t j = 0; j < chunks; ++j) {
+      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j));
+      const __m128i p0 = _mm_and_si128(x, three), p1 = _mm_and_si128(_mm_srli_epi16(x, 2), three);
+      const __m128i p2 = _mm_and_si128(_mm_srli_epi16(x, 4), three);
+      const __m128i p3 = _mm_and_si128(_mm_srli_epi16(x, 6), three);
+      lo[j] = _mm256_set_m128i(p1, p0);
+      hi[j] = _mm256_set_m128i(p3, p2);
+    }
+    if (R / 16 <= kMaxChunks) {
+      for (int64_t r = 0; r < rep; ++r) {
+        const int8_t* w = qi + r * D;
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t j = 0; j < chunks; ++j) {
+          // the query's codes laid out as the planes: [plane 0 | plane 1], [plane 2 | plane 3]
+          const __m256i w01 = _mm256_set_m128i(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + R + 16 * j)),
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * j)));
+          const __m256i w23 = _mm256_set_m128i(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 3 * R + 16 * j)),
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * R + 16 * j)));
+          const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], w01),
+                                             _mm256_maddubs_epi16(hi[j], w23));
+          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+        }
+        __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
+        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
+        emit(r, _mm_cvtsi128_si32(v));
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t r = 0; r < rep; ++r) {
+    const int8_t* w = qi + r * D;
+    int32_t dot = 0;
+    for (int64_t j = 0; j < 4; ++j)
+      for (int64_t i = 0; i < R; ++i) dot += w[j * R + i] * ((row[i] >> (2 * j)) & 3);
+    emit(r, dot);
+  }
+}
+
 }  // namespace
 
 torch::Tensor select_pages(torch::Tensor q,  // [Hq, D] fp32
                            torch::Tensor kcent, torch::Tensor kspread,  // [H, P_cap, D] fp16
-                           int64_t n_pages, int64_t keep, int64_t first, bool l2,
-                           bool mass) {
+                           torch::Tensor k2, torch::Tensor k2s, torch::Tensor k2m,  // or empty
+                           int64_t n_pages, int64_t keep, int64_t first, bool l2, bool mass,
+                           int64_t kg) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous fp32");
+  const bool copy = k2.numel() > 0;
   TORCH_CHECK(kcent.dtype() == torch::kHalf && kcent.is_contiguous() &&
-                  kspread.is_contiguous() && kcent.sizes() == kspread.sizes(),
+                  (copy || (kspread.is_contiguous() && kcent.sizes() == kspread.sizes())),
               "page summaries must be contiguous fp16");
   const int64_t Hq = q.size(0), D = q.size(1), H = kcent.size(0), cap = kcent.size(1);
   TORCH_CHECK(kcent.size(2) == D && Hq % H == 0, "page summaries do not match the query");
   TORCH_CHECK(0 <= first && first <= keep && keep < n_pages && n_pages <= cap,
               "select_pages: need first <= keep < n_pages <= capacity");
+  TORCH_CHECK(!copy || (k2.dtype() == torch::kUInt8 && k2.is_contiguous() && k2.dim() == 3 &&
+                        k2.size(0) == H && k2.size(1) == cap * kPage && k2.size(2) == D / 4 &&
+                        k2s.dtype() == torch::kHalf && k2s.is_contiguous() &&
+                        k2m.is_contiguous() && k2s.sizes() == k2m.sizes() && kg % kPage == 0 &&
+                        k2s.size(1) * kg == k2.size(1) && k2s.size(2) == D),
+              "the keys' 2-bit copy must be [H, T, D/4] codes, [H, T/kg, D] fp16 scales");
   const int64_t rep = Hq / H;
   auto out = torch::empty({H, keep}, torch::dtype(torch::kInt32));
   const float* qp = q.data_ptr<float>();
@@ -78,7 +163,31 @@ torch::Tensor select_pages(torch::Tensor q,  // [Hq, D] fp32
     std::vector<float> score(n_pages, 0.f), each(rep * n_pages), a(D), b(D);
     std::vector<int32_t> idx;
     idx.reserve(n_pages - first);
-    for (int64_t p = first; p < n_pages; ++p) {
+    if (copy) {  // each head's best token of the page, over the 2-bit copy
+      const uint8_t* codes = k2.data_ptr<uint8_t>() + h * k2.size(1) * (D / 4);
+      const int64_t KG = k2s.size(1);
+      std::vector<float> qs(D), step(rep), qm(rep);
+      std::vector<int8_t> qi(rep * D);
+      for (int64_t p = first; p < n_pages; ++p) {
+        const int64_t t0 = p * kPage;
+        if (p == first || t0 % kg == 0) {  // a new K group: fold its scale into q, as int8
+          half_row(k2s.data_ptr<at::Half>() + (h * KG + t0 / kg) * D, D, a.data());
+          half_row(k2m.data_ptr<at::Half>() + (h * KG + t0 / kg) * D, D, b.data());
+          for (int64_t r = 0; r < rep; ++r)
+            qm[r] = fold_int8(qp + (h * rep + r) * D, a.data(), b.data(), D, qs.data(),
+                              qi.data() + r * D, &step[r]);
+        }
+        for (int64_t r = 0; r < rep; ++r)
+          each[r * n_pages + p] = -std::numeric_limits<float>::infinity();
+        for (int64_t t = t0; t < t0 + kPage; ++t)
+          dot_codes2(codes + t * (D / 4), qi.data(), rep, D, [&](int64_t r, int32_t dot) {
+            float& e = each[r * n_pages + p];
+            e = std::max(e, qm[r] + step[r] * static_cast<float>(dot));
+          });
+        idx.push_back(static_cast<int32_t>(p));
+      }
+    }
+    for (int64_t p = first; !copy && p < n_pages; ++p) {
       half_row(cp + p * D, D, a.data());
       half_row(sp + p * D, D, b.data());
       for (int64_t r = 0; r < rep; ++r) {
@@ -130,6 +239,8 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
                                torch::Tensor pages,  // [H, P] int32, or empty: all of [0, nq)
                                torch::Tensor pool,  // [S, rec] bytes (kv_pages.cpp), or empty
                                torch::Tensor ptable,  // [H, P_cap] int32: page -> pool slot
+                               torch::Tensor kcent,  // [H, P_cap, D] fp16 page key centres
+                               torch::Tensor vcent,  // [H, P_cap, D] fp16 page value means, or empty
                                int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits,
                                int64_t kg, int64_t vg, double sm_scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous fp32");
@@ -146,7 +257,15 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
   TORCH_CHECK(!sparse || (pages.dtype() == torch::kInt32 && pages.is_contiguous() &&
                           pages.dim() == 2 && pages.size(0) == H), "pages must be [H, P] int32");
   const int64_t nt = sparse ? pages.size(1) * kPage : nq;  // quantized tokens a head reads
-  const int rep = Hq / H, N = nt + nb;
+  // pages not read, estimated from their means (sparse only)
+  const bool estimate = sparse && vcent.numel() > 0;
+  TORCH_CHECK(!estimate || (kcent.dtype() == torch::kHalf && vcent.dtype() == torch::kHalf &&
+                            kcent.is_contiguous() && vcent.is_contiguous() &&
+                            kcent.sizes() == vcent.sizes() && kcent.size(0) == H &&
+                            kcent.size(1) * kPage >= nq && kcent.size(2) == D),
+              "page means must be [H, P_cap, D] fp16");
+  const int64_t ne = estimate ? nq / kPage - pages.size(1) : 0;
+  const int rep = Hq / H, N = nt + nb + ne;
   const int64_t cap = kbuf.size(1), T = paged ? ptable.size(1) * kPage : kc.size(1);
   const int64_t kb = k_bits == 16 ? 2 * D : D * k_bits / 8;  // bytes of a K row, a V row
   const int64_t vb = v_bits == 16 ? 2 * D : D * v_bits / 8;
@@ -193,6 +312,8 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
   const int32_t* pg = sparse ? pages.data_ptr<int32_t>() : nullptr;
   for (int64_t i = 0; sparse && i < pages.numel(); ++i)
     TORCH_CHECK(pg[i] >= 0 && (pg[i] + 1) * kPage <= nq, "a page past the quantized tokens");
+  for (int64_t i = 1; estimate && i < pages.numel(); ++i)  // the rest is found by a merge
+    TORCH_CHECK(i % pages.size(1) == 0 || pg[i - 1] < pg[i], "page lists must be ascending");
   for (int64_t h = 0; paged && h < H; ++h)  // every page read must be resident
     for (int64_t i = 0; i < (sparse ? pages.size(1) : nq / kPage); ++i)
       TORCH_CHECK(tb[h * pcap + (sparse ? pg[h * pages.size(1) + i] : i)] >= 0,
@@ -260,6 +381,28 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
           s[r * N + nt + t] = acc * scale;
         }
       }
+      // ---- scores of the pages not read: one estimated token each, for its 16
+      std::vector<int32_t> rest;  // their page numbers
+      if (estimate) {
+        rest.reserve(ne);
+        for (int64_t p = 0, i = 0; p < nq / kPage; ++p) {
+          if (i < pages.size(1) && hp[i] == p) {
+            ++i;
+            continue;
+          }
+          rest.push_back(static_cast<int32_t>(p));
+        }
+        const float bonus = std::log(static_cast<float>(kPage));
+        const at::Half* kce = kcent.data_ptr<at::Half>() + h * kcent.size(1) * D;
+        for (int64_t u = 0; u < ne; ++u) {
+          half_row(kce + rest[u] * D, D, row.data());
+          for (int r = 0; r < rep; ++r) {
+            float acc = 0.f;
+            for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
+            s[r * N + nt + nb + u] = acc * scale + bonus;
+          }
+        }
+      }
       // ---- softmax per query head
       for (int r = 0; r < rep; ++r) {
         float* sr = s.data() + r * N;
@@ -280,7 +423,7 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
       float* qdst = rotated ? acc_rot.data() : oh;  // where the quantized rows' sums go
       std::fill(acc_rot.begin(), acc_rot.end(), 0.f);
       std::fill(vbias.begin(), vbias.end(), 0.f);
-      for (int64_t i = 0; i < N; ++i) {
+      for (int64_t i = 0; i < nt + nb; ++i) {
         const bool quantized = i < nt;
         const int64_t t = quantized ? token(i) : i;
         if (quantized && t >= vs_n && v_bits < 16) {
@@ -309,6 +452,15 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
         }
         for (int r = 0; r < rep; ++r) {  // exact rows (sink, fp16 cache, window): unrotated
           const float p = s[r * N + i];
+          float* o = oh + r * D;
+          for (int c = 0; c < D; ++c) o[c] += p * row[c];
+        }
+      }
+      const at::Half* vce = estimate ? vcent.data_ptr<at::Half>() + h * vcent.size(1) * D : nullptr;
+      for (int64_t u = 0; u < ne; ++u) {  // the estimated pages' mean values (unrotated)
+        half_row(vce + rest[u] * D, D, row.data());
+        for (int r = 0; r < rep; ++r) {
+          const float p = s[r * N + nt + nb + u];
           float* o = oh + r * D;
           for (int c = 0; c < D; ++c) o[c] += p * row[c];
         }

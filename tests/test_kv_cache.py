@@ -94,17 +94,31 @@ def test_chunking_does_not_change_what_is_stored():
 
 
 @pytest.mark.parametrize("bits", [16, 4])
-@pytest.mark.parametrize("kind", ["meanstd", "minmax"])
+@pytest.mark.parametrize("kind", ["meanstd", "minmax", "keys2"])
 def test_page_summaries_describe_each_pages_own_keys(bits, kind):
-    """Per page (not per quantization group), sink included, from the fp16 keys."""
+    """Per page (not per quantization group), sink included, from the fp16 keys; and the mean
+    of each page's fp16 values (what a sparse step counts a page it skips as). "keys2": the mean
+    and a 2-bit copy of every key, the sink's outliers kept out of its ranges."""
     cfg = KVConfig(k_bits=bits, v_bits=bits, window=16, k_group=32, sink=16, page_summary=kind)
     k, v = kv_data(200)
     cache = KVCache(cfg, 1, H, D, 256)
     fill(cache, k, v, 50)
     pages = cache.qend(200) // PAGE
-    cent, spread = cache.page_summaries(0, pages)
-    assert cent.shape == spread.shape == (H, pages, D)
+    cent, spread, vmean = cache.page_summaries(0, pages)
+    assert cent.shape == vmean.shape == (H, pages, D)
+    values = v[:, : pages * PAGE].half().float().reshape(H, pages, PAGE, D)
+    torch.testing.assert_close(vmean.float(), values.mean(dim=2), rtol=1e-3, atol=1e-3)
     keys = k[:, : pages * PAGE].half().float().reshape(H, pages, PAGE, D)
+    plain = KVCache(dataclasses.replace(cfg, page_summary=""), 1, H, D, 256)
+    if kind == "keys2":
+        assert spread.numel() == 0
+        torch.testing.assert_close(cent.float(), keys.mean(dim=2), rtol=1e-3, atol=1e-3)
+        copy = cache.key_copy(0, pages * PAGE)[:, 16:]  # past the sink
+        width = k[:, 16 : pages * PAGE].amax(dim=1) - k[:, 16 : pages * PAGE].amin(dim=1)
+        assert ((copy - keys.reshape(H, -1, D)[:, 16:]).abs() <= width[:, None] / 6 + 1e-2).all()
+        more = cache.bytes_per_token() - plain.bytes_per_token()
+        assert more == pytest.approx(H * D * (2 * 2 / PAGE + 2 / 8 + 2 * 2 / cfg.k_group))
+        return
     if kind == "minmax":  # the box [centre - spread, centre + spread] holds every key
         lo, hi = keys.amin(dim=2), keys.amax(dim=2)
         torch.testing.assert_close(cent.float(), (lo + hi) / 2, rtol=1e-3, atol=1e-3)
@@ -113,8 +127,9 @@ def test_page_summaries_describe_each_pages_own_keys(bits, kind):
         torch.testing.assert_close(cent.float(), keys.mean(dim=2), rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(spread.float(), keys.std(dim=2, correction=0), rtol=1e-3,
                                    atol=1e-3)  # fmt: skip
-    plain = KVCache(dataclasses.replace(cfg, page_summary=""), 1, H, D, 256)
-    assert cache.bytes_per_token() == pytest.approx(plain.bytes_per_token() + 2 * H * D * 2 / PAGE)
+    assert cache.bytes_per_token() == pytest.approx(plain.bytes_per_token() + 3 * H * D * 2 / PAGE)
+    alone = KVCache(dataclasses.replace(cfg, estimate_rest=False), 1, H, D, 256)
+    assert alone.vcent.numel() == 0 and alone.page_summaries(0, pages)[2].numel() == 0
 
 
 def test_bytes_per_token_meet_the_budget():

@@ -13,10 +13,17 @@ from localai.engine.torch import TorchEngine, attention, native
 from localai.engine.torch.kv import PAGE, KVCache, KVConfig
 
 
-def sparse_case(cfg: KVConfig, n: int, seed: int = 0, needle: int | None = None, **cache_kw):
+def sparse_case(cfg: KVConfig, n: int, seed: int = 0, needle: int | None = None,
+                pages_alike: bool = False, **cache_kw):  # fmt: skip
     """A cache of n tokens with page summaries, then the write of token n (the query q); with
-    `needle`, that token's key is the query's direction, scaled up. `cache_kw`: KVCache's."""
+    `needle`, that token's key is the query's direction, scaled up; `pages_alike`: the tokens of
+    a page near each other, as neighbouring tokens' keys and values are. `cache_kw`: KVCache's."""
     k, v = kv_data(n + 1, seed=n + seed)
+    if pages_alike:
+        m = n // PAGE * PAGE
+        for t in (k, v):
+            pages = t[:, :m].reshape(H, -1, PAGE, D)
+            t[:, :m] = (pages[:, :, :1] + 0.3 * pages).reshape(H, m, D)
     q = torch.randn(HQ, D, generator=torch.Generator().manual_seed(seed + 7))
     if needle is not None:
         k[:, needle] = q.reshape(H, -1, D)[:, 0] * 3
@@ -32,7 +39,7 @@ def cfg_of(k_bits=16, v_bits=16, **kw) -> KVConfig:
     return KVConfig(k_bits, v_bits, **kw)
 
 
-@pytest.mark.parametrize("kind", ["meanstd", "minmax"])
+@pytest.mark.parametrize("kind", ["meanstd", "minmax", "keys2"])
 @pytest.mark.parametrize("score", ["mass", "max"])
 def test_a_page_that_holds_the_querys_key_is_selected(kind, score):
     """A 'needle' key aligned with the query, in one page among many: that page is chosen, as
@@ -65,29 +72,37 @@ def kernel_or_skip():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("kind", ["meanstd", "minmax"])
+@pytest.mark.parametrize("kind", ["meanstd", "minmax", "keys2"])
 def test_native_page_selection_matches_the_reference(seed, kind):
     kernel = kernel_or_skip()
     cache, q, kf, vf = sparse_case(cfg_of(4, 4, page_summary=kind), 900, seed)
     n_pages, l2 = cache.qend(901) // PAGE, kind == "meanstd"
-    summaries = cache.kcent[0], cache.kspread[0]
+    t = cache.layer_tensors(0)
+    summaries = t[10], t[11], *t[16:19]
     for score in ("mass", "max"):
         cache.cfg = dataclasses.replace(cache.cfg, page_score=score)
         for keep, first in ((8, 2), (20, 2), (n_pages - 1, 1), (3, 0)):
             ref = attention.select_pages_reference(cache, 0, q, keep, first)
-            got = kernel.select_pages(q, *summaries, n_pages, keep, first, l2, score == "mass")
+            got = kernel.select_pages(q, *summaries, n_pages, keep, first, l2, score == "mass",
+                                      cache.cfg.k_group)  # fmt: skip
             assert torch.equal(got, ref), (keep, first, score)
     with pytest.raises(RuntimeError, match="first <= keep < n_pages"):
-        kernel.select_pages(q, *summaries, n_pages, n_pages, 2, l2, True)
+        kernel.select_pages(q, *summaries, n_pages, n_pages, 2, l2, True, cache.cfg.k_group)
 
 
 @pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (8, 8), (4, 4), (2, 2), (4, 2), (16, 4)])
-@pytest.mark.parametrize("v_rotate", [False, True])
-def test_native_sparse_kernel_matches_the_reference(k_bits, v_bits, v_rotate):
+@pytest.mark.parametrize(
+    "v_rotate,estimate,kind",
+    [(False, True, "meanstd"), (True, True, "meanstd"), (False, False, "meanstd"),
+     (False, True, "keys2")],
+)  # fmt: skip
+def test_native_sparse_kernel_matches_the_reference(k_bits, v_bits, v_rotate, estimate, kind):
     """The kernel on a page list, pages of different K groups and the sink among them, against
-    the reference on the same list (the selection is tested above)."""
+    the reference on the same list (the selection is tested above), the pages not read estimated
+    or left out."""
     kernel_or_skip()
-    cfg = cfg_of(k_bits, v_bits, v_clip=True, v_rotate=v_rotate and v_bits < 16)
+    cfg = cfg_of(k_bits, v_bits, v_clip=True, v_rotate=v_rotate and v_bits < 16,
+                 estimate_rest=estimate, page_summary=kind)  # fmt: skip
     cache, q, kf, vf = sparse_case(cfg, 700)
     keep, first = 9, 2
     ref = attention.decode_reference(
@@ -99,6 +114,25 @@ def test_native_sparse_kernel_matches_the_reference(k_bits, v_bits, v_rotate):
     assert not torch.allclose(out, dense, atol=1e-3)  # 9 of 40 pages is not all of them
 
 
+@pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (4, 4)])
+def test_the_pages_not_read_are_estimated_from_their_means(k_bits, v_bits):
+    """Spread attention (random pages of alike tokens): 9 of 40 pages read alone miss most of
+    it; each skipped page counted as its mean key and value brings the output much nearer dense
+    attention (with
+    every page read there is nothing to estimate: test_all_pages_selected_is_dense_attention)."""
+    cfg = cfg_of(k_bits, v_bits)
+    cache, q, kf, vf = sparse_case(cfg, 700, pages_alike=True)
+    dense = attention.decode_reference(cache, 0, q, kf, vf)
+    pages = attention.select_pages_reference(cache, 0, q, 9, 2)
+    estimated = attention.decode_reference(cache, 0, q, kf, vf, pages)
+    alone = dataclasses.replace(cfg, estimate_rest=False)
+    bare, *_ = sparse_case(alone, 700, pages_alike=True)
+    assert bare.vcent.numel() == 0
+    left_out = attention.decode_reference(bare, 0, q, kf, vf, pages)
+    error = [float((x - dense).norm() / dense.norm()) for x in (estimated, left_out)]
+    assert error[0] < 0.3 * error[1], error
+
+
 def test_a_bad_page_list_is_refused():
     kernel = kernel_or_skip()
     cache, q, kf, vf = sparse_case(cfg_of(), 300)
@@ -106,8 +140,12 @@ def test_a_bad_page_list_is_refused():
     q1 = cache.qend(301)
     bad = torch.tensor([[0, q1 // PAGE]] * H, dtype=torch.int32)  # one page past the end
     with pytest.raises(RuntimeError, match="past the quantized tokens"):
-        kernel.decode_attention(q, *t[:10], t[12], bad, t[13], t[14], q1, 301 - q1, 16, 16, 64,
-                                32, 0.125)  # fmt: skip
+        kernel.decode_attention(q, *t[:10], t[13], bad, t[14], t[15], t[10], t[12], q1, 301 - q1,
+                                16, 16, 64, 32, 0.125)  # fmt: skip
+    unsorted = torch.tensor([[0, 3, 2]] * H, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="must be ascending"):
+        kernel.decode_attention(q, *t[:10], t[13], unsorted, t[14], t[15], t[10], t[12], q1,
+                                301 - q1, 16, 16, 64, 32, 0.125)  # fmt: skip
 
 
 @pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (8, 8), (4, 4), (2, 2), (4, 2), (16, 4)])

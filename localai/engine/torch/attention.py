@@ -13,6 +13,10 @@ of the keys' range) the L1 norm, which makes it the largest q . k any key in the
 give; with "meanstd" (mean, standard deviation) the L2 norm, the mean score plus one standard
 deviation. A KV head (its query heads share its pages) combines its query heads' scores as
 attention ("mass": each head's softmax over the pages, summed) or by their maximum ("max").
+With the cache's `estimate_rest` every page not read still counts, as one key (its centre) and
+one value (its mean) standing for its 16 tokens: the softmax then spreads over roughly what dense
+attention would, and the attention the skipped pages would get is not handed to the read ones
+(RetroInfer's estimate zone, with pages for clusters).
 Prefill stays dense.
 """
 
@@ -23,8 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import native
-from .kv import PAGE, KVCache
+from . import kvquant, native
+from .kv import COPY_BITS, PAGE, KVCache
 
 # Hq query heads, H KV heads, r = Hq / H, C query tokens, N keys, D head dim
 
@@ -88,13 +92,35 @@ def select_chunk_pages(cache: KVCache, layer: int, qg: torch.Tensor, keep: int, 
 
 
 def page_scores(cache: KVCache, layer: int, qg: torch.Tensor, pages: int) -> torch.Tensor:
-    """Each query's score q . c + |q * s| of each of the first `pages` (L2 norm for meanstd
-    summaries, L1 for minmax): qg [H, M, D] → [H, M, P]."""
-    cent, spread = (t.float() for t in cache.page_summaries(layer, pages))  # H, P, D
+    """Each query's score of each of the first `pages`: q . c + |q * s| (L2 norm for meanstd
+    summaries, L1 for minmax), or (keys2) its best q . k over the page's keys' 2-bit copy:
+    qg [H, M, D] → [H, M, P]."""
+    if cache.cfg.page_summary == "keys2":
+        return copy_scores(cache, layer, qg, pages * PAGE).unflatten(2, (pages, PAGE)).amax(3)
+    cent, spread = (t.float() for t in cache.page_summaries(layer, pages)[:2])  # H, P, D
     score = qg @ cent.transpose(1, 2)
     if cache.cfg.page_summary == "meanstd":
         return score + (qg.square() @ spread.square().transpose(1, 2)).sqrt_()
     return score + qg.abs() @ spread.transpose(1, 2)
+
+
+def copy_scores(cache: KVCache, layer: int, qg: torch.Tensor, n: int) -> torch.Tensor:
+    """Each query's q . k over the 2-bit copy of the keys of tokens [0, n), as the C++ kernel
+    computes it: per K group, q times the group's scales rounded to int8 codes (a step of
+    max |q * scale| / 127), an integer dot product with the key codes, scaled back, plus q . min
+    (kv.py "keys2"). qg [H, M, D] → [H, M, n]."""
+    g = cache.cfg.k_group
+    groups = -(-n // g)
+    scale, lo = (t[layer, :, :groups].float()[:, None] for t in (cache.k2s, cache.k2m))
+    qs = qg[:, :, None, :] * scale  # H, M, groups, D
+    top = qs.abs().amax(dim=3)  # H, M, groups
+    inv = torch.where(top > 0, 127 / top, torch.zeros_like(top))
+    qi = torch.round(qs * inv[..., None])
+    codes = kvquant.unpack(cache.k2[layer, :, : groups * g], COPY_BITS).float()
+    keys = codes.unflatten(1, (groups, g)).transpose(2, 3)[:, None]  # H, 1, groups, D, g
+    dots = (qi[:, :, :, None, :] @ keys)[:, :, :, 0]  # H, M, groups, g
+    qm = (qg[:, :, None, :] * lo).sum(dim=3)  # H, M, groups
+    return (qm[..., None] + (top * (1 / 127))[..., None] * dots).flatten(2)[:, :, :n]
 
 
 def attention_mass(each: torch.Tensor, first: int, d: int) -> torch.Tensor:
@@ -130,6 +156,13 @@ def decode_reference(cache: KVCache, layer: int, q: torch.Tensor, kf, vf, pages=
     k = torch.cat([kq, kf], dim=1)  # H, N, D
     v = torch.cat([vq, vf], dim=1)
     s = (q.reshape(h, hq // h, d) @ k.transpose(1, 2)) / math.sqrt(d)  # H, r, N
+    if pages is not None and cache.vcent.numel():  # the pages not read, one estimate each
+        kc, _, vc = (t.float() for t in cache.page_summaries(layer, q1 // PAGE))  # H, P, D
+        rest = torch.ones(kc.shape[:2], dtype=torch.bool)
+        rest.scatter_(1, pages.long(), False)  # H, P
+        e = (q.reshape(h, hq // h, d) @ kc.transpose(1, 2)) / math.sqrt(d) + math.log(PAGE)
+        s = torch.cat([s, e.masked_fill(~rest[:, None], -math.inf)], dim=2)  # H, r, N + P
+        v = torch.cat([v, vc], dim=1)
     return (torch.softmax(s, dim=-1) @ v).reshape(hq, d)
 
 
@@ -148,22 +181,24 @@ def decode(
     kernel = native.load() if use_native else None
     q1 = cache.qend(cache._n_next)
     pages = None
+    t = cache.layer_tensors(layer)
     if keep:
         if kernel is None:
             pages = select_pages_reference(cache, layer, q, keep, first)
         else:
             flags = cache.cfg.selection_flags  # as the fused C++ step reads them
             pages = kernel.select_pages(
-                q.contiguous(), cache.kcent[layer], cache.kspread[layer], q1 // PAGE, keep, first,
-                bool(flags & 1), bool(flags & 2),
+                q.contiguous(), t[10], t[11], *t[16:19], q1 // PAGE, keep, first,
+                bool(flags & 1), bool(flags & 2), cache.cfg.k_group,
             )  # fmt: skip
     if kernel is None:
         return decode_reference(cache, layer, q, kf, vf, pages)
-    cfg, t = cache.cfg, cache.layer_tensors(layer)
+    cfg = cache.cfg
     cache.ensure(layer, pages)
     no_pages = torch.empty(0, dtype=torch.int32)
     return kernel.decode_attention(
-        q.contiguous(), *t[:10], t[12], no_pages if pages is None else pages, t[13], t[14],
+        q.contiguous(), *t[:10], t[13], no_pages if pages is None else pages, t[14], t[15],
+        t[10], t[12],
         q1, cache._n_next - q1,
         cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group, 1.0 / math.sqrt(q.shape[1]),
     )  # fmt: skip

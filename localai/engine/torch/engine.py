@@ -340,7 +340,8 @@ def _filled(c, q: int, buffered: int):
     g = c.cfg.k_group
     ends = {"kc": q, "vc": q, "kbuf": buffered, "vbuf": buffered, "ks": q // g, "km": q // g,
             "vs": q, "vm": q, "ksink": None, "vsink": None, "kcent": q // PAGE,
-            "kspread": q // PAGE}  # fmt: skip
+            "kspread": q // PAGE, "vcent": q // PAGE, "k2": q, "k2s": q // g,
+            "k2m": q // g}  # fmt: skip
     for name, end in ends.items():
         t = getattr(c, name)
         if t.dim() == 4:  # scales and sinks are empty at 16 bits, page bounds when unused

@@ -19,7 +19,13 @@ Pages are addressable (page i = tokens [16i, 16i + 16)). With a `page_summary` e
 keeps a per-channel centre and spread of its keys, taken before quantization (2 fp16 rows per 16
 tokens, +6.25% of fp16 K/V), which sparse decode attention scores pages by (attention.py):
 "meanstd" is their mean and standard deviation, "minmax" the middle and half-width of their
-range (the box that holds them).
+range (the box that holds them). "keys2" keeps the mean and a 2-bit copy of every key instead
+(per channel, per K group, as K is quantized; 1/8 of fp16 K, +6.25% of fp16 K/V): a page scores
+as its best token, which finds the one key a query picks out (a needle, the earlier copy of a
+passage) that a page's mean and spread blur. With `estimate_rest` each page also keeps the
+mean of its values (one more fp16 row, +3.1%): a sparse step adds every page it does not read as
+one key (the centre) and one value (the mean) weighted by its 16 tokens, an estimate of the
+attention it would get.
 
 Pages in RAM or on disk: by default the pages' codes (K codes, V codes, V scales) are tensors
 [L, H, T, ·] allocated for the whole context, and a selected page is read in place. With a
@@ -50,7 +56,8 @@ from . import kvquant
 # L layers, H KV heads, T tokens (capacity), D head dim, R packed bytes per row, C new tokens
 PAGE = 16
 BITS = (16, 8, 4, 2)
-SUMMARIES = ("", "meanstd", "minmax")
+SUMMARIES = ("", "meanstd", "minmax", "keys2")
+COPY_BITS = 2  # the "keys2" summary's copy of the keys
 
 
 @dataclass(frozen=True)
@@ -63,10 +70,12 @@ class KVConfig:
     sink: int = 32  # first tokens kept in fp16 (attention sink); a multiple of PAGE, < k_group
     v_clip: bool = False  # search each V group's range for the least squared error
     v_rotate: bool = False  # quantize V times an orthonormal Hadamard matrix (see `hadamard`)
-    page_summary: str = ""  # "meanstd", "minmax" or "" (none): per-page keys, sparse attention
+    page_summary: str = ""  # "meanstd", "minmax", "keys2" or "" (none): sparse attention
     # a KV head's page score from its query heads': their "max" (default: better at 8K on
     # qwen2.5-coder-0.5b, BENCHMARKS.md) or "mass" (softmax over pages per head, summed)
     page_score: str = "max"
+    # sparse decode adds the pages it skips as estimates (page centre key, mean value)
+    estimate_rest: bool = True
 
     def __post_init__(self) -> None:
         for b in (self.k_bits, self.v_bits):
@@ -106,7 +115,14 @@ class KVCache:
         self.vc, self.vs, self.vm = self._store(cfg.v_bits, v_scales, not spill)
         pages = (L, H, T // PAGE, D) if cfg.page_summary else (0,)
         self.kcent = torch.empty(pages, dtype=torch.float16)  # L, H, T/16, D (or empty)
-        self.kspread = torch.empty(pages, dtype=torch.float16)
+        spread = cfg.page_summary in ("meanstd", "minmax")
+        self.kspread = torch.empty(pages if spread else (0,), dtype=torch.float16)
+        copy = cfg.page_summary == "keys2"
+        self.k2 = torch.empty((L, H, T, D * COPY_BITS // 8) if copy else (0,), dtype=torch.uint8)
+        self.k2s = torch.empty((L, H, T // g, D) if copy else (0,), dtype=torch.float16)
+        self.k2m = torch.empty_like(self.k2s)  # the copy's per-channel scale and min per K group
+        rest = cfg.page_summary and cfg.estimate_rest
+        self.vcent = torch.empty(pages if rest else (0,), dtype=torch.float16)  # L, H, T/16, D
         self.ksink = self._sink(cfg.k_bits)  # L, H, S, D (empty at 16 bits)
         self.vsink = self._sink(cfg.v_bits)
         rotate = cfg.v_rotate and cfg.v_bits < 16
@@ -142,8 +158,8 @@ class KVCache:
     def fixed_bytes(self) -> int:
         """RAM the cache needs whatever its pages: the fp16 window, the sinks, the page
         summaries, the K group scales, and (pages on disk) the page table."""
-        parts = (self.ks, self.km, self.kbuf, self.vbuf, self.ksink, self.vsink, self.kcent,
-                 self.kspread)  # fmt: skip
+        parts = (self.ks, self.km, self.kbuf, self.vbuf, self.ksink, self.vsink,
+                 *self._summaries)  # fmt: skip
         return sum(t.nbytes for t in parts) + self.L * self.H * (self.T // PAGE) * 4
 
     def _spill(self, kv_ram: int | str, spill_dir: Path | None):
@@ -189,12 +205,18 @@ class KVCache:
         if self.pages is not None:
             return self.nbytes
         share = self._high / self.T
-        grows = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kcent, self.kspread)
+        grows = (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, *self._summaries)
         return self.nbytes - int(sum(t.nbytes for t in grows) * (1 - share))
 
     def _parts(self) -> tuple[torch.Tensor, ...]:
         return (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, self.kbuf, self.vbuf,
-                self.ksink, self.vsink, self.kcent, self.kspread)  # fmt: skip
+                self.ksink, self.vsink, *self._summaries)  # fmt: skip
+
+    @property
+    def _summaries(self) -> tuple[torch.Tensor, ...]:
+        """The parts every sparse step reads: per page the key centre and spread and the value
+        mean, and the keys' 2-bit copy (codes, scales, minimums)."""
+        return self.kcent, self.kspread, self.vcent, self.k2, self.k2s, self.k2m
 
     def _page_token_bytes(self) -> float:
         """Bytes of one token in pages, all layers: its codes and V scales, its share of the K
@@ -204,7 +226,7 @@ class KVCache:
     def bytes_per_token(self) -> float:
         """Marginal cost of one more token in pages (the fp16 buffer and sink are fixed costs),
         wherever they are (RAM or the page file)."""
-        return self._page_token_bytes() + (self.kcent.nbytes + self.kspread.nbytes) / self.T
+        return self._page_token_bytes() + sum(t.nbytes for t in self._summaries) / self.T
 
     def offloaded_bytes(self) -> int:
         """Bytes of pages on disk and not in the pool now."""
@@ -221,7 +243,7 @@ class KVCache:
         window = (n - q) * self.L * self.H * self.D * 2 * 2  # fp16 K and V
         if not keep:
             return int(q * per_token) + window
-        bounds = (self.kcent.nbytes + self.kspread.nbytes) * PAGE / self.T  # per page
+        bounds = sum(t.nbytes for t in self._summaries) * PAGE / self.T  # per page
         return int(keep * PAGE * per_token + q // PAGE * bounds) + window
 
     def reset(self) -> None:
@@ -340,7 +362,10 @@ class KVCache:
         if self.kcent.numel():
             cent, spread = page_summary(k.reshape(self.H, c // PAGE, PAGE, self.D), self.cfg)
             self.kcent[layer, :, start // PAGE : (start + c) // PAGE] = cent
-            self.kspread[layer, :, start // PAGE : (start + c) // PAGE] = spread
+            if self.kspread.numel():
+                self.kspread[layer, :, start // PAGE : (start + c) // PAGE] = spread
+        if self.k2.numel():
+            self._copy_keys(layer, k, start)
         if bits == 16:
             return k.half()
         s = self.ksink.shape[2] if self.ksink.numel() else 0
@@ -355,10 +380,31 @@ class KVCache:
         self.km[layer, :, start // g : (start + c) // g] = lo[:, :, 0]
         return kvquant.pack(codes.reshape(self.H, c, self.D), bits)
 
+    def _copy_keys(self, layer: int, k: torch.Tensor, start: int) -> None:
+        """The 2-bit copy of keys [H, C, D] at `start` (whole K groups); the sink's outlier keys
+        are left out of the first group's ranges (its pages are always read, never scored)."""
+        g, c, s = self.cfg.k_group, k.shape[1], self.cfg.sink
+        if start == 0 and s:
+            k = torch.cat([k[:, s : s + 1].expand(-1, s, -1), k[:, s:]], dim=1)
+        codes, scale, lo = kvquant.quantize(k.reshape(self.H, c // g, g, self.D), COPY_BITS, dim=2)
+        self.k2s[layer, :, start // g : (start + c) // g] = scale[:, :, 0]
+        self.k2m[layer, :, start // g : (start + c) // g] = lo[:, :, 0]
+        self.k2[layer, :, start : start + c] = kvquant.pack(codes.reshape(k.shape), COPY_BITS)
+
+    def key_copy(self, layer: int, n: int) -> torch.Tensor:
+        """The 2-bit copy of the keys of tokens [0, n) (n a K group boundary), fp32 [H, n, D]."""
+        codes = kvquant.unpack(self.k2[layer, :, :n], COPY_BITS)
+        g = self.cfg.k_group
+        scale, lo = (_per_token(t[layer], n, g) for t in (self.k2s, self.k2m))
+        return kvquant.dequantize(codes, scale, lo)
+
     def _quantize_v(self, layer: int, v: torch.Tensor, start: int):
         """The codes of V [H, C, D] and their scales and minimums [H, C, D/v_group] (None, None
         at 16 bits)."""
         bits, gv, c = self.cfg.v_bits, self.cfg.v_group, v.shape[1]
+        if self.vcent.numel():
+            pages = v.reshape(self.H, c // PAGE, PAGE, self.D)
+            self.vcent[layer, :, start // PAGE : (start + c) // PAGE] = pages.mean(dim=2).half()
         if bits == 16:
             return v.half(), None, None
         if start == 0 and self.vsink.numel():
@@ -403,12 +449,14 @@ class KVCache:
         return _with_sink(v, self.vsink, layer, tok)
 
     def layer_tensors(self, layer: int) -> list[torch.Tensor]:
-        """kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink, kcent, kspread of one layer (scales
-        and sinks are empty at 16 bits, page summaries without a page_summary, codes with pages
-        on disk), the V rotation (empty when V is not rotated), then the page pool and this
-        layer's page table (empty with pages in RAM)."""
+        """kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink, kcent, kspread, vcent of one layer
+        (scales and sinks are empty at 16 bits, page summaries without a page_summary, kspread
+        with "keys2", vcent without estimate_rest, codes with pages on disk), the V rotation
+        (empty when V is not rotated), the page pool and this layer's page table (empty with
+        pages in RAM), then the keys' 2-bit copy: codes, scales, minimums (empty but "keys2")."""
         pool = (self.pages.pool, self.pages.table[layer]) if self.pages else (_EMPTY, _EMPTY)
-        return [t[layer] if t.numel() else t for t in self._parts()] + [self.v_rot, *pool]
+        mine = [t[layer] if t.numel() else t for t in self._parts()]
+        return mine[:13] + [self.v_rot, *pool] + mine[13:]
 
     def ensure(self, layer: int, pages: torch.Tensor | None) -> None:
         """Before attending: `pages` [H, P] of `layer` (None: all of them) resident."""
@@ -419,10 +467,28 @@ class KVCache:
             pages = torch.arange(q // PAGE, dtype=torch.int32).repeat(self.H, 1)
         self.pages.ensure(layer, pages.contiguous())
 
-    def page_summaries(self, layer: int, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-page, per-channel key (centre, spread) of the first `pages`: [H, pages, D] fp16."""
+    def page_summaries(self, layer: int, pages: int) -> tuple[torch.Tensor, ...]:
+        """Per-page, per-channel key centre and spread (empty with "keys2"), and value mean
+        (empty without estimate_rest), of the first `pages`: [H, pages, D] fp16 each."""
         assert self.kcent.numel(), "pages are summarized only with a page_summary"
-        return self.kcent[layer, :, :pages], self.kspread[layer, :, :pages]
+        return tuple(t[layer, :, :pages] if t.numel() else t for t in self._summaries[:3])
+
+    def resummarize(self, cfg: KVConfig) -> None:
+        """Take `cfg`'s page summary, score and estimate from here on, the summaries of the
+        pages stored computed again from their keys (an fp16 cache: measuring one prefill under
+        several selections)."""
+        assert self.cfg.k_bits == 16 and self.pages is None, "summaries come from fp16 pages"
+        assert (cfg.k_bits, cfg.v_bits) == (self.cfg.k_bits, self.cfg.v_bits)
+        fresh = KVCache(cfg, self.L, self.H, self.D, self.T)  # empty: the OS maps it lazily
+        self.cfg = cfg
+        self.kcent, self.kspread, self.vcent, self.k2, self.k2s, self.k2m = fresh._summaries
+        q = self.qend(self.n)
+        for layer in range(self.L):
+            if cfg.page_summary:
+                self._quantize_k(layer, self.kc[layer, :, :q].float(), 0)
+            if self.vcent.numel():
+                pages = self.vc[layer, :, :q].float().reshape(self.H, q // PAGE, PAGE, self.D)
+                self.vcent[layer, :, : q // PAGE] = pages.mean(dim=2).half()
 
 
 _EMPTY = torch.empty(0, dtype=torch.int32)
@@ -456,7 +522,10 @@ def _with_sink(x: torch.Tensor, sink: torch.Tensor, layer: int, tok) -> torch.Te
 
 
 def page_summary(pages: torch.Tensor, cfg: KVConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """pages: [H, P, 16, D] keys → per-page, per-channel (centre, spread) [H, P, D] fp16."""
+    """pages: [H, P, 16, D] keys → per-page, per-channel (centre, spread) [H, P, D] fp16 (the
+    spread empty for "keys2", which keeps a copy of the keys instead)."""
+    if cfg.page_summary == "keys2":
+        return pages.mean(dim=2).half(), torch.empty(0, dtype=torch.float16)
     if cfg.page_summary == "minmax":
         lo, hi = pages.amin(dim=2), pages.amax(dim=2)
         return ((lo + hi) / 2).half(), ((hi - lo) / 2).half()

@@ -227,7 +227,7 @@ class Transformer:
         self.attn_budget = attn_budget
         self.sparse_prefill = False  # prompts' chunks too (attention.select_chunk_pages)
         if attn_budget and not kv.page_summary:
-            kv = dataclasses.replace(kv, page_summary="meanstd")
+            kv = dataclasses.replace(kv, page_summary="keys2")
         self.attn_stats = AttnStats()
         self.expert_cache = None
         if hp.is_moe and expert_budget is not None:
