@@ -6,13 +6,16 @@ the result does not depend on how a prompt was chunked. Decode goes to the fused
 it built, else to `decode_reference`, the pure-torch definition it is tested against.
 
 Sparse decode (`keep` > 0): each KV head attends to `keep` pages of 16 quantized tokens, the
-first `first` (the attention sink) and the rest chosen by `select_pages` from the per-page key
-summaries (kv.py: a centre c and spread s per channel), plus the whole fp16 buffer (the recent
-window). A page scores q . c + |q * s|: with "minmax" summaries (c, s the middle and half-width
-of the keys' range) the L1 norm, which makes it the largest q . k any key in the page's box can
-give; with "meanstd" (mean, standard deviation) the L2 norm, the mean score plus one standard
-deviation. A KV head (its query heads share its pages) combines its query heads' scores as
-attention ("mass": each head's softmax over the pages, summed) or by their maximum ("max").
+first `first` (the attention sink) and the rest chosen by `select_pages`, plus the whole fp16
+buffer (the recent window). With "keys2" (the default) a page scores as its best token's q . k
+over the cache's 2-bit copy of every key: one key a head looks for (a needle, the earlier copy
+of a passage) decides, which a page's summary blurs. With per-page key summaries (kv.py: a
+centre c and spread s per channel) a page scores q . c + |q * s|: with "minmax" (c, s the middle
+and half-width of the keys' range) the L1 norm, which makes it the largest q . k any key in the
+page's box can give; with "meanstd" (mean, standard deviation) the L2 norm, the mean score plus
+one standard deviation. A KV head (its query heads share its pages) combines its query heads'
+scores as attention ("mass": each head's softmax over the pages, summed) or by their maximum
+("max").
 With the cache's `estimate_rest` every page not read still counts, as one key (its centre) and
 one value (its mean) standing for its 16 tokens: the softmax then spreads over roughly what dense
 attention would, and the attention the skipped pages would get is not handed to the read ones
