@@ -70,8 +70,11 @@ def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: t
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """Softmax attention of q [Hq, C, D] over k, v [H, N, D] (grouped: each KV head serves Hq/H
-    query heads), where ok ([C, N], or [Hq, C, N]) allows it; torch's fused kernel, which never
-    holds the [Hq, C, N] scores (2-3x the speed of forming them at 8K)."""
+    query heads), where ok ([C, N], [1, C, N] or [Hq, C, N]) allows it; torch's fused kernel,
+    which never holds the [Hq, C, N] scores. It takes a 2-D or 4-D mask only: given a 3-D one
+    torch falls back to forming the scores (4-8x slower at 16K, and on one core mostly)."""
+    if ok.dim() == 3:
+        ok = ok[0] if ok.shape[0] == 1 else ok[None]
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=ok,
                                           enable_gqa=True)[0]  # fmt: skip
 
