@@ -19,9 +19,10 @@
 // summed over the heads. With a 2-bit copy of the keys (kv.py "keys2": codes [H, T_cap, D/4],
 // per-channel scale and minimum per K group [H, T_cap/kg, D]) a page's score for a query head is
 // instead its best token's q . k over the copy (the group's scale folded into the query, as the
-// decode kernel does for quantized K). With the page means (kcent: keys' centre, vcent: values' mean; vcent empty
-// when not kept), a sparse step also counts every page it does not read as one estimated token
-// standing for its 16: score q . kcent + ln 16, value vcent (attention.py's estimate).
+// decode kernel does for quantized K). With the page means (kcent: keys' centre, vcent: values'
+// mean; vcent empty when not kept), a sparse step also counts every page it does not read as one
+// estimated token standing for its 16: score q . kcent + ln 16, value vcent (attention.py's
+// estimate).
 // The pure-torch definitions are attention.decode_reference and attention.select_pages_reference;
 // tests hold each pair to a tolerance.
 #include <c10/util/Half.h>
@@ -59,10 +60,21 @@ inline void half_row(const at::Half* row, int D, float* out) {
 
 constexpr int64_t kPage = 16;  // tokens per page (kv.PAGE)
 
+// out[r * stride] = (q_r . row) * scale + add for the rep query heads qh [rep, D] and one exact
+// key row (fp16 cache, sink, window, or a page's mean key)
+inline void score_row(const float* qh, const float* row, int rep, int D, float scale, float add,
+                      float* out, int64_t stride) {
+  for (int r = 0; r < rep; ++r) {
+    float acc = 0.f;
+    for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
+    out[r * stride] = acc * scale + add;
+  }
+}
+
 // One query head against one K group of the 2-bit key copy: qs = q * scale (per channel) as int8
 // codes qi times `step` (round to nearest even of qs / step, step = max |qs| / 127), and the
 // returned q . min; a token then scores q . min + step * (qi . codes), an integer dot product.
-// attention.page_scores computes the same.
+// attention.copy_scores computes the same.
 inline float fold_int8(const float* q, const float* scale, const float* lo, int64_t D, float* qs,
                        int8_t* qi, float* step) {
   float m = 0.f, top = 0.f;
@@ -83,12 +95,12 @@ template <class Emit>
 inline void dot_codes2(const uint8_t* row, const int8_t* qi, int64_t rep, int64_t D, Emit emit) {
   const int64_t R = D / 4;
 #ifdef __AVX2__
-  if (R % 16 == 0) {  // 16 bytes at a time: 64 channels, 4 planes of 16 (AVX2 u8 x s8 sums)
+  constexpr int64_t kMaxChunks = 4;  // D <= 256
+  if (R % 16 == 0 && R / 16 <= kMaxChunks) {  // 16 bytes at a time: 4 planes of 16 channels
     const __m128i three = _mm_set1_epi8(3);
     const __m256i ones = _mm256_set1_epi16(1);
-    constexpr int64_t kMaxChunks = 4;  // D <= 256
     __m256i lo[kMaxChunks], hi[kMaxChunks];
-    const int64_t chunks = std::min<int64_t>(R / 16, kMaxChunks);
+    const int64_t chunks = R / 16;
     for (int64_t j = 0; j < chunks; ++j) {
       const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j));
       const __m128i p0 = _mm_and_si128(x, three), p1 = _mm_and_si128(_mm_srli_epi16(x, 2), three);
@@ -97,29 +109,27 @@ inline void dot_codes2(const uint8_t* row, const int8_t* qi, int64_t rep, int64_
       lo[j] = _mm256_set_m128i(p1, p0);
       hi[j] = _mm256_set_m128i(p3, p2);
     }
-    if (R / 16 <= kMaxChunks) {
-      for (int64_t r = 0; r < rep; ++r) {
-        const int8_t* w = qi + r * D;
-        __m256i acc = _mm256_setzero_si256();
-        for (int64_t j = 0; j < chunks; ++j) {
-          // the query's codes laid out as the planes: [plane 0 | plane 1], [plane 2 | plane 3]
-          const __m256i w01 = _mm256_set_m128i(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + R + 16 * j)),
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * j)));
-          const __m256i w23 = _mm256_set_m128i(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 3 * R + 16 * j)),
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * R + 16 * j)));
-          const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], w01),
-                                             _mm256_maddubs_epi16(hi[j], w23));
-          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
-        }
-        __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
-        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
-        emit(r, _mm_cvtsi128_si32(v));
+    for (int64_t r = 0; r < rep; ++r) {
+      const int8_t* w = qi + r * D;
+      __m256i acc = _mm256_setzero_si256();
+      for (int64_t j = 0; j < chunks; ++j) {
+        // the query's codes laid out as the planes: [plane 0 | plane 1], [plane 2 | plane 3]
+        const __m256i w01 = _mm256_set_m128i(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + R + 16 * j)),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * j)));
+        const __m256i w23 = _mm256_set_m128i(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 3 * R + 16 * j)),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * R + 16 * j)));
+        const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], w01),
+                                           _mm256_maddubs_epi16(hi[j], w23));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
       }
-      return;
+      __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+      v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
+      v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
+      emit(r, _mm_cvtsi128_si32(v));
     }
+    return;
   }
 #endif
   for (int64_t r = 0; r < rep; ++r) {
@@ -240,7 +250,7 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
                                torch::Tensor pool,  // [S, rec] bytes (kv_pages.cpp), or empty
                                torch::Tensor ptable,  // [H, P_cap] int32: page -> pool slot
                                torch::Tensor kcent,  // [H, P_cap, D] fp16 page key centres
-                               torch::Tensor vcent,  // [H, P_cap, D] fp16 page value means, or empty
+                               torch::Tensor vcent,  // [H, P_cap, D] fp16 value means, or empty
                                int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits,
                                int64_t kg, int64_t vg, double sm_scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous fp32");
@@ -335,11 +345,7 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
         const int64_t t = token(i);
         if (k_bits == 16) {
           half_row(reinterpret_cast<const at::Half*>(k_at(h, t)), D, row.data());
-          for (int r = 0; r < rep; ++r) {
-            float acc = 0.f;
-            for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
-            s[r * N + i] = acc * scale;
-          }
+          score_row(qh, row.data(), rep, D, scale, 0.f, s.data() + i, N);
           continue;
         }
         if (t < g_lo || t >= g_hi) {  // new K group: fold its per-channel scale, min into q
@@ -358,11 +364,7 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
         }
         if (t < ks_n) {
           half_row(ksink.data_ptr<at::Half>() + (h * ks_cap + t) * D, D, row.data());
-          for (int r = 0; r < rep; ++r) {
-            float acc = 0.f;
-            for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
-            s[r * N + i] = acc * scale;
-          }
+          score_row(qh, row.data(), rep, D, scale, 0.f, s.data() + i, N);
           continue;
         }
         unpack_row(k_at(h, t), k_bits, D, row.data());
@@ -375,11 +377,7 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
       // ---- scores over the fp16 buffer
       for (int64_t t = 0; t < nb; ++t) {
         half_row(kbuf.data_ptr<at::Half>() + (h * cap + t) * D, D, row.data());
-        for (int r = 0; r < rep; ++r) {
-          float acc = 0.f;
-          for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
-          s[r * N + nt + t] = acc * scale;
-        }
+        score_row(qh, row.data(), rep, D, scale, 0.f, s.data() + nt + t, N);
       }
       // ---- scores of the pages not read: one estimated token each, for its 16
       std::vector<int32_t> rest;  // their page numbers
@@ -396,11 +394,7 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
         const at::Half* kce = kcent.data_ptr<at::Half>() + h * kcent.size(1) * D;
         for (int64_t u = 0; u < ne; ++u) {
           half_row(kce + rest[u] * D, D, row.data());
-          for (int r = 0; r < rep; ++r) {
-            float acc = 0.f;
-            for (int c = 0; c < D; ++c) acc += qh[r * D + c] * row[c];
-            s[r * N + nt + nb + u] = acc * scale + bonus;
-          }
+          score_row(qh, row.data(), rep, D, scale, bonus, s.data() + nt + nb + u, N);
         }
       }
       // ---- softmax per query head
@@ -423,7 +417,8 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
       float* qdst = rotated ? acc_rot.data() : oh;  // where the quantized rows' sums go
       std::fill(acc_rot.begin(), acc_rot.end(), 0.f);
       std::fill(vbias.begin(), vbias.end(), 0.f);
-      for (int64_t i = 0; i < nt + nb; ++i) {
+      const at::Half* vce = estimate ? vcent.data_ptr<at::Half>() + h * vcent.size(1) * D : nullptr;
+      for (int64_t i = 0; i < N; ++i) {
         const bool quantized = i < nt;
         const int64_t t = quantized ? token(i) : i;
         if (quantized && t >= vs_n && v_bits < 16) {
@@ -447,20 +442,13 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
           half_row(vsink.data_ptr<at::Half>() + (h * vs_cap + t) * D, D, row.data());
         } else if (quantized) {
           half_row(reinterpret_cast<const at::Half*>(v_at(h, t)), D, row.data());
-        } else {
+        } else if (i < nt + nb) {
           half_row(vbuf.data_ptr<at::Half>() + (h * cap + (i - nt)) * D, D, row.data());
+        } else {  // a page not read: its mean value
+          half_row(vce + rest[i - nt - nb] * D, D, row.data());
         }
-        for (int r = 0; r < rep; ++r) {  // exact rows (sink, fp16 cache, window): unrotated
+        for (int r = 0; r < rep; ++r) {  // exact rows (sink, fp16 cache, window), page means
           const float p = s[r * N + i];
-          float* o = oh + r * D;
-          for (int c = 0; c < D; ++c) o[c] += p * row[c];
-        }
-      }
-      const at::Half* vce = estimate ? vcent.data_ptr<at::Half>() + h * vcent.size(1) * D : nullptr;
-      for (int64_t u = 0; u < ne; ++u) {  // the estimated pages' mean values (unrotated)
-        half_row(vce + rest[u] * D, D, row.data());
-        for (int r = 0; r < rep; ++r) {
-          const float p = s[r * N + nt + nb + u];
           float* o = oh + r * D;
           for (int c = 0; c < D; ++c) o[c] += p * row[c];
         }

@@ -90,8 +90,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
                                torch::Tensor vm, torch::Tensor kbuf, torch::Tensor vbuf,
                                torch::Tensor ksink, torch::Tensor vsink, torch::Tensor vrot,
                                torch::Tensor pages, torch::Tensor pool, torch::Tensor ptable,
-                               torch::Tensor kcent, torch::Tensor vcent, int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits,
-                               int64_t kg, int64_t vg, double sm_scale);
+                               torch::Tensor kcent, torch::Tensor vcent, int64_t nq, int64_t nb,
+                               int64_t k_bits, int64_t v_bits, int64_t kg, int64_t vg,
+                               double sm_scale);
 
 // per KV head, `keep` ascending page numbers: pages [0, first), then the best of [first, n_pages)
 // (kv.py page summaries: centre, spread; l2 for "meanstd", L1 for "minmax"; or the keys' 2-bit
