@@ -150,10 +150,13 @@ class TorchEngine(TokenEngine):
     def _threads(self, n: int) -> None:
         """n threads for what follows on this thread. With the C++ kernels they are theirs
         (native/pool.cpp, whose caller never waits for a descheduled helper), and torch's own
-        ops (norms, prefill attention: a few % of the time) run on this thread alone: a torch op
-        split across threads waits for all of them at its end, and on a busy machine every one
-        of a step's ~100 ops can wait a scheduler slice (measured on 2 cores at load 3: 1.2
-        tokens/s on two threads against 37 on one)."""
+        ops in a decode step (norms, small products) run on this thread alone: a torch op split
+        across threads waits for all of them at its end, and on a busy machine every one of a
+        step's ~100 ops can wait a scheduler slice (measured on 2 cores at load 3: 1.2 tokens/s
+        on two threads against 37 on one). A prompt's chunks take n for torch's ops too
+        (model.Transformer.threads): their attention is large (3.6 s against 6.8 s on one
+        thread for a 512-token chunk at 15K)."""
+        self.model.threads = n
         kernel = self.model.w.kernel
         if kernel is not None:
             kernel.set_threads(n)

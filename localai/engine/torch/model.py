@@ -13,6 +13,7 @@ residual stream itself. One-token steps go through the same half-blocks fused in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -200,6 +201,19 @@ class Block:
         self.ffn = make_ffn(w, hp, i, experts)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's ops on n threads inside, as many as before after."""
+    was = torch.get_num_threads()
+    if n != was:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != was:
+            torch.set_num_threads(was)
+
+
 @dataclasses.dataclass
 class AttnStats:
     """Decode steps and what their attention read (kv.KVCache.read_bytes)."""
@@ -226,6 +240,9 @@ class Transformer:
         self.w, self.hp = w, hp
         self.attn_budget = attn_budget
         self.sparse_prefill = False  # prompts' chunks too (attention.select_chunk_pages)
+        # threads for torch's ops in a prompt's chunk (its attention, 2/3 of a chunk at 16K);
+        # a decode step's stay on the caller's one (TorchEngine._threads)
+        self.threads = torch.get_num_threads()
         if attn_budget and not kv.page_summary:
             kv = dataclasses.replace(kv, page_summary="keys2")
         self.attn_stats = AttnStats()
@@ -276,9 +293,10 @@ class Transformer:
                 b.attn.fused(x, cos[0], sin[0], nq, n - nq, keep, first)
                 b.ffn.step(x)
         else:
-            for b in self.blocks:
-                x = b.attn(x, cos, sin, cache, self.use_native, keep, first)
-                x = b.ffn(x)
+            with torch_threads(self.threads if c > 1 else torch.get_num_threads()):
+                for b in self.blocks:
+                    x = b.attn(x, cos, sin, cache, self.use_native, keep, first)
+                    x = b.ffn(x)
         if c == 1:
             st = self.attn_stats
             st.decode_steps += 1
