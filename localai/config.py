@@ -82,6 +82,11 @@ class Settings:
     # context such as 10%): the attention sink, the pages whose keys score best for the query,
     # and the recent window; contexts under it stay dense (and exact). Empty: always dense
     attn_budget: str = ""
+    # torch runner, with an attn_budget: a prompt's chunks past it read the same way (their own
+    # tokens, the sink and the pages a sample of their queries wants most; the others as
+    # estimates): prefill at 16K in 0.7 of the dense time, but at 16K the model then finds
+    # fewer facts in the prompt (BENCHMARKS.md), so it is off by default
+    sparse_prefill: bool = False
     # torch runner, with an attn_budget: RAM for the KV cache (bytes such as 64M, or a share of
     # the cache all in RAM such as 25%); the quantized pages beyond it live in a file under
     # home/kv-pages (deleted with the cache) and are read as steps select them. Empty: all in RAM

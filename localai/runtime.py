@@ -107,6 +107,7 @@ def engine_loader(
                              trace_routing=settings.trace_routing,
                              expert_prefetch=settings.expert_prefetch,
                              attn_budget=settings.attn_budget,
+                             sparse_prefill=settings.sparse_prefill,
                              kv_budget=settings.kv_budget,
                              kv_dir=settings.home / "kv-pages")  # fmt: skip
         keep_prefixes_on_disk(engine, settings)

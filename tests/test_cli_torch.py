@@ -29,11 +29,12 @@ def test_run_torch_json_stats_and_kv_bits(env):
 
 
 def test_run_torch_sparse_attention_stats_and_bad_budgets(env):
-    """A prompt past the attention budget: the answer comes with what its steps read."""
+    """A prompt past the attention budget, read within it too (its pages partly on disk): the
+    answer comes with what its steps read."""
     prompt = "Summarize this text:\n\n" + topics["assignment"][:4000]
     r = localai("run", prompt, "--model", TEST_MODEL, "--engine", "torch", "-t", "0",
                 "--max-tokens", "4", "--ctx", "2048", "--attn-budget", "25%", "--kv-budget",
-                "14M", "--json", "--no-daemon", env=env)  # fmt: skip
+                "14M", "--sparse-prefill", "--json", "--no-daemon", env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)["stats"]
     assert st["prompt_tokens"] > 512 and st["attn_sparse_steps"] >= 1

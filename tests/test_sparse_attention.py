@@ -326,29 +326,50 @@ def test_a_chunk_reading_every_page_is_dense_prefill(k_bits, v_bits):
     assert not torch.allclose(fewer, dense, atol=1e-3)
 
 
-def test_a_chunk_selects_the_page_its_queries_point_at():
+@pytest.mark.parametrize("k_bits,v_bits,estimate", [(16, 16, True), (4, 4, True), (4, 4, False)])
+def test_a_sparse_chunk_of_one_query_reads_what_sparse_decode_reads(k_bits, v_bits, estimate):
+    """Sparse prefill attends as sparse decode does: the chosen pages exactly, the others (with
+    estimate_rest) as their estimates; a chunk of one query gives decode's output."""
+    cfg = cfg_of(k_bits, v_bits, estimate_rest=estimate)
+    cache, q, kf, vf = chunk_case(cfg, 700, 1)  # no K group completes: the same quantized pages
+    old = cache.qend(700) // PAGE
+    pages = attention.select_chunk_pages(cache, 0, q, keep=8, first=2, pages=old)
+    got = attention.prefill(cache, 0, q, kf, vf, keep=8, first=2)[:, 0]
+    want = attention.decode_reference(cache, 0, q[:, 0], kf, vf, pages)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, attention.decode_reference(cache, 0, q[:, 0], kf, vf), atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["meanstd", "keys2"])
+def test_a_chunk_selects_the_page_its_queries_point_at(kind):
     page = 17
-    cache, q, kf, vf = chunk_case(cfg_of(), 700, 100, needle=page * PAGE + 3)
-    qg = q.reshape(H, -1, D)
-    pages = attention.select_chunk_pages(cache, 0, qg, keep=6, first=2, pages=cache.qend(700) // 16)
-    for h in range(H):
+    cache, q, kf, vf = chunk_case(cfg_of(page_summary=kind), 700, 100, needle=page * PAGE + 3)
+    old = cache.qend(700) // PAGE  # 36
+    pages = attention.select_chunk_pages(cache, 0, q, keep=8, first=2, pages=old)
+    for h in range(H):  # the sink, the needle, the 3 pages before the window (local: (8 - 2) // 2)
         row = pages[h].tolist()
-        assert row[:2] == [0, 1] and page in row and row == sorted(row) and len(row) == 6
+        assert row[:2] == [0, 1] and row[-3:] == [old - 3, old - 2, old - 1] and page in row
+        assert row == sorted(row) and len(row) == 8
 
 
 @pytest.mark.slow
-def test_sparse_prefill_scores_long_text_close_to_dense(engines):
-    """Prompt chunks past the budget read the sink, their best pages and their window: the text
-    scores close to dense attention; under the budget it is dense, bit for bit."""
+def test_sparse_prefill_scores_long_text_close_to_dense(model_path, engines):
+    """With --sparse-prefill a prompt's chunks past the budget read the sink, the pages before
+    them, the pages a sample of their queries wants most and the rest as estimates: the text
+    scores close to dense attention; under the budget it is dense, bit for bit. Without it
+    (the default) a budget leaves the prompt's reading exactly dense."""
     dense, sparse = engines
     tokens = pydoc_tokens(sparse, 1700)
-    sparse.model.sparse_prefill = True
+    nll_dense, count = dense.nll(tokens)
+    assert not sparse.info()["sparse_prefill"] and sparse.nll(tokens)[0] == nll_dense
+    on = TorchEngine(model_path, TEST_MODEL, context_length=CTX, threads=1, attn_budget=512,
+                     sparse_prefill=True)  # fmt: skip
     try:
-        short = [e.nll(tokens[:500]) for e in (dense, sparse)]
-        nll_sparse, count = sparse.nll(tokens)
+        assert on.info()["sparse_prefill"]
+        short = [e.nll(tokens[:500]) for e in (dense, on)]
+        nll_sparse, _ = on.nll(tokens)
     finally:
-        sparse.model.sparse_prefill = False
-    nll_dense, _ = dense.nll(tokens)
+        on.close()
     assert short[0] == short[1]
     print(f"nll per token dense {nll_dense / count:.4f} sparse {nll_sparse / count:.4f}")
     assert nll_dense < nll_sparse < nll_dense * 1.05

@@ -175,6 +175,13 @@ def engine_options(fn):
             metavar="TOKENS|PCT",
         ),
         _setting_option(
+            "--sparse-prefill/--dense-prefill",
+            "sparse_prefill",
+            "Torch runner, with --attn-budget: read a long prompt within the budget too, "
+            "or densely (default; see BENCHMARKS.md).",
+            default=None,
+        ),
+        _setting_option(
             "--kv-budget",
             "kv_budget",
             "Torch runner, with --attn-budget: RAM for the KV cache (bytes such as 64M, or a "

@@ -44,6 +44,7 @@ def load_engine(
     trace_routing: str | None = None,
     expert_prefetch: bool = False,
     attn_budget: str | None = None,
+    sparse_prefill: bool = False,
     kv_budget: str | None = None,
     kv_dir: Path | None = None,
 ) -> Engine:
@@ -68,7 +69,7 @@ def load_engine(
         return TorchEngine(path, name, context_length, threads, k_bits=k_bits, v_bits=v_bits,
                            expert_budget=expert_budget or None,
                            expert_prefetch=expert_prefetch,
-                           attn_budget=attn_budget or None,
+                           attn_budget=attn_budget or None, sparse_prefill=sparse_prefill,
                            kv_budget=kv_budget or None, kv_dir=kv_dir,
                            trace_routing=trace_routing or None)  # fmt: skip
     raise EngineError(f"unknown engine {backend!r}; choose llama or torch")

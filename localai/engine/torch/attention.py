@@ -20,7 +20,10 @@ With the cache's `estimate_rest` every page not read still counts, as one key (i
 one value (its mean) standing for its 16 tokens: the softmax then spreads over roughly what dense
 attention would, and the attention the skipped pages would get is not handed to the read ones
 (RetroInfer's estimate zone, with pages for clusters).
-Prefill stays dense.
+Sparse prefill (`Transformer.sparse_prefill`) reads the same way: each chunk of a prompt past
+the budget attends to its own tokens and window, the sink, the pages just before it, and the
+pages a sample of its queries gives the most attention (`select_chunk_pages`), the others as
+their estimates.
 """
 
 from __future__ import annotations
@@ -34,48 +37,57 @@ from . import kvquant, native
 from .kv import COPY_BITS, PAGE, KVCache
 
 # Hq query heads, H KV heads, r = Hq / H, C query tokens, N keys, D head dim
+SAMPLE = 16  # a prefill chunk's pages are chosen by every SAMPLE-th of its queries
+LOCAL = 16  # pages just before a prefill chunk's window that it always reads (its local text)
 
 
 def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor,
             keep: int = 0, first: int = 0):  # fmt: skip
     """q: [Hq, C, D] for positions [n, n + C); kf, vf: [H, M, D] fp16-exact keys/values of tokens
     [qend(n), n + C) from `cache.write`. Returns [Hq, C, D]. With `keep` (sparse prefill) the
-    chunk reads, of the pages older than its window, the first `first` and the `keep` - `first`
-    that `select_chunk_pages` finds the chunk attends to most."""
+    chunk reads `keep` of the pages older than its window (`select_chunk_pages`) and, with the
+    cache's estimate_rest, the others as one estimate each, as decode does."""
     hq, c, d = q.shape
-    h = kf.shape[0]
     n, n2 = cache.n, cache._n_next
     q0, q1 = cache.qend(n), cache.qend(n2)
-    qg = q.reshape(h, (hq // h) * c, d)  # H, r·C, D
     pos = torch.arange(n, n2)  # C
-    keys = torch.arange(q0, n2)  # M
     # fp keys are visible when causal and not yet quantized for this query: j >= qend(p + 1)
     bound = torch.tensor([cache.qend(int(p) + 1) for p in pos])  # C
+    keys = torch.arange(q0, n2)  # M
     full_ok = (keys[None, :] <= pos[:, None]) & (keys[None, :] >= bound[:, None])  # C, M
     if q1 == 0:
         return _attend(q, kf, vf, full_ok)
-    if keep:  # the chosen pages, and those quantized in this forward (inside its window)
-        old = select_chunk_pages(cache, layer, qg, keep, first, q0 // PAGE)
-        tok = page_tokens(torch.cat([old, torch.arange(q0 // PAGE, q1 // PAGE).expand(h, -1)], 1))
-    else:
-        tok = torch.arange(q1)[None, :]
-    which = tok if keep else q1  # all of [0, q1): a slice, cheaper than a gather
-    kq, vq = cache.dequant_kv(layer, which)  # H, q1', D
-    q_ok = tok[:, None, :] < bound[None, :, None]  # H or 1, C, q1'
-    ok = torch.cat([q_ok, full_ok.expand(q_ok.shape[0], -1, -1)], dim=-1)  # H or 1, C, q1' + M
-    if keep:  # a mask per KV head, for each of its query heads
-        ok = ok.repeat_interleave(hq // h, dim=0)
-    return _attend(q, torch.cat([kq, kf], dim=1), torch.cat([vq, vf], dim=1), ok)
+    # quantized keys read whole (sparse: those quantized in this forward), each seen by the
+    # queries it is older than the bound of
+    fresh = torch.arange(q0 if keep else 0, q1)
+    ok = torch.cat([fresh[None, :] < bound[:, None], full_ok], dim=1)  # C, F + M
+    if not keep:
+        kq, vq = cache.dequant_kv(layer, q1)
+        return _attend(q, torch.cat([kq, kf], dim=1), torch.cat([vq, vf], dim=1), ok)
+    pages = q0 // PAGE
+    old = select_chunk_pages(cache, layer, q, keep, first, pages)  # H, keep
+    h = old.shape[0]
+    tok = torch.cat([page_tokens(old), fresh.expand(h, -1)], dim=1)
+    kq, vq = cache.dequant_kv(layer, tok)  # H, keep·16 + F, D
+    bias = torch.zeros(c, ok.shape[1]).masked_fill_(~ok, -math.inf)
+    bias = torch.cat([torch.zeros(c, old.shape[1] * PAGE), bias], dim=1)  # C, keep·16 + F + M
+    k, v = torch.cat([kq, kf], dim=1), torch.cat([vq, vf], dim=1)
+    if cache.vcent.numel():  # the pages not read: their mean key, weighing 16 tokens
+        rest = torch.ones(h, pages, dtype=torch.bool).scatter_(1, old, False)
+        rest = rest.nonzero()[:, 1].view(h, -1, 1).expand(-1, -1, d)  # H, pages - keep, D
+        summaries = cache.page_summaries(layer, pages)
+        kc, vc = (summaries[i].gather(1, rest).float() for i in (0, 2))
+        k, v = torch.cat([kc, k], dim=1), torch.cat([vc, v], dim=1)
+        bias = torch.cat([torch.full((c, rest.shape[1]), math.log(PAGE)), bias], dim=1)
+    return _attend(q, k, v, bias)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
     """Softmax attention of q [Hq, C, D] over k, v [H, N, D] (grouped: each KV head serves Hq/H
-    query heads), where ok ([C, N], [1, C, N] or [Hq, C, N]) allows it; torch's fused kernel,
-    which never holds the [Hq, C, N] scores. It takes a 2-D or 4-D mask only: given a 3-D one
-    torch falls back to forming the scores (4-8x slower at 16K, and on one core mostly)."""
-    if ok.dim() == 3:
-        ok = ok[0] if ok.shape[0] == 1 else ok[None]
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=ok,
+    query heads), mask [C, N]: where True, or (float) added to the scores; torch's fused kernel,
+    which never holds the [Hq, C, N] scores. The mask is 2-D: given a 3-D one torch falls back
+    to forming the scores (4-8x slower at 16K, and on one core mostly)."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
                                           enable_gqa=True)[0]  # fmt: skip
 
 
@@ -88,12 +100,19 @@ def select_pages_reference(cache: KVCache, layer: int, q: torch.Tensor, keep: in
     return top_pages(attention_mass(each, first, q.shape[1]), keep, first).int()
 
 
-def select_chunk_pages(cache: KVCache, layer: int, qg: torch.Tensor, keep: int, first: int,
+def select_chunk_pages(cache: KVCache, layer: int, q: torch.Tensor, keep: int, first: int,
                        pages: int) -> torch.Tensor:  # fmt: skip
-    """A prefill chunk's pages among the first `pages`: [0, first), then the keep - first with the
-    most estimated attention (`attention_mass` over the chunk's queries and the KV head's query
-    heads). qg: [H, r·C, D]."""
-    mass = attention_mass(page_scores(cache, layer, qg, pages), first, qg.shape[2])
+    """A prefill chunk's pages among the first `pages`: [0, first), the last few (the text just
+    before the chunk's window), and the rest of `keep` that would get the most attention from
+    every SAMPLE-th query of the chunk, the last included, and each KV head's query heads
+    (`attention_mass` of a page's best exact q . k over the keys as stored: 1/SAMPLE of the
+    chunk's dense score products, no exponentials per key). q: [Hq, C, D] → [H, keep]."""
+    hq, c, d = q.shape
+    sample = q[:, (c - 1) % SAMPLE :: SAMPLE].reshape(cache.H, -1, d)  # H, r·C/SAMPLE, D
+    k = cache.dequant_k(layer, pages * PAGE)  # H, N, D
+    best = (sample @ k.transpose(1, 2)).unflatten(2, (pages, PAGE)).amax(dim=3)  # H, r·C/S, P
+    mass = attention_mass(best, first, d)
+    mass[:, pages - min(LOCAL, (keep - first) // 2) :] = math.inf
     return top_pages(mass, keep, first)
 
 

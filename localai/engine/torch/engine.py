@@ -66,6 +66,7 @@ class TorchEngine(TokenEngine):
         expert_prefetch: bool = False,
         trace_routing: Path | None = None,
         attn_budget: int | str | None = None,
+        sparse_prefill: bool = False,
         kv_budget: int | str | None = None,
         kv_dir: Path | None = None,
     ):
@@ -111,6 +112,7 @@ class TorchEngine(TokenEngine):
                                      expert_prefetch, budget, kv_budget or None,
                                      kv_dir)  # fmt: skip
             self._check_pool(budget)
+            self.model.sparse_prefill = sparse_prefill
         except ValueError as e:
             raise EngineError(str(e)) from e
         self.prefill_chunk = prefill_chunk
@@ -260,6 +262,7 @@ class TorchEngine(TokenEngine):
             "kv_bytes_allocated": self.model.cache.nbytes,
             "kv_bytes_per_token": round(self.model.cache.bytes_per_token(), 1),
             "attn_budget": self.model.attn_budget,
+            "sparse_prefill": bool(self.model.attn_budget and self.model.sparse_prefill),
             **self._kv_pages_info(),
             **(self._moe_info() if self.hp.is_moe else {}),
         }
