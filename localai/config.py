@@ -84,7 +84,7 @@ class Settings:
     attn_budget: str = ""
     # torch runner, with an attn_budget: a prompt's chunks past it read the same way (their own
     # tokens, the sink and the pages a sample of their queries wants most; the others as
-    # estimates): prefill at 16K in 0.7 of the dense time, but at 16K the model then finds
+    # estimates): prefill at 16K in 0.74 of the dense time, but at 16K the model then finds
     # fewer facts in the prompt (BENCHMARKS.md), so it is off by default
     sparse_prefill: bool = False
     # torch runner, with an attn_budget: RAM for the KV cache (bytes such as 64M, or a share of

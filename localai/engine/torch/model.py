@@ -201,10 +201,11 @@ class Block:
         self.ffn = make_ffn(w, hp, i, experts)
 
 
-# a prompt's chunks attend densely in the first layers even past the attention budget: their
-# attention is broad (sparse there, perplexity on fresh text +1.5% at 8K against -0.4%, which
-# Quest also found and keeps them dense)
-DENSE_PREFILL_LAYERS = 2
+# a prompt's chunks attend densely in the first layers even past the attention budget (sparse
+# prefill): their attention is broad, as Quest found (2 dense layers at 8K: perplexity on fresh
+# text -0.4% of dense against +1.5% with none); 6 at 16K: 4 needles of 10 found against 1 with 2
+# (6 dense), for 4% more time (BENCHMARKS.md)
+DENSE_PREFILL_LAYERS = 6
 
 
 @contextlib.contextmanager
