@@ -203,8 +203,8 @@ class Block:
 
 # a prompt's chunks attend densely in the first layers even past the attention budget (sparse
 # prefill): their attention is broad, as Quest found (2 dense layers at 8K: perplexity on fresh
-# text -0.4% of dense against +1.5% with none); 6 at 16K: 4 needles of 10 found against 1 with 2
-# (6 dense), for 4% more time (BENCHMARKS.md)
+# text -0.4% of dense against +1.5% with none); with 6 at 16K dense decode finds 4 needles of
+# 10 after it, with 2 it finds 1 (after a dense prefill: 6), for 4% more time (BENCHMARKS.md)
 DENSE_PREFILL_LAYERS = 6
 
 
