@@ -16,6 +16,7 @@ from moe_gguf import ARCHS, build
 from localai.engine import Done, Message, SamplingParams, chat
 from localai.engine.torch import TorchEngine
 from localai.engine.torch.experts import parse_budget
+from localai.engine.torch.fit import read_shape
 from localai.engine.torch.routing import curve, read_trace, replay
 
 N = 512
@@ -272,3 +273,21 @@ def test_status_and_the_memory_pane_show_the_expert_cache(moe_files, models_dir,
         env = dict(os.environ, LOCALAI_HOME=str(home), LOCALAI_PORT=str(d.port))
         r = localai("status", env=env)
         assert r.returncode == 0 and "experts     cache" in r.stdout, r.stdout + r.stderr
+
+
+def test_fit_forecasts_from_the_header_and_a_probe_measured_once(moe_files, home):
+    """`localai fit X.gguf --json`: the sizes from the header alone (experts: the `_exps`
+    tensors), the cache a budget gives, a band around the forecast, and the two rates measured
+    once, then read back from the data dir."""
+    path = moe_files["olmoe"]
+    r = localai("fit", str(path), "--budget", "50%", "--json")
+    assert r.returncode == 0, r.stderr
+    out, shape = json.loads(r.stdout), read_shape(path)
+    assert out["runs"] and out["expert_bytes"] == shape.expert_bytes > 0
+    assert out["file_bytes"] == shape.total_bytes and out["resident_bytes"] > 0
+    assert abs(out["hit_rate_uniform"] - 0.5) < 1e-3
+    assert out["tokens_per_s_low"] <= out["tokens_per_s"] <= out["tokens_per_s_high"]
+    assert out["disk_bytes_per_s"] > 0 and out["matvec_bytes_per_s"] > 0
+    again = json.loads(localai("fit", str(path), "--json").stdout)
+    assert again["matvec_bytes_per_s"] == out["matvec_bytes_per_s"]  # the probe, cached
+    assert again["expert_cache_bytes"] == shape.expert_bytes  # all fit in the RAM budget
