@@ -340,10 +340,10 @@ def test_a_sparse_chunk_of_one_query_reads_what_sparse_decode_reads(k_bits, v_bi
     assert not torch.allclose(got, attention.decode_reference(cache, 0, q[:, 0], kf, vf), atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["meanstd", "keys2"])
-def test_a_chunk_selects_the_page_its_queries_point_at(kind):
+def test_a_chunk_selects_the_page_its_queries_point_at():
+    """A prompt chunk scores pages by its queries against the stored keys (no page summary)."""
     page = 17
-    cache, q, kf, vf = chunk_case(cfg_of(page_summary=kind), 700, 100, needle=page * PAGE + 3)
+    cache, q, kf, vf = chunk_case(cfg_of(), 700, 100, needle=page * PAGE + 3)
     old = cache.qend(700) // PAGE  # 36
     pages = attention.select_chunk_pages(cache, 0, q, keep=8, first=2, pages=old)
     for h in range(H):  # the sink, the needle, the 3 pages before the window (local: (8 - 2) // 2)

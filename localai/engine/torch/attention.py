@@ -47,7 +47,7 @@ def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: t
     [qend(n), n + C) from `cache.write`. Returns [Hq, C, D]. With `keep` (sparse prefill) the
     chunk reads `keep` of the pages older than its window (`select_chunk_pages`) and, with the
     cache's estimate_rest, the others as one estimate each, as decode does."""
-    hq, c, d = q.shape
+    _, c, d = q.shape
     n, n2 = cache.n, cache._n_next
     q0, q1 = cache.qend(n), cache.qend(n2)
     pos = torch.arange(n, n2)  # C
@@ -107,7 +107,7 @@ def select_chunk_pages(cache: KVCache, layer: int, q: torch.Tensor, keep: int, f
     every SAMPLE-th query of the chunk, the last included, and each KV head's query heads
     (`attention_mass` of a page's best exact q . k over the keys as stored: 1/SAMPLE of the
     chunk's dense score products, no exponentials per key). q: [Hq, C, D] → [H, keep]."""
-    hq, c, d = q.shape
+    _, c, d = q.shape
     sample = q[:, (c - 1) % SAMPLE :: SAMPLE].reshape(cache.H, -1, d)  # H, r·C/SAMPLE, D
     k = cache.dequant_k(layer, pages * PAGE)  # H, N, D
     best = (sample @ k.transpose(1, 2)).unflatten(2, (pages, PAGE)).amax(dim=3)  # H, r·C/S, P
