@@ -110,7 +110,10 @@ class SourcesPane(Vertical):
             mark = "✓" if c.get("verified") else "✗ unverified"
             opts.add_option(Option(f"[{i}] {location(c)} {mark}", id=str(i - 1)))
         if citations:
-            opts.highlighted = 0  # the highlight event shows its passage
+            # the highlight event shows its passage: the first one from a real source, so a
+            # marker the answer made up is listed (flagged) but does not hide a checkable one
+            real = [i for i, c in enumerate(citations) if c.get("path")]
+            opts.highlighted = real[0] if real else 0
         elif sources:
             used, dropped = sources.get("used", 0), sources.get("dropped_for_context", 0)
             self.query_one("#passage", Markdown).update(
