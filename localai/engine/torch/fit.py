@@ -193,7 +193,10 @@ def forecast(shape: Shape, rates: Probe, ram_budget: int, context: int,
     """Whether `shape` runs in `ram_budget` with `context` tokens of KV, what stays resident,
     the expert cache, and a decode tok/s band (see the module docstring)."""
     kv = shape.kv_bytes_per_token * context
-    resident = shape.total_bytes - shape.expert_bytes + RUNTIME_BYTES
+    # what a step reads stays in RAM; an embedding table beside a separate head does not (its
+    # rows are read from the memory map as tokens need them: 107 MB of the Qwen3 shape's file
+    # that `fit` counted, so it said "does not run" at caps where the runner ran)
+    resident = int(shape.active_dense_bytes) + RUNTIME_BYTES
     room = ram_budget - resident - kv
     cache = parse_budget(budget, shape.expert_bytes) if budget not in (None, "") else None
     if cache is None:
