@@ -7,6 +7,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ggml_bind", &ggml_bind, "bind to ggml's CPU and base libraries");
   m.def("set_threads", &set_threads, "threads the kernels use, the caller's included");
   m.def("has_sgemm", &ggml_has_sgemm, "whether ggml's batched Q8_0/Q4_0/Q5_0 kernel is bound");
+  m.def("has_graph", &ggml_has_graph, "whether ggml's graph API (its own batched mul_mat) is bound");
   m.def("row_size", &ggml_row_size, "bytes of a row of n values of a ggml type");
   m.def("dot_type", &ggml_dot_type, "the format a weight type's dot product reads inputs in");
   m.def("dequantize", &ggml_dequantize, "GGUF-block rows to fp32");

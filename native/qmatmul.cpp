@@ -11,8 +11,12 @@
 //
 // Threads split the output rows (pool.cpp: chunks claimed one at a time). Matrices that read the same
 // input (Q, K and V; gate and up) are one QMatrices: the input is rounded once per dot format
-// and their rows are one range to split, so no thread waits at a barrier between them. For a
-// batch (prefill) a block of weight rows stays in cache while every activation row passes.
+// and their rows are one range to split, so no thread waits at a barrier between them.
+// A batch (prefill) takes what llama.cpp's prompt processing takes: llamafile's GEMM for the
+// 32-weight formats, called per thread, and ggml's own mul_mat for the rest (through its graph
+// API: for K-quants its tiled integer GEMM, 2-3x one vec_dot per output). Both sum the same
+// integer products as vec_dot in another order, so a batch equals one-row products to float
+// rounding (~1e-6 of the scale), not to the bit; a row-by-row vec_dot loop is the fallback.
 //
 // The pure-torch definition (the gguf package's dequantization, an fp32 product) is
 // weights.QLinear.dense; tests hold the two to a tolerance set by the activation rounding.
@@ -55,6 +59,11 @@ struct ComputeParams {
   void* threadpool;
   bool use_ref;
 };
+struct InitParams {  // struct ggml_init_params
+  size_t mem_size;
+  void* mem_buffer;
+  bool no_alloc;
+};
 using sgemm_t = bool (*)(const ComputeParams*, int64_t m, int64_t n, int64_t k, const void* A,
                          int64_t lda, const void* B, int64_t ldb, void* C, int64_t ldc, int Atype,
                          int Btype, int Ctype);
@@ -78,6 +87,20 @@ struct Ggml {
   size_t (*quantize_chunk)(int, const float*, void*, int64_t, int64_t, int64_t,
                            const float*) = nullptr;
   sgemm_t sgemm = nullptr;  // absent from builds without llamafile: then vec_dot only
+  // ggml's graph API, for one batched product through its own mul_mat (`graph_product`);
+  // null when a symbol is missing: then vec_dot only
+  void* (*init)(InitParams) = nullptr;
+  void (*free_ctx)(void*) = nullptr;
+  size_t (*tensor_overhead)() = nullptr;
+  size_t (*graph_overhead)() = nullptr;
+  void* (*new_tensor_2d)(void*, int, int64_t, int64_t) = nullptr;
+  void* (*mul_mat)(void*, void*, void*) = nullptr;
+  void* (*new_graph)(void*) = nullptr;
+  void (*build_forward_expand)(void*, void*) = nullptr;
+  int (*graph_compute_with_ctx)(void*, void*, int) = nullptr;
+  void* (*buffer_from_ptr)(void*, size_t) = nullptr;
+  int (*tensor_alloc)(void*, void*, void*) = nullptr;
+  void (*buffer_free)(void*) = nullptr;
 };
 Ggml g;
 
@@ -86,6 +109,11 @@ void bind(void* lib, const char* name, F& out) {
   void* p = dlsym(lib, name);
   TORCH_CHECK(p, "ggml symbol ", name, " not found");
   out = reinterpret_cast<F>(p);
+}
+
+template <typename F>
+void bind_optional(void* lib, const char* name, F& out) {
+  out = reinterpret_cast<F>(dlsym(lib, name));
 }
 
 void check_type(int64_t t) {
@@ -113,6 +141,24 @@ void ggml_bind(const std::string& cpu_lib, const std::string& base_lib) {
   bind(base, "ggml_blck_size", g.blck_size);
   bind(base, "ggml_quantize_chunk", g.quantize_chunk);
   g.sgemm = reinterpret_cast<sgemm_t>(dlsym(cpu, "llamafile_sgemm"));
+  bind_optional(base, "ggml_init", g.init);
+  bind_optional(base, "ggml_free", g.free_ctx);
+  bind_optional(base, "ggml_tensor_overhead", g.tensor_overhead);
+  bind_optional(base, "ggml_graph_overhead", g.graph_overhead);
+  bind_optional(base, "ggml_new_tensor_2d", g.new_tensor_2d);
+  bind_optional(base, "ggml_mul_mat", g.mul_mat);
+  bind_optional(base, "ggml_new_graph", g.new_graph);
+  bind_optional(base, "ggml_build_forward_expand", g.build_forward_expand);
+  bind_optional(cpu, "ggml_graph_compute_with_ctx", g.graph_compute_with_ctx);
+  bind_optional(base, "ggml_backend_cpu_buffer_from_ptr", g.buffer_from_ptr);
+  bind_optional(base, "ggml_backend_tensor_alloc", g.tensor_alloc);
+  bind_optional(base, "ggml_backend_buffer_free", g.buffer_free);
+}
+
+bool ggml_has_graph() {
+  return g.init && g.free_ctx && g.tensor_overhead && g.graph_overhead && g.new_tensor_2d &&
+         g.mul_mat && g.new_graph && g.build_forward_expand && g.graph_compute_with_ctx &&
+         g.buffer_from_ptr && g.tensor_alloc && g.buffer_free;
 }
 
 bool ggml_has_sgemm() { return g.sgemm != nullptr; }
@@ -188,8 +234,60 @@ QMatrices::QMatrices(std::vector<torch::Tensor> rows, std::vector<int64_t> types
   }
 }
 
+namespace {
+
+constexpr uintptr_t kAlign = 32;  // ggml's TENSOR_ALIGNMENT: a CPU buffer's base needs it
+
+// a CPU buffer over [p, p + n) whose base is p rounded down to ggml's alignment (a tensor in
+// it may start anywhere: the kernels read unaligned), so the path taken never depends on where
+// a caller's memory happens to start
+void* buffer_over(const void* p, size_t n) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(p), base = at / kAlign * kAlign;
+  return g.buffer_from_ptr(reinterpret_cast<void*>(base), n + (at - base));
+}
+
+// out [N, rows] = x [N, I] @ W.T through ggml's own mul_mat (its graph API, its threads): for a
+// batch of a K-quant it takes ggml's tiled integer GEMM, which llama.cpp's prompt processing
+// uses (2-3x a vec_dot per output). Weights, input and output stay where they are (CPU buffers
+// over the pointers).
+void graph_product(int type, const uint8_t* w, int64_t rows, const float* x, int64_t N,
+                   int64_t I, float* out) {
+  const size_t wbytes = g.row_size(type, I) * rows;
+  const int dot = g.cpu_traits(type)->vec_dot_type;
+  // the context holds 3 tensors, the graph and the work buffer (the input in the dot format)
+  const size_t mem = 3 * g.tensor_overhead() + g.graph_overhead() + 2 * g.row_size(dot, I) * N +
+                     (4 << 20);
+  void* ctx = g.init(InitParams{mem, nullptr, true});
+  TORCH_CHECK(ctx, "ggml_init failed");
+  void* bufs[3] = {buffer_over(w, wbytes), buffer_over(x, N * I * sizeof(float)),
+                   buffer_over(out, N * rows * sizeof(float))};
+  void* a = g.new_tensor_2d(ctx, type, I, rows);
+  void* b = g.new_tensor_2d(ctx, GGML_TYPE_F32, I, N);
+  void* c = g.mul_mat(ctx, a, b);
+  int status = g.tensor_alloc(bufs[0], a, const_cast<uint8_t*>(w));
+  status |= g.tensor_alloc(bufs[1], b, const_cast<float*>(x));
+  status |= g.tensor_alloc(bufs[2], c, out);
+  if (status == 0) {
+    void* graph = g.new_graph(ctx);
+    g.build_forward_expand(graph, c);
+    status = g.graph_compute_with_ctx(ctx, graph, pool_threads());
+  }
+  for (void* buf : bufs) g.buffer_free(buf);
+  g.free_ctx(ctx);
+  TORCH_CHECK(status == 0, "ggml's mul_mat failed (status ", status, ")");
+}
+
+}  // namespace
+
 void QMatrices::apply(const float* x, int64_t N, float* y) const {
   const int64_t I = in_, O = out_;
+  // a batch of a matrix llamafile's GEMM does not take goes to ggml's mul_mat, which rounds
+  // the input itself
+  auto by_graph = [&](const Mat& m) {
+    return N >= 2 && ggml_has_graph() && m.dot_type != GGML_TYPE_F32 &&
+           m.row_bytes == static_cast<int64_t>(g.row_size(m.type, I)) &&
+           !(g.sgemm && sgemm_type(m.type) && m.dot_type == GGML_TYPE_Q8_0);
+  };
   // the input rounded once per dot format in use (F32 weights read x itself)
   std::vector<std::vector<uint8_t>> act(dot_types_.size());
   std::vector<int64_t> act_bytes(dot_types_.size());
@@ -197,6 +295,9 @@ void QMatrices::apply(const float* x, int64_t N, float* y) const {
     const int d = dot_types_[k];
     const int64_t rb = ggml_row_size(d, I);
     act_bytes[k] = rb;
+    if (std::all_of(mats_.begin(), mats_.end(),
+                    [&](const Mat& m) { return m.dot_type != d || by_graph(m); }))
+      continue;
     act[k].resize(static_cast<size_t>(rb * N));
     const from_float_t q = g.cpu_traits(d)->from_float;
     uint8_t* dst = act[k].data();
@@ -241,6 +342,18 @@ void QMatrices::apply(const float* x, int64_t N, float* y) const {
       done[j] = std::all_of(ok.begin(), ok.end(), [](char c) { return c != 0; });
       TORCH_CHECK(done[j] || std::none_of(ok.begin(), ok.end(), [](char c) { return c != 0; }),
                   "ggml's batched product ran for some threads only");
+    }
+    if (by_graph(m)) {
+      if (mats_.size() == 1) {
+        graph_product(m.type, m.w, m.rows, x, N, I, y);
+      } else {  // its own columns of y: computed apart, then put in place
+        std::vector<float> part(static_cast<size_t>(N * m.rows));
+        graph_product(m.type, m.w, m.rows, x, N, I, part.data());
+        for (int64_t n = 0; n < N; ++n)
+          std::copy(part.begin() + n * m.rows, part.begin() + (n + 1) * m.rows,
+                    y + n * O + m.col0);
+      }
+      done[j] = true;
     }
     all_done = all_done && done[j];
   }

@@ -21,6 +21,7 @@ int pool_threads();
 void ggml_bind(const std::string& cpu_lib, const std::string& base_lib);
 int64_t ggml_row_size(int64_t type, int64_t n);
 bool ggml_has_sgemm();
+bool ggml_has_graph();
 int64_t ggml_dot_type(int64_t type);
 torch::Tensor ggml_dequantize(torch::Tensor raw, int64_t type, int64_t cols);
 torch::Tensor ggml_quantize(torch::Tensor x, int64_t type);

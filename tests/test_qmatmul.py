@@ -47,11 +47,19 @@ def test_products_match_the_dequantized_reference(kernel, qtype):
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(1))
     want = x @ ref.dense().T  # N, O
     one = torch.cat([fast(x[i : i + 1]) for i in range(9)])  # the decode shape, row by row
-    batch = fast(x)  # the prefill shape (ggml's batched kernel for Q4_0/Q5_0/Q8_0/IQ4_NL)
+    batch = fast(x)  # the prefill shape: llamafile's GEMM (Q4_0/Q5_0/Q8_0/IQ4_NL) or ggml's
     # the input is rounded as the weights' dot product reads it: 8-bit blocks, or fp16 / bf16
     tol = {QT.F32: 1e-5, QT.F16: 1e-3, QT.BF16: 5e-3}.get(qtype, 0.015)
     assert rel_err(one, want) < tol and rel_err(batch, want) < tol
     assert torch.allclose(batch, one, rtol=1e-5, atol=1e-4 * float(want.abs().max()))
+    # ggml's own batched product (its graph API) wherever the memory starts: the same numbers
+    # with the input and the weights 4 and 1 bytes off ggml's 32-byte alignment
+    assert kernel.has_graph()
+    x_off = torch.cat([torch.zeros(1), x.flatten()])[1:].view_as(x)
+    raw = np.zeros(t.data.size + 1, np.uint8)
+    raw[1:] = t.data.ravel()
+    w_off = QLinear([Tensor(qtype, t.shape, raw[1:].reshape(t.data.shape))], kernel)
+    assert torch.equal(fast(x_off), batch) and torch.equal(w_off(x), batch)
     # the kernel's decoding of the blocks is the reference's, exactly
     dq = kernel.dequantize(torch.from_numpy(t.data), int(qtype), 512)
     assert torch.allclose(dq, dequantize_rows(t), rtol=0, atol=1e-6)
