@@ -162,6 +162,20 @@ def test_prefill_and_decode_reference_agree(k_bits, v_bits, v_rotate):
     torch.testing.assert_close(pre, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_a_long_prompts_attention_in_two_passes_equals_one_masked_pass():
+    """Prefill reads the keys every query of a chunk sees whole (the older quantized ones) in a
+    pass without a mask, the rest with it, and merges the two by their log-sum-exps."""
+    assert attention._FLASH is not None  # torch's fused CPU attention with log-sum-exp
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(HQ, 40, D, generator=g)
+    k, v = (torch.randn(H, 300, D, generator=g) for _ in range(2))
+    mask = torch.rand(40, 300, generator=g) < 0.5
+    mask[:, :200] = True
+    one = attention._attend(q, k, v, mask)
+    two = attention._attend_split(q, k[:, :200], v[:, :200], k[:, 200:], v[:, 200:], mask[:, 200:])
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (8, 8), (4, 4), (2, 2), (4, 2), (16, 4)])
 @pytest.mark.parametrize("n", [5, 200, 700])

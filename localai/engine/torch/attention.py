@@ -63,6 +63,9 @@ def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: t
     ok = torch.cat([fresh[None, :] < bound[:, None], full_ok], dim=1)  # C, F + M
     if not keep:
         kq, vq = cache.dequant_kv(layer, q1)
+        if q0 and _FLASH is not None:  # every query reads [0, q0) whole: no mask there
+            return _attend_split(q, kq[:, :q0], vq[:, :q0], torch.cat([kq[:, q0:], kf], dim=1),
+                                 torch.cat([vq[:, q0:], vf], dim=1), ok[:, q0:])  # fmt: skip
         return _attend(q, torch.cat([kq, kf], dim=1), torch.cat([vq, vf], dim=1), ok)
     pages = q0 // PAGE
     old = select_chunk_pages(cache, layer, q, keep, first, pages)  # H, keep
@@ -89,6 +92,31 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     to forming the scores (4-8x slower at 16K, and on one core mostly)."""
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
                                           enable_gqa=True)[0]  # fmt: skip
+
+
+# torch's fused CPU attention, returning each query's log-sum-exp of scores beside its output
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend_split(q: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor, k1: torch.Tensor,
+                  v1: torch.Tensor, mask1: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """`_attend` over keys k0 (seen whole by every query) then k1 (mask1 [C, N1]), as two
+    fused passes merged by their log-sum-exps. The first, most of a long prompt's keys, takes
+    no mask, and each KV head's query heads go in as one longer run of queries, so torch
+    neither expands K and V per query head nor reads a mask: 1.5x the one masked pass at
+    15K keys (0.109 vs 0.162 s a layer, a 512-token chunk, 2 threads), equal to 1e-7."""
+    hq, c, d = q.shape
+    h = k0.shape[0]
+    r = hq // h
+    o0, l0 = _FLASH(q.reshape(1, h, r * c, d), k0[None], v0[None])
+    o0, l0 = o0.reshape(hq, c, d), l0.reshape(hq, c)
+    bias = torch.zeros(mask1.shape).masked_fill_(~mask1, -math.inf)[None, None]
+    o1, l1 = _FLASH(q[None], k1.repeat_interleave(r, 0)[None], v1.repeat_interleave(r, 0)[None],
+                    attn_mask=bias)  # fmt: skip
+    o1, l1 = o1[0], l1[0]
+    top = torch.maximum(l0, l1)
+    w0, w1 = (l0 - top).exp_()[..., None], (l1 - top).exp_()[..., None]
+    return (o0 * w0 + o1 * w1) / (w0 + w1)
 
 
 def select_pages_reference(cache: KVCache, layer: int, q: torch.Tensor, keep: int, first: int):
