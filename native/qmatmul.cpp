@@ -101,19 +101,16 @@ struct Ggml {
   void* (*buffer_from_ptr)(void*, size_t) = nullptr;
   int (*tensor_alloc)(void*, void*, void*) = nullptr;
   void (*buffer_free)(void*) = nullptr;
+  bool graph = false;  // every symbol above bound
 };
 Ggml g;
 
+// out = the symbol `name` of lib; an optional one may be absent (then null)
 template <typename F>
-void bind(void* lib, const char* name, F& out) {
+void bind(void* lib, const char* name, F& out, bool required = true) {
   void* p = dlsym(lib, name);
-  TORCH_CHECK(p, "ggml symbol ", name, " not found");
+  TORCH_CHECK(p || !required, "ggml symbol ", name, " not found");
   out = reinterpret_cast<F>(p);
-}
-
-template <typename F>
-void bind_optional(void* lib, const char* name, F& out) {
-  out = reinterpret_cast<F>(dlsym(lib, name));
 }
 
 void check_type(int64_t t) {
@@ -140,26 +137,26 @@ void ggml_bind(const std::string& cpu_lib, const std::string& base_lib) {
   bind(base, "ggml_row_size", g.row_size);
   bind(base, "ggml_blck_size", g.blck_size);
   bind(base, "ggml_quantize_chunk", g.quantize_chunk);
-  g.sgemm = reinterpret_cast<sgemm_t>(dlsym(cpu, "llamafile_sgemm"));
-  bind_optional(base, "ggml_init", g.init);
-  bind_optional(base, "ggml_free", g.free_ctx);
-  bind_optional(base, "ggml_tensor_overhead", g.tensor_overhead);
-  bind_optional(base, "ggml_graph_overhead", g.graph_overhead);
-  bind_optional(base, "ggml_new_tensor_2d", g.new_tensor_2d);
-  bind_optional(base, "ggml_mul_mat", g.mul_mat);
-  bind_optional(base, "ggml_new_graph", g.new_graph);
-  bind_optional(base, "ggml_build_forward_expand", g.build_forward_expand);
-  bind_optional(cpu, "ggml_graph_compute_with_ctx", g.graph_compute_with_ctx);
-  bind_optional(base, "ggml_backend_cpu_buffer_from_ptr", g.buffer_from_ptr);
-  bind_optional(base, "ggml_backend_tensor_alloc", g.tensor_alloc);
-  bind_optional(base, "ggml_backend_buffer_free", g.buffer_free);
+  bind(cpu, "llamafile_sgemm", g.sgemm, false);
+  const bool opt = false;
+  bind(base, "ggml_init", g.init, opt);
+  bind(base, "ggml_free", g.free_ctx, opt);
+  bind(base, "ggml_tensor_overhead", g.tensor_overhead, opt);
+  bind(base, "ggml_graph_overhead", g.graph_overhead, opt);
+  bind(base, "ggml_new_tensor_2d", g.new_tensor_2d, opt);
+  bind(base, "ggml_mul_mat", g.mul_mat, opt);
+  bind(base, "ggml_new_graph", g.new_graph, opt);
+  bind(base, "ggml_build_forward_expand", g.build_forward_expand, opt);
+  bind(cpu, "ggml_graph_compute_with_ctx", g.graph_compute_with_ctx, opt);
+  bind(base, "ggml_backend_cpu_buffer_from_ptr", g.buffer_from_ptr, opt);
+  bind(base, "ggml_backend_tensor_alloc", g.tensor_alloc, opt);
+  bind(base, "ggml_backend_buffer_free", g.buffer_free, opt);
+  g.graph = g.init && g.free_ctx && g.tensor_overhead && g.graph_overhead && g.new_tensor_2d &&
+            g.mul_mat && g.new_graph && g.build_forward_expand && g.graph_compute_with_ctx &&
+            g.buffer_from_ptr && g.tensor_alloc && g.buffer_free;
 }
 
-bool ggml_has_graph() {
-  return g.init && g.free_ctx && g.tensor_overhead && g.graph_overhead && g.new_tensor_2d &&
-         g.mul_mat && g.new_graph && g.build_forward_expand && g.graph_compute_with_ctx &&
-         g.buffer_from_ptr && g.tensor_alloc && g.buffer_free;
-}
+bool ggml_has_graph() { return g.graph; }
 
 bool ggml_has_sgemm() { return g.sgemm != nullptr; }
 
@@ -283,10 +280,12 @@ void QMatrices::apply(const float* x, int64_t N, float* y) const {
   const int64_t I = in_, O = out_;
   // a batch of a matrix llamafile's GEMM does not take goes to ggml's mul_mat, which rounds
   // the input itself
+  auto by_sgemm = [&](const Mat& m) {
+    return N >= 2 && g.sgemm && sgemm_type(m.type) && m.dot_type == GGML_TYPE_Q8_0;
+  };
   auto by_graph = [&](const Mat& m) {
-    return N >= 2 && ggml_has_graph() && m.dot_type != GGML_TYPE_F32 &&
-           m.row_bytes == static_cast<int64_t>(g.row_size(m.type, I)) &&
-           !(g.sgemm && sgemm_type(m.type) && m.dot_type == GGML_TYPE_Q8_0);
+    return N >= 2 && g.graph && m.dot_type != GGML_TYPE_F32 &&
+           m.row_bytes == static_cast<int64_t>(g.row_size(m.type, I)) && !by_sgemm(m);
   };
   // the input rounded once per dot format in use (F32 weights read x itself)
   std::vector<std::vector<uint8_t>> act(dot_types_.size());
@@ -327,7 +326,7 @@ void QMatrices::apply(const float* x, int64_t N, float* y) const {
   bool all_done = true;
   for (size_t j = 0; j < mats_.size(); ++j) {
     const Mat& m = mats_[j];
-    if (N >= 2 && g.sgemm && sgemm_type(m.type) && m.dot_type == GGML_TYPE_Q8_0) {
+    if (by_sgemm(m)) {
       // more shares than threads, claimed one at a time: a slow thread delays no one
       const int64_t blocks = I / 32, nth = 4 * pool_threads();
       const int64_t lda = m.row_bytes / static_cast<int64_t>(g.traits(m.type)->type_size);
