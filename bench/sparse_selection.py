@@ -12,10 +12,13 @@ against dense attention over the same keys this prints:
   estimated as one token of weight 16 each, their mean key and mean value: `estimate_rest`);
 - sharp hits: of the query heads whose strongest key outside the sink and window draws more than
   20% of its attention (induction and retrieval heads), how many had that key's page read.
-Selections: "meanstd" and "minmax" (page summaries), "keys2" (a 2-bit copy of every key, a page
-scoring as its best token: the runner's default; the copy quantized as the cache quantizes K),
-"keys4" (a 4-bit copy), "exact" (the keys themselves), and "oracle" (the pages holding the most
-true attention: no page selection does better at that budget). Prints one JSON object.
+Selections: "meanstd" and "minmax" (page summaries), "keys2" and "keys4" (a 2-bit, 4-bit copy of
+every key, a page scoring as its best token; the copy quantized as the cache quantizes K),
+"keys" (the runner's default: the 4-bit copy read on the 16 channels where the KV head's queries
+weigh most, the others at their K group's mean), "exact" (the keys themselves), and "oracle"
+(the pages holding the most true attention: no page selection does better at that budget). The
+estimate here is always a page's mean key (the runner's "keys" scores a page by the log-sum-exp
+of its tokens' scores over the copy instead). Prints one JSON object.
 
     python bench/sparse_selection.py --essays DIR [--ctx 8192] [--budgets 5 10 20] [--steps 128]
 """
@@ -45,6 +48,7 @@ from localai.engine.torch.kv import PAGE  # noqa: E402
 from localai.runtime import open_catalog  # noqa: E402
 
 SINK_PAGES = 2
+CHANNELS = 16  # "keys": channels of the copy scored (kv.KVConfig.score_channels)
 
 
 def record(eng, hay: list[int], tokens: list[int]):
@@ -95,6 +99,12 @@ def page_scores(k: torch.Tensor, q: torch.Tensor, pages: int, group: int, sink: 
     for name, keys in (("keys2", copy_of(k, 2, group, sink)), ("keys4", copy_of(k, 4, group, sink)),
                        ("exact", k)):  # fmt: skip
         out[name] = (q @ keys.transpose(1, 2)).reshape(h, -1, pages, PAGE).amax(3)
+    four = copy_of(k, 4, group, sink)
+    mean = four.unflatten(1, (-1, group)).mean(2).repeat_interleave(group, dim=1)  # H, N, D
+    read = torch.zeros(h, 1, d, dtype=torch.bool)
+    read.scatter_(2, q.abs().sum(1).topk(CHANNELS, dim=1).indices[:, None], True)
+    subset = q @ torch.where(read, four, mean).transpose(1, 2)
+    out["keys"] = subset.reshape(h, -1, pages, PAGE).amax(3)
     return {name: s.amax(1) for name, s in out.items()}  # a KV head: its query heads' best
 
 

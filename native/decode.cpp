@@ -53,7 +53,7 @@ DecodeAttention::DecodeAttention(torch::Tensor norm, double eps, std::shared_ptr
     : norm_(norm.contiguous()), bias_(bias.contiguous()), eps_(eps), qkv_(std::move(qkv)),
       o_(std::move(o)), hq_(n_heads), h_(n_kv_heads), d_(head_dim), rd_(rope_dims),
       neox_(neox), kv_(std::move(kv)), cfg_(std::move(kv_cfg)), pages_(std::move(pages)) {
-  TORCH_CHECK(kv_.size() == 19 && cfg_.size() == 6, "kv: 19 layer tensors, 6 settings");
+  TORCH_CHECK(kv_.size() == 20 && cfg_.size() == 7, "kv: 20 layer tensors, 7 settings");
   TORCH_CHECK(qkv_->out_features() == (hq_ + 2 * h_) * d_, "qkv rows do not match the heads");
   TORCH_CHECK(o_->in_features() == hq_ * d_, "o columns do not match the heads");
   TORCH_CHECK(bias_.numel() == 0 || bias_.numel() == qkv_->out_features(), "bias size");
@@ -89,9 +89,13 @@ void DecodeAttention::forward(torch::Tensor x, torch::Tensor cos, torch::Tensor 
       vb[(hh * cap + nb) * d_ + c] = at::Half(v[hh * d_ + c]);
     }
   auto qt = torch::from_blob(q, {hq_, d_}, torch::kFloat32);
-  auto pages = keep > 0 ? select_pages(qt, kv_[10], kv_[11], kv_[16], kv_[17], kv_[18], nq / 16,
-                                       keep, first, cfg_[4] & 1, cfg_[4] & 2, cfg_[2])
-                        : torch::empty({0}, torch::dtype(torch::kInt32));
+  const double sm_scale = 1.0 / std::sqrt(static_cast<double>(d_));
+  const bool estimate = kv_[12].numel() > 0;
+  auto [pages, est] = keep > 0 ? select_pages(qt, kv_[10], kv_[11], kv_[16], kv_[17], kv_[18],
+                                              kv_[19], nq / 16, keep, first, cfg_[4] & 1,
+                                              cfg_[4] & 2, cfg_[2], cfg_[6], sm_scale, estimate)
+                               : std::make_tuple(torch::empty({0}, torch::dtype(torch::kInt32)),
+                                                 torch::empty({0}));
   if (pages_ && keep > 0) {
     pages_->ensure_tensor(cfg_[5], pages);
   } else if (pages_ && nq > 0) {  // dense: every page (the engine pairs offload with a budget)
@@ -99,10 +103,8 @@ void DecodeAttention::forward(torch::Tensor x, torch::Tensor cos, torch::Tensor 
     pages_->ensure_tensor(cfg_[5], all);
   }
   auto o = decode_attention(qt, kv_[0], kv_[1], kv_[2], kv_[3], kv_[4], kv_[5], kv_[6], kv_[7],
-                            kv_[8], kv_[9], kv_[13], pages, kv_[14], kv_[15], kv_[10], kv_[12],
-                            nq, nb + 1,
-                            cfg_[0], cfg_[1], cfg_[2], cfg_[3],
-                            1.0 / std::sqrt(static_cast<double>(d_)));  // Hq, D
+                            kv_[8], kv_[9], kv_[13], pages, kv_[14], kv_[15], est, kv_[12],
+                            nq, nb + 1, cfg_[0], cfg_[1], cfg_[2], cfg_[3], sm_scale);  // Hq, D
   o_->apply(o.data_ptr<float>(), 1, out.data());
   for (int64_t i = 0; i < E; ++i) xp[i] += out[i];
 }

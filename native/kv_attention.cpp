@@ -16,13 +16,14 @@
 // q . c + |q * s| (the L1 norm for a min/max box: the largest q . k inside it; the L2 norm for a
 // mean and standard deviation: one deviation above the mean score); a KV head combines its query
 // heads' scores by their maximum, or (mass) as attention: softmax over the pages per query head,
-// summed over the heads. With a 2-bit copy of the keys (kv.py "keys2": codes [H, T_cap, D/4],
-// per-channel scale and minimum per K group [H, T_cap/kg, D]) a page's score for a query head is
-// instead its best token's q . k over the copy (the group's scale folded into the query, as the
-// decode kernel does for quantized K). With the page means (kcent: keys' centre, vcent: values'
-// mean; vcent empty when not kept), a sparse step also counts every page it does not read as one
-// estimated token standing for its 16: score q . kcent + ln 16, value vcent (attention.py's
-// estimate).
+// summed over the heads. With a 4-bit copy of the keys (kv.py "keys": codes [H, D, T_cap/2],
+// channel by channel, planar within each K group; per-channel scale, minimum and mean per K group
+// [H, T_cap/kg, D]) a page's score for a query head is instead its best token's q . k over the
+// copy, read on the `channels` channels where the KV head's queries weigh most (sum of |q| over
+// its query heads), the others counted at their group mean. A sparse step counts every page it
+// does not read as one estimated token standing for its 16, scored q . (the page's mean key) +
+// ln 16 (the mean key from the copy's scores, or kcent), valued the page's mean value (vcent,
+// 4-bit; empty when not kept). select_pages returns these scores beside the pages.
 // The pure-torch definitions are attention.decode_reference and attention.select_pages_reference;
 // tests hold each pair to a tolerance.
 #include <c10/util/Half.h>
@@ -31,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -71,137 +73,193 @@ inline void score_row(const float* qh, const float* row, int rep, int D, float s
   }
 }
 
-// One query head against one K group of the 2-bit key copy: qs = q * scale (per channel) as int8
-// codes qi times `step` (round to nearest even of qs / step, step = max |qs| / 127), and the
-// returned q . min; a token then scores q . min + step * (qi . codes), an integer dot product.
-// attention.copy_scores computes the same.
-inline float fold_int8(const float* q, const float* scale, const float* lo, int64_t D, float* qs,
-                       int8_t* qi, float* step) {
-  float m = 0.f, top = 0.f;
-  for (int64_t c = 0; c < D; ++c) {
-    qs[c] = q[c] * scale[c];
-    m += q[c] * lo[c];
-    top = std::max(top, std::fabs(qs[c]));
-  }
-  *step = top / 127.f;
-  const float inv = top > 0.f ? 127.f / top : 0.f;
-  for (int64_t c = 0; c < D; ++c) qi[c] = static_cast<int8_t>(std::nearbyint(qs[c] * inv));
-  return m;
+#ifdef __AVX2__
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
-// qi[r] . codes for the rep heads (qi: rep rows of D int8) over one row of 2-bit codes (planar:
-// channel j*R + i in byte i at bit 2j, R = D/4); `emit(r, dot)` per head.
-template <class Emit>
-inline void dot_codes2(const uint8_t* row, const int8_t* qi, int64_t rep, int64_t D, Emit emit) {
-  const int64_t R = D / 4;
+inline float hsum8(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+
+// s[r * stride + i] = base[r] + sum_j qs[j * 8 + r] . (codes of channel j, token i), i < 8, for
+// R query heads; `codes[j]` points at 8 bytes of channel j's 4-bit codes, `high`: their upper
+// nibbles (the group's second half) rather than the lower
+template <int R>
+inline void copy_block(const uint8_t* const* codes, int64_t nc, int64_t off, bool high,
+                       const float* qs, const float* base, float* s, int64_t stride) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_set1_ps(base[r]);
+  const __m256i fifteen = _mm256_set1_epi32(15);
+  for (int64_t j = 0; j < nc; ++j) {
+    __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+        reinterpret_cast<const __m128i*>(codes[j] + off)));
+    x = high ? _mm256_srli_epi32(x, 4) : _mm256_and_si256(x, fifteen);
+    const __m256 c = _mm256_cvtepi32_ps(x);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(qs + j * 8 + r), c, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(s + r * stride, acc[r]);
+}
+#endif
+
+// Scores of the tokens of one K group (g tokens, the copy's codes planar in it: byte i holds
+// token i in its low nibble, token i + g/2 in its high one) over `nc` channels `ch` for rep query
+// heads qh [rep, D]: s[r * g + i] = q_r . (the group's mean key mu) + sum over the chosen
+// channels c of q_rc (code * scale + min - mu)_c.
+void copy_group_scores(const float* qh, int64_t rep, int64_t D, const uint8_t* codes,
+                       int64_t stride, const at::Half* sc, const at::Half* mn, const at::Half* mu,
+                       const int32_t* ch, int64_t nc, int64_t g, float* s) {
+  thread_local std::vector<float> base, a, b, u;  // per call: no allocation once grown
+  base.assign(rep, 0.f);
+  a.resize(D);
+  b.resize(D);
+  u.resize(D);
+  half_row(sc, D, a.data());
+  half_row(mn, D, b.data());
+  half_row(mu, D, u.data());
+  for (int64_t r = 0; r < rep; ++r) {
+    float m = 0.f;
+    for (int64_t c = 0; c < D; ++c) m += qh[r * D + c] * u[c];
+    for (int64_t j = 0; j < nc; ++j) m += qh[r * D + ch[j]] * (b[ch[j]] - u[ch[j]]);
+    base[r] = m;
+  }
+  const int64_t half = g / 2;
 #ifdef __AVX2__
-  constexpr int64_t kMaxChunks = 4;  // D <= 256
-  if (R % 16 == 0 && R / 16 <= kMaxChunks) {  // 16 bytes at a time: 4 planes of 16 channels
-    const __m128i three = _mm_set1_epi8(3);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i lo[kMaxChunks], hi[kMaxChunks];
-    const int64_t chunks = R / 16;
-    for (int64_t j = 0; j < chunks; ++j) {
-      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j));
-      const __m128i p0 = _mm_and_si128(x, three), p1 = _mm_and_si128(_mm_srli_epi16(x, 2), three);
-      const __m128i p2 = _mm_and_si128(_mm_srli_epi16(x, 4), three);
-      const __m128i p3 = _mm_and_si128(_mm_srli_epi16(x, 6), three);
-      lo[j] = _mm256_set_m128i(p1, p0);
-      hi[j] = _mm256_set_m128i(p3, p2);
-    }
-    for (int64_t r = 0; r < rep; ++r) {
-      const int8_t* w = qi + r * D;
-      __m256i acc = _mm256_setzero_si256();
-      for (int64_t j = 0; j < chunks; ++j) {
-        // the query's codes laid out as the planes: [plane 0 | plane 1], [plane 2 | plane 3]
-        const __m256i w01 = _mm256_set_m128i(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + R + 16 * j)),
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * j)));
-        const __m256i w23 = _mm256_set_m128i(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 3 * R + 16 * j)),
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * R + 16 * j)));
-        const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], w01),
-                                           _mm256_maddubs_epi16(hi[j], w23));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+  thread_local std::vector<float> qs;  // [nc, 8]: each head's q times the channel's scale
+  thread_local std::vector<const uint8_t*> rows;
+  qs.resize(nc * 8);
+  rows.resize(nc);
+  for (int64_t j = 0; j < nc; ++j) {
+    rows[j] = codes + ch[j] * stride;
+    for (int64_t r = 0; r < 8; ++r)
+      qs[j * 8 + r] = r < rep ? qh[r * D + ch[j]] * a[ch[j]] : 0.f;
+  }
+  if (half % 8 == 0) {
+    for (int64_t r0 = 0; r0 < rep; r0 += 8) {
+      const int64_t R = std::min<int64_t>(8, rep - r0);
+      if (r0)  // query heads past the first 8: their own folded query
+        for (int64_t j = 0; j < nc; ++j)
+          for (int64_t r = 0; r < R; ++r)
+            qs[j * 8 + r] = qh[(r0 + r) * D + ch[j]] * a[ch[j]];
+      for (int64_t i = 0; i < g; i += 8) {
+        const bool high = i >= half;
+        const int64_t off = high ? i - half : i;
+        float* out = s + r0 * g + i;
+        switch (R) {
+#define LOCALAI_BLOCK(n) \
+  case n: copy_block<n>(rows.data(), nc, off, high, qs.data(), base.data() + r0, out, g); break;
+          LOCALAI_BLOCK(1) LOCALAI_BLOCK(2) LOCALAI_BLOCK(3) LOCALAI_BLOCK(4)
+          LOCALAI_BLOCK(5) LOCALAI_BLOCK(6) LOCALAI_BLOCK(7) LOCALAI_BLOCK(8)
+#undef LOCALAI_BLOCK
+        }
       }
-      __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-      v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
-      v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
-      emit(r, _mm_cvtsi128_si32(v));
     }
     return;
   }
 #endif
-  for (int64_t r = 0; r < rep; ++r) {
-    const int8_t* w = qi + r * D;
-    int32_t dot = 0;
-    for (int64_t j = 0; j < 4; ++j)
-      for (int64_t i = 0; i < R; ++i) dot += w[j * R + i] * ((row[i] >> (2 * j)) & 3);
-    emit(r, dot);
-  }
+  for (int64_t r = 0; r < rep; ++r)
+    for (int64_t i = 0; i < g; ++i) {
+      float acc = base[r];
+      for (int64_t j = 0; j < nc; ++j) {
+        const uint8_t byte = codes[ch[j] * stride + (i % half)];
+        const float code = static_cast<float>(i < half ? byte & 15 : byte >> 4);
+        acc += qh[r * D + ch[j]] * a[ch[j]] * code;
+      }
+      s[r * g + i] = acc;
+    }
+}
+
+// A page's best score and the mean of its 16 scores
+inline void page_best_mean(const float* s, float* best, float* mean) {
+#ifdef __AVX2__
+  const __m256 a = _mm256_loadu_ps(s), b = _mm256_loadu_ps(s + 8);
+  *best = hmax8(_mm256_max_ps(a, b));
+  *mean = hsum8(_mm256_add_ps(a, b)) / 16.f;
+#else
+  float m = s[0], total = 0.f;
+  for (int i = 0; i < 16; ++i) m = std::max(m, s[i]);
+  for (int i = 0; i < 16; ++i) total += s[i];
+  *best = m;
+  *mean = total / 16.f;
+#endif
 }
 
 }  // namespace
 
-torch::Tensor select_pages(torch::Tensor q,  // [Hq, D] fp32
-                           torch::Tensor kcent, torch::Tensor kspread,  // [H, P_cap, D] fp16
-                           torch::Tensor k2, torch::Tensor k2s, torch::Tensor k2m,  // or empty
-                           int64_t n_pages, int64_t keep, int64_t first, bool l2, bool mass,
-                           int64_t kg) {
+std::tuple<torch::Tensor, torch::Tensor> select_pages(
+    torch::Tensor q,                                         // [Hq, D] fp32
+    torch::Tensor kcent, torch::Tensor kspread,              // [H, P_cap, D] fp16, or empty
+    torch::Tensor kcopy,                                     // [H, D, T_cap/2] 4-bit codes
+    torch::Tensor kcs, torch::Tensor kcm, torch::Tensor kcmu,  // [H, T_cap/kg, D] fp16
+    int64_t n_pages, int64_t keep, int64_t first, bool l2, bool mass, int64_t kg,
+    int64_t channels, double sm_scale, bool estimate) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous fp32");
-  const bool copy = k2.numel() > 0;
-  TORCH_CHECK(kcent.dtype() == torch::kHalf && kcent.is_contiguous() &&
-                  (copy || (kspread.is_contiguous() && kcent.sizes() == kspread.sizes())),
-              "page summaries must be contiguous fp16");
-  const int64_t Hq = q.size(0), D = q.size(1), H = kcent.size(0), cap = kcent.size(1);
-  TORCH_CHECK(kcent.size(2) == D && Hq % H == 0, "page summaries do not match the query");
-  TORCH_CHECK(0 <= first && first <= keep && keep < n_pages && n_pages <= cap,
-              "select_pages: need first <= keep < n_pages <= capacity");
-  TORCH_CHECK(!copy || (k2.dtype() == torch::kUInt8 && k2.is_contiguous() && k2.dim() == 3 &&
-                        k2.size(0) == H && k2.size(1) == cap * kPage && k2.size(2) == D / 4 &&
-                        k2s.dtype() == torch::kHalf && k2s.is_contiguous() &&
-                        k2m.is_contiguous() && k2s.sizes() == k2m.sizes() && kg % kPage == 0 &&
-                        k2s.size(1) * kg == k2.size(1) && k2s.size(2) == D),
-              "the keys' 2-bit copy must be [H, T, D/4] codes, [H, T/kg, D] fp16 scales");
+  const bool copy = kcopy.numel() > 0;
+  const int64_t Hq = q.size(0), D = q.size(1);
+  const int64_t H = copy ? kcopy.size(0) : kcent.size(0);
+  TORCH_CHECK(copy || (kcent.dtype() == torch::kHalf && kcent.is_contiguous() &&
+                       kspread.is_contiguous() && kcent.sizes() == kspread.sizes() &&
+                       kcent.size(2) == D && kcent.size(1) >= n_pages),
+              "page summaries must be contiguous fp16 [H, P_cap, D]");
+  TORCH_CHECK(Hq % H == 0 && 0 <= first && first <= keep && keep < n_pages,
+              "select_pages: need first <= keep < n_pages");
+  TORCH_CHECK(!copy || (kcopy.dtype() == torch::kUInt8 && kcopy.is_contiguous() &&
+                        kcopy.dim() == 3 && kcopy.size(1) == D && kg % kPage == 0 &&
+                        kcopy.size(2) * 2 >= n_pages * kPage && kcs.is_contiguous() &&
+                        kcm.is_contiguous() && kcmu.is_contiguous() &&
+                        kcs.dtype() == torch::kHalf && kcs.sizes() == kcm.sizes() &&
+                        kcs.sizes() == kcmu.sizes() && kcs.size(1) * kg == kcopy.size(2) * 2 &&
+                        kcs.size(2) == D && (n_pages * kPage) % kg == 0),
+              "the keys' copy must be [H, D, T/2] codes, [H, T/kg, D] fp16 scales, whole groups");
   const int64_t rep = Hq / H;
+  const int64_t nc = (channels <= 0 || channels >= D) ? D : channels;
+  const float scale = static_cast<float>(sm_scale), bonus = std::log(static_cast<float>(kPage));
   auto out = torch::empty({H, keep}, torch::dtype(torch::kInt32));
+  auto est = estimate ? torch::full({H, rep, n_pages}, -std::numeric_limits<float>::infinity())
+                      : torch::empty({0});
   const float* qp = q.data_ptr<float>();
   int32_t* op = out.data_ptr<int32_t>();
   parallel_chunks(H, [&](int64_t h) {
-    const at::Half* cp = kcent.data_ptr<at::Half>() + h * cap * D;
-    const at::Half* sp = kspread.data_ptr<at::Half>() + h * cap * D;
+    const float* qh = qp + h * rep * D;
+    float* eh = estimate ? est.data_ptr<float>() + h * rep * n_pages : nullptr;
     std::vector<float> score(n_pages, 0.f), each(rep * n_pages), a(D), b(D);
     std::vector<int32_t> idx;
     idx.reserve(n_pages - first);
-    if (copy) {  // each head's best token of the page, over the 2-bit copy
-      const uint8_t* codes = k2.data_ptr<uint8_t>() + h * k2.size(1) * (D / 4);
-      const int64_t KG = k2s.size(1);
-      std::vector<float> qs(D), step(rep), qm(rep);
-      std::vector<int8_t> qi(rep * D);
-      for (int64_t p = first; p < n_pages; ++p) {
-        const int64_t t0 = p * kPage;
-        if (p == first || t0 % kg == 0) {  // a new K group: fold its scale into q, as int8
-          half_row(k2s.data_ptr<at::Half>() + (h * KG + t0 / kg) * D, D, a.data());
-          half_row(k2m.data_ptr<at::Half>() + (h * KG + t0 / kg) * D, D, b.data());
-          for (int64_t r = 0; r < rep; ++r)
-            qm[r] = fold_int8(qp + (h * rep + r) * D, a.data(), b.data(), D, qs.data(),
-                              qi.data() + r * D, &step[r]);
-        }
+    for (int64_t p = first; p < n_pages; ++p) idx.push_back(static_cast<int32_t>(p));
+    if (copy) {  // each head's best token of the page over the copy, on the query's channels
+      std::vector<int32_t> ch(D);
+      std::vector<float> weight(D, 0.f), s(rep * kg);
+      for (int64_t r = 0; r < rep; ++r)
+        for (int64_t c = 0; c < D; ++c) weight[c] += std::fabs(qh[r * D + c]);
+      for (int64_t c = 0; c < D; ++c) ch[c] = static_cast<int32_t>(c);
+      std::partial_sort(ch.begin(), ch.begin() + nc, ch.end(), [&](int32_t x, int32_t y) {
+        return weight[x] > weight[y] || (weight[x] == weight[y] && x < y);
+      });
+      std::sort(ch.begin(), ch.begin() + nc);  // channel order: the codes are read in order
+      const int64_t KG = kcs.size(1), stride = kcopy.size(2);
+      const uint8_t* codes = kcopy.data_ptr<uint8_t>() + h * D * stride;
+      float mean;
+      for (int64_t g0 = first * kPage / kg * kg; g0 < n_pages * kPage; g0 += kg) {
+        const int64_t gi = h * KG + g0 / kg;
+        copy_group_scores(qh, rep, D, codes + g0 / 2, stride, kcs.data_ptr<at::Half>() + gi * D,
+                          kcm.data_ptr<at::Half>() + gi * D, kcmu.data_ptr<at::Half>() + gi * D,
+                          ch.data(), nc, kg, s.data());
         for (int64_t r = 0; r < rep; ++r)
-          each[r * n_pages + p] = -std::numeric_limits<float>::infinity();
-        for (int64_t t = t0; t < t0 + kPage; ++t)
-          dot_codes2(codes + t * (D / 4), qi.data(), rep, D, [&](int64_t r, int32_t dot) {
-            float& e = each[r * n_pages + p];
-            e = std::max(e, qm[r] + step[r] * static_cast<float>(dot));
-          });
-        idx.push_back(static_cast<int32_t>(p));
+          for (int64_t p = std::max(first, g0 / kPage); p < (g0 + kg) / kPage; ++p) {
+            page_best_mean(s.data() + r * kg + (p * kPage - g0), &each[r * n_pages + p], &mean);
+            if (eh) eh[r * n_pages + p] = mean * scale + bonus;  // the page's mean key, for 16
+          }
       }
     }
     for (int64_t p = first; !copy && p < n_pages; ++p) {
-      half_row(cp + p * D, D, a.data());
-      half_row(sp + p * D, D, b.data());
+      half_row(kcent.data_ptr<at::Half>() + (h * kcent.size(1) + p) * D, D, a.data());
+      half_row(kspread.data_ptr<at::Half>() + (h * kcent.size(1) + p) * D, D, b.data());
       for (int64_t r = 0; r < rep; ++r) {
-        const float* qr = qp + (h * rep + r) * D;
+        const float* qr = qh + r * D;
         float centre = 0.f, spread = 0.f;
         for (int64_t c = 0; c < D; ++c) {
           const float d = qr[c] * b[c];
@@ -209,8 +267,8 @@ torch::Tensor select_pages(torch::Tensor q,  // [Hq, D] fp32
           spread += l2 ? d * d : std::fabs(d);
         }
         each[r * n_pages + p] = centre + (l2 ? std::sqrt(spread) : spread);
+        if (eh) eh[r * n_pages + p] = centre * scale + bonus;  // the centre, for 16 tokens
       }
-      idx.push_back(static_cast<int32_t>(p));
     }
     // a page's score: its largest over the query heads, or (mass) the attention the heads would
     // give it, each head's scores softmaxed over the pages, summed over the heads
@@ -237,7 +295,7 @@ torch::Tensor select_pages(torch::Tensor q,  // [Hq, D] fp32
     for (int64_t p = 0; p < first; ++p) o[p] = static_cast<int32_t>(p);
     std::copy(idx.begin(), idx.begin() + want, o + first);
   });
-  return out;
+  return {out, est};
 }
 
 torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
@@ -249,8 +307,8 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
                                torch::Tensor pages,  // [H, P] int32, or empty: all of [0, nq)
                                torch::Tensor pool,  // [S, rec] bytes (kv_pages.cpp), or empty
                                torch::Tensor ptable,  // [H, P_cap] int32: page -> pool slot
-                               torch::Tensor kcent,  // [H, P_cap, D] fp16 page key centres
-                               torch::Tensor vcent,  // [H, P_cap, D] fp16 value means, or empty
+                               torch::Tensor est,  // [H, Hq/H, P] fp32 (select_pages)
+                               torch::Tensor vcent,  // [H, P_cap, D/2 + 4] 4-bit value means
                                int64_t nq, int64_t nb, int64_t k_bits, int64_t v_bits,
                                int64_t kg, int64_t vg, double sm_scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous fp32");
@@ -267,13 +325,15 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
   TORCH_CHECK(!sparse || (pages.dtype() == torch::kInt32 && pages.is_contiguous() &&
                           pages.dim() == 2 && pages.size(0) == H), "pages must be [H, P] int32");
   const int64_t nt = sparse ? pages.size(1) * kPage : nq;  // quantized tokens a head reads
-  // pages not read, estimated from their means (sparse only)
+  // pages not read, estimated (sparse only): a score per query head and page (select_pages),
+  // and the page's mean value (4-bit codes, then an fp16 scale and minimum)
   const bool estimate = sparse && vcent.numel() > 0;
-  TORCH_CHECK(!estimate || (kcent.dtype() == torch::kHalf && vcent.dtype() == torch::kHalf &&
-                            kcent.is_contiguous() && vcent.is_contiguous() &&
-                            kcent.sizes() == vcent.sizes() && kcent.size(0) == H &&
-                            kcent.size(1) * kPage >= nq && kcent.size(2) == D),
-              "page means must be [H, P_cap, D] fp16");
+  TORCH_CHECK(!estimate || (est.dtype() == torch::kFloat32 && est.is_contiguous() &&
+                            est.dim() == 3 && est.size(0) == H && est.size(1) * H == Hq &&
+                            est.size(2) == nq / kPage && vcent.dtype() == torch::kUInt8 &&
+                            vcent.is_contiguous() && vcent.size(0) == H &&
+                            vcent.size(1) * kPage >= nq && vcent.size(2) == D / 2 + 4),
+              "estimates must be [H, Hq/H, pages] fp32, value means [H, P_cap, D/2 + 4] bytes");
   const int64_t ne = estimate ? nq / kPage - pages.size(1) : 0;
   const int rep = Hq / H, N = nt + nb + ne;
   const int64_t cap = kbuf.size(1), T = paged ? ptable.size(1) * kPage : kc.size(1);
@@ -390,12 +450,9 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
           }
           rest.push_back(static_cast<int32_t>(p));
         }
-        const float bonus = std::log(static_cast<float>(kPage));
-        const at::Half* kce = kcent.data_ptr<at::Half>() + h * kcent.size(1) * D;
-        for (int64_t u = 0; u < ne; ++u) {
-          half_row(kce + rest[u] * D, D, row.data());
-          score_row(qh, row.data(), rep, D, scale, bonus, s.data() + nt + nb + u, N);
-        }
+        const float* eh = est.data_ptr<float>() + h * rep * (nq / kPage);
+        for (int r = 0; r < rep; ++r)
+          for (int64_t u = 0; u < ne; ++u) s[r * N + nt + nb + u] = eh[r * (nq / kPage) + rest[u]];
       }
       // ---- softmax per query head
       for (int r = 0; r < rep; ++r) {
@@ -417,7 +474,8 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
       float* qdst = rotated ? acc_rot.data() : oh;  // where the quantized rows' sums go
       std::fill(acc_rot.begin(), acc_rot.end(), 0.f);
       std::fill(vbias.begin(), vbias.end(), 0.f);
-      const at::Half* vce = estimate ? vcent.data_ptr<at::Half>() + h * vcent.size(1) * D : nullptr;
+      const int64_t vcb = D / 2 + 4;  // bytes of a page's value mean
+      const uint8_t* vce = estimate ? vcent.data_ptr<uint8_t>() + h * vcent.size(1) * vcb : nullptr;
       for (int64_t i = 0; i < N; ++i) {
         const bool quantized = i < nt;
         const int64_t t = quantized ? token(i) : i;
@@ -445,7 +503,12 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
         } else if (i < nt + nb) {
           half_row(vbuf.data_ptr<at::Half>() + (h * cap + (i - nt)) * D, D, row.data());
         } else {  // a page not read: its mean value
-          half_row(vce + rest[i - nt - nb] * D, D, row.data());
+          const uint8_t* m = vce + rest[i - nt - nb] * vcb;
+          at::Half sm[2];
+          std::memcpy(sm, m + D / 2, sizeof sm);
+          unpack_row(m, 4, D, row.data());
+          const float a = static_cast<float>(sm[0]), b = static_cast<float>(sm[1]);
+          for (int c = 0; c < D; ++c) row[c] = row[c] * a + b;
         }
         for (int r = 0; r < rep; ++r) {  // exact rows (sink, fp16 cache, window), page means
           const float p = s[r * N + i];

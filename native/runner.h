@@ -91,17 +91,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
                                torch::Tensor vm, torch::Tensor kbuf, torch::Tensor vbuf,
                                torch::Tensor ksink, torch::Tensor vsink, torch::Tensor vrot,
                                torch::Tensor pages, torch::Tensor pool, torch::Tensor ptable,
-                               torch::Tensor kcent, torch::Tensor vcent, int64_t nq, int64_t nb,
+                               torch::Tensor est, torch::Tensor vcent, int64_t nq, int64_t nb,
                                int64_t k_bits, int64_t v_bits, int64_t kg, int64_t vg,
                                double sm_scale);
 
 // per KV head, `keep` ascending page numbers: pages [0, first), then the best of [first, n_pages)
-// (kv.py page summaries: centre, spread; l2 for "meanstd", L1 for "minmax"; or the keys' 2-bit
-// copy k2 with its scales and minimums per group of kg tokens, "keys2")
-torch::Tensor select_pages(torch::Tensor q, torch::Tensor kcent, torch::Tensor kspread,
-                           torch::Tensor k2, torch::Tensor k2s, torch::Tensor k2m,
-                           int64_t n_pages, int64_t keep, int64_t first, bool l2, bool mass,
-                           int64_t kg);
+// (kv.py page summaries: centre, spread; l2 for "meanstd", L1 for "minmax"; or the keys' 4-bit
+// copy with its scales, minimums and means per group of kg tokens, "keys", read on `channels`
+// channels); and (estimate) each query head's score of each page as one token for its 16,
+// [H, Hq/H, n_pages] fp32, what decode_attention counts a page it does not read as
+std::tuple<torch::Tensor, torch::Tensor> select_pages(
+    torch::Tensor q, torch::Tensor kcent, torch::Tensor kspread, torch::Tensor kcopy,
+    torch::Tensor kcs, torch::Tensor kcm, torch::Tensor kcmu, int64_t n_pages, int64_t keep,
+    int64_t first, bool l2, bool mass, int64_t kg, int64_t channels, double sm_scale,
+    bool estimate);
 
 // ---- decode.cpp
 // One decode step of a block's attention half: x += o(attend(rope(qkv(rms_norm(x))))), with the

@@ -39,7 +39,7 @@ def cfg_of(k_bits=16, v_bits=16, **kw) -> KVConfig:
     return KVConfig(k_bits, v_bits, **kw)
 
 
-@pytest.mark.parametrize("kind", ["meanstd", "minmax", "keys2"])
+@pytest.mark.parametrize("kind", ["meanstd", "minmax", "keys"])
 @pytest.mark.parametrize("score", ["mass", "max"])
 def test_a_page_that_holds_the_querys_key_is_selected(kind, score):
     """A 'needle' key aligned with the query, in one page among many: that page is chosen, as
@@ -47,7 +47,7 @@ def test_a_page_that_holds_the_querys_key_is_selected(kind, score):
     page = 23  # of the 40 quantized ones
     cfg = cfg_of(page_summary=kind, page_score=score)
     cache, q, kf, vf = sparse_case(cfg, 700, needle=page * PAGE + 5)
-    pages = attention.select_pages_reference(cache, 0, q, keep=6, first=2)
+    pages, _ = attention.select_pages_reference(cache, 0, q, keep=6, first=2)
     assert pages.shape == (H, 6) and pages.dtype == torch.int32
     for h in range(H):
         row = pages[h].tolist()
@@ -72,29 +72,34 @@ def kernel_or_skip():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("kind", ["meanstd", "minmax", "keys2"])
+@pytest.mark.parametrize("kind", ["meanstd", "minmax", "keys"])
 def test_native_page_selection_matches_the_reference(seed, kind):
+    """The same pages as the reference, and the same estimates of each page as one token."""
     kernel = kernel_or_skip()
     cache, q, kf, vf = sparse_case(cfg_of(4, 4, page_summary=kind), 900, seed)
     n_pages, l2 = cache.qend(901) // PAGE, kind == "meanstd"
     t = cache.layer_tensors(0)
-    summaries = t[10], t[11], *t[16:19]
-    for score in ("mass", "max"):
-        cache.cfg = dataclasses.replace(cache.cfg, page_score=score)
+    summaries = t[10], t[11], *t[16:20]
+    for score, channels in (("mass", 16), ("max", 16), ("max", 0), ("max", 5)):
+        cache.cfg = dataclasses.replace(cache.cfg, page_score=score, score_channels=channels)
         for keep, first in ((8, 2), (20, 2), (n_pages - 1, 1), (3, 0)):
-            ref = attention.select_pages_reference(cache, 0, q, keep, first)
-            got = kernel.select_pages(q, *summaries, n_pages, keep, first, l2, score == "mass",
-                                      cache.cfg.k_group)  # fmt: skip
-            assert torch.equal(got, ref), (keep, first, score)
+            ref, ref_est = attention.select_pages_reference(cache, 0, q, keep, first)
+            got, est = kernel.select_pages(q, *summaries, n_pages, keep, first, l2,
+                                           score == "mass", cache.cfg.k_group, channels,
+                                           1 / D**0.5, True)  # fmt: skip
+            assert torch.equal(got, ref), (keep, first, score, channels)
+            torch.testing.assert_close(est[:, :, first:], ref_est[:, :, first:], rtol=1e-4,
+                                       atol=1e-4)  # pages before `first` are always read
     with pytest.raises(RuntimeError, match="first <= keep < n_pages"):
-        kernel.select_pages(q, *summaries, n_pages, n_pages, 2, l2, True, cache.cfg.k_group)
+        kernel.select_pages(q, *summaries, n_pages, n_pages, 2, l2, True, cache.cfg.k_group, 16,
+                            1 / D**0.5, True)  # fmt: skip
 
 
 @pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (8, 8), (4, 4), (2, 2), (4, 2), (16, 4)])
 @pytest.mark.parametrize(
     "v_rotate,estimate,kind",
     [(False, True, "meanstd"), (True, True, "meanstd"), (False, False, "meanstd"),
-     (False, True, "keys2")],
+     (False, True, "keys")],
 )  # fmt: skip
 def test_native_sparse_kernel_matches_the_reference(k_bits, v_bits, v_rotate, estimate, kind):
     """The kernel on a page list, pages of different K groups and the sink among them, against
@@ -106,7 +111,7 @@ def test_native_sparse_kernel_matches_the_reference(k_bits, v_bits, v_rotate, es
     cache, q, kf, vf = sparse_case(cfg, 700)
     keep, first = 9, 2
     ref = attention.decode_reference(
-        cache, 0, q, kf, vf, attention.select_pages_reference(cache, 0, q, keep, first)
+        cache, 0, q, kf, vf, *attention.select_pages_reference(cache, 0, q, keep, first)
     )
     out = attention.decode(cache, 0, q, kf, vf, use_native=True, keep=keep, first=first)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
@@ -123,8 +128,8 @@ def test_the_pages_not_read_are_estimated_from_their_means(k_bits, v_bits):
     cfg = cfg_of(k_bits, v_bits)
     cache, q, kf, vf = sparse_case(cfg, 700, pages_alike=True)
     dense = attention.decode_reference(cache, 0, q, kf, vf)
-    pages = attention.select_pages_reference(cache, 0, q, 9, 2)
-    estimated = attention.decode_reference(cache, 0, q, kf, vf, pages)
+    pages, est = attention.select_pages_reference(cache, 0, q, 9, 2)
+    estimated = attention.decode_reference(cache, 0, q, kf, vf, pages, est)
     alone = dataclasses.replace(cfg, estimate_rest=False)
     bare, *_ = sparse_case(alone, 700, pages_alike=True)
     assert bare.vcent.numel() == 0
@@ -139,12 +144,13 @@ def test_a_bad_page_list_is_refused():
     t = cache.layer_tensors(0)
     q1 = cache.qend(301)
     bad = torch.tensor([[0, q1 // PAGE]] * H, dtype=torch.int32)  # one page past the end
+    estimates = torch.zeros(H, HQ // H, q1 // PAGE)
     with pytest.raises(RuntimeError, match="past the quantized tokens"):
-        kernel.decode_attention(q, *t[:10], t[13], bad, t[14], t[15], t[10], t[12], q1, 301 - q1,
-                                16, 16, 64, 32, 0.125)  # fmt: skip
+        kernel.decode_attention(q, *t[:10], t[13], bad, t[14], t[15], estimates, t[12], q1,
+                                301 - q1, 16, 16, 64, 32, 0.125)  # fmt: skip
     unsorted = torch.tensor([[0, 3, 2]] * H, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="must be ascending"):
-        kernel.decode_attention(q, *t[:10], t[13], unsorted, t[14], t[15], t[10], t[12], q1,
+        kernel.decode_attention(q, *t[:10], t[13], unsorted, t[14], t[15], estimates, t[12], q1,
                                 301 - q1, 16, 16, 64, 32, 0.125)  # fmt: skip
 
 
@@ -333,9 +339,10 @@ def test_a_sparse_chunk_of_one_query_reads_what_sparse_decode_reads(k_bits, v_bi
     cfg = cfg_of(k_bits, v_bits, estimate_rest=estimate)
     cache, q, kf, vf = chunk_case(cfg, 700, 1)  # no K group completes: the same quantized pages
     old = cache.qend(700) // PAGE
-    pages = attention.select_chunk_pages(cache, 0, q, keep=8, first=2, pages=old)
+    pages = attention.select_chunk_pages(cache, q, 8, 2, cache.dequant_k(0, old * PAGE))
     got = attention.prefill(cache, 0, q, kf, vf, keep=8, first=2)[:, 0]
-    want = attention.decode_reference(cache, 0, q[:, 0], kf, vf, pages)
+    est = attention.centre_estimates(cache, 0, q[:, 0].reshape(H, -1, D), old) if estimate else None
+    want = attention.decode_reference(cache, 0, q[:, 0], kf, vf, pages, est)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, attention.decode_reference(cache, 0, q[:, 0], kf, vf), atol=1e-3)
 
@@ -345,7 +352,7 @@ def test_a_chunk_selects_the_page_its_queries_point_at():
     page = 17
     cache, q, kf, vf = chunk_case(cfg_of(), 700, 100, needle=page * PAGE + 3)
     old = cache.qend(700) // PAGE  # 36
-    pages = attention.select_chunk_pages(cache, 0, q, keep=8, first=2, pages=old)
+    pages = attention.select_chunk_pages(cache, q, 8, 2, cache.dequant_k(0, old * PAGE))
     for h in range(H):  # the sink, the needle, the 3 pages before the window (local: (8 - 2) // 2)
         row = pages[h].tolist()
         assert row[:2] == [0, 1] and row[-3:] == [old - 3, old - 2, old - 1] and page in row

@@ -7,19 +7,22 @@ it built, else to `decode_reference`, the pure-torch definition it is tested aga
 
 Sparse decode (`keep` > 0): each KV head attends to `keep` pages of 16 quantized tokens, the
 first `first` (the attention sink) and the rest chosen by `select_pages`, plus the whole fp16
-buffer (the recent window). With "keys2" (the default) a page scores as its best token's q . k
-over the cache's 2-bit copy of every key: one key a head looks for (a needle, the earlier copy
-of a passage) decides, which a page's summary blurs. With per-page key summaries (kv.py: a
-centre c and spread s per channel) a page scores q . c + |q * s|: with "minmax" (c, s the middle
-and half-width of the keys' range) the L1 norm, which makes it the largest q . k any key in the
-page's box can give; with "meanstd" (mean, standard deviation) the L2 norm, the mean score plus
-one standard deviation. A KV head (its query heads share its pages) combines its query heads'
-scores as attention ("mass": each head's softmax over the pages, summed) or by their maximum
-("max").
-With the cache's `estimate_rest` every page not read still counts, as one key (its centre) and
-one value (its mean) standing for its 16 tokens: the softmax then spreads over roughly what dense
-attention would, and the attention the skipped pages would get is not handed to the read ones
-(RetroInfer's estimate zone, with pages for clusters).
+buffer (the recent window). With "keys" (the default) a page scores as its best token's q . k
+over the cache's 4-bit copy of every key, read on the `score_channels` channels the KV head's
+queries weigh most (the others at their group's mean): one key a head looks for (a needle, the
+earlier copy of a passage) decides, which a page's summary blurs. With per-page key summaries
+(kv.py: a centre c and spread s per channel) a page scores q . c + |q * s|: with "minmax" (c, s
+the middle and half-width of the keys' range) the L1 norm, which makes it the largest q . k any
+key in the page's box can give; with "meanstd" (mean, standard deviation) the L2 norm, the mean
+score plus one standard deviation. A KV head (its query heads share its pages) combines its
+query heads' scores as attention ("mass": each head's softmax over the pages, summed) or by
+their maximum ("max").
+With the cache's `estimate_rest` every page not read still counts, as one key (its mean: from
+the copy's scores with "keys", else the centre) and one value (its mean) standing for its 16
+tokens: the softmax then spreads over roughly what dense attention would, and the attention the
+skipped pages would get is not handed to the read ones (RetroInfer's estimate zone, with pages
+for clusters). (The log-sum-exp of a page's scores over the copy, tried instead, scored both
+perplexities of bench/sparse_attention.py worse at 8K.)
 Sparse prefill (`Transformer.sparse_prefill`) reads the same way: each chunk of a prompt past
 the budget attends to its own tokens and window, the sink, the pages just before it, and the
 pages a sample of its queries gives the most attention (`select_chunk_pages`), the others as
@@ -33,8 +36,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import kvquant, native
-from .kv import COPY_BITS, PAGE, KVCache
+from . import native
+from .kv import PAGE, KVCache
 
 # Hq query heads, H KV heads, r = Hq / H, C query tokens, N keys, D head dim
 SAMPLE = 16  # a prefill chunk's pages are chosen by every SAMPLE-th of its queries
@@ -68,7 +71,8 @@ def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: t
                                  torch.cat([vq[:, q0:], vf], dim=1), ok[:, q0:])  # fmt: skip
         return _attend(q, torch.cat([kq, kf], dim=1), torch.cat([vq, vf], dim=1), ok)
     pages = q0 // PAGE
-    old = select_chunk_pages(cache, layer, q, keep, first, pages)  # H, keep
+    k_old = cache.dequant_k(layer, pages * PAGE)  # H, pages·16, D
+    old = select_chunk_pages(cache, q, keep, first, k_old)  # H, keep
     h = old.shape[0]
     tok = torch.cat([page_tokens(old), fresh.expand(h, -1)], dim=1)
     kq, vq = cache.dequant_kv(layer, tok)  # H, keep·16 + F, D
@@ -78,8 +82,9 @@ def prefill(cache: KVCache, layer: int, q: torch.Tensor, kf: torch.Tensor, vf: t
     if cache.vcent.numel():  # the pages not read: their mean key, weighing 16 tokens
         rest = torch.ones(h, pages, dtype=torch.bool).scatter_(1, old, False)
         rest = rest.nonzero()[:, 1].view(h, -1, 1).expand(-1, -1, d)  # H, pages - keep, D
-        summaries = cache.page_summaries(layer, pages)
-        kc, vc = (summaries[i].gather(1, rest).float() for i in (0, 2))
+        cent, _, vmeans = cache.page_summaries(layer, pages)  # centres: as decode scores them
+        means = cent.float() if cent.numel() else k_old.unflatten(1, (pages, PAGE)).mean(dim=2)
+        kc, vc = means.gather(1, rest), vmeans.gather(1, rest)
         k, v = torch.cat([kc, k], dim=1), torch.cat([vc, v], dim=1)
         bias = torch.cat([torch.full((c, rest.shape[1]), math.log(PAGE)), bias], dim=1)
     return _attend(q, k, v, bias)
@@ -120,24 +125,32 @@ def _attend_split(q: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor, k1: torch
 
 
 def select_pages_reference(cache: KVCache, layer: int, q: torch.Tensor, keep: int, first: int):
-    """q: [Hq, D] → [H, keep] int32 ascending page numbers among the q1 / 16 quantized pages."""
-    pages = cache.qend(cache._n_next) // PAGE
-    each = page_scores(cache, layer, q.reshape(cache.H, -1, q.shape[1]), pages)  # H, r, P
+    """q: [Hq, D] → ([H, keep] int32 ascending page numbers among the q1 / 16 quantized pages,
+    [H, r, q1 / 16] each query head's estimate of each page: the score one token standing for
+    its 16 gets, or None without the cache's estimate_rest)."""
+    pages, d = cache.qend(cache._n_next) // PAGE, q.shape[1]
+    qg = q.reshape(cache.H, -1, d)
+    if cache.cfg.page_summary == "keys":
+        s = copy_scores(cache, layer, qg, pages * PAGE).unflatten(2, (pages, PAGE))  # H, r, P, 16
+        each, est = s.amax(dim=3), s.mean(dim=3) / math.sqrt(d) + math.log(PAGE)
+    else:
+        each, est = page_scores(cache, layer, qg, pages), centre_estimates(cache, layer, qg, pages)
+    est = est if cache.vcent.numel() else None
     if cache.cfg.page_score == "max":
-        return top_pages(each.amax(dim=1), keep, first).int()
-    return top_pages(attention_mass(each, first, q.shape[1]), keep, first).int()
+        return top_pages(each.amax(dim=1), keep, first).int(), est
+    return top_pages(attention_mass(each, first, d), keep, first).int(), est
 
 
-def select_chunk_pages(cache: KVCache, layer: int, q: torch.Tensor, keep: int, first: int,
-                       pages: int) -> torch.Tensor:  # fmt: skip
-    """A prefill chunk's pages among the first `pages`: [0, first), the last few (the text just
-    before the chunk's window), and the rest of `keep` that would get the most attention from
-    every SAMPLE-th query of the chunk, the last included, and each KV head's query heads
-    (`attention_mass` of a page's best exact q . k over the keys as stored: 1/SAMPLE of the
+def select_chunk_pages(cache: KVCache, q: torch.Tensor, keep: int, first: int,
+                       k: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """A prefill chunk's pages among those of the keys k [H, pages·16, D] (as stored): [0,
+    first), the last few (the text just before the chunk's window), and the rest of `keep` that
+    would get the most attention from every SAMPLE-th query of the chunk, the last included, and
+    each KV head's query heads (`attention_mass` of a page's best exact q . k: 1/SAMPLE of the
     chunk's dense score products, no exponentials per key). q: [Hq, C, D] → [H, keep]."""
     _, c, d = q.shape
+    pages = k.shape[1] // PAGE
     sample = q[:, (c - 1) % SAMPLE :: SAMPLE].reshape(cache.H, -1, d)  # H, r·C/SAMPLE, D
-    k = cache.dequant_k(layer, pages * PAGE)  # H, N, D
     best = (sample @ k.transpose(1, 2)).unflatten(2, (pages, PAGE)).amax(dim=3)  # H, r·C/S, P
     mass = attention_mass(best, first, d)
     mass[:, pages - min(LOCAL, (keep - first) // 2) :] = math.inf
@@ -146,9 +159,9 @@ def select_chunk_pages(cache: KVCache, layer: int, q: torch.Tensor, keep: int, f
 
 def page_scores(cache: KVCache, layer: int, qg: torch.Tensor, pages: int) -> torch.Tensor:
     """Each query's score of each of the first `pages`: q . c + |q * s| (L2 norm for meanstd
-    summaries, L1 for minmax), or (keys2) its best q . k over the page's keys' 2-bit copy:
+    summaries, L1 for minmax), or ("keys") its best q . k over the page's keys' copy:
     qg [H, M, D] → [H, M, P]."""
-    if cache.cfg.page_summary == "keys2":
+    if cache.cfg.page_summary == "keys":
         return copy_scores(cache, layer, qg, pages * PAGE).unflatten(2, (pages, PAGE)).amax(3)
     cent, spread = (t.float() for t in cache.page_summaries(layer, pages)[:2])  # H, P, D
     score = qg @ cent.transpose(1, 2)
@@ -157,23 +170,34 @@ def page_scores(cache: KVCache, layer: int, qg: torch.Tensor, pages: int) -> tor
     return score + qg.abs() @ spread.transpose(1, 2)
 
 
+def centre_estimates(cache: KVCache, layer: int, qg: torch.Tensor, pages: int) -> torch.Tensor:
+    """Each query's estimate of each of the first `pages` from their key summaries' centre: the
+    score of one token for 16, q . centre / sqrt(D) + ln 16. qg [H, M, D] → [H, M, P]."""
+    cent = cache.page_summaries(layer, pages)[0].float()  # H, P, D
+    return (qg @ cent.transpose(1, 2)) / math.sqrt(qg.shape[2]) + math.log(PAGE)
+
+
+def score_channels(cache: KVCache, qg: torch.Tensor) -> torch.Tensor:
+    """[H, D] bool: the channels of the keys' copy a KV head's queries qg [H, M, D] read, the
+    cache's `score_channels` with the largest sum of |q| over them (ties: the lower channel)."""
+    h, _, d = qg.shape
+    n = cache.cfg.score_channels
+    if not 0 < n < d:
+        return torch.ones(h, d, dtype=torch.bool)
+    weight = qg.abs().sum(dim=1)  # H, D
+    order = torch.sort(weight, dim=1, descending=True, stable=True).indices[:, :n]
+    return torch.zeros(h, d, dtype=torch.bool).scatter_(1, order, True)
+
+
 def copy_scores(cache: KVCache, layer: int, qg: torch.Tensor, n: int) -> torch.Tensor:
-    """Each query's q . k over the 2-bit copy of the keys of tokens [0, n), as the C++ kernel
-    computes it: per K group, q times the group's scales rounded to int8 codes (a step of
-    max |q * scale| / 127), an integer dot product with the key codes, scaled back, plus q . min
-    (kv.py "keys2"). qg [H, M, D] → [H, M, n]."""
+    """Each query's q . k over the keys' 4-bit copy of tokens [0, n) (kv.py "keys"), as the C++
+    kernel computes it: on the `score_channels` channels, the others at their K group's mean.
+    qg [H, M, D] → [H, M, n]."""
     g = cache.cfg.k_group
-    groups = -(-n // g)
-    scale, lo = (t[layer, :, :groups].float()[:, None] for t in (cache.k2s, cache.k2m))
-    qs = qg[:, :, None, :] * scale  # H, M, groups, D
-    top = qs.abs().amax(dim=3)  # H, M, groups
-    inv = torch.where(top > 0, 127 / top, torch.zeros_like(top))
-    qi = torch.round(qs * inv[..., None])
-    codes = kvquant.unpack(cache.k2[layer, :, : groups * g], COPY_BITS).float()
-    keys = codes.unflatten(1, (groups, g)).transpose(2, 3)[:, None]  # H, 1, groups, D, g
-    dots = (qi[:, :, :, None, :] @ keys)[:, :, :, 0]  # H, M, groups, g
-    qm = (qg[:, :, None, :] * lo).sum(dim=3)  # H, M, groups
-    return (qm[..., None] + (top * (1 / 127))[..., None] * dots).flatten(2)[:, :, :n]
+    keys = cache.key_copy(layer, n)  # H, n, D
+    mean = cache.kcmu[layer, :, : n // g].float().repeat_interleave(g, dim=1)  # H, n, D
+    read = score_channels(cache, qg)[:, None]  # H, 1, D
+    return qg @ torch.where(read, keys, mean).transpose(1, 2)
 
 
 def attention_mass(each: torch.Tensor, first: int, d: int) -> torch.Tensor:
@@ -197,9 +221,10 @@ def page_tokens(pages: torch.Tensor) -> torch.Tensor:
     return (pages[:, :, None].long() * PAGE + torch.arange(PAGE)).reshape(pages.shape[0], -1)
 
 
-def decode_reference(cache: KVCache, layer: int, q: torch.Tensor, kf, vf, pages=None):
+def decode_reference(cache: KVCache, layer: int, q: torch.Tensor, kf, vf, pages=None, est=None):
     """q: [Hq, D] at position n; kf, vf: [H, M, D] buffer tokens [qend(n + 1), n + 1); pages:
-    [H, P] the quantized pages each KV head reads (None: all)."""
+    [H, P] the quantized pages each KV head reads (None: all); est: [H, r, q1 / 16] the score of
+    each page not read as one token, its mean value (`select_pages_reference`; None: left out)."""
     hq, d = q.shape
     h = kf.shape[0]
     q1 = cache.qend(cache._n_next)
@@ -209,13 +234,11 @@ def decode_reference(cache: KVCache, layer: int, q: torch.Tensor, kf, vf, pages=
     k = torch.cat([kq, kf], dim=1)  # H, N, D
     v = torch.cat([vq, vf], dim=1)
     s = (q.reshape(h, hq // h, d) @ k.transpose(1, 2)) / math.sqrt(d)  # H, r, N
-    if pages is not None and cache.vcent.numel():  # the pages not read, one estimate each
-        kc, _, vc = (t.float() for t in cache.page_summaries(layer, q1 // PAGE))  # H, P, D
-        rest = torch.ones(kc.shape[:2], dtype=torch.bool)
+    if pages is not None and est is not None:  # the pages not read, one estimate each
+        rest = torch.ones(est.shape[0], est.shape[2], dtype=torch.bool)
         rest.scatter_(1, pages.long(), False)  # H, P
-        e = (q.reshape(h, hq // h, d) @ kc.transpose(1, 2)) / math.sqrt(d) + math.log(PAGE)
-        s = torch.cat([s, e.masked_fill(~rest[:, None], -math.inf)], dim=2)  # H, r, N + P
-        v = torch.cat([v, vc], dim=1)
+        s = torch.cat([s, est.masked_fill(~rest[:, None], -math.inf)], dim=2)  # H, r, N + P
+        v = torch.cat([v, cache.page_summaries(layer, q1 // PAGE)[2]], dim=1)
     return (torch.softmax(s, dim=-1) @ v).reshape(hq, d)
 
 
@@ -233,25 +256,27 @@ def decode(
     selected pages of the quantized ones and the fp16 buffer."""
     kernel = native.load() if use_native else None
     q1 = cache.qend(cache._n_next)
-    pages = None
+    pages = est = None
     t = cache.layer_tensors(layer)
     if keep:
         if kernel is None:
-            pages = select_pages_reference(cache, layer, q, keep, first)
+            pages, est = select_pages_reference(cache, layer, q, keep, first)
         else:
-            flags = cache.cfg.selection_flags  # as the fused C++ step reads them
-            pages = kernel.select_pages(
-                q.contiguous(), t[10], t[11], *t[16:19], q1 // PAGE, keep, first,
-                bool(flags & 1), bool(flags & 2), cache.cfg.k_group,
+            cfg = cache.cfg
+            flags = cfg.selection_flags  # as the fused C++ step reads them
+            pages, est = kernel.select_pages(
+                q.contiguous(), t[10], t[11], *t[16:20], q1 // PAGE, keep, first,
+                bool(flags & 1), bool(flags & 2), cfg.k_group, cfg.score_channels,
+                1.0 / math.sqrt(q.shape[1]), bool(t[12].numel()),
             )  # fmt: skip
     if kernel is None:
-        return decode_reference(cache, layer, q, kf, vf, pages)
+        return decode_reference(cache, layer, q, kf, vf, pages, est)
     cfg = cache.cfg
     cache.ensure(layer, pages)
     no_pages = torch.empty(0, dtype=torch.int32)
     return kernel.decode_attention(
         q.contiguous(), *t[:10], t[13], no_pages if pages is None else pages, t[14], t[15],
-        t[10], t[12],
+        torch.empty(0) if est is None else est, t[12],
         q1, cache._n_next - q1,
         cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group, 1.0 / math.sqrt(q.shape[1]),
     )  # fmt: skip

@@ -30,7 +30,7 @@ from ..tokengen import TokenEngine, Vocab, shared_prefix
 from . import native
 from .arch import Hparams
 from .experts import parse_budget, prediction_scores
-from .kv import PAGE, KVConfig
+from .kv import COPY_BITS, PAGE, KVConfig
 from .model import Transformer
 from .routing import TraceWriter
 from .sampler import sample
@@ -346,9 +346,11 @@ def _filled(c, q: int, buffered: int):
     g = c.cfg.k_group
     ends = {"kc": q, "vc": q, "kbuf": buffered, "vbuf": buffered, "ks": q // g, "km": q // g,
             "vs": q, "vm": q, "ksink": None, "vsink": None, "kcent": q // PAGE,
-            "kspread": q // PAGE, "vcent": q // PAGE, "k2": q, "k2s": q // g,
-            "k2m": q // g}  # fmt: skip
+            "kspread": q // PAGE, "vcent": q // PAGE, "kcs": q // g, "kcm": q // g,
+            "kcmu": q // g, "kcopy": q * COPY_BITS // 8}  # fmt: skip
     for name, end in ends.items():
         t = getattr(c, name)
+        if name == "kcopy":  # [L, H, D, T/2]: channel by channel, its token axis last
+            t = t.transpose(2, 3)
         if t.dim() == 4:  # scales and sinks are empty at 16 bits, page bounds when unused
             yield name, t, t.shape[2] if end is None else end

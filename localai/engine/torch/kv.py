@@ -16,16 +16,19 @@ Invariants, with n tokens stored and W = window, G = k_group:
   [0, sink) through their fp16 copy) and the rest in fp16, in prefill as in decode, so
   perplexity measures exactly what generation sees.
 Pages are addressable (page i = tokens [16i, 16i + 16)). With a `page_summary` each page also
-keeps a per-channel centre and spread of its keys, taken before quantization (2 fp16 rows per 16
-tokens, +6.25% of fp16 K/V), which sparse decode attention scores pages by (attention.py):
-"meanstd" is their mean and standard deviation, "minmax" the middle and half-width of their
-range (the box that holds them). "keys2" keeps the mean and a 2-bit copy of every key instead
-(per channel, per K group, as K is quantized; 1/8 of fp16 K, +6.25% of fp16 K/V): a page scores
-as its best token, which finds the one key a query picks out (a needle, the earlier copy of a
-passage) that a page's mean and spread blur. With `estimate_rest` each page also keeps the
-mean of its values (one more fp16 row, +3.1%): a sparse step adds every page it does not read as
-one key (the centre) and one value (the mean) weighted by its 16 tokens, an estimate of the
-attention it would get.
+keeps a summary that sparse decode attention scores pages by (attention.py). "meanstd" and
+"minmax" are a per-channel centre and spread of its keys, taken before quantization (2 fp16 rows
+per 16 tokens, +6.25% of fp16 K/V): their mean and standard deviation, or the middle and
+half-width of their range (the box that holds them). "keys" keeps a 4-bit copy of every key
+instead (per channel, per K group, as K is quantized; 1/4 of fp16 K, +12.5% of fp16 K/V in
+RAM), stored channel by channel (`kcopy` [L, H, D, T/2]) so that a step reads only the
+`score_channels` channels its query weighs most (SparQ's observation: a few channels of q carry
+most of q . k); the others count at their K group's mean (`kcmu`). A page then scores as its
+best token, which finds the one key a query picks out (a needle, the earlier copy of a passage)
+that a page's mean and spread blur. With `estimate_rest` each page also keeps the mean of its
+values (4-bit, one scale and minimum: +0.9% of fp16 K/V): a sparse step adds every page it does
+not read as one token standing for its 16, the page's mean value, scored by its keys' mean
+(from the centre, or from the copy's scores), an estimate of the attention it would get.
 
 Pages in RAM or on disk: by default the pages' codes (K codes, V codes, V scales) are tensors
 [L, H, T, ·] allocated for the whole context, and a selected page is read in place. With a
@@ -56,8 +59,9 @@ from . import kvquant
 # L layers, H KV heads, T tokens (capacity), D head dim, R packed bytes per row, C new tokens
 PAGE = 16
 BITS = (16, 8, 4, 2)
-SUMMARIES = ("", "meanstd", "minmax", "keys2")
-COPY_BITS = 2  # the "keys2" summary's copy of the keys
+SUMMARIES = ("", "meanstd", "minmax", "keys")
+COPY_BITS = 4  # the "keys" summary's copy of the keys
+VCENT_BITS = 4  # page value means (estimate_rest): codes, then an fp16 scale and minimum
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ class KVConfig:
     sink: int = 32  # first tokens kept in fp16 (attention sink); a multiple of PAGE, < k_group
     v_clip: bool = False  # search each V group's range for the least squared error
     v_rotate: bool = False  # quantize V times an orthonormal Hadamard matrix (see `hadamard`)
-    page_summary: str = ""  # "meanstd", "minmax", "keys2" or "" (none): sparse attention
+    page_summary: str = ""  # "meanstd", "minmax", "keys" or "" (none): sparse attention
+    score_channels: int = 16  # "keys": channels of the copy a step reads per KV head (0: all)
     # a KV head's page score from its query heads': their "max" (default: better at 8K on
     # qwen2.5-coder-0.5b, BENCHMARKS.md) or "mass" (softmax over pages per head, summed)
     page_score: str = "max"
@@ -84,6 +89,7 @@ class KVConfig:
         assert self.sink % PAGE == 0 and 0 <= self.sink < self.k_group
         assert self.page_summary in SUMMARIES, f"page_summary: one of {SUMMARIES}"
         assert self.page_score in ("mass", "max")
+        assert self.score_channels >= 0
 
     @property
     def selection_flags(self) -> int:
@@ -113,16 +119,17 @@ class KVCache:
         self.kc, self.ks, self.km = self._store(cfg.k_bits, (L, H, T // g, D), not spill)
         v_scales = (L, H, T, D // cfg.v_group) if cfg.v_bits < 16 and not spill else (0,)
         self.vc, self.vs, self.vm = self._store(cfg.v_bits, v_scales, not spill)
-        pages = (L, H, T // PAGE, D) if cfg.page_summary else (0,)
-        self.kcent = torch.empty(pages, dtype=torch.float16)  # L, H, T/16, D (or empty)
+        pages = (L, H, T // PAGE, D)
         spread = cfg.page_summary in ("meanstd", "minmax")
-        self.kspread = torch.empty(pages if spread else (0,), dtype=torch.float16)
-        copy = cfg.page_summary == "keys2"
-        self.k2 = torch.empty((L, H, T, D * COPY_BITS // 8) if copy else (0,), dtype=torch.uint8)
-        self.k2s = torch.empty((L, H, T // g, D) if copy else (0,), dtype=torch.float16)
-        self.k2m = torch.empty_like(self.k2s)  # the copy's per-channel scale and min per K group
-        rest = cfg.page_summary and cfg.estimate_rest
-        self.vcent = torch.empty(pages if rest else (0,), dtype=torch.float16)  # L, H, T/16, D
+        self.kcent = torch.empty(pages if spread else (0,), dtype=torch.float16)  # L, H, T/16, D
+        self.kspread = torch.empty_like(self.kcent)
+        copy = cfg.page_summary == "keys"
+        self.kcopy = torch.empty((L, H, D, T * COPY_BITS // 8) if copy else (0,), dtype=torch.uint8)
+        groups = (L, H, T // g, D) if copy else (0,)
+        # the copy's per-channel scale, minimum and mean per K group
+        self.kcs, self.kcm, self.kcmu = (torch.empty(groups, dtype=torch.float16) for _ in "smu")
+        rest = (L, H, T // PAGE, vcent_bytes(D)) if cfg.page_summary and cfg.estimate_rest else (0,)
+        self.vcent = torch.empty(rest, dtype=torch.uint8)  # L, H, T/16, D/2 + 4
         self.ksink = self._sink(cfg.k_bits)  # L, H, S, D (empty at 16 bits)
         self.vsink = self._sink(cfg.v_bits)
         rotate = cfg.v_rotate and cfg.v_bits < 16
@@ -214,9 +221,18 @@ class KVCache:
 
     @property
     def _summaries(self) -> tuple[torch.Tensor, ...]:
-        """The parts every sparse step reads: per page the key centre and spread and the value
-        mean, and the keys' 2-bit copy (codes, scales, minimums)."""
-        return self.kcent, self.kspread, self.vcent, self.k2, self.k2s, self.k2m
+        """The parts sparse steps read: per page the key centre and spread and the value mean,
+        and the keys' copy (codes, and per K group scales, minimums, means)."""
+        return self.kcent, self.kspread, self.vcent, self.kcopy, self.kcs, self.kcm, self.kcmu
+
+    def summary_read_bytes(self, pages: int) -> int:
+        """Bytes of summaries a sparse step over `pages` quantized pages reads, all layers: the
+        page summaries, the value means, and of the copy the `score_channels` channels' codes,
+        scales and minimums and every channel's group mean."""
+        per_page = sum(t.nbytes for t in (self.kcent, self.kspread, self.vcent)) * PAGE / self.T
+        share = min(self.cfg.score_channels or self.D, self.D) / self.D
+        copy = sum(t.nbytes for t in (self.kcopy, self.kcs, self.kcm)) * share + self.kcmu.nbytes
+        return int(pages * per_page + copy * pages * PAGE / self.T)
 
     def _page_token_bytes(self) -> float:
         """Bytes of one token in pages, all layers: its codes and V scales, its share of the K
@@ -224,8 +240,8 @@ class KVCache:
         return self.rec / PAGE * self.H * self.L + (self.ks.nbytes + self.km.nbytes) / self.T
 
     def bytes_per_token(self) -> float:
-        """Marginal cost of one more token in pages (the fp16 buffer and sink are fixed costs),
-        wherever they are (RAM or the page file)."""
+        """Marginal cost of one more token in pages and their summaries (the fp16 buffer and
+        sink are fixed costs), wherever they are (RAM or the page file)."""
         return self._page_token_bytes() + sum(t.nbytes for t in self._summaries) / self.T
 
     def offloaded_bytes(self) -> int:
@@ -237,14 +253,13 @@ class KVCache:
 
     def read_bytes(self, n: int, keep: int = 0) -> int:
         """Bytes a decode step over n tokens reads from the cache, all layers: every quantized
-        token (or `keep` pages of them per head, and all the page bounds), and the fp16 window."""
+        token (or `keep` pages of them per head, and the summaries), and the fp16 window."""
         q = self.qend(n)
         per_token = self._page_token_bytes()
         window = (n - q) * self.L * self.H * self.D * 2 * 2  # fp16 K and V
         if not keep:
             return int(q * per_token) + window
-        bounds = sum(t.nbytes for t in self._summaries) * PAGE / self.T  # per page
-        return int(keep * PAGE * per_token + q // PAGE * bounds) + window
+        return int(keep * PAGE * per_token) + self.summary_read_bytes(q // PAGE) + window
 
     def reset(self) -> None:
         self.n = self._n_next = 0
@@ -362,9 +377,8 @@ class KVCache:
         if self.kcent.numel():
             cent, spread = page_summary(k.reshape(self.H, c // PAGE, PAGE, self.D), self.cfg)
             self.kcent[layer, :, start // PAGE : (start + c) // PAGE] = cent
-            if self.kspread.numel():
-                self.kspread[layer, :, start // PAGE : (start + c) // PAGE] = spread
-        if self.k2.numel():
+            self.kspread[layer, :, start // PAGE : (start + c) // PAGE] = spread
+        if self.kcopy.numel():
             self._copy_keys(layer, k, start)
         if bits == 16:
             return k.half()
@@ -381,30 +395,37 @@ class KVCache:
         return kvquant.pack(codes.reshape(self.H, c, self.D), bits)
 
     def _copy_keys(self, layer: int, k: torch.Tensor, start: int) -> None:
-        """The 2-bit copy of keys [H, C, D] at `start` (whole K groups); the sink's outlier keys
-        are left out of the first group's ranges (its pages are always read, never scored)."""
+        """The 4-bit copy of keys [H, C, D] at `start` (whole K groups), channel by channel
+        (`kcopy` [H, D, T/2]: each group's codes packed planar along its tokens, kvquant.pack),
+        with each group's per-channel scale, minimum and mean; the sink's outlier keys are left
+        out of the first group's ranges (its pages are always read, never scored)."""
         g, c, s = self.cfg.k_group, k.shape[1], self.cfg.sink
         if start == 0 and s:
             k = torch.cat([k[:, s : s + 1].expand(-1, s, -1), k[:, s:]], dim=1)
-        codes, scale, lo = kvquant.quantize(k.reshape(self.H, c // g, g, self.D), COPY_BITS, dim=2)
-        self.k2s[layer, :, start // g : (start + c) // g] = scale[:, :, 0]
-        self.k2m[layer, :, start // g : (start + c) // g] = lo[:, :, 0]
-        self.k2[layer, :, start : start + c] = kvquant.pack(codes.reshape(k.shape), COPY_BITS)
+        grouped = k.reshape(self.H, c // g, g, self.D).transpose(2, 3)  # H, C/G, D, G
+        codes, scale, lo = kvquant.quantize(grouped, COPY_BITS, dim=3)  # scale: H, C/G, D, 1
+        groups = slice(start // g, (start + c) // g)
+        self.kcs[layer, :, groups] = scale[..., 0]
+        self.kcm[layer, :, groups] = lo[..., 0]
+        self.kcmu[layer, :, groups] = kvquant.dequantize(codes, scale, lo).mean(dim=3).half()
+        packed = kvquant.pack(codes, COPY_BITS).permute(0, 2, 1, 3)  # H, D, C/G, G/2
+        self.kcopy[layer, :, :, start // 2 : (start + c) // 2] = packed.reshape(self.H, self.D, -1)
 
     def key_copy(self, layer: int, n: int) -> torch.Tensor:
-        """The 2-bit copy of the keys of tokens [0, n) (n a K group boundary), fp32 [H, n, D]."""
-        codes = kvquant.unpack(self.k2[layer, :, :n], COPY_BITS)
+        """The 4-bit copy of the keys of tokens [0, n) (n a K group boundary), fp32 [H, n, D]."""
         g = self.cfg.k_group
-        scale, lo = (_per_token(t[layer], n, g) for t in (self.k2s, self.k2m))
-        return kvquant.dequantize(codes, scale, lo)
+        packed = self.kcopy[layer, :, :, : n // 2].unflatten(2, (n // g, g // 2))  # H, D, n/G, G/2
+        codes = kvquant.unpack(packed, COPY_BITS).permute(0, 2, 3, 1)  # H, n/G, G, D
+        scale, lo = (t[layer, :, : n // g, None] for t in (self.kcs, self.kcm))  # H, n/G, 1, D
+        return kvquant.dequantize(codes, scale, lo).reshape(self.H, n, self.D)
 
     def _quantize_v(self, layer: int, v: torch.Tensor, start: int):
         """The codes of V [H, C, D] and their scales and minimums [H, C, D/v_group] (None, None
         at 16 bits)."""
         bits, gv, c = self.cfg.v_bits, self.cfg.v_group, v.shape[1]
         if self.vcent.numel():
-            pages = v.reshape(self.H, c // PAGE, PAGE, self.D)
-            self.vcent[layer, :, start // PAGE : (start + c) // PAGE] = pages.mean(dim=2).half()
+            means = v.reshape(self.H, c // PAGE, PAGE, self.D).mean(dim=2)
+            self.vcent[layer, :, start // PAGE : (start + c) // PAGE] = pack_means(means)
         if bits == 16:
             return v.half(), None, None
         if start == 0 and self.vsink.numel():
@@ -450,10 +471,10 @@ class KVCache:
 
     def layer_tensors(self, layer: int) -> list[torch.Tensor]:
         """kc, ks, km, vc, vs, vm, kbuf, vbuf, ksink, vsink, kcent, kspread, vcent of one layer
-        (scales and sinks are empty at 16 bits, page summaries without a page_summary, kspread
-        with "keys2", vcent without estimate_rest, codes with pages on disk), the V rotation
-        (empty when V is not rotated), the page pool and this layer's page table (empty with
-        pages in RAM), then the keys' 2-bit copy: codes, scales, minimums (empty but "keys2")."""
+        (scales and sinks are empty at 16 bits, page summaries but with "meanstd" or "minmax",
+        vcent without estimate_rest, codes with pages on disk), the V rotation (empty when V is
+        not rotated), the page pool and this layer's page table (empty with pages in RAM), then
+        the keys' copy: codes, group scales, minimums, means (empty but with "keys")."""
         pool = (self.pages.pool, self.pages.table[layer]) if self.pages else (_EMPTY, _EMPTY)
         mine = [t[layer] if t.numel() else t for t in self._parts()]
         return mine[:13] + [self.v_rot, *pool] + mine[13:]
@@ -468,10 +489,11 @@ class KVCache:
         self.pages.ensure(layer, pages.contiguous())
 
     def page_summaries(self, layer: int, pages: int) -> tuple[torch.Tensor, ...]:
-        """Per-page, per-channel key centre and spread (empty with "keys2"), and value mean
-        (empty without estimate_rest), of the first `pages`: [H, pages, D] fp16 each."""
-        assert self.kcent.numel(), "pages are summarized only with a page_summary"
-        return tuple(t[layer, :, :pages] if t.numel() else t for t in self._summaries[:3])
+        """Per-page, per-channel key centre and spread (fp16; empty but with "meanstd" or
+        "minmax"), and value mean (fp32, as the 4-bit codes give it back; empty without
+        estimate_rest), of the first `pages`: [H, pages, D] each."""
+        cent, spread, vcent = (t[layer, :, :pages] if t.numel() else t for t in self._summaries[:3])
+        return cent, spread, unpack_means(vcent) if vcent.numel() else vcent
 
     def resummarize(self, cfg: KVConfig) -> None:
         """Take `cfg`'s page summary, score and estimate from here on, the summaries of the
@@ -481,14 +503,15 @@ class KVCache:
         assert (cfg.k_bits, cfg.v_bits) == (self.cfg.k_bits, self.cfg.v_bits)
         fresh = KVCache(cfg, self.L, self.H, self.D, self.T)  # empty: the OS maps it lazily
         self.cfg = cfg
-        self.kcent, self.kspread, self.vcent, self.k2, self.k2s, self.k2m = fresh._summaries
+        (self.kcent, self.kspread, self.vcent, self.kcopy, self.kcs, self.kcm,
+         self.kcmu) = fresh._summaries  # fmt: skip
         q = self.qend(self.n)
         for layer in range(self.L):
             if cfg.page_summary:
                 self._quantize_k(layer, self.kc[layer, :, :q].float(), 0)
             if self.vcent.numel():
                 pages = self.vc[layer, :, :q].float().reshape(self.H, q // PAGE, PAGE, self.D)
-                self.vcent[layer, :, : q // PAGE] = pages.mean(dim=2).half()
+                self.vcent[layer, :, : q // PAGE] = pack_means(pages.mean(dim=2))
 
 
 _EMPTY = torch.empty(0, dtype=torch.int32)
@@ -522,14 +545,30 @@ def _with_sink(x: torch.Tensor, sink: torch.Tensor, layer: int, tok) -> torch.Te
 
 
 def page_summary(pages: torch.Tensor, cfg: KVConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """pages: [H, P, 16, D] keys → per-page, per-channel (centre, spread) [H, P, D] fp16 (the
-    spread empty for "keys2", which keeps a copy of the keys instead)."""
-    if cfg.page_summary == "keys2":
-        return pages.mean(dim=2).half(), torch.empty(0, dtype=torch.float16)
+    """pages: [H, P, 16, D] keys → per-page, per-channel (centre, spread) [H, P, D] fp16."""
     if cfg.page_summary == "minmax":
         lo, hi = pages.amin(dim=2), pages.amax(dim=2)
         return ((lo + hi) / 2).half(), ((hi - lo) / 2).half()
     return pages.mean(dim=2).half(), pages.std(dim=2, correction=0).half()
+
+
+def vcent_bytes(d: int) -> int:
+    """Bytes of one page's value mean: d 4-bit codes, an fp16 scale and minimum."""
+    return d * VCENT_BITS // 8 + 4
+
+
+def pack_means(x: torch.Tensor) -> torch.Tensor:
+    """Rows [..., D] → [..., vcent_bytes(D)] uint8: 4-bit codes (one scale, min per row)."""
+    codes, scale, lo = kvquant.quantize(x, VCENT_BITS, dim=-1)
+    tail = torch.cat([scale, lo], dim=-1).view(torch.uint8)  # ..., 4
+    return torch.cat([kvquant.pack(codes, VCENT_BITS), tail], dim=-1)
+
+
+def unpack_means(b: torch.Tensor) -> torch.Tensor:
+    """`pack_means`'s bytes → rows [..., D] fp32."""
+    tail = b[..., -4:].contiguous().view(torch.float16).float()  # ..., 2
+    codes = kvquant.unpack(b[..., :-4], VCENT_BITS)
+    return kvquant.dequantize(codes, tail[..., :1], tail[..., 1:])
 
 
 def hadamard(n: int) -> torch.Tensor:

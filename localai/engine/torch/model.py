@@ -167,7 +167,8 @@ class Attention:
             self.norm, self.eps, self.qkv.native, bias, self.o.native, hp.n_heads,
             hp.n_kv_heads, hp.head_dim, hp.rope_dims, hp.spec.rope_style == "neox",
             cache.layer_tensors(self.layer),
-            [cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group, cfg.selection_flags, self.layer],
+            [cfg.k_bits, cfg.v_bits, cfg.k_group, cfg.v_group, cfg.selection_flags, self.layer,
+             cfg.score_channels],
             cache.pages,
         )  # fmt: skip
 
@@ -251,7 +252,7 @@ class Transformer:
         # a decode step's stay on the caller's one (TorchEngine._threads)
         self.threads = torch.get_num_threads()
         if attn_budget and not kv.page_summary:
-            kv = dataclasses.replace(kv, page_summary="keys2")
+            kv = dataclasses.replace(kv, page_summary="keys")
         self.attn_stats = AttnStats()
         self.expert_cache = None
         if hp.is_moe and expert_budget is not None:
