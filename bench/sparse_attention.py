@@ -213,8 +213,9 @@ def run_ctx(a, path, ctx: int) -> dict:
         for ch in a.channels if kind == "keys" else [a.channels[0]]:
             label = f"{kind}/{ch or 'all'}" if kind == "keys" and len(a.channels) > 1 else kind
             for rest in a.rest:
-                sides += [(f"{pct:g}% {label}" + ("" if rest == "estimate" else ", skipped left out"),
-                           pct, kind, rest == "estimate", ch) for pct in a.budgets]  # fmt: skip
+                tail = "" if rest == "estimate" else ", skipped left out"
+                sides += [(f"{pct:g}% {label}{tail}", pct, kind, rest == "estimate", ch)
+                          for pct in a.budgets]  # fmt: skip
     for name, pct, kind, estimate, ch in sides:
         summarize(m, kind, a.score, estimate, ch)
         budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))

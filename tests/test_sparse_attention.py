@@ -88,8 +88,9 @@ def test_native_page_selection_matches_the_reference(seed, kind):
                                            score == "mass", cache.cfg.k_group, channels,
                                            1 / D**0.5, True)  # fmt: skip
             assert torch.equal(got, ref), (keep, first, score, channels)
-            torch.testing.assert_close(est[:, :, first:], ref_est[:, :, first:], rtol=1e-4,
-                                       atol=1e-4)  # pages before `first` are always read
+            torch.testing.assert_close(
+                est[:, :, first:], ref_est[:, :, first:], rtol=1e-4, atol=1e-4
+            )  # pages before `first` are always read
     with pytest.raises(RuntimeError, match="first <= keep < n_pages"):
         kernel.select_pages(q, *summaries, n_pages, n_pages, 2, l2, True, cache.cfg.k_group, 16,
                             1 / D**0.5, True)  # fmt: skip
