@@ -100,7 +100,8 @@ inline void copy_block(const uint8_t* const* codes, int64_t nc, int64_t off, boo
         reinterpret_cast<const __m128i*>(codes[j] + off)));
     x = high ? _mm256_srli_epi32(x, 4) : _mm256_and_si256(x, fifteen);
     const __m256 c = _mm256_cvtepi32_ps(x);
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(qs + j * 8 + r), c, acc[r]);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(qs + j * 8 + r), c, acc[r]);
   }
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(s + r * stride, acc[r]);
 }
