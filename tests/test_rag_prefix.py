@@ -8,6 +8,7 @@ from __future__ import annotations
 import stat
 
 import pytest
+import torch
 from conftest import docs_index
 
 from localai.config import load_settings
@@ -113,13 +114,16 @@ def test_a_file_of_another_identity_or_damaged_is_never_restored(tmp_path):
 
 
 @pytest.mark.slow  # loads the torch runner (and builds its kernels in a fresh checkout)
-def test_the_torch_runner_restores_a_kept_prefix_exactly(model_path):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_torch_runner_restores_a_kept_prefix_exactly(model_path, sparse):
     """A head long enough to reach the 4-bit pages (window 128 + one K group) comes back from
-    its snapshot, after another prompt filled the cache, and the answer is unchanged."""
+    its snapshot, after another prompt filled the cache, and the answer is unchanged; with
+    sparse attention the pages' summaries (the keys' channel-major copy) come back too."""
     from localai.engine.tokengen import shared_prefix
     from localai.engine.torch import TorchEngine
 
-    eng = TorchEngine(model_path, context_length=1024, threads=2, k_bits=4, v_bits=4)
+    eng = TorchEngine(model_path, context_length=1024, threads=2, k_bits=4, v_bits=4,
+                      attn_budget=512 if sparse else None)  # fmt: skip
     try:
         head_text = "<|im_start|>system\n" + "Answer briefly and cite your sources. " * 40
         tokens = eng.tokenize(head_text + "<|im_end|>\n<|im_start|>user\nName a colour."
@@ -134,8 +138,13 @@ def test_the_torch_runner_restores_a_kept_prefix_exactly(model_path):
         eng.forget()
         computed = run()
         assert computed.stats.extra["prefix_source"] == "computed"
-        list(eng.generate(eng.tokenize("Something else entirely."), GREEDY))
+        cache = eng.model.cache
+        q = cache.qend(len(head))
+        copy = cache.kcopy[..., : q // 2].clone()  # the head's quantized keys' copy
+        assert copy.numel() == (cache.L * cache.H * cache.D * q // 2 if sparse else 0)
+        list(eng.generate(eng.tokenize("Something else entirely. " * 80), GREEDY))  # its pages
         restored = run()
+        assert torch.equal(cache.kcopy[..., : q // 2], copy)
         assert restored.stats.extra["prefix_source"] == "memory"
         assert restored.stats.cached_tokens >= len(head)
         assert restored.text == computed.text

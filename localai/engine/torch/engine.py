@@ -350,7 +350,7 @@ def _filled(c, q: int, buffered: int):
             "kcmu": q // g, "kcopy": q * COPY_BITS // 8}  # fmt: skip
     for name, end in ends.items():
         t = getattr(c, name)
-        if name == "kcopy":  # [L, H, D, T/2]: channel by channel, its token axis last
+        if name == "kcopy" and t.dim() == 4:  # [L, H, D, T/2]: its token axis last
             t = t.transpose(2, 3)
         if t.dim() == 4:  # scales and sinks are empty at 16 bits, page bounds when unused
             yield name, t, t.shape[2] if end is None else end
