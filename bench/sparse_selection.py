@@ -17,8 +17,8 @@ every key, a page scoring as its best token; the copy quantized as the cache qua
 "keys" (the runner's default: the 4-bit copy read on the 16 channels where the KV head's queries
 weigh most, the others at their K group's mean), "exact" (the keys themselves), and "oracle"
 (the pages holding the most true attention: no page selection does better at that budget). The
-estimate here is always a page's mean key (the runner's "keys" scores a page by the log-sum-exp
-of its tokens' scores over the copy instead). Prints one JSON object.
+estimate here is always a page's mean key (the runner's "keys" takes it from the mean of its
+tokens' scores over the copy instead). Prints one JSON object.
 
     python bench/sparse_selection.py --essays DIR [--ctx 8192] [--budgets 5 10 20] [--steps 128]
 """
@@ -96,10 +96,9 @@ def page_scores(k: torch.Tensor, q: torch.Tensor, pages: int, group: int, sink: 
         "meanstd": q @ mean.transpose(1, 2) + (q.square() @ std.square().transpose(1, 2)).sqrt(),
         "minmax": q @ ((lo + hi) / 2).transpose(1, 2) + q.abs() @ ((hi - lo) / 2).transpose(1, 2),
     }
-    for name, keys in (("keys2", copy_of(k, 2, group, sink)), ("keys4", copy_of(k, 4, group, sink)),
-                       ("exact", k)):  # fmt: skip
-        out[name] = (q @ keys.transpose(1, 2)).reshape(h, -1, pages, PAGE).amax(3)
     four = copy_of(k, 4, group, sink)
+    for name, keys in (("keys2", copy_of(k, 2, group, sink)), ("keys4", four), ("exact", k)):
+        out[name] = (q @ keys.transpose(1, 2)).reshape(h, -1, pages, PAGE).amax(3)
     mean = four.unflatten(1, (-1, group)).mean(2).repeat_interleave(group, dim=1)  # H, N, D
     read = torch.zeros(h, 1, d, dtype=torch.bool)
     read.scatter_(2, q.abs().sum(1).topk(CHANNELS, dim=1).indices[:, None], True)

@@ -158,11 +158,9 @@ def select_chunk_pages(cache: KVCache, q: torch.Tensor, keep: int, first: int,
 
 
 def page_scores(cache: KVCache, layer: int, qg: torch.Tensor, pages: int) -> torch.Tensor:
-    """Each query's score of each of the first `pages`: q . c + |q * s| (L2 norm for meanstd
-    summaries, L1 for minmax), or ("keys") its best q . k over the page's keys' copy:
+    """Each query's score of each of the first `pages` from their key summaries: q . c + |q * s|
+    (L2 norm for meanstd summaries, L1 for minmax; "keys" is scored in `select_pages_reference`):
     qg [H, M, D] → [H, M, P]."""
-    if cache.cfg.page_summary == "keys":
-        return copy_scores(cache, layer, qg, pages * PAGE).unflatten(2, (pages, PAGE)).amax(3)
     cent, spread = (t.float() for t in cache.page_summaries(layer, pages)[:2])  # H, P, D
     score = qg @ cent.transpose(1, 2)
     if cache.cfg.page_summary == "meanstd":
