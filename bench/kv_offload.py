@@ -8,10 +8,14 @@ seconds, decode tokens/s over the answers, the cache's RAM (the runner's own cou
 read from disk per decode step, RSS after loading (the runtime; the weights are a memory map
 that the prefill then touches in full), and the peak RSS while answering (VmHWM, reset after
 the prefill through /proc/self/clear_refs), also net of those two; and the answers, which must
-be the same on both sides. Prints one JSON object.
+be the same on every side. The pages on disk run twice: with the read-ahead
+and without (`--read-ahead` layers ahead, each layer's pages of the step before read back in the
+background while a layer computes); its precision and recall are printed. Prints one JSON
+object.
 
     python bench/kv_offload.py [--model qwen2.5-coder-0.5b] [--ctx 8192] [--budget 10]
                                [--kv-budget 64M] [--k-bits 16] [--needles 10] [--chains 3]
+                               [--read-ahead 1] [--sides ram disk no-ahead]
 """
 
 from __future__ import annotations
@@ -38,7 +42,11 @@ from sparse_attention import greedy, haystack, prefill  # noqa: E402
 from localai.config import load_settings  # noqa: E402
 from localai.engine import Message  # noqa: E402
 from localai.engine.torch import TorchEngine  # noqa: E402
+from localai.engine.torch.kv import READ_AHEAD  # noqa: E402
 from localai.runtime import open_catalog  # noqa: E402
+
+# side: (pages on disk under --kv-budget, read-ahead on)
+SIDES = {"ram": (False, False), "disk": (True, True), "no-ahead": (True, False)}
 
 
 def status_kib(field: str) -> int:
@@ -51,6 +59,7 @@ def status_kib(field: str) -> int:
 def child(a) -> dict:
     path = open_catalog(load_settings()).ensure(a.model)
     kw = {"kv_budget": a.kv_budget, "kv_dir": Path(a.work)} if a.kv_budget else {}
+    kw["kv_read_ahead"] = a.read_ahead
     budget = f"{a.budget:g}%"
     eng = TorchEngine(path, a.model, a.ctx + 512, a.threads, k_bits=a.k_bits, v_bits=a.k_bits,
                       attn_budget=budget, **kw)  # fmt: skip
@@ -94,6 +103,7 @@ def child(a) -> dict:
         "kv_offloaded_bytes": m.cache.offloaded_bytes(),
         "kv_bytes_read_per_step": st.get("kv_bytes_read_per_token"),
         "kv_disk_bytes_read_per_step": st.get("kv_disk_bytes_read_per_token", 0),
+        **{k: st[k] for k in ("kv_read_ahead_precision", "kv_read_ahead_recall") if k in st},
         "weights_bytes": m.weight_bytes,
         "rss_after_load_mib": round(rss_loaded / 1024, 1),
         "rss_after_prefill_mib": round(rss_prefilled / 1024, 1),
@@ -120,6 +130,8 @@ def main() -> None:
     ap.add_argument("--needles", type=int, default=10)
     ap.add_argument("--chains", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--read-ahead", type=int, default=READ_AHEAD, help="layers ahead")
+    ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
     ap.add_argument("--work", default="/tmp/localai-bench/kv")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -130,19 +142,26 @@ def main() -> None:
     out = {"bench": "kv_offload", "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()} {os.cpu_count()} cpus", "model": a.model,
            "ctx": a.ctx, "attn_budget": f"{a.budget:g}%", "k_bits": a.k_bits,
-           "kv_budget": a.kv_budget, "sides": {}}  # fmt: skip
+           "kv_budget": a.kv_budget, "read_ahead": a.read_ahead, "sides": {}}  # fmt: skip
     base = [sys.executable, __file__, "--child", "--model", a.model, "--ctx", str(a.ctx),
             "--budget", str(a.budget), "--k-bits", str(a.k_bits), "--needles", str(a.needles),
             "--chains", str(a.chains), "--threads", str(a.threads), "--work", a.work]  # fmt: skip
-    for name, extra in (("in RAM", ["--kv-budget", ""]), ("on disk", ["--kv-budget", a.kv_budget])):
+    for name in a.sides:
+        budget, ahead = SIDES[name]
+        extra = ["--kv-budget", a.kv_budget if budget else "",
+                 "--read-ahead", str(a.read_ahead if ahead else 0)]  # fmt: skip
         r = subprocess.run(base + extra, capture_output=True, text=True, check=True)
         out["sides"][name] = json.loads(r.stdout.strip().splitlines()[-1])
         print(json.dumps({name: out["sides"][name]}), file=sys.stderr, flush=True)
-    ram, disk = out["sides"]["in RAM"], out["sides"]["on disk"]
-    out["same_answers"] = ram["answers"] == disk["answers"]
-    out["decode_vs_ram"] = round(disk["decode_tokens_per_s"] / ram["decode_tokens_per_s"], 3)
-    out["peak_rss_saved_mib"] = round(ram["peak_rss_answering_mib"]
-                                      - disk["peak_rss_answering_mib"], 1)  # fmt: skip
+    sides = list(out["sides"].values())
+    out["same_answers"] = all(s["answers"] == sides[0]["answers"] for s in sides)
+    if "ram" in out["sides"]:
+        ram = out["sides"]["ram"]
+        for name, s in out["sides"].items():
+            if name != "ram":
+                s["decode_vs_ram"] = round(s["decode_tokens_per_s"] / ram["decode_tokens_per_s"], 3)
+                s["peak_rss_saved_mib"] = round(ram["peak_rss_answering_mib"]
+                                                - s["peak_rss_answering_mib"], 1)  # fmt: skip
     print(json.dumps(out))
 
 

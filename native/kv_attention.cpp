@@ -347,11 +347,16 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
   const uint8_t* kc_b = paged ? nullptr : static_cast<const uint8_t*>(kc.data_ptr());
   const uint8_t* vc_b = paged ? nullptr : static_cast<const uint8_t*>(vc.data_ptr());
   const at::Half* vs_p = (paged || !vgs) ? nullptr : vs.data_ptr<at::Half>();
-  const at::Half* vm_p = (paged || !vgs) ? nullptr : vm.data_ptr<at::Half>();
   const uint8_t* pool_b = paged ? pool.data_ptr<uint8_t>() : nullptr;
   const int32_t* tb = paged ? ptable.data_ptr<int32_t>() : nullptr;
   const int64_t rec = paged ? pool.size(1) : 0, pcap = paged ? ptable.size(1) : 0;
-  TORCH_CHECK(!paged || rec == kPage * (kb + vb + 4 * vgs), "KV page records of another size");
+  // symmetric V stores no minimums (a row is (code - (2^b - 1)/2) * scale): its page records
+  // are 2 bytes a group shorter, its minimum tensor empty
+  const bool vsym = vgs && (paged ? rec == kPage * (kb + vb + 2 * vgs) : vm.numel() == 0);
+  const at::Half* vm_p = (paged || !vgs || vsym) ? nullptr : vm.data_ptr<at::Half>();
+  TORCH_CHECK(!paged || rec == kPage * (kb + vb + (vsym ? 2 : 4) * vgs),
+              "KV page records of another size");
+  const float vhalf = v_bits == 16 ? 0.f : ((1 << v_bits) - 1) / 2.f;
   auto page = [&](int64_t h, int64_t t) { return pool_b + tb[h * pcap + t / kPage] * rec; };
   // the K codes, V codes, V scales and V minimums of quantized token t of head h
   auto k_at = [&](int64_t h, int64_t t) {
@@ -483,9 +488,10 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
         if (quantized && t >= vs_n && v_bits < 16) {
           unpack_row(v_at(h, t), v_bits, D, row.data());
           const at::Half* sc = vs_at(h, t, 0);
-          const at::Half* mn = vs_at(h, t, 1);
+          const at::Half* mn = vsym ? nullptr : vs_at(h, t, 1);
           for (int64_t g = 0; g < vgs; ++g) {
-            const float a = static_cast<float>(sc[g]), b = static_cast<float>(mn[g]);
+            const float a = static_cast<float>(sc[g]);
+            const float b = vsym ? -vhalf * a : static_cast<float>(mn[g]);
             for (int r = 0; r < rep; ++r) {
               const float p = s[r * N + i];
               vbias[r * vgs + g] += p * b;

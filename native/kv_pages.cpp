@@ -11,9 +11,18 @@
 // writes nor reads stay in the OS page cache (posix_fadvise DONTNEED): an offloaded page costs
 // a disk read, as it would on a machine whose memory is full, and the budget is what it says.
 // The file is unlinked as soon as it is open: it lives exactly as long as the cache.
+//
+// Read-ahead: once a step has made a layer's pages resident, a thread of the pool's own reads
+// the pages the next `ahead` layers asked for at the step before (a step's choice differs
+// little from the last one's) that are no longer resident, while this layer computes: a pool
+// smaller than a step's pages cycles through them every step, and then the reads overlap the
+// compute instead of stalling it. Its reads never evict a page the current call has pinned (the
+// slots a running kernel reads), another page read ahead and not asked for yet, or a page of
+// the same job, and a page read before a write or reset of the pool is dropped.
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -36,9 +45,9 @@ void transfer(Io io, const char* what, Byte* p, int64_t n, int64_t off) {
 }  // namespace
 
 KVPages::KVPages(const std::string& path, int64_t layers, int64_t heads, int64_t pages,
-                 int64_t rec, int64_t slots)
-    : L_(layers), H_(heads), P_(pages), rec_(rec), S_(slots) {
-  TORCH_CHECK(rec > 0 && slots > 0 && pages > 0, "KV pages: bad sizes");
+                 int64_t rec, int64_t slots, int64_t ahead)
+    : L_(layers), H_(heads), P_(pages), rec_(rec), S_(slots), ahead_(ahead) {
+  TORCH_CHECK(rec > 0 && slots > 0 && pages > 0 && ahead >= 0, "KV pages: bad sizes");
   fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   TORCH_CHECK(fd_ >= 0, "cannot create the KV page file ", path, ": ", std::strerror(errno));
   ::unlink(path.c_str());  // anonymous from now on: no file is left behind, even after a crash
@@ -46,7 +55,9 @@ KVPages::KVPages(const std::string& path, int64_t layers, int64_t heads, int64_t
   table = torch::full({L_, H_, P_}, -1, torch::dtype(torch::kInt32));
   owner_.assign(S_, -1);
   ref_.assign(S_, 0);
+  early_.assign(S_, 0);
   pin_.assign(S_, 0);
+  last_.resize(L_);
 }
 
 void KVPages::read_at(uint8_t* dst, int64_t n, int64_t off) const {
@@ -55,28 +66,46 @@ void KVPages::read_at(uint8_t* dst, int64_t n, int64_t off) const {
 }
 
 KVPages::~KVPages() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
   if (fd_ >= 0) ::close(fd_);
 }
 
 void KVPages::reset() {
+  std::lock_guard<std::mutex> lk(mu_);
   table.fill_(-1);
   std::fill(owner_.begin(), owner_.end(), -1);
   std::fill(ref_.begin(), ref_.end(), 0);
+  std::fill(early_.begin(), early_.end(), 0);
+  for (auto& l : last_) l.clear();
+  jobs_.clear();
+  ++gen_;
   used_ = written_ = 0;
 }
 
-int64_t KVPages::resident() const {
+int64_t KVPages::resident_locked() const {
   int64_t n = 0;
   for (int64_t o : owner_) n += o >= 0;
   return n;
 }
 
-int32_t KVPages::victim() {
+int64_t KVPages::resident() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return resident_locked();
+}
+
+int32_t KVPages::victim(bool must, const std::vector<int64_t>* spare) {
   if (used_ < S_) return static_cast<int32_t>(used_++);
   for (int64_t tries = 0; tries < 2 * S_ + 1; ++tries) {
     const int64_t s = hand_;
     hand_ = (hand_ + 1) % S_;
     if (pin_[s] == epoch_) continue;  // needed by this very call
+    if (!must && early_[s]) continue;  // a read ahead does not evict another one
+    if (spare && std::binary_search(spare->begin(), spare->end(), owner_[s])) continue;
     if (ref_[s]) {
       ref_[s] = 0;  // a second chance
       continue;
@@ -85,14 +114,16 @@ int32_t KVPages::victim() {
     owner_[s] = -1;
     return static_cast<int32_t>(s);
   }
-  TORCH_CHECK(false, "the KV page pool (", S_, " pages) is smaller than one step's pages");
+  TORCH_CHECK(!must, "the KV page pool (", S_, " pages) is smaller than one step's pages");
+  return -1;
 }
 
-void KVPages::place(int64_t flat, int32_t slot) {
+void KVPages::place(int64_t flat, int32_t slot, bool pin) {
   table.data_ptr<int32_t>()[flat] = slot;
   owner_[slot] = flat;
   ref_[slot] = 1;
-  pin_[slot] = epoch_;
+  early_[slot] = !pin;
+  if (pin) pin_[slot] = epoch_;
 }
 
 void KVPages::write(int64_t layer, int64_t p0, torch::Tensor data) {
@@ -100,7 +131,9 @@ void KVPages::write(int64_t layer, int64_t p0, torch::Tensor data) {
                   data.size(0) == H_ && data.size(2) == rec_, "pages must be [H, n, rec] bytes");
   const int64_t n = data.size(1);
   TORCH_CHECK(0 <= layer && layer < L_ && 0 <= p0 && p0 + n <= P_, "pages out of range");
+  std::lock_guard<std::mutex> lk(mu_);
   ++epoch_;
+  ++gen_;
   const uint8_t* src = data.data_ptr<uint8_t>();
   uint8_t* pool_p = pool.data_ptr<uint8_t>();
   int32_t* tb = table.data_ptr<int32_t>();
@@ -127,7 +160,11 @@ void KVPages::ensure(int64_t layer, const int32_t* pages, int64_t heads, int64_t
   TORCH_CHECK(heads == H_ && 0 <= layer && layer < L_, "ensure: pages must be [H, K]");
   TORCH_CHECK(heads * k <= S_, "the KV page pool (", S_, " pages) cannot hold one layer's ",
               heads * k, " selected pages");
+  std::lock_guard<std::mutex> lk(mu_);
   ++epoch_;
+  // a read ahead of this layer not started yet is too late: this call reads what it lacks
+  jobs_.erase(std::remove_if(jobs_.begin(), jobs_.end(), [&](auto& j) { return j.first == layer; }),
+              jobs_.end());
   int32_t* tb = table.data_ptr<int32_t>();
   uint8_t* pool_p = pool.data_ptr<uint8_t>();
   std::vector<uint8_t> run;
@@ -141,6 +178,8 @@ void KVPages::ensure(int64_t layer, const int32_t* pages, int64_t heads, int64_t
         ref_[s] = 1;
         pin_[s] = epoch_;
         ++hits_;
+        ahead_used_ += early_[s];
+        early_[s] = 0;
       }
     }
   }
@@ -167,12 +206,82 @@ void KVPages::ensure(int64_t layer, const int32_t* pages, int64_t heads, int64_t
       i = j;
     }
   }
+  std::vector<int64_t>& last = last_[layer];  // what the next step will likely ask for again
+  last.clear();
+  for (int64_t h = 0; h < H_; ++h)
+    for (int64_t i = 0; i < k; ++i) last.push_back((layer * H_ + h) * P_ + pages[h * k + i]);
+  std::sort(last.begin(), last.end());
+  for (int64_t d = 1; d <= ahead_ && d < L_; ++d) read_later((layer + d) % L_);
 }
 
 void KVPages::ensure_tensor(int64_t layer, torch::Tensor pages) {
   TORCH_CHECK(pages.dtype() == torch::kInt32 && pages.is_contiguous() && pages.dim() == 2,
               "pages must be [H, K] int32");
   ensure(layer, pages.data_ptr<int32_t>(), pages.size(0), pages.size(1));
+}
+
+void KVPages::read_later(int64_t layer) {
+  const std::vector<int64_t>& want = last_[layer];
+  const int32_t* tb = table.data_ptr<int32_t>();
+  if (std::all_of(want.begin(), want.end(), [&](int64_t f) { return tb[f] >= 0; })) return;
+  auto same = std::find_if(jobs_.begin(), jobs_.end(), [&](auto& j) { return j.first == layer; });
+  if (same != jobs_.end()) {
+    same->second = want;
+  } else {
+    jobs_.emplace_back(layer, want);
+  }
+  if (!thread_.joinable()) thread_ = std::thread([this] { read_ahead(); });
+  wake_.notify_one();
+}
+
+void KVPages::read_ahead() {
+  std::vector<uint8_t> run;
+  const int32_t* tb = table.data_ptr<int32_t>();
+  uint8_t* pool_p = pool.data_ptr<uint8_t>();
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    busy_ = false;
+    idle_.notify_all();
+    wake_.wait(lk, [&] { return stop_ || !jobs_.empty(); });
+    if (stop_) return;
+    busy_ = true;
+    std::vector<int64_t> job = std::move(jobs_.front().second);
+    jobs_.pop_front();
+    for (size_t i = 0; i < job.size() && !stop_;) {
+      if (tb[job[i]] >= 0) {
+        ++i;
+        continue;
+      }
+      size_t j = i + 1;  // a run of consecutive pages not resident: one read
+      while (j < job.size() && job[j] == job[j - 1] + 1 && tb[job[j]] < 0) ++j;
+      const int64_t n = static_cast<int64_t>(j - i), off = job[i] * rec_;
+      const uint64_t gen = gen_;
+      run.resize(n * rec_);
+      lk.unlock();
+      bool ok = true;
+      try {
+        read_at(run.data(), n * rec_, off);
+        ::posix_fadvise(fd_, off, n * rec_, POSIX_FADV_DONTNEED);
+      } catch (...) {  // a failed read ahead costs nothing: the step reads the page itself
+        ok = false;
+      }
+      lk.lock();
+      for (int64_t r = 0; ok && gen == gen_ && r < n; ++r) {
+        if (tb[job[i + r]] >= 0) continue;  // read by a step meanwhile
+        const int32_t s = victim(false, &job);
+        if (s < 0) break;
+        std::memcpy(pool_p + s * rec_, run.data() + r * rec_, rec_);
+        place(job[i + r], s, false);
+        ++ahead_read_;
+      }
+      i = j;
+    }
+  }
+}
+
+void KVPages::wait() {
+  std::unique_lock<std::mutex> lk(mu_);
+  idle_.wait(lk, [&] { return stop_ || (jobs_.empty() && !busy_); });
 }
 
 torch::Tensor KVPages::read(int64_t layer, int64_t n) {
@@ -184,8 +293,12 @@ torch::Tensor KVPages::read(int64_t layer, int64_t n) {
     read_at(dst + h * n * rec_, n * rec_, off);
     ::posix_fadvise(fd_, off, n * rec_, POSIX_FADV_DONTNEED);
   }
+  std::lock_guard<std::mutex> lk(mu_);
   bulk_ += H_ * n;
   return out;
 }
 
-std::vector<int64_t> KVPages::stats() const { return {hits_, misses_, bulk_, resident()}; }
+std::vector<int64_t> KVPages::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return {hits_, misses_, bulk_, resident_locked(), ahead_read_, ahead_used_};
+}

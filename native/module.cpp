@@ -16,9 +16,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused decode attention over quantized KV pages (all, or a list per head)");
   m.def("select_pages", &select_pages, "the pages a decode query attends to, per KV head");
   py::class_<KVPages, std::shared_ptr<KVPages>>(m, "KVPages")
-      .def(py::init<const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t>())
+      .def(py::init<const std::string&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>())
       .def("write", &KVPages::write)
       .def("ensure", &KVPages::ensure_tensor)
+      .def("wait", &KVPages::wait, py::call_guard<py::gil_scoped_release>())
       .def("read", &KVPages::read)
       .def("reset", &KVPages::reset)
       .def("stats", &KVPages::stats)

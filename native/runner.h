@@ -5,10 +5,14 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 // ---- pool.cpp
@@ -53,11 +57,13 @@ class QMatrices {
 
 // ---- kv_pages.cpp
 // The quantized KV pages of every layer and KV head on disk, `slots` of them resident in RAM:
-// pool [slots, rec] bytes, table [L, H, P] int32 (a page's slot, or -1)
+// pool [slots, rec] bytes, table [L, H, P] int32 (a page's slot, or -1). `ahead`: layers
+// after the one a step makes resident whose pages of the step before are read ahead meanwhile,
+// on a thread of the pool's own (0: none)
 class KVPages {
  public:
   KVPages(const std::string& path, int64_t layers, int64_t heads, int64_t pages, int64_t rec,
-          int64_t slots);
+          int64_t slots, int64_t ahead);
   ~KVPages();
   KVPages(const KVPages&) = delete;
   KVPages& operator=(const KVPages&) = delete;
@@ -66,23 +72,39 @@ class KVPages {
   // make `pages` ([heads, k], per head) of `layer` resident
   void ensure(int64_t layer, const int32_t* pages, int64_t heads, int64_t k);
   void ensure_tensor(int64_t layer, torch::Tensor pages);
+  void wait();  // until every read ahead asked for is done
   // pages [0, n) of every head of `layer`, [H, n, rec], read from disk (the pool unchanged)
   torch::Tensor read(int64_t layer, int64_t n);
   void reset();  // forget every page
   int64_t resident() const;
-  // pages found resident, pages read by ensure, pages read in bulk, pages resident now
+  // pages found resident, pages read by ensure, pages read in bulk, pages resident now, pages
+  // read ahead, of those found resident by a later ensure
   std::vector<int64_t> stats() const;
   torch::Tensor pool, table;
 
  private:
-  int32_t victim();
-  void place(int64_t flat, int32_t slot);
+  // a slot to fill: a free one, else by the clock; -1 (or, `must`, an error) if every slot
+  // is pinned by the current call (or, read ahead, holds a page of `spare`)
+  int32_t victim(bool must = true, const std::vector<int64_t>* spare = nullptr);
+  void place(int64_t flat, int32_t slot, bool pin = true);
   void read_at(uint8_t* dst, int64_t n, int64_t off) const;
+  int64_t resident_locked() const;
+  void read_later(int64_t layer);  // queue `layer`'s last pages (last_) for read_ahead
+  void read_ahead();  // the background thread: `jobs_` until `stop_`
   int fd_ = -1;
-  int64_t L_, H_, P_, rec_, S_, used_ = 0, hand_ = 0, written_ = 0, epoch_ = 0;
-  int64_t hits_ = 0, misses_ = 0, bulk_ = 0;
+  int64_t L_, H_, P_, rec_, S_, ahead_, used_ = 0, hand_ = 0, written_ = 0, epoch_ = 0;
+  int64_t hits_ = 0, misses_ = 0, bulk_ = 0, ahead_read_ = 0, ahead_used_ = 0;
   std::vector<int64_t> owner_, pin_;
-  std::vector<uint8_t> ref_;
+  std::vector<uint8_t> ref_, early_;  // early_: read ahead, not asked for since
+  // every member above is the pool's state, guarded by mu_ (the pool's bytes: a slot is
+  // written only while no step may read it, see victim)
+  mutable std::mutex mu_;
+  std::condition_variable wake_, idle_;
+  std::vector<std::vector<int64_t>> last_;  // per layer: the pages its last ensure asked for
+  std::deque<std::pair<int64_t, std::vector<int64_t>>> jobs_;  // (layer, flat page numbers)
+  uint64_t gen_ = 0;  // bumped by write and reset: a page read before is dropped
+  bool stop_ = false, busy_ = false;
+  std::thread thread_;  // started by the first prefetch
 };
 
 // ---- kv_attention.cpp

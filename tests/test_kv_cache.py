@@ -49,6 +49,20 @@ def test_clipped_range_never_has_more_error():
         assert (err_clip <= err_plain + 1e-6).all() and err_clip.sum() < err_plain.sum()
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_symmetric_codes_are_within_half_a_step_and_clipping_never_hurts(bits):
+    x = torch.randn(3, 40, 2, 32)
+    x[0, 0, 0, 5] = 30.0
+    codes, scale = kvquant.quantize_sym(x, bits, dim=3)
+    plain = kvquant.dequantize_sym(codes, scale, bits)
+    assert (codes < (1 << bits)).all()
+    assert ((plain - x).abs() <= scale.float() * 0.5 + 1e-3).all()
+    clipped = kvquant.dequantize_sym(*kvquant.quantize_sym(x, bits, dim=3, clip=True), bits)
+    err_plain = ((plain - x) ** 2).sum(dim=3)
+    err_clip = ((clipped - x) ** 2).sum(dim=3)
+    assert (err_clip <= err_plain + 1e-6).all() and err_clip.sum() < err_plain.sum()
+
+
 def test_sink_tokens_are_stored_exactly_and_kept_out_of_the_first_group():
     cfg = KVConfig(k_bits=2, v_bits=2, window=32, k_group=64, sink=16)
     k, v = kv_data(200)
@@ -147,9 +161,10 @@ def test_page_summaries_describe_each_pages_own_keys(bits, kind):
 def test_bytes_per_token_meet_the_budget():
     fp16 = KVCache(KVConfig(16, 16), 1, 2, 64, 4096).bytes_per_token()
     four = KVCache(KVConfig(4, 4), 1, 2, 64, 4096).bytes_per_token()
-    two = KVCache(KVConfig(2, 2, k_group=64), 1, 2, 64, 4096).bytes_per_token()
+    two = KVCache(KVConfig(2, 2, k_group=64, v_sym=True), 1, 2, 64, 4096).bytes_per_token()
+    k4v2 = KVCache(KVConfig(4, 2, k_group=256, v_sym=True), 1, 2, 64, 4096).bytes_per_token()
     assert fp16 == 2 * 2 * 64 * 2
-    assert four <= 0.28 * fp16 and two <= 0.16 * fp16
+    assert four <= 0.28 * fp16 and two <= 0.15 * fp16 and k4v2 <= 0.2 * fp16
 
 
 def decode_case(cfg: KVConfig, n: int):
@@ -167,7 +182,8 @@ def decode_case(cfg: KVConfig, n: int):
 @pytest.mark.parametrize("v_rotate", [False, True])
 def test_prefill_and_decode_reference_agree(k_bits, v_bits, v_rotate):
     """The last query of a prefill chunk sees exactly what a decode step at that position sees."""
-    cfg = KVConfig(k_bits, v_bits, window=32, k_group=32, v_group=32, sink=16, v_rotate=v_rotate)
+    cfg = KVConfig(k_bits, v_bits, window=32, k_group=32, v_group=32, sink=16, v_rotate=v_rotate,
+                   v_sym=v_rotate)  # fmt: skip
     cache, q, kf, vf = decode_case(cfg, 200)
     ref = attention.decode_reference(cache, 0, q, kf, vf)
     pre = attention.prefill(cache, 0, q[:, None, :], kf, vf)[:, 0]  # Hq, D
@@ -197,7 +213,15 @@ def test_native_kernel_matches_reference(k_bits, v_bits, n, sink, v_rotate):
     if kernel is None:
         pytest.skip(f"native extension unavailable here: {native.status()}")
     cfg = KVConfig(
-        k_bits, v_bits, window=64, k_group=64, v_group=32, sink=sink, v_clip=True, v_rotate=v_rotate
+        k_bits,
+        v_bits,
+        window=64,
+        k_group=64,
+        v_group=32,
+        sink=sink,
+        v_clip=True,
+        v_rotate=v_rotate,
+        v_sym=v_rotate,
     )
     cache, q, kf, vf = decode_case(cfg, n)
     ref = attention.decode_reference(cache, 0, q, kf, vf)
@@ -224,7 +248,7 @@ def test_truncate_then_refill_equals_a_fresh_cache(bits, cut, disk, tmp_path):
     a file under a pool of 4 pages per head (`disk`)."""
     rotate = bits == 2
     cfg = KVConfig(k_bits=bits, v_bits=bits, window=32, k_group=64, v_group=32, sink=16,
-                   v_clip=rotate, v_rotate=rotate)  # fmt: skip
+                   v_clip=rotate, v_rotate=rotate, v_sym=rotate)  # fmt: skip
     k, v = kv_data(300)
     k2, v2 = kv_data(300, seed=1)
     ids = list(range(300))

@@ -56,7 +56,7 @@ def test_a_page_that_holds_the_querys_key_is_selected(kind, score):
 
 @pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (4, 4), (2, 2)])
 def test_all_pages_selected_is_dense_attention(k_bits, v_bits):
-    cfg = cfg_of(k_bits, v_bits, v_rotate=k_bits == 2)
+    cfg = cfg_of(k_bits, v_bits, v_rotate=k_bits == 2, v_sym=k_bits == 2)
     cache, q, kf, vf = sparse_case(cfg, 500)
     every = torch.arange(cache.qend(501) // PAGE, dtype=torch.int32).expand(H, -1)
     dense = attention.decode_reference(cache, 0, q, kf, vf)
@@ -107,7 +107,8 @@ def test_native_sparse_kernel_matches_the_reference(k_bits, v_bits, v_rotate, es
     the reference on the same list (the selection is tested above), the pages not read estimated
     or left out."""
     kernel_or_skip()
-    cfg = cfg_of(k_bits, v_bits, v_clip=True, v_rotate=v_rotate and v_bits < 16,
+    rotate = v_rotate and v_bits < 16
+    cfg = cfg_of(k_bits, v_bits, v_clip=True, v_rotate=rotate, v_sym=rotate,
                  estimate_rest=estimate, page_summary=kind)  # fmt: skip
     cache, q, kf, vf = sparse_case(cfg, 700)
     keep, first = 9, 2
@@ -161,7 +162,7 @@ def test_pages_on_disk_attend_exactly_as_pages_in_ram(k_bits, v_bits, tmp_path):
     (so every step reads some from disk and evicts others): the same keys and values back, the
     same attention bit for bit, sparse and dense, step after step."""
     kernel_or_skip()
-    cfg = cfg_of(k_bits, v_bits, v_clip=True, v_rotate=v_bits == 2)
+    cfg = cfg_of(k_bits, v_bits, v_clip=True, v_rotate=v_bits == 2, v_sym=v_bits == 2)
     ram = sparse_case(cfg, 700)
     probe = KVCache(cfg, 1, H, D, 1024)
     fixed, rec = probe.fixed_bytes, probe.rec
@@ -177,7 +178,7 @@ def test_pages_on_disk_attend_exactly_as_pages_in_ram(k_bits, v_bits, tmp_path):
             for c, _, kf, vf in (ram, disk)
         ]
         assert torch.equal(*got)
-    hits, misses, _, resident = disk[0].pages.stats()
+    hits, misses, _, resident, _, _ = disk[0].pages.stats()
     assert misses > 0 and resident == 9 * H
     assert disk[0].nbytes == fixed + rec * H * 9 and disk[0].offloaded_bytes() > 0
     with pytest.raises(RuntimeError, match="cannot hold one layer"):  # dense needs every page
@@ -185,6 +186,47 @@ def test_pages_on_disk_attend_exactly_as_pages_in_ram(k_bits, v_bits, tmp_path):
     big = sparse_case(cfg, 700, kv_ram=fixed + rec * H * 64, kv_dir=tmp_path)
     dense = [attention.decode(c, 0, c_q, kf, vf) for c, c_q, kf, vf in (ram, big)]
     assert torch.equal(*dense)
+
+
+def test_read_ahead_brings_back_the_next_layers_pages_of_the_step_before(tmp_path):
+    """Pages on disk, a pool smaller than a step's pages (3 layers × 2 heads × 9 pages, 40
+    slots): once a layer's pages are resident, the next layer's pages of the step before come
+    back in the background, so the next step finds every page it asked for last time in the
+    pool, reads nothing from disk, and attends exactly as the cache all in RAM does."""
+    kernel_or_skip()
+    cfg = cfg_of(4, 4, page_summary="keys")
+    k, v = kv_data(701, seed=700)
+    q = torch.randn(HQ, D, generator=torch.Generator().manual_seed(7))
+    probe = KVCache(cfg, 3, H, D, 1024)
+    ram = KVCache(cfg, 3, H, D, 1024)
+    disk = KVCache(cfg, 3, H, D, 1024, kv_ram=probe.fixed_bytes + probe.rec * 40,
+                   kv_dir=tmp_path, read_ahead=1)  # fmt: skip
+    outs = {}
+    for name, cache in (("ram", ram), ("disk", disk)):
+        for i in range(0, 700, 64):
+            j = min(i + 64, 700)
+            cache.begin(j - i)
+            for layer in range(3):
+                cache.write(layer, k[:, i:j], v[:, i:j])
+            cache.commit()
+        cache.begin(1)
+        kv = [cache.write(layer, k[:, 700:], v[:, 700:]) for layer in range(3)]
+        steps = []
+        for step in range(2):  # the same query twice: the same pages
+            for layer in range(3):
+                steps.append(attention.decode(cache, layer, q, *kv[layer], keep=9, first=2))
+                if name == "disk":  # the reads ahead done before the next layer asks
+                    disk.pages.wait()
+            if name == "disk":
+                outs[step] = disk.pages.stats()
+        outs[name] = steps
+    for a, b in zip(outs["ram"], outs["disk"], strict=True):
+        assert torch.equal(a, b)
+    _, misses, _, _, ahead, used = outs[0]
+    assert misses > 0 and ahead > 0 and used == 0  # step 1 read; then layer 0 came back
+    _, misses2, _, _, ahead2, used2 = outs[1]
+    assert misses2 == misses  # step 2 read nothing from disk itself: every page was back
+    assert used2 >= ahead and ahead2 > ahead  # the pages read ahead were the ones asked for
 
 
 # ---- the runner (SmolLM2-135M: 30 layers, 3 KV heads) ----------------------------------------
@@ -292,6 +334,7 @@ def test_pages_on_disk_under_a_kv_budget_change_nothing_but_memory(model_path, e
         text, stats = greedy(disk, prompt, 8)
         assert text == greedy(sparse, prompt, 8)[0]
         assert stats.extra["kv_disk_bytes_read_per_token"] > 0
+        assert 0 <= stats.extra["kv_read_ahead_recall"] <= 1  # the read-ahead thread ran beside
         assert stats.extra["kv_offloaded_bytes"] > 0 and disk.info()["kv_pool_pages"] > 0
     finally:
         disk.close()
@@ -323,7 +366,7 @@ def chunk_case(cfg: KVConfig, n: int, c: int, needle: int | None = None):
 
 @pytest.mark.parametrize("k_bits,v_bits", [(16, 16), (4, 4), (2, 2)])
 def test_a_chunk_reading_every_page_is_dense_prefill(k_bits, v_bits):
-    cfg = cfg_of(k_bits, v_bits, v_rotate=k_bits == 2)
+    cfg = cfg_of(k_bits, v_bits, v_rotate=k_bits == 2, v_sym=k_bits == 2)
     cache, q, kf, vf = chunk_case(cfg, 700, 100)
     dense = attention.prefill(cache, 0, q, kf, vf)
     old = cache.qend(700) // PAGE  # pages older than the chunk's window (36)

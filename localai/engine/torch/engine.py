@@ -30,7 +30,7 @@ from ..tokengen import TokenEngine, Vocab, shared_prefix
 from . import native
 from .arch import Hparams
 from .experts import parse_budget, prediction_scores
-from .kv import COPY_BITS, PAGE, KVConfig
+from .kv import COPY_BITS, PAGE, READ_AHEAD, KVConfig
 from .model import Transformer
 from .routing import TraceWriter
 from .sampler import sample
@@ -58,6 +58,7 @@ class TorchEngine(TokenEngine):
         kv_sink: int = 32,
         v_clip: bool | None = None,
         v_rotate: bool | None = None,
+        v_sym: bool | None = None,
         prefill_chunk: int = 256,
         use_native: bool = True,
         decode_threads: int | None = None,
@@ -69,6 +70,7 @@ class TorchEngine(TokenEngine):
         sparse_prefill: bool = False,
         kv_budget: int | str | None = None,
         kv_dir: Path | None = None,
+        kv_read_ahead: int = READ_AHEAD,
     ):
         super().__init__()
         self.path = Path(path)
@@ -87,15 +89,16 @@ class TorchEngine(TokenEngine):
         hp = dataclasses.replace(hp, **(hparams or {}))  # e.g. RoPE scaling the GGUF lacks
         self.hp = hp
         self.context_length = min(context_length, hp.context_length)
-        # 2 bits: K groups of 64 tokens (the byte budget allows them there, not at 4 bits) and
-        # V rotated and clipped (BENCHMARKS.md, "KV cache")
-        k_group = k_group or (64 if k_bits == 2 else 128)
+        # 2-bit K: groups of 64 tokens (the byte budget allows them there, not at 4 bits);
+        # 4-bit K beside 2-bit V: groups of 256 (the bytes then stay under 0.2× fp16). 2-bit V:
+        # rotated, symmetric (no minimum) and clipped (BENCHMARKS.md, "KV cache")
+        k_group = k_group or (64 if k_bits == 2 else 256 if v_bits == 2 else 128)
         v_clip = v_bits == 2 if v_clip is None else v_clip
         pow2 = hp.head_dim & (hp.head_dim - 1) == 0
         v_rotate = v_bits == 2 and pow2 if v_rotate is None else v_rotate
-        kv = KVConfig(
-            k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim), kv_sink, v_clip, v_rotate
-        )
+        v_sym = v_rotate if v_sym is None else v_sym
+        kv = KVConfig(k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim), kv_sink,
+                      v_clip, v_rotate, v_sym)  # fmt: skip
         try:  # a MoE model's experts: all in place (None), or read into a budget (experts.py)
             budget = parse_budget(attn_budget, self.context_length, "an attention budget") or 0
             if budget and budget < ATTN_BUDGET_MIN:
@@ -110,7 +113,7 @@ class TorchEngine(TokenEngine):
                 )
             self.model = Transformer(weights, hp, kv, self.context_length, expert_budget,
                                      expert_prefetch, budget, kv_budget or None,
-                                     kv_dir)  # fmt: skip
+                                     kv_dir, kv_read_ahead)  # fmt: skip
             self._check_pool(budget)
             self.model.sparse_prefill = sparse_prefill
         except ValueError as e:
@@ -302,7 +305,9 @@ class TorchEngine(TokenEngine):
         now = {f"attn_{k}": v for k, v in dataclasses.asdict(self.model.attn_stats).items()}
         now |= dataclasses.asdict(cache.stats) if cache is not None else {}
         if kv.pages is not None:
-            now |= dict(zip(("kv_page_hits", "kv_page_reads"), kv.pages.stats()[:2], strict=True))
+            hits, reads, _, _, ahead, used = kv.pages.stats()
+            now |= {"kv_page_hits": hits, "kv_page_reads": reads, "kv_read_ahead": ahead,
+                    "kv_read_ahead_used": used}  # fmt: skip
         if since is None:
             return now
         d = {k: now[k] - since.get(k, 0) for k in now}
@@ -313,6 +318,11 @@ class TorchEngine(TokenEngine):
             out["kv_bytes_read_per_token"] = d["attn_bytes_read"] // steps
             if kv.pages is not None:  # of those, from disk (pages that were not in the pool)
                 out["kv_disk_bytes_read_per_token"] = d["kv_page_reads"] * kv.rec // steps
+                # read-ahead: of the pages it read, the share a step then used (precision);
+                # of the pages steps found missing or read ahead, the share read ahead (recall)
+                used = d["kv_read_ahead_used"]
+                out["kv_read_ahead_precision"] = round(used / max(1, d["kv_read_ahead"]), 4)
+                out["kv_read_ahead_recall"] = round(used / max(1, used + d["kv_page_reads"]), 4)
         if sparse := d["attn_sparse_steps"]:
             out["attn_sparse_steps"] = sparse
             out["attn_pages_selected"] = round(d["attn_pages_selected"] / sparse, 1)

@@ -58,6 +58,7 @@ from . import kvquant
 
 # L layers, H KV heads, T tokens (capacity), D head dim, R packed bytes per row, C new tokens
 PAGE = 16
+READ_AHEAD = 1  # pages on disk: layers ahead whose pages of the step before are read meanwhile
 BITS = (16, 8, 4, 2)
 SUMMARIES = ("", "meanstd", "minmax", "keys")
 COPY_BITS = 4  # the "keys" summary's copy of the keys
@@ -74,6 +75,9 @@ class KVConfig:
     sink: int = 32  # first tokens kept in fp16 (attention sink); a multiple of PAGE, < k_group
     v_clip: bool = False  # search each V group's range for the least squared error
     v_rotate: bool = False  # quantize V times an orthonormal Hadamard matrix (see `hadamard`)
+    # V symmetric around 0: code·scale - (2^b - 1)/2·scale, no minimum stored (rotated V is
+    # centred: BENCHMARKS.md, "KV cache")
+    v_sym: bool = False
     page_summary: str = ""  # "meanstd", "minmax", "keys" or "" (none): sparse attention
     score_channels: int = 16  # "keys": channels of the copy a step reads per KV head (0: all)
     # a KV head's page score from its query heads': their "max" (default: better at 8K on
@@ -103,22 +107,29 @@ def row_bytes(bits: int, d: int) -> int:
 
 class KVCache:
     def __init__(self, cfg: KVConfig, n_layers: int, n_heads: int, head_dim: int, capacity: int,
-                 kv_ram: int | str | None = None, kv_dir: Path | None = None):  # fmt: skip
+                 kv_ram: int | str | None = None, kv_dir: Path | None = None,
+                 read_ahead: int = READ_AHEAD):  # fmt: skip
         """`kv_ram`: RAM for the whole cache (bytes, or a share of what it holds all in RAM,
         see experts.parse_budget); the pages' codes beyond what the fixed parts leave live in
-        a file under `kv_dir` (default: the temp dir). None: everything in RAM."""
+        a file under `kv_dir` (default: the temp dir); while a layer attends, the pages the
+        next `read_ahead` layers read at the step before are read back in the background
+        (kv_pages.cpp). None: everything in RAM."""
         g = cfg.k_group
         self.cfg, self.L, self.H, self.D = cfg, n_layers, n_heads, head_dim
         self.T = -(-capacity // g) * g  # whole K groups
         assert head_dim % cfg.v_group == 0 or cfg.v_bits == 16
         L, H, T, D = n_layers, n_heads, self.T, head_dim
         self.vgs = D // cfg.v_group if cfg.v_bits < 16 else 0  # V scale groups per token
+        self.vms = 0 if cfg.v_sym else self.vgs  # V minimums per token (none when symmetric)
         # one page of one head: K codes, V codes, V scales, V minimums (kv_pages.cpp)
-        self.rec = PAGE * (row_bytes(cfg.k_bits, D) + row_bytes(cfg.v_bits, D) + 4 * self.vgs)
+        v_bytes = row_bytes(cfg.v_bits, D) + 2 * (self.vgs + self.vms)
+        self.rec = PAGE * (row_bytes(cfg.k_bits, D) + v_bytes)
         spill = bool(kv_ram)  # then the codes live in the page file and pool
         self.kc, self.ks, self.km = self._store(cfg.k_bits, (L, H, T // g, D), not spill)
         v_scales = (L, H, T, D // cfg.v_group) if cfg.v_bits < 16 and not spill else (0,)
         self.vc, self.vs, self.vm = self._store(cfg.v_bits, v_scales, not spill)
+        if cfg.v_sym:
+            self.vm = torch.empty(0, dtype=torch.float16)
         pages = (L, H, T // PAGE, D)
         spread = cfg.page_summary in ("meanstd", "minmax")
         self.kcent = torch.empty(pages if spread else (0,), dtype=torch.float16)  # L, H, T/16, D
@@ -137,7 +148,7 @@ class KVCache:
         cap = cfg.window + g
         self.kbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)  # L, H, W+G, D
         self.vbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)
-        self.pages = self._spill(kv_ram, kv_dir) if spill else None
+        self.pages = self._spill(kv_ram, kv_dir, read_ahead) if spill else None
         self.n = 0  # tokens stored (all layers agree between forwards)
         self._n_next = 0
         self._high = 0  # the most quantized tokens ever stored: the per-token parts touched
@@ -169,7 +180,7 @@ class KVCache:
                  *self._summaries)  # fmt: skip
         return sum(t.nbytes for t in parts) + self.L * self.H * (self.T // PAGE) * 4
 
-    def _spill(self, kv_ram: int | str, spill_dir: Path | None):
+    def _spill(self, kv_ram: int | str, spill_dir: Path | None, ahead: int):
         from . import native
         from .experts import parse_budget
 
@@ -188,7 +199,7 @@ class KVCache:
         where = Path(spill_dir or tempfile.gettempdir())
         where.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = where / f"kv-{os.getpid()}-{id(self):x}.pages"  # unlinked once open
-        return kernel.KVPages(str(path), self.L, self.H, self.T // PAGE, self.rec, slots)
+        return kernel.KVPages(str(path), self.L, self.H, self.T // PAGE, self.rec, slots, ahead)
 
     def _sink(self, bits: int) -> torch.Tensor:
         if bits == 16 or not self.cfg.sink:
@@ -337,16 +348,17 @@ class KVCache:
 
     def _put(self, layer: int, start: int, kc, vc, vs, vm) -> None:
         """Store the codes of tokens [start, start + C): kc, vc [H, C, R] (fp16 [H, C, D] at 16
-        bits), vs, vm [H, C, D/v_group] (None at 16 bits)."""
+        bits), vs, vm [H, C, D/v_group] (None at 16 bits; vm None with symmetric V)."""
         c = kc.shape[1]
         if self.pages is None:
             self.kc[layer, :, start : start + c] = kc
             self.vc[layer, :, start : start + c] = vc
             if vs is not None:
                 self.vs[layer, :, start : start + c] = vs
+            if vm is not None:
                 self.vm[layer, :, start : start + c] = vm
             return
-        rows = [kc, vc] + ([vs, vm] if vs is not None else [])  # a page: each part's 16 rows
+        rows = [t for t in (kc, vc, vs, vm) if t is not None]  # a page: each part's 16 rows
         parts = [t.contiguous().view(torch.uint8).reshape(self.H, c // PAGE, -1) for t in rows]
         self.pages.write(layer, start // PAGE, torch.cat(parts, dim=2).contiguous())
 
@@ -359,10 +371,10 @@ class KVCache:
         pages = -(-n // PAGE)
         recs = self.pages.read(layer, pages)  # H, pages, rec
         cfg, H, D = self.cfg, self.H, self.D
-        widths = [row_bytes(cfg.k_bits, D), row_bytes(cfg.v_bits, D), 2 * self.vgs, 2 * self.vgs]
+        widths = [row_bytes(cfg.k_bits, D), row_bytes(cfg.v_bits, D), 2 * self.vgs, 2 * self.vms]
         out, at = [], 0
         for bits, w in zip((cfg.k_bits, cfg.v_bits, 16, 16), widths, strict=True):
-            if not w:  # no V scales at 16 bits
+            if not w:  # no V scales at 16 bits, no minimums with symmetric V
                 out.append(torch.empty(0, dtype=torch.float16))
                 continue
             part = recs[:, :, at : at + PAGE * w].reshape(H, pages * PAGE, w)
@@ -433,10 +445,15 @@ class KVCache:
         if self.v_rot.numel():
             v = v @ self.v_rot  # H, C, D
         grouped = v.reshape(self.H, c, self.D // gv, gv)  # H, C, D/gv, gv
-        codes, scale, lo = kvquant.quantize(grouped, bits, dim=3, clip=self.cfg.v_clip)
+        if self.cfg.v_sym:
+            codes, scale = kvquant.quantize_sym(grouped, bits, dim=3, clip=self.cfg.v_clip)
+            lo = None
+        else:
+            codes, scale, lo = kvquant.quantize(grouped, bits, dim=3, clip=self.cfg.v_clip)
+            lo = lo[..., 0].half()
         # scale: H, C, D/gv, 1
         packed = kvquant.pack(codes.reshape(self.H, c, self.D), bits)
-        return packed, scale[..., 0].half(), lo[..., 0].half()
+        return packed, scale[..., 0].half(), lo
 
     # -- reading ----------------------------------------------------------------------------
     def dequant_kv(self, layer: int, tok: int | torch.Tensor):
@@ -463,8 +480,10 @@ class KVCache:
             return _take(vc, tok).float()
         codes = kvquant.unpack(_take(vc, tok), bits)  # H, M, D
         scale = _take(vs, tok).repeat_interleave(gv, dim=2)  # H, M, D
-        lo = _take(vm, tok).repeat_interleave(gv, dim=2)
-        v = kvquant.dequantize(codes, scale, lo)  # H, M, D
+        if self.cfg.v_sym:
+            v = kvquant.dequantize_sym(codes, scale, bits)
+        else:
+            v = kvquant.dequantize(codes, scale, _take(vm, tok).repeat_interleave(gv, dim=2))
         if self.v_rot.numel():
             v = v @ self.v_rot.T
         return _with_sink(v, self.vsink, layer, tok)

@@ -61,6 +61,34 @@ def quantize(
     return codes, scale, lo_q
 
 
+SYM = tuple(1.0 - 0.05 * i for i in range(13))  # shares of max|x| tried for the half-range
+
+
+def quantize_sym(
+    x: torch.Tensor, bits: int, dim: int, clip: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x symmetrically around 0 with one scale per slice along `dim`:
+    x ≈ (code - (2^b - 1)/2)·scale. With `clip`, the half-range is searched over the shares
+    SYM of max|x| for the least squared error. Returns codes and the fp16 scale (keepdim)."""
+    half = ((1 << bits) - 1) / 2
+    top = x.abs().amax(dim=dim, keepdim=True)
+    best = None
+    for f in SYM if clip else (1.0,):
+        scale = (top * f / half).clamp_min(1e-8).half()
+        codes = torch.round(x / scale.float() + half).clamp_(0, 2 * half).to(torch.uint8)
+        err = ((dequantize_sym(codes, scale, bits) - x) ** 2).sum(dim=dim, keepdim=True)
+        if best is None:
+            best = [err, codes, scale]
+            continue
+        better = err < best[0]
+        best = [torch.where(better, e, b) for e, b in zip((err, codes, scale), best, strict=True)]
+    return best[1], best[2]
+
+
+def dequantize_sym(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    return (codes.float() - ((1 << bits) - 1) / 2) * scale.float()
+
+
 def _codes(x, bits, lo, hi):
     levels = (1 << bits) - 1
     scale = ((hi - lo) / levels).clamp_min(1e-8).half()

@@ -25,7 +25,7 @@ from . import attention
 from .arch import Hparams
 from .experts import ExpertCache
 from .head import make_head
-from .kv import PAGE, KVCache, KVConfig
+from .kv import PAGE, READ_AHEAD, KVCache, KVConfig
 from .weights import GGUFWeights, QLinear
 
 # C tokens in this forward, E model dim, Hq query heads, H KV heads, D head dim, F ffn dim,
@@ -236,7 +236,8 @@ class Transformer:
     def __init__(self, w: GGUFWeights, hp: Hparams, kv: KVConfig, capacity: int,
                  expert_budget: int | float | str | None = None,
                  expert_prefetch: bool = False, attn_budget: int = 0,
-                 kv_ram: int | str | None = None, kv_dir: Path | None = None):  # fmt: skip
+                 kv_ram: int | str | None = None, kv_dir: Path | None = None,
+                 kv_read_ahead: int = READ_AHEAD):  # fmt: skip
         """`expert_budget`: RAM for a MoE model's experts, read on demand (experts.ExpertCache;
         bytes or a share of all expert bytes, see experts.parse_budget); None keeps them all in
         place in the memory map. `expert_prefetch`: read each layer's likely experts while the
@@ -244,7 +245,7 @@ class Transformer:
         to at most (sparse attention, see attention.py: the sink, the best pages, the fp16
         window); 0, or a context under the budget, is dense attention. `kv_ram`: RAM for the
         KV cache, its quantized pages beyond it on disk under `kv_dir` (kv.KVCache); None: all
-        in RAM."""
+        in RAM. `kv_read_ahead`: layers ahead whose KV pages are read back while one computes."""
         self.w, self.hp = w, hp
         self.attn_budget = attn_budget
         self.sparse_prefill = False  # prompts' chunks too (attention.select_chunk_pages)
@@ -265,7 +266,7 @@ class Transformer:
         self.norm = w.dense(hp.name("output_norm"))
         self.head = make_head(w, hp)
         self.cache = KVCache(kv, hp.n_layers, hp.n_kv_heads, hp.head_dim, capacity, kv_ram,
-                             kv_dir)  # fmt: skip
+                             kv_dir, kv_read_ahead)  # fmt: skip
         factors = w.dense("rope_freqs.weight") if "rope_freqs.weight" in w else None
         self.cos, self.sin = rope_tables(hp, self.cache.T, factors)
         # the C++ decode attention, and the fused C++ decode step; tests turn either off
