@@ -212,17 +212,8 @@ def test_native_kernel_matches_reference(k_bits, v_bits, n, sink, v_rotate):
     kernel = native.load()
     if kernel is None:
         pytest.skip(f"native extension unavailable here: {native.status()}")
-    cfg = KVConfig(
-        k_bits,
-        v_bits,
-        window=64,
-        k_group=64,
-        v_group=32,
-        sink=sink,
-        v_clip=True,
-        v_rotate=v_rotate,
-        v_sym=v_rotate,
-    )
+    cfg = KVConfig(k_bits, v_bits, window=64, k_group=64, v_group=32, sink=sink, v_clip=True,
+                   v_rotate=v_rotate, v_sym=v_rotate)  # fmt: skip
     cache, q, kf, vf = decode_case(cfg, n)
     ref = attention.decode_reference(cache, 0, q, kf, vf)
     out = attention.decode(cache, 0, q, kf, vf, use_native=True)
