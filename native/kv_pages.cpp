@@ -6,22 +6,17 @@
 // file once, when it is quantized (at a fixed offset: layer, head, page), and the file is the
 // truth; the pool is `slots` records in RAM with a table [L, H, P] from each page to its slot
 // (-1: on disk only). A decode step makes the pages it selected resident (`ensure`: one pread
-// per run of consecutive missing pages), evicting any page that this call does not need, of
-// the layer whose turn comes last: steps visit the layers in order, so a pool smaller than a
-// step's pages is a cyclic scan, where the page used longest ago (what a clock or LRU evicts)
-// is the one needed soonest; evicting the layer just used first (this one's pages it did not
-// ask for, then the one before, ...; in each, the page asked for longest ago) keeps the pages
-// of the layers about to come, as Belady's rule would. Pool pages are clean copies, so
-// eviction writes nothing. Neither writes nor reads stay in the OS page cache (posix_fadvise
-// DONTNEED): an offloaded page costs a disk read, as it would on a machine whose memory is
-// full, and the budget is what it says.
+// per run of consecutive missing pages), evicting by the clock (second chance) any page that
+// this call does not need; pool pages are clean copies, so eviction writes nothing. Neither
+// writes nor reads stay in the OS page cache (posix_fadvise DONTNEED): an offloaded page costs
+// a disk read, as it would on a machine whose memory is full, and the budget is what it says.
 // The file is unlinked as soon as it is open: it lives exactly as long as the cache.
 //
 // Read-ahead: once a step has made a layer's pages resident, a thread of the pool's own reads
 // the pages the next `ahead` layers asked for at the step before (a step's choice differs
-// little from the last one's) that are no longer resident, while this layer computes, so that
-// a pool smaller than a step's pages, which reads some of them back every step, overlaps the
-// reads with the compute instead of stalling on them. Its reads never evict a page the current call has pinned (the
+// little from the last one's) that are no longer resident, while this layer computes: a pool
+// smaller than a step's pages cycles through them every step, and then the reads overlap the
+// compute instead of stalling it. Its reads never evict a page the current call has pinned (the
 // slots a running kernel reads), another page read ahead and not asked for yet, or a page of
 // the same job, and a page read before a write or reset of the pool is dropped.
 #include <fcntl.h>
@@ -59,10 +54,10 @@ KVPages::KVPages(const std::string& path, int64_t layers, int64_t heads, int64_t
   pool = torch::zeros({S_, rec_}, torch::dtype(torch::kUInt8));
   table = torch::full({L_, H_, P_}, -1, torch::dtype(torch::kInt32));
   owner_.assign(S_, -1);
+  ref_.assign(S_, 0);
   early_.assign(S_, 0);
   pin_.assign(S_, 0);
   last_.resize(L_);
-  held_.resize(L_);
 }
 
 void KVPages::read_at(uint8_t* dst, int64_t n, int64_t off) const {
@@ -84,9 +79,9 @@ void KVPages::reset() {
   std::lock_guard<std::mutex> lk(mu_);
   table.fill_(-1);
   std::fill(owner_.begin(), owner_.end(), -1);
+  std::fill(ref_.begin(), ref_.end(), 0);
   std::fill(early_.begin(), early_.end(), 0);
   for (auto& l : last_) l.clear();
-  for (auto& h : held_) h.clear();
   jobs_.clear();
   ++gen_;
   used_ = written_ = 0;
@@ -105,23 +100,19 @@ int64_t KVPages::resident() const {
 
 int32_t KVPages::victim(bool must, const std::vector<int64_t>* spare) {
   if (used_ < S_) return static_cast<int32_t>(used_++);
-  for (int64_t d = L_ - 1; d >= 0; --d) {  // the layer whose turn comes last first
-    std::vector<int32_t>& held = held_[(cur_ + 1 + d) % L_];
-    size_t best = held.size();  // of that layer's, the page asked for longest ago
-    for (size_t i = 0; i < held.size(); ++i) {
-      const int32_t s = held[i];
-      if (pin_[s] == epoch_) continue;  // needed by this very call
-      if (!must && early_[s]) continue;  // a read ahead does not evict another one
-      if (spare && std::binary_search(spare->begin(), spare->end(), owner_[s])) continue;
-      if (best == held.size() || pin_[s] < pin_[held[best]]) best = i;
+  for (int64_t tries = 0; tries < 2 * S_ + 1; ++tries) {
+    const int64_t s = hand_;
+    hand_ = (hand_ + 1) % S_;
+    if (pin_[s] == epoch_) continue;  // needed by this very call
+    if (!must && early_[s]) continue;  // a read ahead does not evict another one
+    if (spare && std::binary_search(spare->begin(), spare->end(), owner_[s])) continue;
+    if (ref_[s]) {
+      ref_[s] = 0;  // a second chance
+      continue;
     }
-    if (best == held.size()) continue;
-    const int32_t s = held[best];
-    held[best] = held.back();
-    held.pop_back();
-    table.data_ptr<int32_t>()[owner_[s]] = -1;
+    if (owner_[s] >= 0) table.data_ptr<int32_t>()[owner_[s]] = -1;
     owner_[s] = -1;
-    return s;
+    return static_cast<int32_t>(s);
   }
   TORCH_CHECK(!must, "the KV page pool (", S_, " pages) is smaller than one step's pages");
   return -1;
@@ -129,10 +120,10 @@ int32_t KVPages::victim(bool must, const std::vector<int64_t>* spare) {
 
 void KVPages::place(int64_t flat, int32_t slot, bool pin) {
   table.data_ptr<int32_t>()[flat] = slot;
-  if (owner_[slot] != flat) held_[flat / (H_ * P_)].push_back(slot);  // not a page rewritten
   owner_[slot] = flat;
+  ref_[slot] = 1;
   early_[slot] = !pin;
-  pin_[slot] = pin ? epoch_ : epoch_ - 1;  // read ahead: as recent as can be, not pinned
+  if (pin) pin_[slot] = epoch_;
 }
 
 void KVPages::write(int64_t layer, int64_t p0, torch::Tensor data) {
@@ -171,7 +162,6 @@ void KVPages::ensure(int64_t layer, const int32_t* pages, int64_t heads, int64_t
               heads * k, " selected pages");
   std::lock_guard<std::mutex> lk(mu_);
   ++epoch_;
-  cur_ = layer;
   // a read ahead of this layer not started yet is too late: this call reads what it lacks
   jobs_.erase(std::remove_if(jobs_.begin(), jobs_.end(), [&](auto& j) { return j.first == layer; }),
               jobs_.end());
@@ -185,6 +175,7 @@ void KVPages::ensure(int64_t layer, const int32_t* pages, int64_t heads, int64_t
       TORCH_CHECK(hp[i] >= 0 && hp[i] < written_, "a KV page that was never written");
       const int32_t s = tb[base + hp[i]];
       if (s >= 0) {
+        ref_[s] = 1;
         pin_[s] = epoch_;
         ++hits_;
         ahead_used_ += early_[s];

@@ -83,9 +83,8 @@ class KVPages {
   torch::Tensor pool, table;
 
  private:
-  // a slot to fill: a free one, else one of the layer whose turn comes last after cur_; -1
-  // (or, `must`, an error) if every slot is pinned by the current call (or, read ahead, holds
-  // another read-ahead page or a page of `spare`)
+  // a slot to fill: a free one, else by the clock; -1 (or, `must`, an error) if every slot
+  // is pinned by the current call (or, read ahead, holds a page of `spare`)
   int32_t victim(bool must = true, const std::vector<int64_t>* spare = nullptr);
   void place(int64_t flat, int32_t slot, bool pin = true);
   void read_at(uint8_t* dst, int64_t n, int64_t off) const;
@@ -93,12 +92,10 @@ class KVPages {
   void read_later(int64_t layer);  // queue `layer`'s last pages (last_) for read_ahead
   void read_ahead();  // the background thread: `jobs_` until `stop_`
   int fd_ = -1;
-  int64_t L_, H_, P_, rec_, S_, ahead_, used_ = 0, written_ = 0, epoch_ = 0;
-  int64_t cur_ = 0;  // the layer of the latest ensure: victims go by their layer's distance
+  int64_t L_, H_, P_, rec_, S_, ahead_, used_ = 0, hand_ = 0, written_ = 0, epoch_ = 0;
   int64_t hits_ = 0, misses_ = 0, bulk_ = 0, ahead_read_ = 0, ahead_used_ = 0;
-  std::vector<int64_t> owner_, pin_;  // pin_: the call that last asked for the slot's page
-  std::vector<uint8_t> early_;  // read ahead, not asked for since
-  std::vector<std::vector<int32_t>> held_;  // per layer: the slots holding its pages
+  std::vector<int64_t> owner_, pin_;
+  std::vector<uint8_t> ref_, early_;  // early_: read ahead, not asked for since
   // every member above is the pool's state, guarded by mu_ (the pool's bytes: a slot is
   // written only while no step may read it, see victim)
   mutable std::mutex mu_;
