@@ -104,7 +104,7 @@ class KVPages {
   std::deque<std::pair<int64_t, std::vector<int64_t>>> jobs_;  // (layer, flat page numbers)
   uint64_t gen_ = 0;  // bumped by write and reset: a page read before is dropped
   bool stop_ = false, busy_ = false;
-  std::thread thread_;  // started by the first prefetch
+  std::thread thread_;  // started by the first read_later
 };
 
 // ---- kv_attention.cpp

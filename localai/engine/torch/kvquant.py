@@ -72,17 +72,19 @@ def quantize_sym(
     SYM of max|x| for the least squared error. Returns codes and the fp16 scale (keepdim)."""
     half = ((1 << bits) - 1) / 2
     top = x.abs().amax(dim=dim, keepdim=True)
-    best = None
-    for f in SYM if clip else (1.0,):
-        scale = (top * f / half).clamp_min(1e-8).half()
+
+    def at(share: float):  # codes, scale and squared error with the half-range share·max|x|
+        scale = (top * share / half).clamp_min(1e-8).half()
         codes = torch.round(x / scale.float() + half).clamp_(0, 2 * half).to(torch.uint8)
-        err = ((dequantize_sym(codes, scale, bits) - x) ** 2).sum(dim=dim, keepdim=True)
-        if best is None:
-            best = [err, codes, scale]
-            continue
-        better = err < best[0]
-        best = [torch.where(better, e, b) for e, b in zip((err, codes, scale), best, strict=True)]
-    return best[1], best[2]
+        return codes, scale, ((dequantize_sym(codes, scale, bits) - x) ** 2).sum(dim, True)
+
+    codes, scale, best_err = at(SYM[0])  # the whole range
+    for share in SYM[1:] if clip else ():
+        c2, s2, err = at(share)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        codes, scale = torch.where(better, c2, codes), torch.where(better, s2, scale)
+    return codes, scale
 
 
 def dequantize_sym(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
