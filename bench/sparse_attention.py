@@ -188,6 +188,7 @@ def run_ctx(a, path, ctx: int) -> dict:
     rng = random.Random(ctx)
     eng = TorchEngine(path, a.model, ctx + 512, a.threads, attn_budget=ctx + 512)
     m = eng.model
+    a.channels = a.channels or [m.cache.cfg.score_channels]
     docs = essays(a.essays) if a.essays else "\n\n".join(topics[k] for k in sorted(topics))
     ids = eng.tokenize(docs[: ctx * 8], special=False)
     cut = ctx - 64 - 24 * (a.needles + 4 * a.chains)  # room for the facts and the template
@@ -259,8 +260,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--summaries", nargs="+", default=["keys"],
                     choices=["keys", "meanstd", "minmax"])  # fmt: skip
-    ap.add_argument("--channels", type=int, nargs="+", default=[16],
-                    help='"keys": channels of the copy a step scores on (0: all)')  # fmt: skip
+    ap.add_argument("--channels", type=int, nargs="+", default=None,
+                    help='"keys": channels of the copy a step scores on (0: all; default: the '
+                         "engine's, a quarter of the head dim)")  # fmt: skip
     ap.add_argument(
         "--rest",
         nargs="+",

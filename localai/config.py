@@ -73,7 +73,8 @@ class Settings:
     k_bits: int = 16  # torch runner only; llama.cpp uses type_k / type_v
     v_bits: int = 16
     # torch runner, MoE models: RAM for the experts, read from disk on demand (bytes such as
-    # 4G, or a share of all expert bytes such as 40%); empty: all in place in the memory map
+    # 4G, or a share of all expert bytes such as 40%); empty: all in place in the memory map if
+    # they fit in what the RAM budget leaves the model (weights, runtime, KV), else that much
     expert_budget: str = ""
     # read each layer's likely experts while the layer before computes; off by default: on a
     # 2-core machine with a slow disk it read 17-30% more and lost 0-13% (BENCHMARKS.md)
@@ -90,6 +91,7 @@ class Settings:
     # torch runner, with an attn_budget: RAM for the KV cache (bytes such as 64M, or a share of
     # the cache all in RAM such as 25%); the quantized pages beyond it live in a file under
     # home/kv-pages (deleted with the cache) and are read as steps select them. Empty: all in RAM
+    # if it fits in what the RAM budget leaves after the weights and the runtime, else that much
     kv_budget: str = ""
     trace_routing: str = ""  # torch runner, MoE models: write each layer's routing here (JSONL)
     # llama engine: disk for answers' passages' KV under home/kv/passages (a passage retrieved

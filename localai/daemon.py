@@ -107,7 +107,7 @@ def serve(
         key = ensure_token(settings.home)  # with or without auth, the daemon proves itself by it
         token = key if auth else None
         governor = Governor(settings.ram_budget_bytes)
-        loader = engine_loader(settings, model, progress=progress, log=log)
+        loader = engine_loader(settings, model, progress=progress, log=log, governor=governor)
         engine = ResidentEngine(loader, settings.keep_alive_s, governor, log)
     except BaseException:
         sock.close()

@@ -84,6 +84,11 @@ class Governor:
         with self._lock:
             self._held.pop(holder, None)
 
+    def left(self, holders: tuple[str, ...]) -> int:
+        """The budget less what every holder but `holders` holds: what those may take."""
+        held = self.snapshot()["holders"]
+        return self.budget - sum(n for name, n in held.items() if name not in holders)
+
     def register(self, holder: Shrinkable) -> None:
         assert holder.stage in SHRINK_ORDER, holder.stage
         with self._lock:

@@ -86,10 +86,15 @@ def open_catalog(settings: Settings) -> Catalog:
 
 
 def engine_loader(
-    settings: Settings, model: str | None = None, progress: ProgressFactory | None = None, log=print
+    settings: Settings,
+    model: str | None = None,
+    progress: ProgressFactory | None = None,
+    log=print,
+    governor: Governor | None = None,
 ) -> Callable[[], Engine]:
     """Resolve (pulling if needed) `model` once; the function that loads it, as often as the
-    daemon reloads it after an idle unload (keepalive.py)."""
+    daemon reloads it after an idle unload (keepalive.py), into what `governor`'s RAM budget
+    leaves it then (the whole budget of the settings without one)."""
     name = model or settings.model
     if settings.engine == "remote":  # the server holds the model: nothing to resolve or pull
         from .engine.remote import RemoteEngine
@@ -100,6 +105,7 @@ def engine_loader(
     path = resolve_model(open_catalog(settings), name, log=log, **kw)
 
     def load() -> Engine:
+        ram = (governor or Governor(settings.ram_budget_bytes)).left(ENGINE_HOLDERS)
         engine = load_engine(settings.engine, path, name, settings.context_length,
                              settings.threads, settings.type_k, settings.type_v,
                              k_bits=settings.k_bits, v_bits=settings.v_bits,
@@ -109,7 +115,7 @@ def engine_loader(
                              attn_budget=settings.attn_budget,
                              sparse_prefill=settings.sparse_prefill,
                              kv_budget=settings.kv_budget,
-                             kv_dir=settings.home / "kv-pages")  # fmt: skip
+                             kv_dir=settings.home / "kv-pages", ram_budget=ram)  # fmt: skip
         keep_prefixes_on_disk(engine, settings)
         return engine
 
@@ -141,7 +147,7 @@ def open_engine(
     governor: Governor | None = None,
 ) -> Engine:
     """Resolve (pulling if needed) and load `model` (default: settings.model)."""
-    engine = engine_loader(settings, model, progress, log)()
+    engine = engine_loader(settings, model, progress, log, governor)()
     if governor is not None:
         reserve_engine(governor, engine.info())
     return engine

@@ -16,7 +16,7 @@ from moe_gguf import ARCHS, build
 from localai.engine import Done, Message, SamplingParams, chat
 from localai.engine.torch import TorchEngine
 from localai.engine.torch.experts import parse_budget
-from localai.engine.torch.fit import RUNTIME_BYTES, read_shape
+from localai.engine.torch.fit import RUNTIME_BYTES, read_shape, resident_bytes
 from localai.engine.torch.routing import curve, read_trace, replay
 
 N = 512
@@ -205,6 +205,39 @@ def test_the_expert_cache_is_held_in_the_ram_budget(moe_files, home):
         assert info["expert_cache"]["budget_bytes"] == info["expert_bytes"] // 4
     finally:
         eng.close()
+
+
+def test_the_expert_budget_not_named_is_what_the_ram_budget_leaves(moe_files, home):
+    """With no expert budget, a MoE model whose experts do not fit in what the governor's
+    budget leaves after the resident weights, the runtime and the KV cache gets an expert cache
+    of exactly that; one whose experts fit keeps them in place; a budget with no room for one
+    layer's experts is refused before anything is read."""
+    from localai.config import load_settings
+    from localai.governor import Governor
+    from localai.runtime import open_engine
+
+    path = moe_files["qwen3moe"]
+    shape = read_shape(path)
+    settings = load_settings(home, engine="torch", context_length=512)
+    gov = Governor(resident_bytes(shape) + shape.expert_bytes)  # the KV leaves less than all
+    gov.reserve("index", 1 << 16)  # what the daemon's other holders take is not the model's
+    eng = open_engine(settings, str(path), log=lambda m: None, governor=gov)
+    try:
+        info, held = eng.info(), gov.snapshot()["holders"]
+        kv = info["kv_bytes_allocated"]
+        assert info["expert_cache"]["budget_bytes"] == shape.expert_bytes - kv - (1 << 16)
+        assert held["expert_cache"] == info["expert_cache"]["budget_bytes"]
+    finally:
+        eng.close()
+    gov = Governor(resident_bytes(shape) + shape.expert_bytes + (64 << 20))
+    eng = open_engine(settings, str(path), log=lambda m: None, governor=gov)
+    try:
+        assert eng.info()["expert_cache"] is None  # all in place in the memory map
+    finally:
+        eng.close()
+    with pytest.raises(Exception, match="leaves 0 MiB for experts after the weights"):
+        open_engine(settings, str(path), log=lambda m: None,
+                    governor=Governor(resident_bytes(shape) + kv + 4096))  # fmt: skip
 
 
 def test_memory_pressure_shrinks_the_expert_cache_to_its_floor(moe_files, home):

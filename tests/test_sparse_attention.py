@@ -345,6 +345,32 @@ def test_pages_on_disk_under_a_kv_budget_change_nothing_but_memory(model_path, e
                     kv_budget=too_small)  # fmt: skip
 
 
+def test_the_kv_budget_not_named_is_what_the_ram_budget_leaves(model_path, engines, tmp_path):
+    """Given the RAM the governor leaves it, an engine keeps its KV cache all in RAM when it
+    fits beside the weights and the runtime, puts its pages past what is left on disk when
+    it does not (with an attention budget), and without one refuses, saying what to change."""
+    from localai.engine.torch.fit import read_shape, resident_bytes
+
+    _, sparse = engines
+    resident = resident_bytes(read_shape(model_path))
+    roomy = TorchEngine(model_path, TEST_MODEL, context_length=CTX, threads=1, attn_budget=512,
+                        ram_budget=resident + (1 << 30))  # fmt: skip
+    tight = TorchEngine(model_path, TEST_MODEL, context_length=CTX, threads=1, attn_budget=512,
+                        ram_budget=resident + (14 << 20), kv_dir=tmp_path)  # fmt: skip
+    try:
+        assert roomy.model.cache.pages is None
+        assert roomy.model.cache.nbytes == sparse.model.cache.nbytes
+        cache = tight.model.cache
+        assert cache.pages is not None and cache.nbytes <= 14 << 20
+        assert cache.nbytes > (14 << 20) - cache.rec  # all of what was left
+        assert tight.info()["ram_budget_bytes"] == resident + (14 << 20)
+    finally:
+        roomy.close()
+        tight.close()
+    with pytest.raises(Exception, match=r"KV cache needs .* MiB.*--attn-budget"):
+        TorchEngine(model_path, TEST_MODEL, context_length=CTX, ram_budget=resident + (14 << 20))
+
+
 # ---- sparse prefill ------------------------------------------------------------------------
 
 

@@ -47,8 +47,11 @@ def load_engine(
     sparse_prefill: bool = False,
     kv_budget: str | None = None,
     kv_dir: Path | None = None,
+    ram_budget: int | None = None,
 ) -> Engine:
-    """Load `path` with the named backend; the caller resolved the model (catalog.resolve_model)."""
+    """Load `path` with the named backend; the caller resolved the model (catalog.resolve_model).
+    `ram_budget`: what the governor's budget leaves the engine; the torch runner takes the KV
+    and expert budgets not named from it (llama.cpp maps its weights and holds its KV whole)."""
     if backend == "llama":
         from .llamacpp import LlamaCppEngine
 
@@ -71,5 +74,6 @@ def load_engine(
                            expert_prefetch=expert_prefetch,
                            attn_budget=attn_budget or None, sparse_prefill=sparse_prefill,
                            kv_budget=kv_budget or None, kv_dir=kv_dir,
-                           trace_routing=trace_routing or None)  # fmt: skip
+                           trace_routing=trace_routing or None,
+                           ram_budget=ram_budget)  # fmt: skip
     raise EngineError(f"unknown engine {backend!r}; choose llama or torch")

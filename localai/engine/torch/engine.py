@@ -30,7 +30,8 @@ from ..tokengen import TokenEngine, Vocab, shared_prefix
 from . import native
 from .arch import Hparams
 from .experts import parse_budget, prediction_scores
-from .kv import COPY_BITS, PAGE, READ_AHEAD, KVConfig
+from .fit import read_shape, split_ram
+from .kv import COPY_BITS, PAGE, READ_AHEAD, KVCache, KVConfig
 from .model import Transformer
 from .routing import TraceWriter
 from .sampler import sample
@@ -71,6 +72,7 @@ class TorchEngine(TokenEngine):
         kv_budget: int | str | None = None,
         kv_dir: Path | None = None,
         kv_read_ahead: int = READ_AHEAD,
+        ram_budget: int | None = None,
     ):
         super().__init__()
         self.path = Path(path)
@@ -98,7 +100,7 @@ class TorchEngine(TokenEngine):
         v_rotate = v_bits == 2 and pow2 if v_rotate is None else v_rotate
         v_sym = v_rotate if v_sym is None else v_sym
         kv = KVConfig(k_bits, v_bits, kv_window, k_group, min(v_group, hp.head_dim), kv_sink,
-                      v_clip, v_rotate, v_sym)  # fmt: skip
+                      v_clip, v_rotate, v_sym, score_channels=hp.head_dim // 4)  # fmt: skip
         try:  # a MoE model's experts: all in place (None), or read into a budget (experts.py)
             budget = parse_budget(attn_budget, self.context_length, "an attention budget") or 0
             if budget and budget < ATTN_BUDGET_MIN:
@@ -111,6 +113,10 @@ class TorchEngine(TokenEngine):
                     "a KV budget needs an attention budget (--attn-budget): dense attention "
                     "reads every page at every step, so none could stay on disk"
                 )
+            if ram_budget is not None:
+                expert_budget, kv_budget = self._split(ram_budget, kv, budget, expert_budget,
+                                                       kv_budget)  # fmt: skip
+            self.ram_budget = ram_budget
             self.model = Transformer(weights, hp, kv, self.context_length, expert_budget,
                                      expert_prefetch, budget, kv_budget or None,
                                      kv_dir, kv_read_ahead)  # fmt: skip
@@ -121,6 +127,22 @@ class TorchEngine(TokenEngine):
         self.prefill_chunk = prefill_chunk
         self.decode_threads = decode_threads or self.threads
         self.trace = self._trace_to(Path(trace_routing)) if trace_routing else None
+
+    def _split(self, ram: int, kv: KVConfig, attn_budget: int, expert_budget, kv_budget):
+        """The expert and KV budgets the user did not name, from `ram`: what the governor's RAM
+        budget leaves this engine (fit.split_ram, the arithmetic `localai fit` forecasts with)."""
+        hp = self.hp
+        kv = Transformer.kv_config(kv, attn_budget)
+        # allocated, not touched: costs no RAM (kv.KVCache._store)
+        kv_all = KVCache(kv, hp.n_layers, hp.n_kv_heads, hp.head_dim, self.context_length).nbytes
+        shape = read_shape(self.path)
+        per_expert = shape.expert_bytes // max(1, hp.n_layers * hp.n_experts)
+        kv_budget = parse_budget(kv_budget, kv_all, "a KV budget")
+        expert_budget = parse_budget(expert_budget, shape.expert_bytes)
+        floor = hp.n_experts_used * per_expert
+        kv_budget, expert_budget = split_ram(shape, ram, kv_all, bool(attn_budget), kv_budget,
+                                             expert_budget, floor)  # fmt: skip
+        return expert_budget, kv_budget
 
     def _check_pool(self, attn_budget: int) -> None:
         """With pages on disk, the pool must hold the pages one layer's step attends to."""
@@ -265,6 +287,7 @@ class TorchEngine(TokenEngine):
             "kv_bytes_allocated": self.model.cache.nbytes,
             "kv_bytes_per_token": round(self.model.cache.bytes_per_token(), 1),
             "attn_budget": self.model.attn_budget,
+            "ram_budget_bytes": self.ram_budget,
             "sparse_prefill": bool(self.model.attn_budget and self.model.sparse_prefill),
             **self._kv_pages_info(),
             **(self._moe_info() if self.hp.is_moe else {}),

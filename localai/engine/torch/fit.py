@@ -188,15 +188,58 @@ def read_shape(path: Path) -> Shape:
                  get("block_count") * kv_heads * head_dim * 2 * 2)  # fmt: skip
 
 
+def resident_bytes(shape: Shape) -> int:
+    """What stays in RAM whatever the budgets: the weights a step reads and the runtime. An
+    embedding table beside a separate head does not count (its rows are read from the memory
+    map as tokens need them: 107 MB of the Qwen3 shape's file that `fit` counted, so it said
+    "does not run" at caps where the runner ran)."""
+    return int(shape.active_dense_bytes) + RUNTIME_BYTES
+
+
+def split_ram(shape: Shape, ram: int, kv_bytes: int, paged_kv: bool,
+              kv_budget: int | None = None, expert_budget: int | None = None,
+              expert_floor: int = 0) -> tuple[int | None, int | None]:  # fmt: skip
+    """The KV and expert budgets a RAM budget gives a model whose user named neither (a budget
+    named is kept): after what stays resident, the KV cache (`kv_bytes` all in RAM) if it fits,
+    in half of what is left for a mixture of experts, whose experts need the rest; else, when
+    its pages can go to disk (`paged_kv`: an attention budget), a KV budget of that. Then the
+    experts all in place if they fit in what the KV leaves, else a cache of that (at least
+    `expert_floor`, the experts one layer holds while it computes). None: all in RAM / in
+    place. A model that cannot run in `ram` raises ValueError saying what to change."""
+    room = ram - resident_bytes(shape)
+    moe = shape.expert_bytes > 0
+    mib = 2**20
+    if kv_budget is None:
+        kv_room = room // 2 if moe else room
+        if kv_bytes > kv_room and paged_kv:
+            kv_budget = kv_room
+        elif kv_bytes > room:
+            raise ValueError(
+                f"the KV cache needs {kv_bytes / mib:,.0f} MiB, and the RAM budget of "
+                f"{ram / mib:,.0f} MiB leaves {max(0, room) / mib:,.0f} MiB after the weights and "
+                "the runtime: lower the context length, quantize the KV cache (--k-bits, "
+                "--v-bits), or give an attention budget (--attn-budget) so that its pages past "
+                "what RAM holds live on disk"
+            )
+    if moe and expert_budget is None:
+        rest = room - (kv_bytes if kv_budget is None else min(kv_budget, kv_bytes))
+        if rest < shape.expert_bytes:
+            if rest < max(expert_floor, 1):
+                raise ValueError(
+                    f"the RAM budget of {ram / mib:,.0f} MiB leaves {max(0, rest) / mib:,.0f} MiB "
+                    f"for experts after the weights, the runtime and the KV cache; one layer's "
+                    f"{expert_floor / mib:,.1f} MiB at least: raise the budget or lower the context"
+                )
+            expert_budget = rest
+    return kv_budget, expert_budget
+
+
 def forecast(shape: Shape, rates: Probe, ram_budget: int, context: int,
              budget: int | float | str | None = None) -> dict:  # fmt: skip
     """Whether `shape` runs in `ram_budget` with `context` tokens of KV, what stays resident,
     the expert cache, and a decode tok/s band (see the module docstring)."""
     kv = shape.kv_bytes_per_token * context
-    # what a step reads stays in RAM; an embedding table beside a separate head does not (its
-    # rows are read from the memory map as tokens need them: 107 MB of the Qwen3 shape's file
-    # that `fit` counted, so it said "does not run" at caps where the runner ran)
-    resident = int(shape.active_dense_bytes) + RUNTIME_BYTES
+    resident = resident_bytes(shape)
     room = ram_budget - resident - kv
     cache = parse_budget(budget, shape.expert_bytes) if budget not in (None, "") else None
     if cache is None:

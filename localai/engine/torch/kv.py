@@ -79,7 +79,10 @@ class KVConfig:
     # centred: BENCHMARKS.md, "KV cache")
     v_sym: bool = False
     page_summary: str = ""  # "meanstd", "minmax", "keys" or "" (none): sparse attention
-    score_channels: int = 16  # "keys": channels of the copy a step reads per KV head (0: all)
+    # "keys": channels of the copy a step reads per KV head (0: all); the engine reads a quarter
+    # of the head dim (16 of 64: qwen2.5-coder-0.5b; 32 of 128: the 1.5B, where 16 missed a
+    # needle of 10 and copied 14% worse at 8K, BENCHMARKS.md "32K")
+    score_channels: int = 16
     # a KV head's page score from its query heads': their "max" (default: better at 8K on
     # qwen2.5-coder-0.5b, BENCHMARKS.md) or "mass" (softmax over pages per head, summed)
     page_score: str = "max"

@@ -252,8 +252,7 @@ class Transformer:
         # threads for torch's ops in a prompt's chunk (its attention, 2/3 of a chunk at 16K);
         # a decode step's stay on the caller's one (TorchEngine._threads)
         self.threads = torch.get_num_threads()
-        if attn_budget and not kv.page_summary:
-            kv = dataclasses.replace(kv, page_summary="keys")
+        kv = self.kv_config(kv, attn_budget)
         self.attn_stats = AttnStats()
         self.expert_cache = None
         if hp.is_moe and expert_budget is not None:
@@ -275,6 +274,14 @@ class Transformer:
         if self.fused_decode:
             for b in self.blocks:
                 b.attn.fuse(w.kernel, self.cache)
+
+    @staticmethod
+    def kv_config(kv: KVConfig, attn_budget: int) -> KVConfig:
+        """The cache's layout: with an attention budget, pages are scored on the keys' 4-bit
+        copy unless the layout names another summary."""
+        if attn_budget and not kv.page_summary:
+            return dataclasses.replace(kv, page_summary="keys")
+        return kv
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
