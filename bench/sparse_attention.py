@@ -165,11 +165,10 @@ def summarize(model, kind: str, score: str, estimate: bool = True, channels: int
 
 
 def prefill(eng, hay: list[int]) -> float:
-    m = eng.model
-    m.cache.reset()
+    """Seconds the engine takes to prefill `hay` into an empty cache (as a request would)."""
+    eng.forget()
     t0 = time.perf_counter()
-    for i in range(0, len(hay), eng.prefill_chunk):
-        m.forward(torch.tensor(hay[i : i + eng.prefill_chunk]))
+    eng.prefill(hay)
     return time.perf_counter() - t0
 
 

@@ -165,7 +165,8 @@ def engine_options(fn):
             "--expert-budget",
             "expert_budget",
             "Torch runner, MoE models: RAM for experts read from disk on demand "
-            "(bytes such as 4G, or a share of the expert bytes such as 40%).",
+            "(bytes such as 4G, or a share of the expert bytes such as 40%; default: all in "
+            "place if they fit in what the RAM budget leaves, else that).",
         ),
         _setting_option(
             "--attn-budget",
@@ -185,7 +186,8 @@ def engine_options(fn):
             "--kv-budget",
             "kv_budget",
             "Torch runner, with --attn-budget: RAM for the KV cache (bytes such as 64M, or a "
-            "share such as 25%); its pages beyond it wait on disk until a step selects them.",
+            "share such as 25%); its pages beyond it wait on disk until a step selects them "
+            "(default: all in RAM if it fits in what the RAM budget leaves, else that).",
             metavar="BYTES|PCT",
         ),
         _setting_option(

@@ -25,6 +25,7 @@ import llama_cpp
 import torch
 from llama_cpp._utils import suppress_stdout_stderr
 
+from ...governor import give_back_freed
 from ..base import EngineError, SamplingParams
 from ..tokengen import TokenEngine, Vocab, shared_prefix
 from . import native
@@ -168,6 +169,8 @@ class TorchEngine(TokenEngine):
         self.reused = cache.truncate(shared_prefix(cache.ids, tokens[:-1]))
         for i in range(self.reused, len(tokens), self.prefill_chunk):
             logits = self.model.forward(torch.tensor(tokens[i : i + self.prefill_chunk]))
+        if len(tokens) - self.reused > self.prefill_chunk:  # the chunks' buffers, to the OS
+            give_back_freed()
         return logits[-1]
 
     def step(self, token: int) -> torch.Tensor:
