@@ -201,6 +201,10 @@ def run_ctx(a, path, ctx: int) -> dict:
     at = int(len(hay) * 0.4)  # a passage of the haystack, read again: the copy task
     texts = {"fresh": eng.tokenize(rest, special=False)[: a.ppl_tokens],
              "copy": hay[at : at + a.ppl_tokens]}  # fmt: skip
+    room = eng.context_length - len(hay)  # the model's own length caps the engine's
+    if a.ppl_tokens > room or max(map(len, ends)) + 24 > room:
+        raise SystemExit(f"the {len(hay):,}-token haystack leaves {room} tokens of the model's "
+                         f"{eng.context_length:,}: lower --ppl-tokens")  # fmt: skip
     eng._threads(a.threads)
     prefill_s = prefill(eng, hay)
     n0 = m.cache.n
