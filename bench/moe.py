@@ -11,7 +11,8 @@ capped at the same bytes, after dropping the page cache:
   (a) llama.cpp on the same file with mmap (its AVX2 load-time repack off: repacked weights
       are copies, which could not be paged out; with it on it is killed under the cap)
   (b) the runner reading every expert when used (no cache, no prefetch)
-  (c) the runner with its expert cache, no prefetch
+  (c) the runner with its expert cache, no prefetch (side "cache": the default eviction
+      policy, "freq"; side "lru": least recently used out first, as before 2026-12-06)
   (d) the cache with prefetch (the next layer's router applied a layer early)
   (e) everything resident (no cap, file in the page cache): the compute floor
 
@@ -105,7 +106,8 @@ def worker(args: dict) -> dict:
 
     budget = {"none": None, "ondemand": 1}.get(args["budget"], args["budget"])
     eng = TorchEngine(args["model"], context_length=512, threads=args["threads"],
-                      expert_budget=budget, expert_prefetch=args["prefetch"])  # fmt: skip
+                      expert_budget=budget, expert_prefetch=args["prefetch"],
+                      expert_policy=args.get("policy", "freq"))  # fmt: skip
     model, ids, given = eng.model, [], feed(args["warmup"] + args["tokens"])
     eng._threads(args["threads"])
 
@@ -244,7 +246,8 @@ def main() -> None:
         for side in a.sides:
             args = base | {"side": "llama" if side == "llama" else "runner",
                            "budget": "ondemand" if side == "ondemand" else budget,
-                           "prefetch": side == "prefetch"}  # fmt: skip
+                           "prefetch": side == "prefetch",
+                           "policy": "lru" if side == "lru" else "freq"}  # fmt: skip
             got = run_capped(args, cap)
             if "ids" in got:
                 got["identical"] = got.pop("ids") == full["ids"]

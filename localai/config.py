@@ -20,6 +20,8 @@ KV_TYPES = ("f16", "q8_0", "q4_0")
 KV_BITS = (16, 8, 4, 2)  # the torch runner's KV cache (K per channel, V per token)
 _BUDGET = re.compile(r"(\d+(\.\d+)?)\s*(%|[KMGT]?(I?B)?)", re.IGNORECASE)
 ENGINES = ("llama", "torch", "remote")
+# routing.POLICIES, named here so the settings load without torch
+EXPERT_POLICIES = ("lru", "lfu", "decay", "freq")
 # = localai.index.vectors.CODECS (a test checks)
 INDEX_CODECS = ("int8", "q4r", "int4", "bin1", "f32")
 
@@ -79,6 +81,9 @@ class Settings:
     # read each layer's likely experts while the layer before computes; off by default: on a
     # 2-core machine with a slow disk it read 17-30% more and lost 0-13% (BENCHMARKS.md)
     expert_prefetch: bool = False
+    # which expert leaves the budget for a new one: "freq" (the most asked-for stay; a rarer one
+    # is read for its use only), "lru", "lfu" or "decay" (routing.POLICIES; BENCHMARKS.md)
+    expert_policy: str = "freq"
     # torch runner: tokens a decode step attends to at most (4096, 4K, or a share of the
     # context such as 10%): the attention sink, the pages whose keys score best for the query,
     # and the recent window; contexts under it stay dense (and exact). Empty: always dense
@@ -120,6 +125,10 @@ class Settings:
         self.home = Path(self.home).expanduser()
         self.models_dir = Path(self.models_dir).expanduser() if self.models_dir else None
         self.models_dir = self.models_dir or self.home / "models"
+        if self.expert_policy not in EXPERT_POLICIES:
+            raise ConfigError(
+                f"expert_policy must be one of {EXPERT_POLICIES}, not {self.expert_policy!r}"
+            )
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {ENGINES}, not {self.engine!r}")
         self._check_remote()

@@ -112,6 +112,7 @@ def engine_loader(
                              expert_budget=settings.expert_budget,
                              trace_routing=settings.trace_routing,
                              expert_prefetch=settings.expert_prefetch,
+                             expert_policy=settings.expert_policy,
                              attn_budget=settings.attn_budget,
                              sparse_prefill=settings.sparse_prefill,
                              kv_budget=settings.kv_budget,

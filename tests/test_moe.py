@@ -13,11 +13,12 @@ import torch
 from conftest import localai
 from moe_gguf import ARCHS, build
 
+from localai.config import EXPERT_POLICIES
 from localai.engine import Done, Message, SamplingParams, chat
 from localai.engine.torch import TorchEngine
 from localai.engine.torch.experts import parse_budget
 from localai.engine.torch.fit import RUNTIME_BYTES, read_shape, resident_bytes
-from localai.engine.torch.routing import curve, read_trace, replay
+from localai.engine.torch.routing import POLICIES, curve, read_trace, replay
 
 N = 512
 TEXT = "\n\n".join(topics[k] for k in sorted(topics))[:20000]
@@ -267,28 +268,45 @@ def test_memory_pressure_shrinks_the_expert_cache_to_its_floor(moe_files, home):
         model.close()
 
 
-def test_replaying_a_routing_trace_predicts_the_live_cache(moe_files, tmp_path):
-    """A trace recorded while the cache served at 25% (no reading ahead, which a replay does
-    not model) replays through LRU at the same size to the live hits and misses exactly; LRU's
-    curve rises with the size and at 100% misses each expert once."""
+@pytest.mark.parametrize("policy", ["freq", "lru"])
+def test_replaying_a_routing_trace_predicts_the_live_cache(moe_files, tmp_path, policy):
+    """A trace recorded while the cache served at 25% under a policy (no reading ahead, which
+    a replay does not model) replays through the same policy at the same size to the live hits
+    and misses exactly; LRU's curve rises with the size and at 100% misses each expert once."""
     trace = tmp_path / "routing.jsonl"
     eng = TorchEngine(moe_files["olmoe"], context_length=N, threads=1, expert_budget="25%",
-                      trace_routing=trace)  # fmt: skip
+                      trace_routing=trace, expert_policy=policy)  # fmt: skip
     try:
         params = SamplingParams(max_tokens=12, temperature=0.0)
         list(chat(eng, [Message("user", "Write about the sea.")], params))
         live, info = eng.model.expert_cache.stats, eng.info()
     finally:
         eng.close()
+    assert info["expert_cache"]["policy"] == policy
     header, lookups = read_trace(trace)
     assert header["layers"] == 2 and header["experts"] == 8 and len(lookups) > 0
     capacity = info["expert_cache"]["budget_bytes"] // header["expert_bytes"]
-    again = replay(lookups, capacity, "lru")
+    again = replay(lookups, capacity, policy)
     assert (again["hits"], again["misses"]) == (live.hits, live.misses)
     rows = curve(trace)["curve"]
     rates = [r["lru"] for r in rows]
     assert rates == sorted(rates) and all(0 <= r["lfu"] <= 1 for r in rows)
     assert replay(lookups, 16, "lru")["misses"] == len(set(lookups))
+
+
+def test_counts_that_outlive_eviction_keep_the_hot_experts_of_a_cycle_too_long_to_hold():
+    """Each token reads the same layers' experts in the same order: a cache smaller than one
+    token's set evicts every expert just before its next use under LRU and in-cache counts (no
+    hit at all), while "freq" keeps the most used and hits on them."""
+    hot = [(layer, 0) for layer in range(8)]  # every token: expert 0 of each layer, then others
+    lookups = []
+    for t in range(50):
+        lookups += hot + [(layer, 1 + (t + layer) % 7) for layer in range(8)]
+    for policy in ("lru", "lfu", "decay"):
+        assert replay(lookups, 8, policy)["hits"] == 0
+    kept = replay(lookups, 8, "freq")
+    assert kept["hits"] == 49 * 8 and kept["hits"] + kept["misses"] == len(lookups)
+    assert EXPERT_POLICIES == POLICIES  # the settings name the policies replay knows
 
 
 def test_status_and_the_memory_pane_show_the_expert_cache(moe_files, models_dir, tmp_path):

@@ -23,7 +23,7 @@ from rich.progress import (
 
 from .. import __version__
 from ..catalog import CatalogError
-from ..config import KV_BITS, KV_TYPES, ConfigError, load_settings
+from ..config import EXPERT_POLICIES, KV_BITS, KV_TYPES, ConfigError, load_settings
 from ..engine import EngineError
 from ..private import private_dir
 from ..runtime import open_engine
@@ -196,6 +196,13 @@ def engine_options(fn):
             "Torch runner, MoE models with a budget: read each layer's likely experts "
             "while the layer before computes (default: off; see BENCHMARKS.md).",
             default=None,
+        ),
+        _setting_option(
+            "--expert-policy",
+            "expert_policy",
+            "Torch runner, MoE models with a budget: which expert leaves it for another "
+            "(default freq: the most asked-for stay; see BENCHMARKS.md).",
+            type=click.Choice(EXPERT_POLICIES),
         ),
         _setting_option(
             "--trace-routing",

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..config import EXPERT_POLICIES as POLICIES
 from .app import main, user_errors
-
-POLICIES = ("lru", "lfu", "decay")  # routing.POLICIES, named here so `localai` starts without torch
 
 
 @main.group()

@@ -43,6 +43,7 @@ def load_engine(
     expert_budget: str | None = None,
     trace_routing: str | None = None,
     expert_prefetch: bool = False,
+    expert_policy: str = "freq",
     attn_budget: str | None = None,
     sparse_prefill: bool = False,
     kv_budget: str | None = None,
@@ -71,7 +72,7 @@ def load_engine(
 
         return TorchEngine(path, name, context_length, threads, k_bits=k_bits, v_bits=v_bits,
                            expert_budget=expert_budget or None,
-                           expert_prefetch=expert_prefetch,
+                           expert_prefetch=expert_prefetch, expert_policy=expert_policy,
                            attn_budget=attn_budget or None, sparse_prefill=sparse_prefill,
                            kv_budget=kv_budget or None, kv_dir=kv_dir,
                            trace_routing=trace_routing or None,

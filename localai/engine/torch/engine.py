@@ -67,6 +67,7 @@ class TorchEngine(TokenEngine):
         hparams: dict | None = None,
         expert_budget: int | float | str | None = None,
         expert_prefetch: bool = False,
+        expert_policy: str = "freq",
         trace_routing: Path | None = None,
         attn_budget: int | str | None = None,
         sparse_prefill: bool = False,
@@ -120,7 +121,7 @@ class TorchEngine(TokenEngine):
             self.ram_budget = ram_budget
             self.model = Transformer(weights, hp, kv, self.context_length, expert_budget,
                                      expert_prefetch, budget, kv_budget or None,
-                                     kv_dir, kv_read_ahead)  # fmt: skip
+                                     kv_dir, kv_read_ahead, expert_policy)  # fmt: skip
             self._check_pool(budget)
             self.model.sparse_prefill = sparse_prefill
         except ValueError as e:

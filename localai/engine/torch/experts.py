@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import os
 import threading
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from .arch import Hparams
 from .gguf_header import Tensor
+from .routing import Eviction
 from .weights import GGUFWeights, QLinear
 
 # X experts, O output rows, I input columns
@@ -100,9 +100,12 @@ def prediction_scores(d: dict) -> dict:
 
 
 class ExpertCache:
-    """Experts of every layer read on demand into at most `budget` bytes, least recently used
-    evicted first. `budget`: bytes, or a share of all expert bytes (`parse_budget`).
-    `for_layer(i)` is layer i's store.
+    """Experts of every layer read on demand into at most `budget` bytes, evicted by `policy`
+    (routing.POLICIES; default "freq": the most asked-for stay, an expert asked for less often
+    than every held one is read for its use only; LRU evicts each expert just before its next
+    use once the budget is below one token's experts, and reads 16-22% more at 25-75% on a
+    routing trace with locality: BENCHMARKS.md). `budget`: bytes, or a share of all expert
+    bytes (`parse_budget`). `for_layer(i)` is layer i's store.
 
     Reads run on `io_threads` background threads: a layer's misses are read in parallel (a disk
     serves several reads at once faster than one after another: 0.6 → 0.8-1.1 GB/s measured here
@@ -112,7 +115,8 @@ class ExpertCache:
     What is read is the file's bytes whatever the order or the thread,
     so prefetching changes when an expert arrives, never what is computed."""
 
-    def __init__(self, w: GGUFWeights, hp: Hparams, budget: int | float | str, io_threads: int = 4):
+    def __init__(self, w: GGUFWeights, hp: Hparams, budget: int | float | str, io_threads: int = 4,
+                 policy: str = "freq"):  # fmt: skip
         self.w, self.kernel = w, w.kernel
         self.layers = [[w.tensors[hp.name(k, i)] for k in MATRICES] for i in range(hp.n_layers)]
         self.expert_bytes = [sum(t.data.nbytes // t.shape[0] for t in m) for m in self.layers]
@@ -121,8 +125,12 @@ class ExpertCache:
         self.used = 0
         self.stats = CacheStats()
         # (layer, e) → a future of (gate + up, down): read, or being read
-        self._lru: OrderedDict[tuple[int, int], Future] = OrderedDict()
+        self._held: dict[tuple[int, int], Future] = {}
+        self._policy = Eviction(policy)  # which of them goes out to make room
         self._ahead: set[tuple[int, int]] = set()  # prefetched, not asked for yet
+        # predictions the policy would not admit, read outside the budget for the ask that
+        # should follow (one layer's at most: dropped when that layer asks)
+        self._side: dict[tuple[int, int], Future] = {}
         self._predicted: dict[int, set[int]] = {}  # layer → experts predicted for its next step
         self._lock = threading.RLock()  # RLock: a finished read's callback may run in `_want`
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="localai-experts")
@@ -136,7 +144,11 @@ class ExpertCache:
         all read at once on the I/O threads. Holding the futures keeps the experts alive while
         the layer computes, even if later reads evict them from the cache."""
         with self._lock:
-            return {e: self._want((layer, e), ahead=False) for e in ids}
+            got = {e: self._want((layer, e), ahead=False) for e in ids}
+            for key in [k for k in self._side if k[0] == layer]:  # predicted, not asked for
+                del self._side[key]
+                self._ahead.discard(key)
+            return got
 
     def get(self, layer: int, e: int) -> tuple[QLinear, QLinear]:
         return self.fetch(layer, [e])[e].result()
@@ -161,31 +173,52 @@ class ExpertCache:
 
     def _want(self, key: tuple[int, int], ahead: bool) -> Future:
         """A future of `key` (the lock held): the cached expert, or its read in flight, or a new
-        read. A new read takes its room (evicting least recent first) when it starts, so the
-        budget bounds reads in flight too, and the cache's order is the order of the asks
-        (what routing.replay assumes), whichever read finishes first."""
-        found = self._lru.get(key)
+        read. A new read takes its room (evicting by the policy) when it starts, so the budget
+        bounds reads in flight too, and the policy sees the asks in their order (as
+        routing.replay does), whichever read finishes first. Predictions are not asks: they
+        neither count nor refresh; one the policy would not admit is read beside the budget for
+        the ask that should follow."""
+        if not ahead:
+            self._policy.ask(key)
+        found = self._held.get(key)
         if found is not None:
-            self._lru.move_to_end(key)
             self._count_hit(key, ahead)
             return found
-        if ahead:
-            self.stats.prefetched += 1
-            self._ahead.add(key)
-        else:
-            self.stats.misses += 1
+        side = self._side.get(key) if ahead else self._side.pop(key, None)
+        if ahead and side is not None:
+            return side
         size = self.expert_bytes[key[0]]
-        while self._lru and self.used + size > self.budget:
-            old, _ = self._lru.popitem(last=False)
-            self.used -= self.expert_bytes[old[0]]
-            self.stats.evictions += 1
-            self._ahead.discard(old)
-        fut = self._io.submit(self._load, key)
-        if size <= self.budget:  # an expert larger than the whole budget is used, not kept
-            self._lru[key] = fut
+        admit = size <= self.budget  # an expert larger than the whole budget is used, not kept
+        while admit and self._held and self.used + size > self.budget:
+            old = self._policy.victim(key)
+            admit = old is not None
+            if admit:
+                self._evict(old)
+        if side is not None:  # predicted and read beside the budget: on its way, a hit
+            self._count_hit(key, ahead)
+            fut = side
+        else:
+            if ahead:
+                self.stats.prefetched += 1
+                self._ahead.add(key)
+            else:
+                self.stats.misses += 1
+            fut = self._io.submit(self._load, key)
+        if admit:
+            self._held[key] = fut
+            self._policy.insert(key)
             self.used += size
             fut.add_done_callback(functools.partial(self._drop_failed, key))
+        elif ahead:
+            self._side[key] = fut
         return fut
+
+    def _evict(self, key: tuple[int, int]) -> None:
+        del self._held[key]
+        self._policy.remove(key)
+        self.used -= self.expert_bytes[key[0]]
+        self.stats.evictions += 1
+        self._ahead.discard(key)
 
     def _drop_failed(self, key: tuple[int, int], fut: Future) -> None:
         """A failed read leaves the cache (asked again, it is read again); only its own entry,
@@ -193,8 +226,9 @@ class ExpertCache:
         if fut.cancelled() or fut.exception() is None:
             return
         with self._lock:
-            if self._lru.get(key) is fut:
-                del self._lru[key]
+            if self._held.get(key) is fut:
+                del self._held[key]
+                self._policy.remove(key)
                 self.used -= self.expert_bytes[key[0]]
                 self._ahead.discard(key)
 
@@ -232,16 +266,13 @@ class ExpertCache:
         return sum(b * m[0].shape[0] for b, m in zip(self.expert_bytes, self.layers, strict=True))
 
     def shrink(self, budget: int) -> int:
-        """Lower the budget to `budget` bytes (memory pressure), evicting least recent first;
-        the bytes given back. Safe while a step runs: a layer holds the experts it computes
+        """Lower the budget to `budget` bytes (memory pressure), evicting by the policy; the
+        bytes given back. Safe while a step runs: a layer holds the experts it computes
         with, and an expert evicted mid-step is read again when next asked for."""
         with self._lock:
             before, self.budget = self.used, min(self.budget, max(0, budget))
-            while self._lru and self.used > self.budget:
-                old, _ = self._lru.popitem(last=False)
-                self.used -= self.expert_bytes[old[0]]
-                self.stats.evictions += 1
-                self._ahead.discard(old)
+            while self._held and self.used > self.budget:
+                self._evict(self._policy.victim())
             return before - self.used
 
     @property
@@ -254,6 +285,7 @@ class ExpertCache:
             s = dataclasses.asdict(self.stats)
             used = self.used
         return {
+            "policy": self._policy.policy,
             "budget_bytes": self.budget,
             "used_bytes": used,
             "hit_rate": round(s["hits"] / max(1, s["hits"] + s["misses"]), 4),
@@ -266,7 +298,9 @@ class ExpertCache:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._lru.clear()
+        self._held.clear()
+        self._side.clear()
+        self._policy.clear()
         self.used = 0
 
 

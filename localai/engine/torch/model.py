@@ -237,7 +237,7 @@ class Transformer:
                  expert_budget: int | float | str | None = None,
                  expert_prefetch: bool = False, attn_budget: int = 0,
                  kv_ram: int | str | None = None, kv_dir: Path | None = None,
-                 kv_read_ahead: int = READ_AHEAD):  # fmt: skip
+                 kv_read_ahead: int = READ_AHEAD, expert_policy: str = "freq"):  # fmt: skip
         """`expert_budget`: RAM for a MoE model's experts, read on demand (experts.ExpertCache;
         bytes or a share of all expert bytes, see experts.parse_budget); None keeps them all in
         place in the memory map. `expert_prefetch`: read each layer's likely experts while the
@@ -245,7 +245,8 @@ class Transformer:
         to at most (sparse attention, see attention.py: the sink, the best pages, the fp16
         window); 0, or a context under the budget, is dense attention. `kv_ram`: RAM for the
         KV cache, its quantized pages beyond it on disk under `kv_dir` (kv.KVCache); None: all
-        in RAM. `kv_read_ahead`: layers ahead whose KV pages are read back while one computes."""
+        in RAM. `kv_read_ahead`: layers ahead whose KV pages are read back while one computes.
+        `expert_policy`: which expert leaves the budget for another (routing.POLICIES)."""
         self.w, self.hp = w, hp
         self.attn_budget = attn_budget
         self.sparse_prefill = False  # prompts' chunks too (attention.select_chunk_pages)
@@ -256,7 +257,7 @@ class Transformer:
         self.attn_stats = AttnStats()
         self.expert_cache = None
         if hp.is_moe and expert_budget is not None:
-            self.expert_cache = ExpertCache(w, hp, expert_budget)
+            self.expert_cache = ExpertCache(w, hp, expert_budget, policy=expert_policy)
         cache = self.expert_cache
         self.blocks = [Block(w, hp, i, cache and cache.for_layer(i)) for i in range(hp.n_layers)]
         if cache is not None and expert_prefetch:
