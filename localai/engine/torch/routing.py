@@ -8,7 +8,7 @@ gives the hit rate that size would have had on that workload (`curve`), so the b
 policy can be chosen from a user's own traffic before a byte is read.
 
 Policies (capacity in experts, every expert of a model the same size):
-- "lru": least recently used out first (what ExpertCache does; replay equals the live counts);
+- "lru": least recently used out first;
 - "lfu": least frequently used out first (ties: least recent);
 - "decay": counts halved every `half_life` lookups, then as lfu (recent popularity);
 - "freq": as lfu, but an expert's count outlives its eviction, and an expert used less often
@@ -16,6 +16,8 @@ Policies (capacity in experts, every expert of a model the same size):
   A token reads layers × top-k experts in the same order each step: when the cache holds fewer,
   the three above evict each expert just before its next use and hit almost never (BENCHMARKS.md,
   "a routing trace with locality"); counts that survive eviction keep the hottest ones instead.
+The live cache (experts.ExpertCache, default "freq") evicts with the same code (`Eviction`),
+so a replay at its size gives its hits and misses exactly.
 """
 
 from __future__ import annotations
