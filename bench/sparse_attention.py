@@ -20,7 +20,7 @@ of the real cache (random queries: the cost does not depend on them). Prints one
                                      [--ppl-tokens 128] [--ppl-texts 1] [--threads 2]
                                      [--summaries keys meanstd minmax] [--score mass|max]
                                      [--channels 16 0]
-                                     [--prefill-budgets 10 20] [--llama]
+                                     [--prefill-budgets 10 20] [--llama] [--kv-bits 4]
 """
 
 from __future__ import annotations
@@ -107,10 +107,26 @@ def attention_ms(model, keep: int, first: int, reps: int = 3) -> float:
     return round(best * 1000, 2)
 
 
-def token_nll(m, n0: int, tokens: list[int]) -> list[float]:
-    """Each next token's negative log-likelihood in `tokens` after the first n0 cached tokens,
-    one decode step each."""
-    m.cache.truncate(n0)
+class Rewind:
+    """Back to the haystack's cache after a question or a text: truncated, or restored from a
+    snapshot taken after its prefill (a quantized cache cannot be truncated back across a
+    quantized group: `KVCache.truncate` then empties it)."""
+
+    def __init__(self, eng):
+        c = eng.model.cache
+        self.eng, self.n0, self.ids = eng, c.n, list(c.ids)
+        quantized = c.cfg.k_bits < 16 or c.cfg.v_bits < 16
+        self.data = eng._snapshot() if quantized else None
+
+    def __call__(self) -> None:
+        if self.eng.model.cache.truncate(self.n0) != self.n0:
+            self.eng._restore(self.ids, self.data)
+
+
+def token_nll(m, rewind: Rewind, tokens: list[int]) -> list[float]:
+    """Each next token's negative log-likelihood in `tokens` after the haystack, one decode
+    step each."""
+    rewind()
     nll = []
     for t, nxt in zip(tokens, tokens[1:], strict=False):
         logits = m.forward(torch.tensor([t]))[-1]
@@ -128,7 +144,8 @@ def paired(nll: list[float], dense: list[float]) -> dict:
     return {"ratio": round(math.exp(mean), 4), "se": round(math.exp(mean) * se, 4)}
 
 
-def side(eng, n0: int, prompt_ends: list[list[int]], questions, texts: dict, budget: int):
+def side(eng, rewind: Rewind, prompt_ends: list[list[int]], questions, texts: dict,
+         budget: int):  # fmt: skip
     m, stop = eng.model, {eng.vocab.llm.token_eos()}
     end_turn = eng.tokenize("<|im_end|>", special=True)
     stop |= set(end_turn) if len(end_turn) == 1 else set()
@@ -137,19 +154,19 @@ def side(eng, n0: int, prompt_ends: list[list[int]], questions, texts: dict, bud
     t0 = time.perf_counter()
     results = []
     for (_, want, kind), tail in zip(questions, prompt_ends, strict=True):
-        m.cache.truncate(n0)
+        rewind()
         for t in tail[:-1]:
             m.forward(torch.tensor([t]))
         answer = eng.detokenize(greedy(m, tail[-1], stop, 24))
         results.append({"kind": kind, "ok": want in re.sub(r"[^0-9]", " ", answer).split(),
                         "answer": answer.strip()[:60]})  # fmt: skip
-    nll = {name: [x for tokens in each for x in token_nll(m, n0, tokens)]
+    nll = {name: [x for tokens in each for x in token_nll(m, rewind, tokens)]
            for name, each in texts.items()}  # fmt: skip
     ppl = {f"ppl_{name}": round(math.exp(sum(v) / len(v)), 4) for name, v in nll.items()}
     seconds = time.perf_counter() - t0
     st = {k: v - before[k] for k, v in vars(m.attn_stats).items()}
-    m.cache.truncate(n0)
-    plan = m._plan(n0, 1)
+    rewind()
+    plan = m._plan(rewind.n0, 1)
     acc = {k: sum(r["ok"] for r in results if r["kind"] == k) for k in ("needle", "chain")}
     return {
         "budget_tokens": budget,
@@ -246,10 +263,11 @@ def run_ctx(a, path, ctx: int) -> dict:
                 tail = "" if rest == "estimate" else ", skipped left out"
                 sides += [(f"{pct:g}% {label}{tail}", pct, kind, rest == "estimate", ch)
                           for pct in a.budgets]  # fmt: skip
+    rewind = Rewind(eng)
     for name, pct, kind, estimate, ch in sides:
         summarize(m, kind, a.score, estimate, ch)
         budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))
-        row = side(eng, n0, ends, questions, texts, budget)
+        row = side(eng, rewind, ends, questions, texts, budget)
         out["sides"][name] = row
         show(ctx, name, row)
     for pct in a.prefill_budgets:  # the haystack prefilled again, sparse, then the same questions
@@ -259,11 +277,26 @@ def run_ctx(a, path, ctx: int) -> dict:
         m.sparse_prefill = True
         seconds = prefill(eng, hay)
         m.sparse_prefill = False
-        row = side(eng, n0, ends, questions, texts, m.attn_budget)
+        row = side(eng, Rewind(eng), ends, questions, texts, m.attn_budget)
         row["prefill_s"] = round(seconds, 1)
         name = f"{pct:g}% {kind}, sparse prefill"
         out["sides"][name] = row
         show(ctx, name, row)
+    eng.close()
+    for bits in a.kv_bits:  # K and V at `bits` in a cache of their own, prefilled again
+        q = TorchEngine(path, a.model, ctx + 512, a.threads, attn_budget=ctx + 512,
+                        k_bits=bits, v_bits=bits)  # fmt: skip
+        q._threads(a.threads)
+        seconds = prefill(q, hay)
+        rewind = Rewind(q)
+        for pct in [0, *a.budgets]:  # the engine's own page summary (built while prefilling)
+            budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))
+            row = side(q, rewind, ends, questions, texts, budget)
+            row["prefill_s"] = round(seconds, 1)
+            name = f"{pct:g}% keys, {bits}-bit KV" if pct else f"dense, {bits}-bit KV"
+            out["sides"][name] = row
+            show(ctx, name, row)
+        q.close()
     dense = out["sides"]["dense"]
     dense_nll = dense["nll"]
     for row in out["sides"].values():
@@ -276,7 +309,6 @@ def run_ctx(a, path, ctx: int) -> dict:
                               ("ppl_copy", "ppl_copy_vs_dense", False)):  # fmt: skip
             ratio = dense[key] / row[key] if up else row[key] / dense[key]
             row[name] = round(ratio, 4)
-    eng.close()
     return out
 
 
@@ -319,6 +351,10 @@ def main() -> None:
         help="also prefill sparse at these budgets (%%), then ask the same questions",
     )
     ap.add_argument("--llama", action="store_true", help="time llama.cpp's prefill of the haystack")
+    ap.add_argument("--kv-bits", type=int, nargs="*", default=[], choices=[8, 4, 2],
+                    help="also dense and every budget over a cache of K and V at these bits "
+                         "(prefilled again; the engine's own page selection), against the fp16 "
+                         "dense side")  # fmt: skip
     a = ap.parse_args()
     path = open_catalog(load_settings()).ensure(a.model)
     out = {"bench": "sparse_attention", "model": a.model, "date": time.strftime("%Y-%m-%d"),
