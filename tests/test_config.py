@@ -45,6 +45,7 @@ def test_home_from_env(clean_env, monkeypatch):
         ("type_k = 'q3'\n", "type_k must be"),
         ("threads = 'many'\n", "not a valid"),
         ("expert_prefetch = 'maybe'\n", "not a valid bool"),
+        ("expert_policy = 'mru'\n", "expert_policy must be one of"),
         ("attn_budget = 'half'\n", "attn_budget is tokens"),
         ("kv_budget = 'lots'\n", "kv_budget is bytes"),
         ("model = \n", "config.toml"),
