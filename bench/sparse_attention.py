@@ -183,6 +183,11 @@ def side(eng, rewind: Rewind, prompt_ends: list[list[int]], questions, texts: di
     }
 
 
+def budget_tokens(n0: int, pct: float) -> int:
+    """The attention budget a side at `pct`% of the n0-token haystack gets (0: dense)."""
+    return 0 if pct == 0 else max(512, int(n0 * pct / 100))
+
+
 def show(ctx: int, name: str, row: dict) -> None:
     """One side's row on stderr as it finishes (without its per-token numbers)."""
     shown = {k: v for k, v in row.items() if k != "nll"}
@@ -266,8 +271,7 @@ def run_ctx(a, path, ctx: int) -> dict:
     rewind = Rewind(eng)
     for name, pct, kind, estimate, ch in sides:
         summarize(m, kind, a.score, estimate, ch)
-        budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))
-        row = side(eng, rewind, ends, questions, texts, budget)
+        row = side(eng, rewind, ends, questions, texts, budget_tokens(n0, pct))
         out["sides"][name] = row
         show(ctx, name, row)
     for pct in a.prefill_budgets:  # the haystack prefilled again, sparse, then the same questions
@@ -290,8 +294,7 @@ def run_ctx(a, path, ctx: int) -> dict:
         seconds = prefill(q, hay)
         rewind = Rewind(q)
         for pct in [0, *a.budgets]:  # the engine's own page summary (built while prefilling)
-            budget = 0 if pct == 0 else max(512, int(n0 * pct / 100))
-            row = side(q, rewind, ends, questions, texts, budget)
+            row = side(q, rewind, ends, questions, texts, budget_tokens(n0, pct))
             row["prefill_s"] = round(seconds, 1)
             name = f"{pct:g}% keys, {bits}-bit KV" if pct else f"dense, {bits}-bit KV"
             out["sides"][name] = row

@@ -112,7 +112,7 @@ class Eviction:
 
     def insert(self, key: tuple[int, int]) -> None:
         if self.policy != "freq":
-            self.counts[key] = self.scale if self.policy == "decay" else 1.0
+            self.counts[key] = self.scale  # 1 but for "decay"
         self._push(key)
 
     def remove(self, key: tuple[int, int]) -> None:
