@@ -231,12 +231,13 @@ def fill_named(cache: KVCache, k, v, ids, chunk):
 
 @pytest.mark.parametrize("disk", [False, True])
 @pytest.mark.parametrize("bits", [16, 4, 2])
-@pytest.mark.parametrize("cut", [299, 290, 250, 200, 64, 0])
+@pytest.mark.parametrize("cut", [299, 290, 250, 200, 150, 64, 0])
 def test_truncate_then_refill_equals_a_fresh_cache(bits, cut, disk, tmp_path):
     """Cutting back to a prefix and writing a different continuation leaves the cache exactly as
-    if the new sequence had been written from the start (sink, pages, window); a quantized
-    cache that cannot give back the fp16 window starts over instead. The same with the pages in
-    a file under a pool of 4 pages per head (`disk`)."""
+    if the new sequence had been written from the start (sink, pages, window, the quantized
+    tokens held in fp16); a quantized cache cut back beyond the tokens it holds in fp16 (its
+    newest two K groups: 128-256 here) starts over instead. The same with the pages in a file
+    under a pool of 4 pages per head (`disk`)."""
     rotate = bits == 2
     cfg = KVConfig(k_bits=bits, v_bits=bits, window=32, k_group=64, v_group=32, sink=16,
                    v_clip=rotate, v_rotate=rotate, v_sym=rotate)  # fmt: skip
@@ -252,9 +253,11 @@ def test_truncate_then_refill_equals_a_fresh_cache(bits, cut, disk, tmp_path):
     budget = {"kv_ram": fresh.fixed_bytes + 4 * H * fresh.rec, "kv_dir": tmp_path} if disk else {}
     a = KVCache(cfg, 1, H, D, 512, **budget)
     fill_named(a, k, v, ids, 50)
+    assert a.exact_from == (128 if bits < 16 else 0)
+    exact = a.qend(cut) >= a.exact_from
     kept = a.truncate(cut)
-    same_groups = a.qend(cut) == a.qend(300) if bits < 16 else True
-    assert kept == (cut if same_groups else 0) and a.n == kept and a.ids == ids[:kept]
+    assert kept == (cut if exact else 0) and a.n == kept and a.ids == ids[:kept]
+    assert bits == 16 or exact == (cut >= 200)
     fill_named(a, k_new[:, kept:], v_new[:, kept:], new_ids[kept:], 7)
     fill_named(fresh, k_new, v_new, new_ids, 64)
     q_end = fresh.qend(300)
@@ -264,6 +267,11 @@ def test_truncate_then_refill_equals_a_fresh_cache(bits, cut, disk, tmp_path):
     assert torch.equal(a.kbuf[0, :, : 300 - q_end], fresh.kbuf[0, :, : 300 - q_end])
     assert torch.equal(a.vbuf[0, :, : 300 - q_end], fresh.vbuf[0, :, : 300 - q_end])
     assert torch.equal(a.ksink, fresh.ksink) and torch.equal(a.vsink, fresh.vsink)
+    held = q_end - fresh.exact_from if bits < 16 else 0
+    assert a.exact_from == fresh.exact_from and held == (128 if bits < 16 else 0)
+    assert torch.equal(a.kprev[0, :, :held], fresh.kprev[0, :, :held])
+    assert torch.equal(a.vprev[0, :, :held], fresh.vprev[0, :, :held])
+    assert torch.equal(fresh.kprev[0, :, :held], k_new[:, q_end - held : q_end].half())
 
 
 def test_a_cache_without_token_ids_is_never_reused():

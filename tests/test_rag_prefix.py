@@ -148,5 +148,16 @@ def test_the_torch_runner_restores_a_kept_prefix_exactly(model_path, sparse):
         assert restored.stats.extra["prefix_source"] == "memory"
         assert restored.stats.cached_tokens >= len(head)
         assert restored.text == computed.text
+        # a prompt that cuts back into the quantized pages: the newest quantized tokens, held in
+        # fp16 (and restored with the snapshot), come back; nothing before the cut is computed
+        q_old = cache.qend(cache.n)
+        cut = cache.ids[: q_old - 10] + eng.tokenize("Name a fruit.")
+        assert cache.qend(q_old - 10) < q_old and cache.qend(q_old - 10) >= cache.exact_from
+        again = eng.prefill(cut).topk(5)
+        assert eng.reused == q_old - 10
+        eng.forget()
+        ref = eng.prefill(cut).topk(5)
+        assert eng.reused == 0 and again.indices[0] == ref.indices[0]
+        assert torch.allclose(again.values, ref.values, atol=0.4), (again, ref)
     finally:
         eng.close()

@@ -227,9 +227,9 @@ class TorchEngine(TokenEngine):
         buffer up to n, the sinks), so a restore is exact at any KV bits."""
         c = self.model.cache
         q, n = c.qend(c.n), c.n
-        parts = {name: t[:, :, :end].clone() for name, t, end in _filled(c, q, n - q)}
+        parts = {name: t[:, :, :end].clone() for name, t, end in _filled(c, q, n - q, c.exact_from)}
         buf = io.BytesIO()
-        torch.save({"n": n, **parts}, buf)
+        torch.save({"n": n, "exact_from": c.exact_from, **parts}, buf)
         return buf.getvalue()
 
     def _restore(self, tokens: list[int], data: bytes) -> None:
@@ -242,11 +242,14 @@ class TorchEngine(TokenEngine):
         if n != len(tokens) or n > c.T:
             raise EngineError("a saved prompt prefix does not fit this cache")
         c.reset()
-        for name, t, end in _filled(c, c.qend(n), n - c.qend(n)):
-            if saved[name].shape != t[:, :, :end].shape:
+        exact_from = saved.get("exact_from", -1)
+        if exact_from < 0:
+            raise EngineError("a saved prompt prefix has another cache layout")
+        for name, t, end in _filled(c, c.qend(n), n - c.qend(n), exact_from):
+            if name not in saved or saved[name].shape != t[:, :, :end].shape:
                 raise EngineError("a saved prompt prefix has another cache layout")
             t[:, :, :end] = saved[name]  # in place: the layers hold views of these tensors
-        c.adopt(tokens)
+        c.adopt(tokens, exact_from)
 
     def prefix_identity(self) -> dict:
         """What makes a KV snapshot valid for this engine besides the model and the tokens."""
@@ -378,10 +381,12 @@ class TorchEngine(TokenEngine):
         self.model = None
 
 
-def _filled(c, q: int, buffered: int):
-    """(name, tensor, how far along its token axis it holds the first q + buffered tokens)."""
-    g = c.cfg.k_group
-    ends = {"kc": q, "vc": q, "kbuf": buffered, "vbuf": buffered, "ks": q // g, "km": q // g,
+def _filled(c, q: int, buffered: int, exact_from: int):
+    """(name, tensor, how far along its token axis it holds the first q + buffered tokens, the
+    quantized ones from `exact_from` on also held in fp16)."""
+    g, held = c.cfg.k_group, q - exact_from if c.kprev.shape[2] else 0
+    ends = {"kc": q, "vc": q, "kbuf": buffered, "vbuf": buffered, "kprev": held, "vprev": held,
+            "ks": q // g, "km": q // g,
             "vs": q, "vm": q, "ksink": None, "vsink": None, "kcent": q // PAGE,
             "kspread": q // PAGE, "vcent": q // PAGE, "kcs": q // g, "kcm": q // g,
             "kcmu": q // g, "kcopy": q * COPY_BITS // 8}  # fmt: skip

@@ -41,8 +41,11 @@ summaries and the fp16 window stay in RAM: they are what selection and every ste
 A cache can be cut back to a prefix (`truncate`) so the next prompt that shares it is not
 computed again. Cutting back to m < n needs tokens [qend(m), m) in fp16: at 16 bits the pages
 hold them exactly and are copied back into the buffer; quantized pages cannot give the fp16
-values back, so there the cut keeps the prefix only when qend(m) = qend(n) and starts over
-otherwise (never a silently less exact cache).
+values back, so a quantized cache also keeps its newest `HELD_GROUPS` K groups of quantized
+tokens in fp16 (`kprev`, `vprev`: tokens [exact_from, qend(n))), and a cut back into them is
+exact too: a chat turn that regenerates an answer of a few hundred tokens, or whose template
+differs from the last turn's in its final tokens, keeps the whole conversation before it. A
+cut further back starts over (never a silently less exact cache).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ BITS = (16, 8, 4, 2)
 SUMMARIES = ("", "meanstd", "minmax", "keys")
 COPY_BITS = 4  # the "keys" summary's copy of the keys
 VCENT_BITS = 4  # page value means (estimate_rest): codes, then an fp16 scale and minimum
+HELD_GROUPS = 2  # a quantized cache's newest quantized K groups also kept in fp16 (truncate)
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,10 @@ class KVCache:
         cap = cfg.window + g
         self.kbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)  # L, H, W+G, D
         self.vbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)
+        held = HELD_GROUPS * g if cfg.k_bits < 16 or cfg.v_bits < 16 else 0
+        self.kprev = torch.zeros(L, H, held, D, dtype=torch.float16)  # L, H, held, D
+        self.vprev = torch.zeros_like(self.kprev)
+        self.exact_from = 0  # with kprev: it holds tokens [exact_from, qend(n)) from index 0
         self.pages = self._spill(kv_ram, kv_dir, read_ahead) if spill else None
         self.n = 0  # tokens stored (all layers agree between forwards)
         self._n_next = 0
@@ -177,10 +185,11 @@ class KVCache:
 
     @property
     def fixed_bytes(self) -> int:
-        """RAM the cache needs whatever its pages: the fp16 window, the sinks, the page
-        summaries, the K group scales, and (pages on disk) the page table."""
-        parts = (self.ks, self.km, self.kbuf, self.vbuf, self.ksink, self.vsink,
-                 *self._summaries)  # fmt: skip
+        """RAM the cache needs whatever its pages: the fp16 window (and the quantized tokens
+        held in fp16), the sinks, the page summaries, the K group scales, and (pages on disk)
+        the page table."""
+        parts = (self.ks, self.km, self.kbuf, self.vbuf, self.kprev, self.vprev, self.ksink,
+                 self.vsink, *self._summaries)  # fmt: skip
         return sum(t.nbytes for t in parts) + self.L * self.H * (self.T // PAGE) * 4
 
     def _spill(self, kv_ram: int | str, spill_dir: Path | None, ahead: int):
@@ -218,7 +227,7 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes in RAM (with pages on disk: the pool, not the file)."""
         pool = self.pages.pool.nbytes + self.pages.table.nbytes if self.pages else 0
-        return sum(t.nbytes for t in self._parts()) + pool
+        return sum(t.nbytes for t in (*self._parts(), self.kprev, self.vprev)) + pool
 
     def resident_bytes(self) -> int:
         """Bytes in RAM now: the fixed parts, and the per-token parts as far as tokens have ever
@@ -276,7 +285,7 @@ class KVCache:
         return int(keep * PAGE * per_token) + self.summary_read_bytes(q // PAGE) + window
 
     def reset(self) -> None:
-        self.n = self._n_next = 0
+        self.n = self._n_next = self.exact_from = 0
         self.ids = []
         if self.pages is not None:
             self.pages.reset()
@@ -297,9 +306,13 @@ class KVCache:
     def _hold(self, n: int) -> None:
         self.n = self._n_next = n
         self._high = max(self._high, self.qend(n))
+        if self.kprev.shape[2]:
+            self.exact_from = max(self.exact_from, self.qend(n) - self.kprev.shape[2])
 
-    def adopt(self, ids: list[int]) -> None:
-        """The tensors now hold these tokens' K/V, written in place (a restored snapshot)."""
+    def adopt(self, ids: list[int], exact_from: int) -> None:
+        """The tensors now hold these tokens' K/V, written in place (a restored snapshot), and
+        `kprev` the quantized ones from `exact_from` on."""
+        self.exact_from = exact_from
         self._hold(len(ids))
         self.ids = self._ids = list(ids)
 
@@ -312,18 +325,23 @@ class KVCache:
             self.reset()
             return 0
         q_old, q_new = self.qend(n), self.qend(m)
+        held = self.kprev.shape[2]
         if q_new < q_old:
-            if self.cfg.k_bits < 16 or self.cfg.v_bits < 16:
+            if held and q_new < self.exact_from:  # quantized, and not held in fp16
                 self.reset()
                 return 0
-            shift = q_old - q_new  # tokens [q_new, q_old) come back from the fp16 pages
+            shift = q_old - q_new  # tokens [q_new, q_old) come back in fp16
             kept = max(0, m - q_old)  # buffered tokens still wanted, moved up by `shift`
             top = min(m, q_old)
             for layer in range(self.L):
-                kc, vc = self._stored(layer, top)[:2]  # H, ≥ top, D fp16
-                for buf, pages in ((self.kbuf[layer], kc), (self.vbuf[layer], vc)):
+                if held:  # [q_new, top) from the fp16 copy, which then ends at q_new
+                    e = self.exact_from
+                    kc, vc = self.kprev[layer, :, q_new - e :], self.vprev[layer, :, q_new - e :]
+                else:  # the fp16 pages themselves
+                    kc, vc = (t[:, q_new:] for t in self._stored(layer, top)[:2])
+                for buf, exact in ((self.kbuf[layer], kc), (self.vbuf[layer], vc)):
                     buf[:, shift : shift + kept] = buf[:, :kept].clone()
-                    buf[:, : top - q_new] = pages[:, q_new:top]
+                    buf[:, : top - q_new] = exact[:, : top - q_new]
         self.n = self._n_next = m
         self.ids = self.ids[:m]
         return m
@@ -343,11 +361,22 @@ class KVCache:
             return kb[:, : n2 - q0].float(), vb[:, : n2 - q0].float()
         kf = torch.cat([kb[:, : n - q0], k.half()], dim=1)  # H, n2 - q0, D
         vf = torch.cat([vb[:, : n - q0], v.half()], dim=1)
+        if self.kprev.shape[2]:
+            self._hold_exact(layer, kf[:, : q1 - q0], vf[:, : q1 - q0], q0)
         kcodes = self._quantize_k(layer, kf[:, : q1 - q0].float(), q0)
         self._put(layer, q0, kcodes, *self._quantize_v(layer, vf[:, : q1 - q0].float(), q0))
         kb[:, : n2 - q1] = kf[:, q1 - q0 :]
         vb[:, : n2 - q1] = vf[:, q1 - q0 :]
         return kf.float(), vf.float()
+
+    def _hold_exact(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Keep the fp16 K, V ([H, C, D]) of tokens [start, start + C), about to be quantized,
+        in `kprev`/`vprev` after the ones held, as many of the newest as they take."""
+        e, end, held = self.exact_from, start + k.shape[1], self.kprev.shape[2]
+        lo = max(e, end - held)  # the first token held after this forward (`_hold`)
+        for prev, new in ((self.kprev[layer], k), (self.vprev[layer], v)):
+            both = torch.cat([prev[:, : start - e], new], dim=1)  # tokens [e, end)
+            prev[:, : end - lo] = both[:, lo - e :]
 
     def _put(self, layer: int, start: int, kc, vc, vs, vm) -> None:
         """Store the codes of tokens [start, start + C): kc, vc [H, C, R] (fp16 [H, C, D] at 16
