@@ -20,7 +20,8 @@ of the real cache (random queries: the cost does not depend on them). Prints one
                                      [--ppl-tokens 128] [--ppl-texts 1] [--threads 2]
                                      [--summaries keys meanstd minmax] [--score mass|max]
                                      [--channels 16 0]
-                                     [--prefill-budgets 10 20] [--llama] [--kv-bits 4]
+                                     [--prefill-budgets 10 20] [--llama]
+                                     [--kv-bits 4 8/4] [--kv-only] [--no-kv-dense]
 """
 
 from __future__ import annotations
@@ -183,6 +184,12 @@ def side(eng, rewind: Rewind, prompt_ends: list[list[int]], questions, texts: di
     }
 
 
+def kv_bits(spec: str) -> tuple[int, int]:
+    """--kv-bits' "B" (K and V at B bits) or "K/V" as (K bits, V bits)."""
+    k, _, v = spec.partition("/")
+    return int(k), int(v or k)
+
+
 def budget_tokens(n0: int, pct: float) -> int:
     """The attention budget a side at `pct`% of the n0-token haystack gets (0: dense)."""
     return 0 if pct == 0 else max(512, int(n0 * pct / 100))
@@ -261,7 +268,7 @@ def run_ctx(a, path, ctx: int) -> dict:
     if a.llama:
         out["llama_cpp_prefill_s"] = llama_prefill(path, hay, a.threads)
     sides = [("dense", 0, a.summaries[0], True, a.channels[0])]
-    for kind in a.summaries:
+    for kind in a.summaries if not a.kv_only else []:
         for ch in a.channels if kind == "keys" else [a.channels[0]]:
             label = f"{kind}/{ch or 'all'}" if kind == "keys" and len(a.channels) > 1 else kind
             for rest in a.rest:
@@ -287,16 +294,19 @@ def run_ctx(a, path, ctx: int) -> dict:
         out["sides"][name] = row
         show(ctx, name, row)
     eng.close()
-    for bits in a.kv_bits:  # K and V at `bits` in a cache of their own, prefilled again
+    for bits in a.kv_bits:  # K and V at these bits in a cache of their own, prefilled again
+        k_bits, v_bits = kv_bits(bits)
         q = TorchEngine(path, a.model, ctx + 512, a.threads, attn_budget=ctx + 512,
-                        k_bits=bits, v_bits=bits)  # fmt: skip
+                        k_bits=k_bits, v_bits=v_bits)  # fmt: skip
         q._threads(a.threads)
         seconds = prefill(q, hay)
         rewind = Rewind(q)
-        for pct in [0, *a.budgets]:  # the engine's own page summary (built while prefilling)
+        label = f"{bits}-bit KV" if k_bits == v_bits else f"{k_bits}-bit K, {v_bits}-bit V"
+        # the engine's own page summary (built while prefilling)
+        for pct in [0, *a.budgets] if a.kv_dense else a.budgets:
             row = side(q, rewind, ends, questions, texts, budget_tokens(n0, pct))
             row["prefill_s"] = round(seconds, 1)
-            name = f"{pct:g}% keys, {bits}-bit KV" if pct else f"dense, {bits}-bit KV"
+            name = f"{pct:g}% keys, {label}" if pct else f"dense, {label}"
             out["sides"][name] = row
             show(ctx, name, row)
         q.close()
@@ -354,10 +364,22 @@ def main() -> None:
         help="also prefill sparse at these budgets (%%), then ask the same questions",
     )
     ap.add_argument("--llama", action="store_true", help="time llama.cpp's prefill of the haystack")
-    ap.add_argument("--kv-bits", type=int, nargs="*", default=[], choices=[8, 4, 2],
+    ap.add_argument("--kv-bits", nargs="*", default=[],
+                    choices=[f"{k}/{v}" for k in (8, 4, 2) for v in (8, 4, 2)] + ["8", "4", "2"],
                     help="also dense and every budget over a cache of K and V at these bits "
-                         "(prefilled again; the engine's own page selection), against the fp16 "
-                         "dense side")  # fmt: skip
+                         "(B or K/V; prefilled again; the engine's own page selection), against "
+                         "the fp16 dense side")  # fmt: skip
+    ap.add_argument(
+        "--kv-only",
+        action="store_true",
+        help="with --kv-bits: the fp16 cache runs dense only, as their baseline",
+    )
+    ap.add_argument(
+        "--no-kv-dense",
+        dest="kv_dense",
+        action="store_false",
+        help="with --kv-bits: no dense side over the quantized caches",
+    )
     a = ap.parse_args()
     path = open_catalog(load_settings()).ensure(a.model)
     out = {"bench": "sparse_attention", "model": a.model, "date": time.strftime("%Y-%m-%d"),
