@@ -236,11 +236,11 @@ def test_truncate_then_refill_equals_a_fresh_cache(bits, cut, disk, tmp_path):
     """Cutting back to a prefix and writing a different continuation leaves the cache exactly as
     if the new sequence had been written from the start (sink, pages, window, the quantized
     tokens held in fp16); a quantized cache cut back beyond the tokens it holds in fp16 (its
-    newest two K groups: 128-256 here) starts over instead. The same with the pages in a file
+    newest 128: 128-256 here) starts over instead. The same with the pages in a file
     under a pool of 4 pages per head (`disk`)."""
     rotate = bits == 2
     cfg = KVConfig(k_bits=bits, v_bits=bits, window=32, k_group=64, v_group=32, sink=16,
-                   v_clip=rotate, v_rotate=rotate, v_sym=rotate)  # fmt: skip
+                   v_clip=rotate, v_rotate=rotate, v_sym=rotate, held=128)  # fmt: skip
     k, v = kv_data(300)
     k2, v2 = kv_data(300, seed=1)
     ids = list(range(300))

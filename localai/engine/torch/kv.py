@@ -41,11 +41,11 @@ summaries and the fp16 window stay in RAM: they are what selection and every ste
 A cache can be cut back to a prefix (`truncate`) so the next prompt that shares it is not
 computed again. Cutting back to m < n needs tokens [qend(m), m) in fp16: at 16 bits the pages
 hold them exactly and are copied back into the buffer; quantized pages cannot give the fp16
-values back, so a quantized cache also keeps its newest `HELD_GROUPS` K groups of quantized
-tokens in fp16 (`kprev`, `vprev`: tokens [exact_from, qend(n))), and a cut back into them is
-exact too: a chat turn that regenerates an answer of a few hundred tokens, or whose template
-differs from the last turn's in its final tokens, keeps the whole conversation before it. A
-cut further back starts over (never a silently less exact cache).
+values back, so a quantized cache also keeps its newest `held` quantized tokens in fp16
+(`kprev`, `vprev`: tokens [exact_from, qend(n))), and a cut back into them is exact too: any
+cut of up to window + held tokens (384 by default), a chat turn that regenerates an answer or
+whose template differs from the last turn's in its final tokens, keeps the whole conversation
+before it. A cut further back starts over (never a silently less exact cache).
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ BITS = (16, 8, 4, 2)
 SUMMARIES = ("", "meanstd", "minmax", "keys")
 COPY_BITS = 4  # the "keys" summary's copy of the keys
 VCENT_BITS = 4  # page value means (estimate_rest): codes, then an fp16 scale and minimum
-HELD_GROUPS = 2  # a quantized cache's newest quantized K groups also kept in fp16 (truncate)
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,9 @@ class KVConfig:
     page_score: str = "max"
     # sparse decode adds the pages it skips as estimates (page centre key, mean value)
     estimate_rest: bool = True
+    # a quantized cache's newest quantized tokens also kept in fp16, so that a cut back into
+    # them (`truncate`) is exact: 256 is 1.6% of fp16 K/V at 32K, 12.5% at 2K
+    held: int = 256
 
     def __post_init__(self) -> None:
         for b in (self.k_bits, self.v_bits):
@@ -100,7 +102,7 @@ class KVConfig:
         assert self.sink % PAGE == 0 and 0 <= self.sink < self.k_group
         assert self.page_summary in SUMMARIES, f"page_summary: one of {SUMMARIES}"
         assert self.page_score in ("mass", "max")
-        assert self.score_channels >= 0
+        assert self.score_channels >= 0 and self.held >= 0
 
     @property
     def selection_flags(self) -> int:
@@ -155,7 +157,7 @@ class KVCache:
         cap = cfg.window + g
         self.kbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)  # L, H, W+G, D
         self.vbuf = torch.zeros(L, H, cap, D, dtype=torch.float16)
-        held = HELD_GROUPS * g if cfg.k_bits < 16 or cfg.v_bits < 16 else 0
+        held = cfg.held if cfg.k_bits < 16 or cfg.v_bits < 16 else 0
         self.kprev = torch.zeros(L, H, held, D, dtype=torch.float16)  # L, H, held, D
         self.vprev = torch.zeros_like(self.kprev)
         self.exact_from = 0  # with kprev: it holds tokens [exact_from, qend(n)) from index 0
