@@ -42,10 +42,11 @@ A cache can be cut back to a prefix (`truncate`) so the next prompt that shares 
 computed again. Cutting back to m < n needs tokens [qend(m), m) in fp16: at 16 bits the pages
 hold them exactly and are copied back into the buffer; quantized pages cannot give the fp16
 values back, so a quantized cache also keeps its newest `held` quantized tokens in fp16
-(`kprev`, `vprev`: tokens [exact_from, qend(n))), and a cut back into them is exact too: any
-cut of up to window + held tokens (384 by default), a chat turn that regenerates an answer or
-whose template differs from the last turn's in its final tokens, keeps the whole conversation
-before it. A cut further back starts over (never a silently less exact cache).
+(`kprev`, `vprev`: tokens [exact_from, qend(n))), and a cut back into them is exact too: a
+cut of up to `held` tokens (256 by default; up to held + window + K group - 1 when the last
+group was quantized a while ago), a chat turn that regenerates an answer or whose template
+differs from the last turn's in its final tokens, keeps the whole conversation before it. A
+cut further back starts over (never a silently less exact cache).
 """
 
 from __future__ import annotations
