@@ -116,6 +116,11 @@ def _no_progress(desc: str, total: int) -> Callable[[int], None]:
     return lambda n: None
 
 
+def _say(message: str) -> None:
+    """What a pull says when the caller gives no log: on stderr (stdout may be a JSON answer)."""
+    print(message, file=sys.stderr)
+
+
 class Catalog:
     """Installed models in one models directory."""
 
@@ -184,7 +189,7 @@ class Catalog:
         self.locate(name)
         return self.model_dir(name) / file_name
 
-    def ensure(self, name: str, progress: ProgressFactory = _no_progress, log=print) -> Path:
+    def ensure(self, name: str, progress: ProgressFactory = _no_progress, log=_say) -> Path:
         """Locate the model, pulling it first if it is missing or damaged."""
         found = self.problems(name)
         if found:
@@ -193,7 +198,7 @@ class Catalog:
             self.pull(name, progress=progress, log=log)
         return self.locate(name)
 
-    def pull(self, name: str, progress: ProgressFactory = _no_progress, log=print) -> Path:
+    def pull(self, name: str, progress: ProgressFactory = _no_progress, log=_say) -> Path:
         spec = self.spec(name)
         self.dir.mkdir(parents=True, exist_ok=True)
         work = self.dir / f".pull-{name}-{os.getpid()}"

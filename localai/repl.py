@@ -1,4 +1,6 @@
-"""The plain terminal chat (`localai chat`): streaming answers, history, a few slash commands.
+"""The plain terminal chat (`localai chat`): streaming answers, history, a few slash commands,
+and the plugins' tools (the calculator, the clock ...) when the model's template takes tools:
+the model's calls are run here and shown, and it answers from their results (tools.converse).
 
 Ctrl-C during an answer stops that answer and keeps the conversation; Ctrl-D or /exit leaves.
 """
@@ -7,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 with contextlib.suppress(ImportError):  # line editing and history at the prompt, where it exists
     import readline  # noqa: F401
@@ -14,18 +18,27 @@ with contextlib.suppress(ImportError):  # line editing and history at the prompt
 from rich.console import Console
 
 from .engine import ContextOverflowError, Delta, Done, Engine, Message, SamplingParams, chat
+from .engine.toolcall import Splitter
+from .tools import MAX_ROUNDS, Tool, ToolRan, run_call
 
 FENCE = '"' * 3  # a message between two fences may span lines
 HELP = f"""{FENCE}         start or end a multi-line message
 /help       this list
 /system S   set the system prompt (clears history)
 /reset      forget the conversation
+/tools X    let the model call tools (on), or not (off); /tools alone lists them
 /exit       leave (or Ctrl-D)"""
 
 
-def chat_loop(engine: Engine, params: SamplingParams, system: str | None, console: Console) -> None:
+def chat_loop(engine: Engine, params: SamplingParams, system: str | None, console: Console,
+              tools: dict[str, Tool] | None = None) -> None:  # fmt: skip
+    """Chat until Ctrl-D or /exit. `tools` (name → Tool) are offered to the model while they
+    are on: from the start when its template has a place for them."""
     history: list[Message] = [Message("system", system)] if system else []
-    console.print(f"[bold]{engine.name}[/bold] — /help for commands, Ctrl-D to leave")
+    tools = tools or {}
+    tools_on = bool(tools) and engine.supports_tools()
+    extra = f" — tools on ({', '.join(tools)})" if tools_on else ""
+    console.print(f"[bold]{engine.name}[/bold]{extra} — /help for commands, Ctrl-D to leave")
     while True:
         try:
             line = _read_message()
@@ -50,15 +63,19 @@ def chat_loop(engine: Engine, params: SamplingParams, system: str | None, consol
             elif cmd == "/system":
                 history = [Message("system", arg)] if arg else []
                 console.print("[dim]system prompt set; conversation cleared[/dim]")
+            elif cmd == "/tools" and arg in ("on", "off", ""):
+                tools_on = arg == "on" and bool(tools) if arg else tools_on
+                names = ", ".join(tools) or "none installed"
+                console.print(f"[dim]tools ({names}): {'on' if tools_on else 'off'}[/dim]")
             else:
                 console.print(f"[red]unknown command {cmd}[/red]; /help lists them")
             continue
         history.append(Message("user", line))
-        answer = _answer(engine, history, params, console)
+        answer = _answer(engine, history, params, console, tools if tools_on else {})
         if answer is None:
             history.pop()
         else:
-            history.append(Message("assistant", answer))
+            history += answer
 
 
 def _read_message() -> str:
@@ -73,19 +90,31 @@ def _read_message() -> str:
     return "\n".join(lines).strip("\n")
 
 
-def _answer(engine, history, params, console) -> str | None:
+def _answer(engine, history, params, console, tools) -> list[Message] | None:
+    """Stream one answer; the messages it adds to the history (None: stopped or refused)."""
     cancel = threading.Event()
-    events = chat(engine, history, params, cancel)
+    events = (
+        converse(engine, history, params, tools, cancel)
+        if tools
+        else chat(engine, history, params, cancel)
+    )
+    mid_line = False
     try:
         for ev in events:
             if isinstance(ev, Delta):
                 print(ev.text, end="", flush=True)
+                mid_line = not ev.text.endswith("\n")
+            elif isinstance(ev, ToolRan):
+                if mid_line:
+                    print()
+                console.print(ev.line(), style="dim", markup=False, highlight=False)
+                mid_line = False
             elif isinstance(ev, Done):
                 print()
                 st = ev.stats
                 console.print(f"[dim]{st.completion_tokens} tokens, {st.tokens_per_s:.1f} tok/s, "
                               f"{st.prompt_tokens} in context[/dim]")  # fmt: skip
-                return ev.text
+                return ev.messages if isinstance(ev, TurnDone) else [Message("assistant", ev.text)]
     except KeyboardInterrupt:
         cancel.set()
         events.close()  # frees the engine now, not when the generator is collected
@@ -96,3 +125,51 @@ def _answer(engine, history, params, console) -> str | None:
         console.print(f"[red]{e}[/red] Use /reset to start a new conversation.")
         return None
     return None
+
+
+@dataclass
+class TurnDone(Done):
+    """The end of a turn with tools: `text` is the last answer, `messages` every message the
+    turn adds to the conversation (the calls, their results, the last answer)."""
+
+    messages: list[Message] = field(default_factory=list)
+
+
+def converse(
+    engine: Engine,
+    messages: list[Message],
+    params: SamplingParams,
+    tools: dict[str, Tool],
+    cancel=None,
+) -> Iterator[Delta | ToolRan | TurnDone]:
+    """One assistant turn for `messages` in which the model may call `tools` (name → Tool),
+    run here: Delta events carry text (never part of a call block: toolcall.Splitter), a
+    ToolRan follows each call run, and a TurnDone ends the turn with the last answer's stats.
+    The results go back to the model as `tool` messages, up to MAX_ROUNDS answers (a model
+    still calling after them ends its turn on the last results)."""
+    offer = [t.schema() for t in tools.values()]
+    turn: list[Message] = []
+    for _ in range(MAX_ROUNDS):
+        split = Splitter(tools)
+        prompt = engine.apply_chat_template(messages + turn, tools=offer)
+        with contextlib.closing(engine.generate(prompt, params, cancel)) as events:
+            for ev in events:
+                if isinstance(ev, Delta):
+                    shown = split.feed(ev.text)
+                    if shown:
+                        yield Delta(shown)
+                elif isinstance(ev, Done):
+                    done = ev
+        rest, calls = split.finish()
+        if rest:
+            yield Delta(rest)
+        text = split.text[: split.shown] + rest
+        if not calls or done.stats.finish_reason == "cancelled":
+            turn.append(Message("assistant", text))
+            break
+        turn.append(Message("assistant", text.strip(), tool_calls=tuple(calls)))
+        for call in calls:
+            ran = run_call(tools, call.name, call.arguments)
+            yield ran
+            turn.append(Message("tool", ran.result, name=call.name))
+    yield TurnDone(text, done.stats, turn)

@@ -5,8 +5,11 @@ running Qwen2.5-Coder-0.5B (whose template takes tools), the calculator plugin d
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
+from conftest import localai
 from daemon_helpers import start_daemon
 from openai_schema import check
 
@@ -228,3 +231,41 @@ def test_tui_runs_the_calculator_the_model_calls(tool_daemon, tmp_path):
             assert not app.tools_on and not app.sub_title.endswith("+ tools")
 
     asyncio.run(go())
+
+
+# -- in the terminal: the calls run in the localai process ----------------------------------
+
+
+def test_run_with_a_tool_runs_the_calls_and_answers_from_them(tool_models_dir, home):
+    env = dict(os.environ)
+    r = localai("run", QUESTION, "--model", TOOL_MODEL, "-T", "calculator", "-t", "0",
+                "--max-tokens", "80", "--json", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    calls = out["tool_calls"]
+    assert [c["name"] for c in calls] == ["calculator"] and calls[0]["result"] == "7006652"
+    # the result went back to the model: its answer holds the product, which the question does
+    # not (what a 0.5B model makes of it beyond that is not this test's to judge)
+    assert "7006652" in out["text"].replace(",", "") and "<tool_call>" not in out["text"]
+    assert out["stats"]["finish_reason"] == "stop"
+    r = localai("run", QUESTION, "--model", TOOL_MODEL, "-T", "nope", env=env)
+    assert r.returncode == 2 and "no tool named nope" in r.stderr and "calculator" in r.stderr
+    r = localai("run", QUESTION, "--model", TOOL_MODEL, "-T", "all", "--raw", env=env)
+    assert r.returncode == 2 and "--raw" in r.stderr
+
+
+def test_plain_chat_offers_the_plugin_tools_and_can_turn_them_off(tool_models_dir, home):
+    """Input piped: the plain line chat. The model (its template takes tools) calls the
+    calculator, the call and its result are shown, the result goes back to the model (its
+    answer holds the product); /tools off answers the next question without them."""
+    script = f"{QUESTION}\n/tools off\n/tools\nAnd what was the product, once more?\n"
+    r = localai("chat", "--model", TOOL_MODEL, "-t", "0", "--max-tokens", "80", input=script,
+                env=dict(os.environ))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"tools on \(.*calculator", r.stderr), r.stderr
+    assert "calculator(expression=" in r.stderr and "→ 7006652" in r.stderr, r.stderr
+    assert r.stderr.count("→ ") == 1  # no call once the tools are off
+    assert "tools (" in r.stderr and "): off" in r.stderr
+    assert "<tool_call>" not in r.stdout
+    assert len(re.findall(r"\d+ in context", r.stderr)) == 2  # two answers
+    assert "7006652" in r.stdout.replace(",", ""), r.stdout

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
 import click
 
+from .. import plugins
 from ..engine import Delta, Done, Message, SamplingParams, chat
+from ..tools import Tool, ToolRan
 from .app import (
     engine_from_flags,
     engine_options,
@@ -27,37 +30,57 @@ from .app import (
 @click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text and stats.")
 @click.option("--no-daemon", is_flag=True, help="Load the model here even if a daemon runs.")
+@click.option("-T", "--tool", "tool_names", multiple=True, metavar="NAME",
+              help="Let the model call this plugin tool (again for more; 'all' for every one): "
+              "the calls run here, the model answers from their results.")  # fmt: skip
 @click.pass_context
 @user_errors
 def run(ctx, prompt, model, engine, context_length, threads, type_k, type_v, system,
-        temperature, top_p, top_k, seed, max_tokens, stop, raw, as_json, no_daemon):  # fmt: skip
+        temperature, top_p, top_k, seed, max_tokens, stop, raw, as_json, no_daemon,
+        tool_names):  # fmt: skip
     """One-shot completion of PROMPT (or stdin), streamed to stdout."""
     if prompt in (None, "-"):
         if sys.stdin.isatty():
             raise click.UsageError("give a PROMPT or pipe one on stdin")
         prompt = sys.stdin.read()
+    tools = _chosen_tools(tool_names, raw)
     params = SamplingParams(temperature, top_p, top_k, seed=seed, max_tokens=max_tokens,
                             stop=list(stop))  # fmt: skip
     msgs = ([Message("system", system)] if system else []) + [Message("user", prompt)]
     shaped = any(x is not None for x in (engine, context_length, threads, type_k, type_v))
     shaped = shaped or bool(ctx.obj.get("kv_bits"))  # --kv-bits etc. shape the engine too
-    daemon = None if no_daemon or shaped else _daemon_for(ctx, model)
+    here = no_daemon or shaped or bool(tools)  # tools run in this process, with the model
+    daemon = None if here else _daemon_for(ctx, model)
     if daemon is not None:  # one copy of the model in RAM: the daemon's
         eng = None
         events = daemon.generate(None if raw else msgs, prompt if raw else None, params)
     else:
         eng = engine_from_flags(ctx, model, engine, context_length, threads, type_k, type_v)
-        events = eng.generate(prompt, params) if raw else chat(eng, msgs, params)
+        if raw:
+            events = eng.generate(prompt, params)
+        elif tools:
+            from ..repl import converse
+
+            events = converse(eng, msgs, params, tools)
+        else:
+            events = chat(eng, msgs, params)
     name = daemon.model if daemon is not None else eng.name
+    ran: list[ToolRan] = []
     try:
         for ev in events:
             if isinstance(ev, Delta) and not as_json:
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
+            elif isinstance(ev, ToolRan):
+                ran.append(ev)
+                if not as_json:
+                    err.print(ev.line(), style="dim", markup=False, highlight=False)
             elif isinstance(ev, Done):
                 if as_json:
-                    click.echo(json.dumps({"model": name, "text": ev.text,
-                                           "stats": ev.stats.as_dict()}))  # fmt: skip
+                    out = {"model": name, "text": ev.text, "stats": ev.stats.as_dict()}
+                    if tools:
+                        out["tool_calls"] = [dataclasses.asdict(r) for r in ran]
+                    click.echo(json.dumps(out))
                 else:
                     sys.stdout.write("\n")
                     st = ev.stats
@@ -70,6 +93,22 @@ def run(ctx, prompt, model, engine, context_length, threads, type_k, type_v, sys
         events.close()
         if eng is not None:
             eng.close()
+
+
+def _chosen_tools(names: tuple[str, ...], raw: bool) -> dict[str, Tool]:
+    """The plugin tools `--tool` names (name → Tool); a name no plugin registers is refused."""
+    if not names:
+        return {}
+    if raw:
+        raise click.UsageError("--tool needs the chat template: it cannot go with --raw")
+    have = plugins.tools()
+    if "all" in names:
+        return have
+    unknown = [n for n in names if n not in have]
+    if unknown:
+        raise click.UsageError(f"no tool named {', '.join(unknown)}; the plugins register: "
+                               f"{', '.join(have) or 'none'} (`localai plugins`)")  # fmt: skip
+    return {n: have[n] for n in names}
 
 
 def _daemon_for(ctx, model):
@@ -104,7 +143,7 @@ def chat_cmd(ctx, model, engine, context_length, threads, type_k, type_v, system
                             stop=list(stop))  # fmt: skip
     eng = engine_from_flags(ctx, model, engine, context_length, threads, type_k, type_v)
     try:
-        chat_loop(eng, params, system, err)
+        chat_loop(eng, params, system, err, plugins.tools())
     finally:
         eng.close()
 

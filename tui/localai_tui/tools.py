@@ -9,7 +9,6 @@ import json
 import anyio
 
 MAX_ROUNDS = 4  # answer → calls → results → answer ...; a model stuck calling is cut off here
-MAX_SHOWN = 200  # characters of a tool's result shown in the chat (the model gets all of it)
 
 
 def available() -> dict:
@@ -25,20 +24,18 @@ def available() -> dict:
 
 
 async def run(tools: dict, call: dict) -> tuple[str, str]:
-    """(the result for the model, a line for the chat) of one OpenAI tool-call entry."""
+    """(the result for the model, a line for the chat) of one OpenAI tool-call entry (`tools`
+    come from `available()`, so localai is there)."""
+    from localai.tools import ToolRan, run_call
+
     fn = call.get("function") or {}
-    name = fn.get("name", "")
     try:
         args = json.loads(fn.get("arguments") or "{}")
     except json.JSONDecodeError:
         args = None
-    tool = tools.get(name)
-    if tool is None:
-        result = f"error: there is no tool named {name!r}"
-    elif not isinstance(args, dict):
-        result = "error: the arguments are not a JSON object"
+    name = fn.get("name", "")
+    if isinstance(args, dict):
+        ran = await anyio.to_thread.run_sync(run_call, tools, name, args)
     else:
-        result = await anyio.to_thread.run_sync(tool.call, args)
-    shown_args = ", ".join(f"{k}={v!r}" for k, v in (args or {}).items())
-    short = result if len(result) <= MAX_SHOWN else result[:MAX_SHOWN] + "…"
-    return result, f"\n\n`{name}({shown_args})` → {short}\n\n"
+        ran = ToolRan(name, {}, "error: the arguments are not a JSON object")
+    return ran.result, f"\n\n{ran.line('`')}\n\n"
