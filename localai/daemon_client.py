@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 from .config import Settings
 from .engine import Delta, Done, EngineError, GenerationStats, Message, SamplingParams
+from .engine.remote_prompt import CallCollector, openai_messages
 from .server.auth import PROOF_PATH, proof, read_token
 
 PROBE_TIMEOUT_S = 0.5
@@ -125,11 +126,13 @@ class Daemon:
         prompt: str | None,
         params: SamplingParams,
         docs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> Iterator[Delta | Done]:
         """Stream a chat turn (`messages`) or a raw completion (`prompt`) as engine events;
         errors the server reports (e.g. context overflow) are raised as EngineError. With
         `docs` ({"k", "source", "layout"}) the answer comes from the documents and ends in a
-        CitedDone."""
+        CitedDone. With `tools` (OpenAI function entries) the calls the model makes come last,
+        as the tagged blocks the engines write (for toolcall.Splitter, as the remote engine)."""
         body: dict = {"model": self.model, "stream": True, "stats": True, "docs": docs,
                       "temperature": params.temperature, "top_p": params.top_p,
                       "top_k": params.top_k, "min_p": params.min_p, "seed": params.seed,
@@ -137,7 +140,9 @@ class Daemon:
                       "repeat_penalty": params.repeat_penalty}  # fmt: skip
         if messages is not None:
             path = "/v1/chat/completions"
-            body["messages"] = [{"role": m.role, "content": m.content} for m in messages]
+            body["messages"] = openai_messages(messages)
+            if tools:
+                body["tools"] = tools
         else:
             path, body["prompt"] = "/v1/completions", prompt
         conn = self._conn(PROBE_TIMEOUT_S * 10)
@@ -184,7 +189,7 @@ def _stats(flat: dict) -> GenerationStats:
 
 def _events(resp) -> Iterator:
     """Delta, then Done (a CitedDone for documents, which first yield Found)."""
-    text = []
+    text, calls = [], CallCollector()
     for raw in resp:
         line = raw.decode("utf-8").strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
@@ -203,10 +208,14 @@ def _events(resp) -> Iterator:
         if piece:
             text.append(piece)
             yield Delta(piece)
+        calls.add(choice.get("delta", {}).get("tool_calls"))
         if choice.get("finish_reason") is not None:
             stats = _stats(obj.get("stats", {}))
             if "citations" not in obj:
-                yield Done("".join(text), stats)
+                called = calls.text() if calls.calls else ""
+                if called:
+                    yield Delta(called)
+                yield Done("".join(text) + called, stats)
                 return
             from .rag.answer import CitedDone
             from .rag.cite import Citation

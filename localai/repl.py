@@ -1,6 +1,7 @@
 """The plain terminal chat (`localai chat`): streaming answers, history, a few slash commands,
 and the plugins' tools (the calculator, the clock ...) when the model's template takes tools:
-the model's calls are run here and shown, and it answers from their results (tools.converse).
+the model's calls are run here and shown, and it answers from their results (`converse`, which
+`localai run --tool` uses too).
 
 Ctrl-C during an answer stops that answer and keeps the conversation; Ctrl-D or /exit leaves.
 """
@@ -9,11 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-
-with contextlib.suppress(ImportError):  # line editing and history at the prompt, where it exists
-    import readline  # noqa: F401
 
 from rich.console import Console
 
@@ -34,6 +32,8 @@ def chat_loop(engine: Engine, params: SamplingParams, system: str | None, consol
               tools: dict[str, Tool] | None = None) -> None:  # fmt: skip
     """Chat until Ctrl-D or /exit. `tools` (name → Tool) are offered to the model while they
     are on: from the start when its template has a place for them."""
+    with contextlib.suppress(ImportError):  # line editing and history at the prompt, if there
+        import readline  # noqa: F401
     history: list[Message] = [Message("system", system)] if system else []
     tools = tools or {}
     tools_on = bool(tools) and engine.supports_tools()
@@ -94,7 +94,7 @@ def _answer(engine, history, params, console, tools) -> list[Message] | None:
     """Stream one answer; the messages it adds to the history (None: stopped or refused)."""
     cancel = threading.Event()
     events = (
-        converse(engine, history, params, tools, cancel)
+        converse(engine_answer(engine, params, cancel), history, tools)
         if tools
         else chat(engine, history, params, cancel)
     )
@@ -136,23 +136,22 @@ class TurnDone(Done):
 
 
 def converse(
-    engine: Engine,
+    answer: Callable[[list[Message], list[dict]], Iterator],
     messages: list[Message],
-    params: SamplingParams,
     tools: dict[str, Tool],
-    cancel=None,
 ) -> Iterator[Delta | ToolRan | TurnDone]:
     """One assistant turn for `messages` in which the model may call `tools` (name → Tool),
-    run here: Delta events carry text (never part of a call block: toolcall.Splitter), a
-    ToolRan follows each call run, and a TurnDone ends the turn with the last answer's stats.
-    The results go back to the model as `tool` messages, up to MAX_ROUNDS answers (a model
-    still calling after them ends its turn on the last results)."""
+    run here. `answer(messages, offered)` streams one answer with the tools offered (an
+    engine's: `engine_answer`; the daemon's: DaemonClient.generate), its calls as tagged blocks.
+    Delta events carry text (never part of a call block: toolcall.Splitter), a ToolRan follows
+    each call run, and a TurnDone ends the turn with the last answer's stats. The results go
+    back to the model as `tool` messages, up to MAX_ROUNDS answers (a model still calling
+    after them ends its turn on the last results)."""
     offer = [t.schema() for t in tools.values()]
     turn: list[Message] = []
     for _ in range(MAX_ROUNDS):
         split = Splitter(tools)
-        prompt = engine.apply_chat_template(messages + turn, tools=offer)
-        with contextlib.closing(engine.generate(prompt, params, cancel)) as events:
+        with contextlib.closing(answer(messages + turn, offer)) as events:
             for ev in events:
                 if isinstance(ev, Delta):
                     shown = split.feed(ev.text)
@@ -173,3 +172,14 @@ def converse(
             yield ran
             turn.append(Message("tool", ran.result, name=call.name))
     yield TurnDone(text, done.stats, turn)
+
+
+def engine_answer(engine: Engine, params: SamplingParams, cancel=None) -> Callable:
+    """`converse`'s answer from an engine in this process: the model's template renders the
+    messages and the offered tools."""
+
+    def answer(messages: list[Message], offered: list[dict]) -> Iterator:
+        prompt = engine.apply_chat_template(messages, tools=offered)
+        return engine.generate(prompt, params, cancel)
+
+    return answer

@@ -238,6 +238,14 @@ def test_tui_runs_the_calculator_the_model_calls(tool_daemon, tmp_path):
 
 def test_run_with_a_tool_runs_the_calls_and_answers_from_them(tool_models_dir, home):
     env = dict(os.environ)
+    _check_calculator_run(env)
+    r = localai("run", QUESTION, "--model", TOOL_MODEL, "-T", "nope", env=env)
+    assert r.returncode == 2 and "no tool named nope" in r.stderr and "calculator" in r.stderr
+    r = localai("run", QUESTION, "--model", TOOL_MODEL, "-T", "all", "--raw", env=env)
+    assert r.returncode == 2 and "--raw" in r.stderr
+
+
+def _check_calculator_run(env: dict) -> None:
     r = localai("run", QUESTION, "--model", TOOL_MODEL, "-T", "calculator", "-t", "0",
                 "--max-tokens", "80", "--json", env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -248,10 +256,16 @@ def test_run_with_a_tool_runs_the_calls_and_answers_from_them(tool_models_dir, h
     # not (what a 0.5B model makes of it beyond that is not this test's to judge)
     assert "7006652" in out["text"].replace(",", "") and "<tool_call>" not in out["text"]
     assert out["stats"]["finish_reason"] == "stop"
-    r = localai("run", QUESTION, "--model", TOOL_MODEL, "-T", "nope", env=env)
-    assert r.returncode == 2 and "no tool named nope" in r.stderr and "calculator" in r.stderr
-    r = localai("run", QUESTION, "--model", TOOL_MODEL, "-T", "all", "--raw", env=env)
-    assert r.returncode == 2 and "--raw" in r.stderr
+
+
+def test_run_with_a_tool_through_the_daemon(tool_daemon):
+    """A daemon serves the model: both answers come from it (its calls come back as
+    `tool_calls`), the calculator runs in the `localai run` process."""
+    env = dict(os.environ, LOCALAI_HOME=str(tool_daemon.home), LOCALAI_HOST=tool_daemon.host,
+               LOCALAI_PORT=str(tool_daemon.port))  # fmt: skip
+    served = tool_daemon.health()["served"]
+    _check_calculator_run(env)
+    assert tool_daemon.health()["served"] == served + 2
 
 
 def test_plain_chat_offers_the_plugin_tools_and_can_turn_them_off(tool_models_dir, home):

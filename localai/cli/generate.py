@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 
@@ -10,6 +11,7 @@ import click
 
 from .. import plugins
 from ..engine import Delta, Done, Message, SamplingParams, chat
+from ..repl import converse, engine_answer
 from ..tools import Tool, ToolRan
 from .app import (
     engine_from_flags,
@@ -49,19 +51,20 @@ def run(ctx, prompt, model, engine, context_length, threads, type_k, type_v, sys
     msgs = ([Message("system", system)] if system else []) + [Message("user", prompt)]
     shaped = any(x is not None for x in (engine, context_length, threads, type_k, type_v))
     shaped = shaped or bool(ctx.obj.get("kv_bits"))  # --kv-bits etc. shape the engine too
-    here = no_daemon or shaped or bool(tools)  # tools run in this process, with the model
-    daemon = None if here else _daemon_for(ctx, model)
+    daemon = None if no_daemon or shaped else _daemon_for(ctx, model)
     if daemon is not None:  # one copy of the model in RAM: the daemon's
         eng = None
-        events = daemon.generate(None if raw else msgs, prompt if raw else None, params)
+        if tools:  # the daemon says which calls the model made; they run here
+            answer = functools.partial(_daemon_answer, daemon, params)
+            events = converse(answer, msgs, tools)
+        else:
+            events = daemon.generate(None if raw else msgs, prompt if raw else None, params)
     else:
         eng = engine_from_flags(ctx, model, engine, context_length, threads, type_k, type_v)
         if raw:
             events = eng.generate(prompt, params)
         elif tools:
-            from ..repl import converse
-
-            events = converse(eng, msgs, params, tools)
+            events = converse(engine_answer(eng, params), msgs, tools)
         else:
             events = chat(eng, msgs, params)
     name = daemon.model if daemon is not None else eng.name
@@ -109,6 +112,10 @@ def _chosen_tools(names: tuple[str, ...], raw: bool) -> dict[str, Tool]:
         raise click.UsageError(f"no tool named {', '.join(unknown)}; the plugins register: "
                                f"{', '.join(have) or 'none'} (`localai plugins`)")  # fmt: skip
     return {n: have[n] for n in names}
+
+
+def _daemon_answer(daemon, params: SamplingParams, messages: list[Message], offered: list[dict]):
+    return daemon.generate(messages, None, params, tools=offered)
 
 
 def _daemon_for(ctx, model):
