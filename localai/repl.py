@@ -142,11 +142,11 @@ def converse(
 ) -> Iterator[Delta | ToolRan | TurnDone]:
     """One assistant turn for `messages` in which the model may call `tools` (name → Tool),
     run here. `answer(messages, offered)` streams one answer with the tools offered (an
-    engine's: `engine_answer`; the daemon's: DaemonClient.generate), its calls as tagged blocks.
-    Delta events carry text (never part of a call block: toolcall.Splitter), a ToolRan follows
-    each call run, and a TurnDone ends the turn with the last answer's stats. The results go
-    back to the model as `tool` messages, up to MAX_ROUNDS answers (a model still calling
-    after them ends its turn on the last results)."""
+    engine's: `engine_answer`; the daemon's: daemon_client.Daemon.generate), its calls as tagged
+    blocks. Delta events carry text (never part of a call block: toolcall.Splitter), a ToolRan
+    follows each call run, and a TurnDone ends the turn with the last answer's stats. The
+    results go back to the model as `tool` messages, up to MAX_ROUNDS answers (a model still
+    calling after them ends its turn on the last results)."""
     offer = [t.schema() for t in tools.values()]
     turn: list[Message] = []
     for _ in range(MAX_ROUNDS):
