@@ -15,8 +15,10 @@ from openai_schema import check
 
 from localai import plugins
 from localai.catalog import Catalog
-from localai.engine import Message, chat_template, toolcall
+from localai.engine import Delta, Done, GenerationStats, Message, chat_template, toolcall
 from localai.engine.torch.gguf_header import read_header
+from localai.repl import TurnDone, converse
+from localai.tools import MAX_ROUNDS, ToolRan
 
 TOOL_MODEL = "qwen2.5-coder-0.5b"
 
@@ -234,6 +236,45 @@ def test_tui_runs_the_calculator_the_model_calls(tool_daemon, tmp_path):
 
 
 # -- in the terminal: the calls run in the localai process ----------------------------------
+
+
+def _answers(*texts: str):
+    """`converse`'s answer function giving `texts` in turn (the last one again after them),
+    and the messages each answer was asked for."""
+    asked: list[list[Message]] = []
+
+    def answer(messages, offered):
+        assert [t["function"]["name"] for t in offered] == ["calculator"]
+        asked.append(list(messages))
+        text = texts[min(len(asked), len(texts)) - 1]
+        yield Delta(text)
+        yield Done(text, GenerationStats(finish_reason="stop"))
+
+    return answer, asked
+
+
+def test_converse_runs_the_calls_and_cuts_off_a_model_that_keeps_calling():
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+2"}}\n</tool_call>'
+    tools = {"calculator": plugins.tools()["calculator"]}
+    answer, asked = _answers(call)
+    events = list(converse(answer, [Message("user", "2+2?")], tools))
+    ran = [e for e in events if isinstance(e, ToolRan)]
+    assert [r.result for r in ran] == ["4"] * MAX_ROUNDS and len(asked) == MAX_ROUNDS
+    assert not [e for e in events if isinstance(e, Delta)]  # a call is never shown as text
+    done = events[-1]
+    assert isinstance(done, TurnDone) and len(done.messages) == 2 * MAX_ROUNDS
+    assert [m.role for m in asked[1]] == ["user", "assistant", "tool"]  # the result went back
+    assert asked[1][1].tool_calls[0].arguments == {"expression": "2+2"}
+    # a call to a tool that is not offered gets an error as its result; then the answer
+    nope = call.replace("calculator", "nope")
+    answer, asked = _answers(nope, "I cannot do that.")
+    events = list(converse(answer, [Message("user", "2+2?")], tools))
+    assert [e.result for e in events if isinstance(e, ToolRan)] == [
+        "error: there is no tool named 'nope'"
+    ]
+    assert [e.text for e in events if isinstance(e, Delta)] == ["I cannot do that."]
+    assert [m.role for m in events[-1].messages] == ["assistant", "tool", "assistant"]
+    assert events[-1].text == "I cannot do that."
 
 
 def test_run_with_a_tool_runs_the_calls_and_answers_from_them(tool_models_dir, home):
