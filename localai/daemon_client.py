@@ -108,6 +108,11 @@ class Daemon:
         finally:
             conn.close()
 
+    def supports_tools(self) -> bool:
+        """Whether the served model's template has a place for tools (its capabilities)."""
+        status, shown = self.call("POST", "/api/show", {"model": self.model})
+        return status == 200 and "tools" in shown.get("capabilities", [])
+
     def call(self, method: str, path: str, body: dict | None = None,
              timeout: float = PROBE_TIMEOUT_S * 20) -> tuple[int, dict]:  # fmt: skip
         """(status, JSON body) of one request to a localai or Ollama route."""

@@ -15,10 +15,21 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from .engine import ContextOverflowError, Delta, Done, Engine, Message, SamplingParams, chat
+from .engine import (
+    ContextOverflowError,
+    Delta,
+    Done,
+    Engine,
+    EngineError,
+    Message,
+    SamplingParams,
+)
 from .engine.toolcall import Splitter
 from .tools import MAX_ROUNDS, Tool, ToolRan, run_call
 
+# one answer streamed (Delta ..., Done) for (messages, the tools offered or None, a cancel event
+# or None): an engine's (`engine_answer`) or the daemon's (cli/generate.py)
+Answer = Callable[[list[Message], "list[dict] | None", "threading.Event | None"], Iterator]
 FENCE = '"' * 3  # a message between two fences may span lines
 HELP = f"""{FENCE}         start or end a multi-line message
 /help       this list
@@ -28,17 +39,18 @@ HELP = f"""{FENCE}         start or end a multi-line message
 /exit       leave (or Ctrl-D)"""
 
 
-def chat_loop(engine: Engine, params: SamplingParams, system: str | None, console: Console,
-              tools: dict[str, Tool] | None = None) -> None:  # fmt: skip
-    """Chat until Ctrl-D or /exit. `tools` (name → Tool) are offered to the model while they
-    are on: from the start when its template has a place for them."""
+def chat_loop(name: str, answer: Answer, takes_tools: bool, system: str | None,
+              console: Console, tools: dict[str, Tool] | None = None) -> None:  # fmt: skip
+    """Chat with model `name` until Ctrl-D or /exit; `answer` streams each answer (an engine's:
+    `engine_answer`; or the daemon's). `tools` (name → Tool) are offered to the model while
+    they are on: from the start when its template has a place for them (`takes_tools`)."""
     with contextlib.suppress(ImportError):  # line editing and history at the prompt, if there
         import readline  # noqa: F401
     history: list[Message] = [Message("system", system)] if system else []
     tools = tools or {}
-    tools_on = bool(tools) and engine.supports_tools()
+    tools_on = bool(tools) and takes_tools
     extra = f" — tools on ({', '.join(tools)})" if tools_on else ""
-    console.print(f"[bold]{engine.name}[/bold]{extra} — /help for commands, Ctrl-D to leave")
+    console.print(f"[bold]{name}[/bold]{extra} — /help for commands, Ctrl-D to leave")
     while True:
         try:
             line = _read_message()
@@ -71,11 +83,11 @@ def chat_loop(engine: Engine, params: SamplingParams, system: str | None, consol
                 console.print(f"[red]unknown command {cmd}[/red]; /help lists them")
             continue
         history.append(Message("user", line))
-        answer = _answer(engine, history, params, console, tools if tools_on else {})
-        if answer is None:
+        added = _answer(answer, history, console, tools if tools_on else {})
+        if added is None:
             history.pop()
         else:
-            history += answer
+            history += added
 
 
 def _read_message() -> str:
@@ -90,14 +102,10 @@ def _read_message() -> str:
     return "\n".join(lines).strip("\n")
 
 
-def _answer(engine, history, params, console, tools) -> list[Message] | None:
+def _answer(answer: Answer, history, console, tools) -> list[Message] | None:
     """Stream one answer; the messages it adds to the history (None: stopped or refused)."""
     cancel = threading.Event()
-    events = (
-        converse(engine_answer(engine, params, cancel), history, tools)
-        if tools
-        else chat(engine, history, params, cancel)
-    )
+    events = converse(answer, history, tools, cancel) if tools else answer(history, None, cancel)
     mid_line = False
     try:
         for ev in events:
@@ -124,6 +132,9 @@ def _answer(engine, history, params, console, tools) -> list[Message] | None:
     except ContextOverflowError as e:
         console.print(f"[red]{e}[/red] Use /reset to start a new conversation.")
         return None
+    except EngineError as e:  # e.g. the daemon refused or went away: the chat goes on
+        console.print(f"[red]{e}[/red]")
+        return None
     return None
 
 
@@ -136,13 +147,10 @@ class TurnDone(Done):
 
 
 def converse(
-    answer: Callable[[list[Message], list[dict]], Iterator],
-    messages: list[Message],
-    tools: dict[str, Tool],
+    answer: Answer, messages: list[Message], tools: dict[str, Tool], cancel=None
 ) -> Iterator[Delta | ToolRan | TurnDone]:
     """One assistant turn for `messages` in which the model may call `tools` (name → Tool),
-    run here. `answer(messages, offered)` streams one answer with the tools offered (an
-    engine's: `engine_answer`; the daemon's: daemon_client.Daemon.generate), its calls as tagged
+    run here. `answer` streams one answer with the tools offered, its calls as tagged
     blocks. Delta events carry text (never part of a call block: toolcall.Splitter), a ToolRan
     follows each call run, and a TurnDone ends the turn with the last answer's stats. The
     results go back to the model as `tool` messages, up to MAX_ROUNDS answers (a model still
@@ -151,7 +159,7 @@ def converse(
     turn: list[Message] = []
     for _ in range(MAX_ROUNDS):
         split = Splitter(tools)
-        with contextlib.closing(answer(messages + turn, offer)) as events:
+        with contextlib.closing(answer(messages + turn, offer, cancel)) as events:
             for ev in events:
                 if isinstance(ev, Delta):
                     shown = split.feed(ev.text)
@@ -174,11 +182,11 @@ def converse(
     yield TurnDone(text, done.stats, turn)
 
 
-def engine_answer(engine: Engine, params: SamplingParams, cancel=None) -> Callable:
-    """`converse`'s answer from an engine in this process: the model's template renders the
-    messages and the offered tools."""
+def engine_answer(engine: Engine, params: SamplingParams) -> Answer:
+    """An `Answer` from an engine in this process: the model's template renders the messages
+    and the offered tools."""
 
-    def answer(messages: list[Message], offered: list[dict]) -> Iterator:
+    def answer(messages: list[Message], offered: list[dict] | None, cancel=None) -> Iterator:
         prompt = engine.apply_chat_template(messages, tools=offered)
         return engine.generate(prompt, params, cancel)
 

@@ -243,7 +243,7 @@ def _answers(*texts: str):
     and the messages each answer was asked for."""
     asked: list[list[Message]] = []
 
-    def answer(messages, offered):
+    def answer(messages, offered, cancel=None):
         assert [t["function"]["name"] for t in offered] == ["calculator"]
         asked.append(list(messages))
         text = texts[min(len(asked), len(texts)) - 1]
@@ -309,13 +309,20 @@ def test_run_with_a_tool_through_the_daemon(tool_daemon):
     assert tool_daemon.health()["served"] == served + 2
 
 
-def test_plain_chat_offers_the_plugin_tools_and_can_turn_them_off(tool_models_dir, home):
-    """Input piped: the plain line chat. The model (its template takes tools) calls the
-    calculator, the call and its result are shown, the result goes back to the model (its
-    answer holds the product); /tools off answers the next question without them."""
+@pytest.mark.parametrize("through", ["this process", "the daemon"])
+def test_plain_chat_offers_the_plugin_tools_and_can_turn_them_off(tool_daemon, home, through):
+    """Input piped: the plain line chat, with the model here or the daemon's. The model (its
+    template takes tools) calls the calculator, the call and its result are shown, the result
+    goes back to the model (its answer holds the product); /tools off answers the next
+    question without them."""
+    env = dict(os.environ)
+    if through == "the daemon":
+        env |= {"LOCALAI_HOME": str(tool_daemon.home), "LOCALAI_HOST": tool_daemon.host,
+                "LOCALAI_PORT": str(tool_daemon.port)}  # fmt: skip
+    served = tool_daemon.health()["served"]
     script = f"{QUESTION}\n/tools off\n/tools\nAnd what was the product, once more?\n"
     r = localai("chat", "--model", TOOL_MODEL, "-t", "0", "--max-tokens", "80", input=script,
-                env=dict(os.environ))  # fmt: skip
+                env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert re.search(r"tools on \(.*calculator", r.stderr), r.stderr
     assert "calculator(expression=" in r.stderr and "→ 7006652" in r.stderr, r.stderr
@@ -324,3 +331,6 @@ def test_plain_chat_offers_the_plugin_tools_and_can_turn_them_off(tool_models_di
     assert "<tool_call>" not in r.stdout
     assert len(re.findall(r"\d+ in context", r.stderr)) == 2  # two answers
     assert "7006652" in r.stdout.replace(",", ""), r.stdout
+    # three answers (the call, the answer from its result, the second question) came from the
+    # daemon, or none did
+    assert tool_daemon.health()["served"] == served + (3 if through == "the daemon" else 0)

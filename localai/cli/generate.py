@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sys
 
@@ -11,7 +10,7 @@ import click
 
 from .. import plugins
 from ..engine import Delta, Done, Message, SamplingParams, chat
-from ..repl import converse, engine_answer
+from ..repl import Answer, chat_loop, converse, engine_answer
 from ..tools import Tool, ToolRan
 from .app import (
     engine_from_flags,
@@ -49,14 +48,12 @@ def run(ctx, prompt, model, engine, context_length, threads, type_k, type_v, sys
     params = SamplingParams(temperature, top_p, top_k, seed=seed, max_tokens=max_tokens,
                             stop=list(stop))  # fmt: skip
     msgs = ([Message("system", system)] if system else []) + [Message("user", prompt)]
-    shaped = any(x is not None for x in (engine, context_length, threads, type_k, type_v))
-    shaped = shaped or bool(ctx.obj.get("kv_bits"))  # --kv-bits etc. shape the engine too
+    shaped = _shaped(ctx, engine, context_length, threads, type_k, type_v)
     daemon = None if no_daemon or shaped else _daemon_for(ctx, model)
     if daemon is not None:  # one copy of the model in RAM: the daemon's
         eng = None
         if tools:  # the daemon says which calls the model made; they run here
-            answer = functools.partial(_daemon_answer, daemon, params)
-            events = converse(answer, msgs, tools)
+            events = converse(_daemon_answer(daemon, params), msgs, tools)
         else:
             events = daemon.generate(None if raw else msgs, prompt if raw else None, params)
     else:
@@ -114,8 +111,19 @@ def _chosen_tools(names: tuple[str, ...], raw: bool) -> dict[str, Tool]:
     return {n: have[n] for n in names}
 
 
-def _daemon_answer(daemon, params: SamplingParams, messages: list[Message], offered: list[dict]):
-    return daemon.generate(messages, None, params, tools=offered)
+def _daemon_answer(daemon, params: SamplingParams) -> Answer:
+    """An `Answer` from the daemon (a Ctrl-C closes the stream, which stops the daemon's answer:
+    the cancel event is not needed)."""
+
+    def answer(messages: list[Message], offered: list[dict] | None, cancel=None):
+        return daemon.generate(messages, None, params, tools=offered)
+
+    return answer
+
+
+def _shaped(ctx, *flags) -> bool:
+    """Whether the command line shapes the engine (then the daemon's will not do)."""
+    return any(x is not None for x in flags) or bool(ctx.obj.get("kv_bits"))  # --kv-bits etc.
 
 
 def _daemon_for(ctx, model):
@@ -128,12 +136,15 @@ def _daemon_for(ctx, model):
 @engine_options
 @sampling_options
 @click.option("--plain", is_flag=True, help="The plain line chat instead of the TUI.")
+@click.option("--no-daemon", is_flag=True,
+              help="The plain chat: load the model here even if a daemon runs.")  # fmt: skip
 @click.pass_context
 @user_errors
 def chat_cmd(ctx, model, engine, context_length, threads, type_k, type_v, system,
-             temperature, top_p, top_k, seed, max_tokens, stop, plain):  # fmt: skip
+             temperature, top_p, top_k, seed, max_tokens, stop, plain, no_daemon):  # fmt: skip
     """Chat: the TUI at a terminal (a client of the daemon, started if needed); the plain
-    streaming line chat with --plain or when input is piped (/help for commands)."""
+    streaming line chat with --plain or when input is piped (/help for commands), through the
+    daemon when one serves the model."""
     if not plain and sys.stdin.isatty() and sys.stdout.isatty() and _has_tui():
         from localai_tui.app import run as run_tui
 
@@ -144,13 +155,18 @@ def chat_cmd(ctx, model, engine, context_length, threads, type_k, type_v, system
         params = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
                   "max_tokens": max_tokens, "stop": list(stop)}  # fmt: skip
         return run_tui(settings_of(ctx), model, system or "", serve_args, params)
-    from ..repl import chat_loop
-
     params = SamplingParams(temperature, top_p, top_k, seed=seed, max_tokens=max_tokens,
                             stop=list(stop))  # fmt: skip
+    daemon = None if no_daemon or _shaped(ctx, engine, context_length, threads, type_k,
+                                          type_v) else _daemon_for(ctx, model)  # fmt: skip
+    if daemon is not None:  # one copy of the model in RAM: the daemon's
+        answer = _daemon_answer(daemon, params)
+        return chat_loop(daemon.model, answer, daemon.supports_tools(), system, err,
+                         plugins.tools())  # fmt: skip
     eng = engine_from_flags(ctx, model, engine, context_length, threads, type_k, type_v)
     try:
-        chat_loop(eng, params, system, err, plugins.tools())
+        chat_loop(eng.name, engine_answer(eng, params), eng.supports_tools(), system, err,
+                  plugins.tools())  # fmt: skip
     finally:
         eng.close()
 
