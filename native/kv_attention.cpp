@@ -73,6 +73,29 @@ inline void score_row(const float* qh, const float* row, int rep, int D, float s
   }
 }
 
+// o[r] += sum over j < n of p[r * N + at[j]] * rows[j] (each row [D]) for the rep query heads
+// (o [rep, D], p the probabilities [rep, N]); then n = 0
+inline void add_rows(float* o, int rep, int D, const float* p, int64_t N, const int64_t* at,
+                     int& n, const float* rows) {
+  for (int r = 0; r < rep; ++r) {
+    float w[8];
+    for (int j = 0; j < n; ++j) w[j] = p[r * N + at[j]];
+    float* orow = o + r * D;
+    int c = 0;
+#ifdef __AVX2__
+    for (; c + 8 <= D; c += 8) {  // each chunk of the output loaded and stored once
+      __m256 acc = _mm256_loadu_ps(orow + c);
+      for (int j = 0; j < n; ++j)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(rows + j * D + c), acc);
+      _mm256_storeu_ps(orow + c, acc);
+    }
+#endif
+    for (; c < D; ++c)
+      for (int j = 0; j < n; ++j) orow[c] += w[j] * rows[j * D + c];
+  }
+  n = 0;
+}
+
 #ifdef __AVX2__
 inline float hmax8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -84,6 +107,20 @@ inline float hsum8(__m256 v) {
   __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_add_ps(m, _mm_movehl_ps(m, m));
   return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+
+// the 8 dot products of q [D] with rows [8, D] (D a multiple of 8), in one vector
+inline __m256 dot8(const float* q, const float* rows, int D) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int c = 0; c < D; c += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + c);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows + j * D + c), a[j]);
+  }
+  // sums of pairs, then of fours, within each 128-bit half; then the two halves added
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 // s[r * stride + i] = base[r] + sum_j qs[j * 8 + r] . (codes of channel j, token i), i < 8, for
@@ -398,6 +435,12 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
   parallel_chunks(H, [&](int64_t h0) {
     const int64_t h1 = h0 + 1;
     std::vector<float> s(static_cast<size_t>(rep) * N), row(D), qs(rep * D), qm(rep);
+    std::vector<float> gsc(D), gmn(D);  // a K group's per-channel scales and minimums
+    std::vector<float> rows8(8 * D);  // 8 keys' or values' codes as floats
+    std::vector<float> ga(8 * vgs), gb(8 * vgs);  // their V scales and minimums
+    std::vector<float> exact8(8 * D);  // up to 8 exact value rows waiting to be added
+    int64_t at8[8];  // their positions among the N scores
+    int n8 = 0;
     std::vector<float> acc_rot(rotated ? rep * D : 0);
     std::vector<float> vbias(static_cast<size_t>(rep) * vgs);
     for (int64_t h = h0; h < h1; ++h) {
@@ -415,15 +458,15 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
           continue;
         }
         if (t < g_lo || t >= g_hi) {  // new K group: fold its per-channel scale, min into q
-          g_lo = t / kg * kg;
+          g_lo = t / kg * kg;  // (a sparse step's pages lie in many groups: once a page, often)
           g_hi = g_lo + kg;
-          const at::Half* sc = ks.data_ptr<at::Half>() + (h * KG + t / kg) * D;
-          const at::Half* mn = km.data_ptr<at::Half>() + (h * KG + t / kg) * D;
+          half_row(ks.data_ptr<at::Half>() + (h * KG + t / kg) * D, D, gsc.data());
+          half_row(km.data_ptr<at::Half>() + (h * KG + t / kg) * D, D, gmn.data());
           for (int r = 0; r < rep; ++r) {
             float m = 0.f;
             for (int c = 0; c < D; ++c) {
-              qs[r * D + c] = qh[r * D + c] * static_cast<float>(sc[c]);
-              m += qh[r * D + c] * static_cast<float>(mn[c]);
+              qs[r * D + c] = qh[r * D + c] * gsc[c];
+              m += qh[r * D + c] * gmn[c];
             }
             qm[r] = m;
           }
@@ -433,6 +476,19 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
           score_row(qh, row.data(), rep, D, scale, 0.f, s.data() + i, N);
           continue;
         }
+#ifdef __AVX2__
+        if (i % 8 == 0 && i + 8 <= nt && D % 8 == 0) {  // 8 tokens of one page, one K group
+          for (int j = 0; j < 8; ++j) unpack_row(k_at(h, t + j), k_bits, D, rows8.data() + j * D);
+          for (int r = 0; r < rep; ++r) {
+            const __m256 sum = dot8(qs.data() + r * D, rows8.data(), D);
+            const __m256 v = _mm256_mul_ps(_mm256_add_ps(sum, _mm256_set1_ps(qm[r])),
+                                           _mm256_set1_ps(scale));
+            _mm256_storeu_ps(s.data() + r * N + i, v);
+          }
+          i += 7;
+          continue;
+        }
+#endif
         unpack_row(k_at(h, t), k_bits, D, row.data());
         for (int r = 0; r < rep; ++r) {
           float acc = qm[r];
@@ -485,6 +541,38 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
       for (int64_t i = 0; i < N; ++i) {
         const bool quantized = i < nt;
         const int64_t t = quantized ? token(i) : i;
+#ifdef __AVX2__
+        if (quantized && t >= vs_n && v_bits < 16 && i % 8 == 0 && i + 8 <= nt && vg % 8 == 0) {
+          // 8 tokens of one page: each output chunk of 8 channels loaded and stored once
+          for (int j = 0; j < 8; ++j) {
+            unpack_row(v_at(h, t + j), v_bits, D, rows8.data() + j * D);
+            const at::Half* sc = vs_at(h, t + j, 0);
+            const at::Half* mn = vsym ? nullptr : vs_at(h, t + j, 1);
+            for (int64_t g = 0; g < vgs; ++g) {
+              ga[j * vgs + g] = static_cast<float>(sc[g]);
+              gb[j * vgs + g] = vsym ? -vhalf * ga[j * vgs + g] : static_cast<float>(mn[g]);
+            }
+          }
+          for (int r = 0; r < rep; ++r) {
+            const float* pr = s.data() + r * N + i;
+            for (int64_t g = 0; g < vgs; ++g) {
+              float b = 0.f;
+              for (int j = 0; j < 8; ++j) b += pr[j] * gb[j * vgs + g];
+              vbias[r * vgs + g] += b;
+            }
+            for (int64_t c = 0; c < D; c += 8) {
+              const int64_t g = c / vg;
+              __m256 acc = _mm256_loadu_ps(qdst + r * D + c);
+              for (int j = 0; j < 8; ++j)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(pr[j] * ga[j * vgs + g]),
+                                      _mm256_loadu_ps(rows8.data() + j * D + c), acc);
+              _mm256_storeu_ps(qdst + r * D + c, acc);
+            }
+          }
+          i += 7;
+          continue;
+        }
+#endif
         if (quantized && t >= vs_n && v_bits < 16) {
           unpack_row(v_at(h, t), v_bits, D, row.data());
           const at::Half* sc = vs_at(h, t, 0);
@@ -503,26 +591,26 @@ torch::Tensor decode_attention(torch::Tensor q,  // [Hq, D] fp32
           }
           continue;
         }
+        // exact rows (sink, fp16 cache, window) and page means: gathered 8 at a time
+        float* x = exact8.data() + n8 * D;
         if (quantized && t < vs_n) {
-          half_row(vsink.data_ptr<at::Half>() + (h * vs_cap + t) * D, D, row.data());
+          half_row(vsink.data_ptr<at::Half>() + (h * vs_cap + t) * D, D, x);
         } else if (quantized) {
-          half_row(reinterpret_cast<const at::Half*>(v_at(h, t)), D, row.data());
+          half_row(reinterpret_cast<const at::Half*>(v_at(h, t)), D, x);
         } else if (i < nt + nb) {
-          half_row(vbuf.data_ptr<at::Half>() + (h * cap + (i - nt)) * D, D, row.data());
+          half_row(vbuf.data_ptr<at::Half>() + (h * cap + (i - nt)) * D, D, x);
         } else {  // a page not read: its mean value
           const uint8_t* m = vce + rest[i - nt - nb] * vcb;
           at::Half sm[2];
           std::memcpy(sm, m + D / 2, sizeof sm);
-          unpack_row(m, 4, D, row.data());
+          unpack_row(m, 4, D, x);
           const float a = static_cast<float>(sm[0]), b = static_cast<float>(sm[1]);
-          for (int c = 0; c < D; ++c) row[c] = row[c] * a + b;
+          for (int c = 0; c < D; ++c) x[c] = x[c] * a + b;
         }
-        for (int r = 0; r < rep; ++r) {  // exact rows (sink, fp16 cache, window), page means
-          const float p = s[r * N + i];
-          float* o = oh + r * D;
-          for (int c = 0; c < D; ++c) o[c] += p * row[c];
-        }
+        at8[n8++] = i;
+        if (n8 == 8) add_rows(oh, rep, D, s.data(), N, at8, n8, exact8.data());
       }
+      add_rows(oh, rep, D, s.data(), N, at8, n8, exact8.data());
       for (int r = 0; r < rep; ++r)
         for (int64_t g = 0; g < vgs; ++g) {
           float* o = qdst + r * D + g * vg;
