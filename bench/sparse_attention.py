@@ -95,7 +95,7 @@ def greedy(model, first: int, stop: set[int], n: int) -> list[int]:
     return out
 
 
-def attention_ms(model, keep: int, first: int, reps: int = 3) -> float:
+def attention_ms(model, keep: int, first: int, reps: int = 10) -> float:
     """Milliseconds of decode attention over all layers at the cache's length (kernels only)."""
     hp, cache = model.hp, model.cache
     q = torch.randn(hp.n_heads, hp.head_dim)
