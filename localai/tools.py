@@ -3,9 +3,9 @@ OpenAI's function tools), and a Python function that returns text. Plugins add t
 the `localai_register_tools` hook; a tool's failure is returned to the model as an error
 string, never raised into the chat.
 
-Chats that run the model's calls (the TUI, the plain chat and `localai run --tool`: repl.converse)
-run them through `run_call` and show them as `ToolRan.line()`. Over HTTP the server never runs a
-tool: its client does (server/tool_bridge.py).
+Chats that run the model's calls (the TUI; the plain chat and `localai run --tool`, through
+repl.converse) run them through `run_call` and show them as `ToolRan.line()`. Over HTTP the
+server never runs a tool: its client does (server/tool_bridge.py).
 """
 
 from __future__ import annotations
