@@ -209,11 +209,12 @@ def _events(resp) -> Iterator:
         if not obj.get("choices"):
             continue
         choice = obj["choices"][0]
-        piece = choice.get("delta", {}).get("content") or choice.get("text") or ""
+        delta = choice.get("delta", {})
+        piece = delta.get("content") or choice.get("text") or ""
         if piece:
             text.append(piece)
             yield Delta(piece)
-        calls.add(choice.get("delta", {}).get("tool_calls"))
+        calls.add(delta.get("tool_calls"))
         if choice.get("finish_reason") is not None:
             stats = _stats(obj.get("stats", {}))
             if "citations" not in obj:
